@@ -1,0 +1,190 @@
+"""rejection_sample: decides, losslessly, which draft tokens each request keeps (DESIGN.md, op 2).
+
+Registered as `torch.ops.dspark.rejection_sample`; `dspark.ops.rejection_sample` is the friendly
+wrapper (scalars or per-request tensors for the sampling parameters; a torch.Generator, a seed or
+explicit uniforms for the randomness).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dspark import reference
+from dspark.ops import _validation as v
+from dspark.ops._backend import choose_backend, cpu_extension
+
+
+def _check_shapes(target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature, top_k, top_p,
+                  uniforms, seed, offset, max_nodes) -> None:
+    v.check_tensor("target_logits", target_logits, dtypes=v.FLOAT_DTYPES, ndim=2)
+    device = target_logits.device
+    num_tokens, vocab = target_logits.shape
+    if vocab == 0:
+        v.fail("target_logits must have a vocabulary of at least one token")
+    v.check_tensor("draft_tokens", draft_tokens, dtypes=(torch.int64, torch.int32), ndim=1, shape=(num_tokens,),
+                   device=device)
+    v.check_qo_indptr(qo_indptr, num_tokens, device, min_tokens=1)
+    num_requests = qo_indptr.shape[0] - 1
+    v.check_parents(parents, qo_indptr, num_tokens, device)
+    if draft_probs is not None:
+        v.check_tensor("draft_probs", draft_probs, dtypes=v.FLOAT_DTYPES, ndim=2, shape=(num_tokens, vocab),
+                       device=device)
+    v.check_tensor("temperature", temperature, dtypes=(torch.float32,), ndim=1, shape=(num_requests,), device=device)
+    v.check_tensor("top_k", top_k, dtypes=(torch.int32,), ndim=1, shape=(num_requests,), device=device)
+    v.check_tensor("top_p", top_p, dtypes=(torch.float32,), ndim=1, shape=(num_requests,), device=device)
+    if uniforms is not None:
+        v.check_tensor("uniforms", uniforms, dtypes=(torch.float64, torch.float32), ndim=2, shape=(num_tokens, 2),
+                       device=device)
+    for name, t in (("seed", seed), ("offset", offset)):
+        if t is not None:
+            v.check_tensor(name, t, dtypes=(torch.int64,), ndim=1, shape=(num_requests,), device=device)
+    if max_nodes < 1:
+        v.fail(f"max_nodes must be >= 1, got {max_nodes}")
+
+
+def _check_values(target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature, top_k, top_p,
+                  uniforms, seed, offset, max_nodes) -> None:
+    if not v.values_checked(target_logits):
+        return
+    vocab = target_logits.shape[1]
+    v.check_finite_logits("target_logits", target_logits)
+    if draft_tokens.numel() and not (0 <= int(draft_tokens.min()) and int(draft_tokens.max()) < vocab):
+        bad = int(torch.nonzero((draft_tokens < 0) | (draft_tokens >= vocab))[0])
+        v.fail(f"draft_tokens[{bad}] = {int(draft_tokens[bad])} is outside the vocabulary [0, {vocab})")
+    if draft_probs is not None and not (torch.isfinite(draft_probs).all() and (draft_probs >= 0).all()):
+        v.fail("draft_probs must be finite and non-negative")
+    if not (torch.isfinite(temperature).all() and (temperature >= 0).all()):
+        v.fail(f"temperature must be finite and >= 0, got {temperature.tolist()}")
+    if (top_k < 0).any():
+        v.fail(f"top_k must be >= 0 (0 = off), got {top_k.tolist()}")
+    if not ((top_p > 0) & (top_p <= 1)).all():
+        v.fail(f"top_p must lie in (0, 1], got {top_p.tolist()}")
+    if bool((temperature > 0).any()) and uniforms is None and (seed is None or offset is None):
+        v.fail("sampled requests (temperature > 0) need randomness: pass uniforms, seed and offset, or a generator")
+    if uniforms is not None and not ((uniforms >= 0) & (uniforms < 1)).all():
+        v.fail("uniforms must lie in [0, 1)")
+    deepest = max(v.request_depths(parents, qo_indptr))
+    if deepest + 1 > max_nodes:
+        v.fail(f"max_nodes = {max_nodes} cannot hold an accepted path of {deepest + 1} nodes")
+
+
+@torch.library.custom_op("dspark::rejection_sample", mutates_args=())
+def _rejection_sample_op(
+    target_logits: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    parents: torch.Tensor | None,
+    draft_probs: torch.Tensor | None,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    uniforms: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    max_nodes: int,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature, top_k, top_p, uniforms,
+            seed, offset, max_nodes)
+    _check_shapes(*args)
+    _check_values(*args)
+    draft_tokens = draft_tokens.long()
+    uniforms = None if uniforms is None else uniforms.double()
+    chosen = choose_backend(None if backend == "auto" else backend, target_logits.device)
+    if chosen == "reference":
+        return reference.rejection_sample(target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature,
+                                          top_k, top_p, uniforms, seed, offset, max_nodes)
+    num_requests = qo_indptr.shape[0] - 1
+    accepted_nodes = torch.empty(num_requests, max_nodes, dtype=torch.int32)
+    num_accepted = torch.empty(num_requests, dtype=torch.int32)
+    output_tokens = torch.empty(num_requests, max_nodes, dtype=torch.int64)
+
+    def contiguous(t):
+        return None if t is None else t.contiguous()
+
+    cpu_extension.rejection_sample(
+        target_logits.contiguous(), draft_tokens.contiguous(), qo_indptr.contiguous(), contiguous(parents),
+        contiguous(draft_probs), temperature.contiguous(), top_k.contiguous(), top_p.contiguous(),
+        contiguous(uniforms), contiguous(seed), contiguous(offset), accepted_nodes, num_accepted, output_tokens,
+    )
+    return accepted_nodes, num_accepted, output_tokens
+
+
+@_rejection_sample_op.register_fake
+def _(target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature, top_k, top_p, uniforms, seed,
+      offset, max_nodes, backend="auto"):
+    _check_shapes(target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature, top_k, top_p, uniforms,
+                  seed, offset, max_nodes)
+    num_requests = qo_indptr.shape[0] - 1
+    new = target_logits.new_empty
+    return (new(num_requests, max_nodes, dtype=torch.int32), new(num_requests, dtype=torch.int32),
+            new(num_requests, max_nodes, dtype=torch.int64))
+
+
+def _per_request(name: str, value, num_requests: int, dtype: torch.dtype, default, device) -> torch.Tensor:
+    if value is None:
+        value = default
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = value.reshape(1)
+        if value.dtype.is_floating_point != dtype.is_floating_point or value.dtype == torch.bool:
+            v.fail(f"{name} must be a {'float' if dtype.is_floating_point else 'integer'} tensor, got {value.dtype}")
+        if value.dim() != 1 or value.numel() not in (1, num_requests):
+            v.fail(f"{name} must be a scalar or hold one value per request ({num_requests}), got shape "
+                   f"{tuple(value.shape)}")
+        return value.to(device=device, dtype=dtype).expand(num_requests).contiguous()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        v.fail(f"{name} must be a number or a tensor, got {type(value).__name__}")
+    if not dtype.is_floating_point and not isinstance(value, int):
+        v.fail(f"{name} must be an integer, got {value!r}")
+    return torch.full((num_requests,), value, dtype=dtype, device=device)
+
+
+def rejection_sample(
+    target_logits: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    parents: torch.Tensor | None = None,
+    draft_probs: torch.Tensor | None = None,
+    temperature: float | torch.Tensor | None = None,
+    top_k: int | torch.Tensor | None = None,
+    top_p: float | torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor | None = None,
+    uniforms: torch.Tensor | None = None,
+    max_nodes: int | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Judge every request's drafts against the target; returns (accepted_nodes [R, W] int32,
+    num_accepted [R] int32, output_tokens [R, W] int64), rows padded with -1, W = max_nodes.
+
+    temperature (default 1; 0 = greedy), top_k (default 0 = off) and top_p (default 1 = off) are
+    scalars or [R] tensors. Randomness, for sampled requests: `uniforms` [T, 2] in [0, 1); or a
+    per-request `seed` with a per-round `offset` (Philox, reproducible on every backend); or a
+    `generator` from which the uniforms are drawn. max_nodes: the output width, at least the
+    deepest path + 1; None reads the largest n_r from qo_indptr (a host read on GPU).
+    """
+    if not isinstance(target_logits, torch.Tensor) or not isinstance(qo_indptr, torch.Tensor):
+        v.fail("target_logits and qo_indptr must be tensors")
+    device = target_logits.device
+    num_requests = qo_indptr.shape[0] - 1 if qo_indptr.dim() == 1 else -1
+    if num_requests < 1:
+        v.fail(f"qo_indptr must be a 1-D tensor of R + 1 >= 2 offsets, got shape {tuple(qo_indptr.shape)}")
+    temperature = _per_request("temperature", temperature, num_requests, torch.float32, 1.0, device)
+    top_k = _per_request("top_k", top_k, num_requests, torch.int32, 0, device)
+    top_p = _per_request("top_p", top_p, num_requests, torch.float32, 1.0, device)
+    given = [name for name, x in (("generator", generator), ("seed", seed), ("uniforms", uniforms)) if x is not None]
+    if len(given) > 1:
+        v.fail(f"pass one source of randomness, got {' and '.join(given)}")
+    if generator is not None:
+        uniforms = torch.rand(target_logits.shape[0], 2, dtype=torch.float64, generator=generator,
+                              device=generator.device).to(device)
+    if seed is not None:
+        seed = _per_request("seed", seed, num_requests, torch.int64, 0, device)
+        offset = _per_request("offset", offset, num_requests, torch.int64, 0, device)
+    if max_nodes is None:
+        max_nodes = max(int((qo_indptr[1:] - qo_indptr[:-1]).max()), 1)
+    return torch.ops.dspark.rejection_sample(target_logits, draft_tokens, qo_indptr, parents, draft_probs,
+                                             temperature, top_k, top_p, uniforms, seed, offset, max_nodes,
+                                             backend or "auto")

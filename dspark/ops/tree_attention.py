@@ -1,0 +1,103 @@
+"""tree_attention: the target verifies every request's draft chain or tree in one pass (DESIGN.md, op 1).
+
+Registered as `torch.ops.dspark.tree_attention`; `dspark.ops.tree_attention` is the friendly wrapper.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dspark import reference
+from dspark.ops import _validation as v
+from dspark.ops._backend import choose_backend, cpu_extension
+
+
+def _check_shapes(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table) -> None:
+    v.check_tensor("q", q, dtypes=v.FLOAT_DTYPES, ndim=3)
+    device = q.device
+    v.check_tensor("k_cache", k_cache, dtypes=(q.dtype,), ndim=4, device=device)
+    v.check_tensor("v_cache", v_cache, dtypes=(q.dtype,), ndim=4, shape=tuple(k_cache.shape), device=device)
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        v.fail(f"k_cache head_dim must equal q's {head_dim}, got shape {tuple(k_cache.shape)}")
+    if num_kv_heads == 0 or num_q_heads % num_kv_heads:
+        v.fail(f"q's {num_q_heads} heads must be a multiple of the cache's {num_kv_heads} KV heads")
+    v.check_qo_indptr(qo_indptr, num_tokens, device)
+    num_requests = qo_indptr.shape[0] - 1
+    v.check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), ndim=1, shape=(num_requests,), device=device)
+    v.check_parents(parents, qo_indptr, num_tokens, device)
+    v.check_block_table(block_table, num_requests, device)
+    if block_table is None and k_cache.shape[0] != num_requests:
+        v.fail(f"contiguous k_cache must have one row per request ({num_requests}), got shape {tuple(k_cache.shape)}")
+
+
+def _check_values(q, k_cache, qo_indptr, cache_seqlens, block_table) -> None:
+    if not v.values_checked(q):
+        return
+    committed = cache_seqlens.tolist()
+    if min(committed) < 0:
+        v.fail(f"cache_seqlens must be >= 0, got {min(committed)}")
+    offsets = qo_indptr.tolist()
+    needed = [c + (b - a) for c, a, b in zip(committed, offsets, offsets[1:])]
+    v.check_cache_capacity("k_cache", k_cache, needed, block_table)
+
+
+@torch.library.custom_op("dspark::tree_attention", mutates_args=())
+def _tree_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    parents: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    sm_scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    _check_shapes(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table)
+    _check_values(q, k_cache, qo_indptr, cache_seqlens, block_table)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    chosen = choose_backend(None if backend == "auto" else backend, q.device)
+    if chosen == "reference":
+        return reference.tree_attention(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table, scale)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        v.check_contiguous(name, cache)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    cpu_extension.tree_attention(
+        q.contiguous(), k_cache, v_cache, qo_indptr.contiguous(), cache_seqlens.contiguous(),
+        None if parents is None else parents.contiguous(),
+        None if block_table is None else block_table.contiguous(), scale, out,
+    )
+    return out
+
+
+@_tree_attention_op.register_fake
+def _(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents=None, block_table=None, sm_scale=None, backend="auto"):
+    _check_shapes(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def tree_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    parents: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    sm_scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Attention of the round's T flattened tokens over their requests' caches.
+
+    q: [T, H_q, D] fp32/fp16/bf16. k_cache, v_cache: contiguous [R, S_max, H_kv, D] or paged
+    [num_blocks, block_size, H_kv, D] with block_table [R, max_blocks] int32. The round's K/V are
+    already written at slots cache_seqlens[r] + i. Node i sees the committed slots and its
+    ancestors-or-self (parents: int32 [T] local indices, None = chain). Returns [T, H_q, D].
+    """
+    return torch.ops.dspark.tree_attention(
+        q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table, sm_scale, backend or "auto"
+    )
