@@ -3,6 +3,7 @@ GPU, the C++ extension > reference on CPU), overridden per call by `backend=` or
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 
@@ -11,7 +12,7 @@ import torch
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
 try:
-    from dspark import _C as cpu_extension
+    cpu_extension = importlib.import_module("dspark._C")
 
     _cpu_extension_error = None
 except ImportError as error:  # a source checkout without a build: only the reference can run

@@ -1,0 +1,180 @@
+"""rejection_sample: exact cases, structural invariants, seeded determinism and the edge cases of DESIGN.md.
+The distribution tier lives in test_rejection_sample_distribution.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from builders import random_round
+from dspark import ops
+from dspark.reference.rejection_sample import sample_index, target_distribution
+
+NEG_INF = float("-inf")
+
+
+def one_hot_logits(tokens: list[int], vocab: int) -> torch.Tensor:
+    logits = torch.full((len(tokens), vocab), NEG_INF)
+    logits[torch.arange(len(tokens)), torch.tensor(tokens)] = 0.0
+    return logits
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_one_hot_targets_accept_the_whole_chain(backend, stochastic):
+    vocab, tokens = 11, [3, 7, 1, 9, 4]
+    # Row i puts all mass on node i+1's token; the last row on the bonus token 2.
+    logits = one_hot_logits(tokens[1:] + [2], vocab)
+    probs = torch.softmax(torch.randn(len(tokens), vocab), -1) if stochastic else None
+    qo_indptr = torch.tensor([0, 5], dtype=torch.int32)
+    nodes, count, out = ops.rejection_sample(logits, torch.tensor(tokens), qo_indptr, draft_probs=probs, seed=3,
+                                             backend=backend)
+    assert count.tolist() == [5]
+    assert nodes.tolist() == [[0, 1, 2, 3, 4]]
+    assert out.tolist() == [[7, 1, 9, 4, 2]]
+
+
+def test_greedy_tables_with_early_mismatch_in_a_ragged_batch(backend):
+    vocab = 13
+    gen = torch.Generator().manual_seed(0)
+    # Request 0: chain of 4, target agrees with node 1 only. Request 1: a lone anchor.
+    # Request 2: tree [-1, 0, 0, 1]; the target's argmax at node 0 is node 2's token.
+    tokens = torch.tensor([5, 6, 8, 1, 4, 2, 9, 3, 0])
+    parents = torch.tensor([-1, 0, 1, 2, -1, -1, 0, 0, 1], dtype=torch.int32)
+    qo_indptr = torch.tensor([0, 4, 5, 9], dtype=torch.int32)
+    logits = torch.randn(9, vocab, generator=gen)
+    best = {0: 6, 1: 7, 2: 1, 3: 10, 4: 12, 5: 3, 6: 5, 7: 11, 8: 4}
+    for row, token in best.items():
+        logits[row, token] = 10.0
+    nodes, count, out = ops.rejection_sample(logits, tokens, qo_indptr, parents, temperature=0.0, backend=backend)
+    assert count.tolist() == [2, 1, 2]
+    assert nodes.tolist() == [[0, 1, -1, -1], [0, -1, -1, -1], [0, 2, -1, -1]]
+    assert out.tolist() == [[6, 7, -1, -1], [12, -1, -1, -1], [3, 11, -1, -1]]
+
+
+def test_greedy_ties_pick_the_lowest_id(backend):
+    logits = torch.tensor([[0.0, 2.0, 5.0, 5.0, 1.0], [5.0, 5.0, 0.0, 0.0, 0.0]])
+    nodes, count, out = ops.rejection_sample(logits, torch.tensor([0, 3]), torch.tensor([0, 2], dtype=torch.int32),
+                                             temperature=0.0, backend=backend)
+    assert out.tolist() == [[2, -1]] and count.tolist() == [1]
+
+
+def _random_batch(seed: int, vocab: int, num_requests: int, chain: bool, stochastic: bool):
+    gen = torch.Generator().manual_seed(seed)
+    rnd = random_round(gen, num_requests, max_nodes=16, max_committed=0, chain=chain, min_nodes=1)
+    total = int(rnd.qo_indptr[-1])
+    logits = torch.randn(total, vocab, generator=gen) * 2
+    probs = torch.softmax(logits + torch.randn(total, vocab, generator=gen), -1)
+    # Half the drafts follow the target's argmax so that long paths get accepted too.
+    tokens = torch.where(torch.rand(total, generator=gen) < 0.5, torch.randint(0, vocab, (total,), generator=gen),
+                         logits.argmax(-1).roll(1))
+    temperature = torch.where(torch.arange(num_requests) % 3 == 0, 0.0, 0.5 + torch.rand(num_requests, generator=gen))
+    top_k = torch.tensor([0, 1, 3, vocab, 0, 5][: num_requests] * (num_requests // 6 + 1))[:num_requests].int()
+    top_p = torch.tensor([1.0, 0.9, 0.3, 1.0, 0.6][: num_requests] * (num_requests // 5 + 1))[:num_requests].float()
+    return dict(target_logits=logits, draft_tokens=tokens, qo_indptr=rnd.qo_indptr, parents=rnd.parents,
+                draft_probs=probs if stochastic else None, temperature=temperature.float(), top_k=top_k,
+                top_p=top_p), rnd
+
+
+@pytest.mark.parametrize("chain", [True, False])
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_structural_invariants(backend, chain, stochastic):
+    vocab = 17
+    batch, rnd = _random_batch(1, vocab, 24, chain, stochastic)
+    nodes, count, out = ops.rejection_sample(**batch, seed=torch.arange(24), offset=5, backend=backend)
+    tokens = batch["draft_tokens"]
+    for r, parents in enumerate(rnd.parent_lists):
+        m = int(count[r])
+        assert 1 <= m <= len(parents)
+        path, emitted = nodes[r, :m].tolist(), out[r, :m].tolist()
+        assert path[0] == 0
+        assert all(parents[b] == a for a, b in zip(path, path[1:]))
+        start = int(rnd.qo_indptr[r])
+        assert emitted[:-1] == [int(tokens[start + node]) for node in path[1:]]
+        assert all(0 <= t < vocab for t in emitted)
+        assert (nodes[r, m:] == -1).all() and (out[r, m:] == -1).all()
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_seeded_determinism_and_agreement_across_backends(stochastic):
+    batch, _ = _random_batch(2, 1000, 40, chain=False, stochastic=stochastic)
+    seed = torch.arange(40) * 7919
+    results = {b: ops.rejection_sample(**batch, seed=seed, offset=3, backend=b) for b in ("reference", "cpu")}
+    again = ops.rejection_sample(**batch, seed=seed, offset=3, backend="cpu")
+    other_round = ops.rejection_sample(**batch, seed=seed, offset=4, backend="cpu")
+    for a, b, c in zip(results["reference"], results["cpu"], again):
+        assert torch.equal(a, b) and torch.equal(b, c)
+    assert not torch.equal(other_round[2], again[2])
+    uniforms = torch.rand(batch["target_logits"].shape[0], 2, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(9))
+    by_uniforms = [ops.rejection_sample(**batch, uniforms=uniforms, backend=b) for b in ("reference", "cpu")]
+    for a, b in zip(*by_uniforms):
+        assert torch.equal(a, b)
+
+
+def test_generator_draws_reproducible_uniforms(backend):
+    batch, _ = _random_batch(3, 50, 6, chain=True, stochastic=False)
+    first = ops.rejection_sample(**batch, generator=torch.Generator().manual_seed(1), backend=backend)
+    second = ops.rejection_sample(**batch, generator=torch.Generator().manual_seed(1), backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_seed_results_do_not_depend_on_batch_neighbours(backend):
+    batch, rnd = _random_batch(4, 40, 5, chain=False, stochastic=True)
+    full = ops.rejection_sample(**batch, seed=torch.arange(5) + 100, offset=1, backend=backend)
+    start, end = int(rnd.qo_indptr[2]), int(rnd.qo_indptr[3])
+    alone = ops.rejection_sample(
+        batch["target_logits"][start:end], batch["draft_tokens"][start:end],
+        torch.tensor([0, end - start], dtype=torch.int32),
+        None if batch["parents"] is None else batch["parents"][start:end],
+        batch["draft_probs"][start:end], batch["temperature"][2:3], batch["top_k"][2:3], batch["top_p"][2:3],
+        seed=102, offset=1, max_nodes=full[0].shape[1], backend=backend,
+    )
+    for a, b in zip(full, alone):
+        assert torch.equal(a[2:3], b)
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_uniform_zero_never_accepts_a_zero_probability_token(backend, stochastic):
+    vocab = 6
+    logits = torch.tensor([[1.0, 0.5, NEG_INF, 0.2, NEG_INF, 0.0]] * 2)
+    probs = torch.full((2, vocab), 1.0 / vocab) if stochastic else None
+    uniforms = torch.zeros(2, 2, dtype=torch.float64)
+    nodes, count, out = ops.rejection_sample(logits, torch.tensor([0, 2]), torch.tensor([0, 2], dtype=torch.int32),
+                                             draft_probs=probs, uniforms=uniforms, backend=backend)
+    assert count.tolist() == [1]
+    assert out[0, 0] == 0  # uniform 0 samples the first id that has mass, never id 2 or 4
+
+
+def test_sampled_ids_stay_in_range_with_a_padded_last_tile(backend):
+    vocab = 8193  # one id past a power-of-two tile
+    logits = torch.full((1, vocab), NEG_INF)
+    logits[0, vocab - 1] = 0.0
+    logits[0, 17] = 0.0
+    for u in (0.0, 0.4999, 0.5, 1.0 - 2.0**-53):
+        uniforms = torch.tensor([[0.0, u]], dtype=torch.float64)
+        _, _, out = ops.rejection_sample(logits, torch.tensor([3]), torch.tensor([0, 1], dtype=torch.int32),
+                                         uniforms=uniforms, backend=backend)
+        assert int(out[0, 0]) == (17 if u < 0.5 else vocab - 1)
+
+
+def test_all_zero_residual_falls_back_to_the_target(backend):
+    # p is uniform on four ids (exact in float32 and float64), q equals it; the drafted child has
+    # p = q = 0 and is rejected, leaving max(p - q, 0) = 0 everywhere: the correction comes from p.
+    vocab = 10
+    logits = torch.full((2, vocab), NEG_INF)
+    logits[:, [1, 4, 6, 8]] = 0.0
+    probs = torch.softmax(logits, -1)
+    for u, expected in ((0.1, 1), (0.3, 4), (0.6, 6), (0.9, 8)):
+        uniforms = torch.tensor([[0.0, u], [0.5, 0.0]], dtype=torch.float64)
+        nodes, count, out = ops.rejection_sample(logits, torch.tensor([0, 3]), torch.tensor([0, 2], dtype=torch.int32),
+                                                 draft_probs=probs, uniforms=uniforms, backend=backend)
+        assert count.tolist() == [1] and out.tolist() == [[expected, -1]]
+
+
+def test_reference_sampler_helpers():
+    weights = torch.tensor([0.0, 0.25, 0.0, 0.75], dtype=torch.float64)
+    assert [sample_index(weights, u) for u in (0.0, 0.2499, 0.25, 0.99)] == [1, 1, 3, 3]
+    p = target_distribution(torch.tensor([3.0, 1.0, 2.0, 2.0, 0.0]), 1.0, 3, 1.0)
+    assert (p > 0).tolist() == [True, False, True, True, False]  # tie at the boundary: lower id kept
+    p = target_distribution(torch.tensor([3.0, 1.0, 2.0, 2.0, 0.0]), 1.0, 0, 0.5)
+    assert (p > 0).tolist() == [True, False, False, False, False]

@@ -1,0 +1,112 @@
+"""tree_attention: every backend against a float64 reference, and the reference against plain attention."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dspark import ops, reference
+from builders import random_cache, random_round
+
+# Error bound |out - truth| <= atol + rtol * |truth| against the float64 truth computed from the same
+# (already rounded) inputs. What remains is the rounding of the output to the dtype (unit roundoff:
+# 2^-8 bf16, 2^-11 fp16) and fp32 accumulation over <= 2,100 keys (~1e-6 for O(1) values).
+TOLERANCE = {
+    torch.float32: dict(rtol=1e-5, atol=2e-5),
+    torch.float16: dict(rtol=2.0**-11, atol=1e-4),
+    torch.bfloat16: dict(rtol=2.0**-8, atol=1e-4),
+}
+
+CASES = list(itertools.product(
+    [torch.float32, torch.float16, torch.bfloat16],
+    [None, 16, 1],  # contiguous, paged with 16-slot blocks, paged with 1-slot blocks
+    [1, 4, 8],  # GQA ratio
+    [64, 128],
+))
+
+
+def _run_case(backend, dtype, block_size, group, head_dim, seed, chain, num_requests, max_nodes, max_committed,
+              min_nodes=0):
+    gen = torch.Generator().manual_seed(seed)
+    num_kv_heads = 8 // group
+    rnd = random_round(gen, num_requests, max_nodes, max_committed, chain, min_nodes=min_nodes)
+    needed = [c + n for c, n in zip(rnd.cache_seqlens.tolist(), rnd.counts)]
+    cache = random_cache(gen, needed, num_kv_heads, head_dim, dtype, block_size)
+    q = torch.randn(int(rnd.qo_indptr[-1]), 8, head_dim, generator=gen).to(dtype)
+    args = (rnd.qo_indptr, rnd.cache_seqlens, rnd.parents, cache.block_table)
+    out = ops.tree_attention(q, cache.k, cache.v, *args, backend=backend)
+    truth = reference.tree_attention(q.double(), cache.k.double(), cache.v.double(), *args)
+    return out, truth, (q, cache, rnd)
+
+
+@pytest.mark.parametrize("dtype,block_size,group,head_dim", CASES)
+def test_matches_float64_reference(backend, dtype, block_size, group, head_dim):
+    seed = CASES.index((dtype, block_size, group, head_dim))
+    chain = group == 4  # chains and random trees across the sweep
+    out, truth, _ = _run_case(backend, dtype, block_size, group, head_dim, seed, chain, num_requests=1 + seed % 8,
+                              max_nodes=64 if head_dim == 64 else 17, max_committed=2048 if group == 1 else 300)
+    assert out.dtype == dtype and out.shape == truth.shape
+    torch.testing.assert_close(out.double(), truth, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("chain", [True, False])
+def test_eight_ragged_requests_including_empty_rounds(backend, chain):
+    # n_r = 0 (a request idle this round) and committed length 0 appear in one call.
+    out, truth, _ = _run_case(backend, torch.float32, 16, 4, 64, seed=7, chain=chain, num_requests=8, max_nodes=33,
+                              max_committed=2048, min_nodes=0)
+    torch.testing.assert_close(out.double(), truth, **TOLERANCE[torch.float32])
+
+
+def test_single_node_is_plain_decoding(backend):
+    out, truth, _ = _run_case(backend, torch.bfloat16, None, 8, 128, seed=3, chain=True, num_requests=5, max_nodes=1,
+                              max_committed=700, min_nodes=1)
+    torch.testing.assert_close(out.double(), truth, **TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("chain", [True, False])
+def test_every_node_equals_causal_attention_over_prefix_and_root_path(backend, chain):
+    out, _, (q, cache, rnd) = _run_case(backend, torch.float32, 16, 4, 64, seed=11, chain=chain, num_requests=4,
+                                        max_nodes=24, max_committed=200, min_nodes=1)
+    k, v, table = cache.k.double(), cache.v.double(), cache.block_table
+    block_size = k.shape[1]
+    for r, parents in enumerate(rnd.parent_lists):
+        start, committed = int(rnd.qo_indptr[r]), int(rnd.cache_seqlens[r])
+        for node in range(len(parents)):
+            path = [node]
+            while parents[path[-1]] >= 0:
+                path.append(parents[path[-1]])
+            slots = torch.tensor(list(range(committed)) + [committed + j for j in reversed(path)])
+            blocks = table[r].long()[slots // block_size]
+            keys = k[blocks, slots % block_size].transpose(0, 1).repeat_interleave(4, 0)  # [H_q, S, D]
+            values = v[blocks, slots % block_size].transpose(0, 1).repeat_interleave(4, 0)
+            query = q[start + node].double().unsqueeze(1)  # [H_q, 1, D]: the last position sees everything
+            expected = F.scaled_dot_product_attention(query, keys, values).squeeze(1)
+            torch.testing.assert_close(out[start + node].double(), expected, **TOLERANCE[torch.float32])
+
+
+def test_chain_with_empty_prefix_is_causal_prefill(backend):
+    gen = torch.Generator().manual_seed(5)
+    n, heads, kv_heads, dim = 37, 8, 2, 64
+    k = torch.randn(1, n, kv_heads, dim, generator=gen)
+    v = torch.randn(1, n, kv_heads, dim, generator=gen)
+    q = torch.randn(n, heads, dim, generator=gen)
+    out = ops.tree_attention(q, k, v, torch.tensor([0, n], dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
+                             backend=backend)
+    expected = F.scaled_dot_product_attention(
+        q.double().transpose(0, 1), k[0].double().transpose(0, 1).repeat_interleave(4, 0),
+        v[0].double().transpose(0, 1).repeat_interleave(4, 0), is_causal=True,
+    ).transpose(0, 1)
+    torch.testing.assert_close(out.double(), expected, **TOLERANCE[torch.float32])
+
+
+def test_custom_sm_scale(backend):
+    out, _, (q, cache, rnd) = _run_case(backend, torch.float32, None, 1, 64, seed=2, chain=False, num_requests=2,
+                                        max_nodes=5, max_committed=9, min_nodes=1)
+    args = (rnd.qo_indptr, rnd.cache_seqlens, rnd.parents, None)
+    scaled = ops.tree_attention(q, cache.k, cache.v, *args, sm_scale=0.3, backend=backend)
+    truth = reference.tree_attention(q.double(), cache.k.double(), cache.v.double(), *args, sm_scale=0.3)
+    torch.testing.assert_close(scaled.double(), truth, **TOLERANCE[torch.float32])
+    assert not torch.allclose(scaled, out)
