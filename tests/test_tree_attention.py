@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dspark import ops, reference
+from dspark import ops
+from dspark.reference.tree_attention import tree_attention as reference_tree_attention
 from builders import random_cache, random_round
 
 # Error bound |out - truth| <= atol + rtol * |truth| against the float64 truth computed from the same
@@ -38,7 +39,7 @@ def _run_case(backend, dtype, block_size, group, head_dim, seed, chain, num_requ
     q = torch.randn(int(rnd.qo_indptr[-1]), 8, head_dim, generator=gen).to(dtype)
     args = (rnd.qo_indptr, rnd.cache_seqlens, rnd.parents, cache.block_table)
     out = ops.tree_attention(q, cache.k, cache.v, *args, backend=backend)
-    truth = reference.tree_attention(q.double(), cache.k.double(), cache.v.double(), *args)
+    truth = reference_tree_attention(q.double(), cache.k.double(), cache.v.double(), *args)
     return out, truth, (q, cache, rnd)
 
 
@@ -107,6 +108,6 @@ def test_custom_sm_scale(backend):
                                         max_nodes=5, max_committed=9, min_nodes=1)
     args = (rnd.qo_indptr, rnd.cache_seqlens, rnd.parents, None)
     scaled = ops.tree_attention(q, cache.k, cache.v, *args, sm_scale=0.3, backend=backend)
-    truth = reference.tree_attention(q.double(), cache.k.double(), cache.v.double(), *args, sm_scale=0.3)
+    truth = reference_tree_attention(q.double(), cache.k.double(), cache.v.double(), *args, sm_scale=0.3)
     torch.testing.assert_close(scaled.double(), truth, **TOLERANCE[torch.float32])
     assert not torch.allclose(scaled, out)

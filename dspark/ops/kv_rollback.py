@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from dspark import reference
+from dspark.reference.kv_rollback import kv_rollback as reference_kv_rollback
 from dspark.ops import _validation as v
 from dspark.ops._backend import choose_backend, cpu_extension
 
@@ -63,7 +63,7 @@ def _kv_rollback_op(
     _check_values(k_cache, cache_seqlens, accepted_nodes, num_accepted, block_table)
     chosen = choose_backend(None if backend == "auto" else backend, k_cache.device)
     if chosen == "reference":
-        reference.kv_rollback(k_cache, v_cache, cache_seqlens, accepted_nodes, num_accepted, block_table)
+        reference_kv_rollback(k_cache, v_cache, cache_seqlens, accepted_nodes, num_accepted, block_table)
         return
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("cache_seqlens", cache_seqlens)):
         if t is not None:

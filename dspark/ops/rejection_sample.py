@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from dspark import reference
+from dspark.reference.rejection_sample import rejection_sample as reference_rejection_sample
 from dspark.ops import _validation as v
 from dspark.ops._backend import choose_backend, cpu_extension
 
@@ -92,7 +92,7 @@ def _rejection_sample_op(
     uniforms = None if uniforms is None else uniforms.double()
     chosen = choose_backend(None if backend == "auto" else backend, target_logits.device)
     if chosen == "reference":
-        return reference.rejection_sample(target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature,
+        return reference_rejection_sample(target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature,
                                           top_k, top_p, uniforms, seed, offset, max_nodes)
     num_requests = qo_indptr.shape[0] - 1
     accepted_nodes = torch.empty(num_requests, max_nodes, dtype=torch.int32)

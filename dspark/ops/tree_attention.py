@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from dspark import reference
+from dspark.reference.tree_attention import tree_attention as reference_tree_attention
 from dspark.ops import _validation as v
 from dspark.ops._backend import choose_backend, cpu_extension
 
@@ -62,7 +62,7 @@ def _tree_attention_op(
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     chosen = choose_backend(None if backend == "auto" else backend, q.device)
     if chosen == "reference":
-        return reference.tree_attention(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table, scale)
+        return reference_tree_attention(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table, scale)
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         v.check_contiguous(name, cache)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)

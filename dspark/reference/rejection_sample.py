@@ -42,6 +42,19 @@ def sample_index(weights: torch.Tensor, uniform: float) -> int:
     return int(hits[0])
 
 
+def remove_rejected(residual: torch.Tensor, token: int) -> torch.Tensor:
+    """Deterministic proposals: a rejected child's token gets no more mass."""
+    residual = residual.clone()
+    residual[token] = 0.0
+    return residual
+
+
+def residual_after_rejection(residual: torch.Tensor, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Stochastic proposals: norm(max(residual - q, 0)); p again when nothing is left (p == q)."""
+    left = torch.clamp(residual - q, min=0.0)
+    return left / left.sum() if left.sum() > 0 else p.clone()
+
+
 def _walk_greedy(logits: torch.Tensor, tokens: list[int], kids: list[list[int]]) -> tuple[list[int], list[int]]:
     node, path, emitted = 0, [0], []
     while True:
@@ -76,15 +89,14 @@ def _walk_sampled(
                 if a * float(residual.sum()) < float(residual[x]):
                     accepted = child
                     break
-                residual[x] = 0.0
+                residual = remove_rejected(residual, x)
             else:
                 # Child drawn from q: accept with min(1, residual(x) / q(x)), else norm(max(residual - q, 0)).
                 q = draft_probs[node].double()
                 if a * float(q[x]) < float(residual[x]):
                     accepted = child
                     break
-                residual = torch.clamp(residual - q, min=0.0)
-                residual = residual / residual.sum() if residual.sum() > 0 else p.clone()
+                residual = residual_after_rejection(residual, q, p)
         if accepted is None:
             if not residual.sum() > 0:
                 residual = p

@@ -1,0 +1,574 @@
+// Lossless verification of draft chains and trees on CPU. The executable spec is
+// dspark/reference/rejection_sample.py (and dspark/reference/philox.py for the seeded uniforms);
+// this file follows it rule for rule, tie for tie:
+//
+// - Greedy requests (temperature 0): argmax of the raw logits row (ties: lowest id), follow the first
+//   child carrying that token, emit the argmax when none does. No uniforms are consumed.
+// - Sampled requests: p = target_distribution(row) in float64 (softmax of logits / temperature, then
+//   top-k with ties to the lower id, then top-p over the descending order), computed only for the
+//   nodes the walk visits. Children are judged in index order with a = uniforms[c, 0]:
+//     deterministic proposals (no draft_probs): accept iff a * sum(residual) < residual[x], else
+//       residual[x] = 0;
+//     stochastic proposals (q = draft_probs row of the parent): accept iff a * q[x] < residual[x],
+//       else residual = norm(max(residual - q, 0)), or p when that is all zeros.
+//   Without an accepted child the final token is drawn from the residual (p when the residual has no
+//   mass) with uniforms[u, 1] by inverse CDF over a left-to-right cumulative sum.
+//
+// Floating point: every comparison the rules make (a * s < r, cumulative > u * total,
+// mass_before < top_p) uses the same IEEE double operations as the reference, and none of them has
+// a multiply feeding an add, so -ffp-contract=fast cannot fuse them. What differs from the reference
+// is only how the float64 values are produced: exp() (a vectorised polynomial, < 1 ulp, here;
+// SLEEF in torch) and the summation order of sum() (torch's cascade sum vs 8 accumulators here).
+// These move probabilities by an ulp or so, which changes a token only when a uniform falls within
+// ~1e-16 (relative) of a decision boundary. The sampling cumulative sum is a plain left-to-right
+// double accumulation, the same order as torch.cumsum on CPU. Exactly representable cases (uniform
+// logits over a power-of-two vocabulary, one-hot distributions, ties) agree bit for bit.
+//
+// Rows whose softmax has no finite positive mass (NaN or +inf logits, or all -inf; the reference
+// raises or samples NaN there) are treated as a one-hot distribution at the row's argmax, so the op
+// always returns ids in [0, V). top_p <= 0 (the reference keeps nothing) keeps the most likely token.
+#include "rejection_sample.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include "philox.h"
+
+namespace dspark::cpu {
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Element loads.
+
+inline float load_float(const float* x, int64_t i) { return x[i]; }
+inline float load_float(const BFloat16* x, int64_t i) { return to_float(x[i]); }
+inline float load_float(const Half* x, int64_t i) {
+#if defined(__F16C__)
+  return _cvtsh_ss(x[i].bits);
+#else
+  return to_float(x[i]);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vectorisable float64 helpers.
+
+// sum(x[0..n)) with 8 independent accumulators (vectorises; for non-negative inputs the result is
+// > 0 exactly when some input is > 0).
+inline double sum_of(const double* x, int64_t n) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) acc[j] += x[i + j];
+  }
+  for (int j = 0; i < n; ++i, ++j) acc[j] += x[i];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+inline uint64_t double_bits(double d) {
+  uint64_t b;
+  std::memcpy(&b, &d, sizeof(b));
+  return b;
+}
+
+inline double bits_double(uint64_t b) {
+  double d;
+  std::memcpy(&d, &b, sizeof(d));
+  return d;
+}
+
+// exp(x) for doubles, branch-free so that loops over it vectorise. x = k ln2 + r with |r| <= ln2/2
+// (Cody-Waite split with a 32-bit ln2_hi, so k * ln2_hi and x - k * ln2_hi are exact), a degree-13
+// Taylor polynomial for e^r (truncation error < 5e-18), and 2^k applied in two halves so that
+// subnormal results round once and overflow gives inf. Error below 1 ulp. NaN stays NaN;
+// -inf gives 0.
+inline double exp_f64(double x) {
+  constexpr double kLog2e = 1.4426950408889634074;
+  constexpr double kLn2Hi = 6.93147180369123816490e-01;  // 0x3FE62E42FEE00000: 32 significant bits
+  constexpr double kLn2Lo = 1.90821492927058770002e-10;  // ln 2 - kLn2Hi
+  constexpr double kShifter = 6755399441055744.0;         // 1.5 * 2^52: adding it rounds to an integer
+  x = x < -800.0 ? -800.0 : x;  // exp(-800) underflows to 0, exp(800) overflows to inf: same results
+  x = x > 800.0 ? 800.0 : x;    // (NaN fails both comparisons and propagates)
+  const double shifted = x * kLog2e + kShifter;
+  const double kd = shifted - kShifter;  // nearest integer to x / ln 2
+  const int64_t k = static_cast<int64_t>(double_bits(shifted) - double_bits(kShifter));
+  double r = x - kd * kLn2Hi;
+  r = r - kd * kLn2Lo;
+  double poly = 1.0 / 6227020800.0;  // 1/13!
+  poly = poly * r + 1.0 / 479001600.0;
+  poly = poly * r + 1.0 / 39916800.0;
+  poly = poly * r + 1.0 / 3628800.0;
+  poly = poly * r + 1.0 / 362880.0;
+  poly = poly * r + 1.0 / 40320.0;
+  poly = poly * r + 1.0 / 5040.0;
+  poly = poly * r + 1.0 / 720.0;
+  poly = poly * r + 1.0 / 120.0;
+  poly = poly * r + 1.0 / 24.0;
+  poly = poly * r + 1.0 / 6.0;
+  poly = poly * r + 0.5;
+  poly = poly * r + 1.0;
+  poly = poly * r + 1.0;
+  const int64_t k1 = k >> 1;  // |k| <= 1155, so each half is a normal power of two
+  const int64_t k2 = k - k1;
+  const double scale1 = bits_double(static_cast<uint64_t>(k1 + 1023) << 52);
+  const double scale2 = bits_double(static_cast<uint64_t>(k2 + 1023) << 52);
+  return poly * scale1 * scale2;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-thread scratch, kept across calls (OpenMP reuses its threads), grown on demand.
+
+struct Entry {
+  double v;
+  int32_t id;
+};
+
+// Descending probability, ties to the lower id: the order of torch.sort(descending, stable).
+inline bool better(const Entry& a, const Entry& b) { return a.v > b.v || (a.v == b.v && a.id < b.id); }
+
+struct Scratch {
+  std::vector<double> p;         // target distribution of the current node
+  std::vector<double> residual;  // stochastic residual
+  std::vector<double> work;      // top-k selection
+  std::vector<Entry> entries;    // top-k / top-p candidates
+  std::vector<int32_t> child_start, child_list, child_cursor;
+  std::vector<std::pair<int32_t, double>> undo;  // deterministic rejections: (token, p[token])
+
+  void ensure_vocab(int64_t vocab) {
+    if (static_cast<int64_t>(p.size()) < vocab) {
+      p.resize(vocab);
+      residual.resize(vocab);
+    }
+  }
+};
+
+Scratch& thread_scratch() {
+  static thread_local Scratch scratch;
+  return scratch;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Target distribution.
+
+// torch.argmax semantics: the first maximum; a NaN counts as the maximum (the first NaN wins).
+template <typename T>
+int64_t argmax_row(const T* x, int64_t vocab) {
+  int64_t best = 0;
+  float best_value = load_float(x, 0);
+  if (best_value != best_value) return 0;
+  for (int64_t i = 1; i < vocab; ++i) {
+    const float v = load_float(x, i);
+    if (v != v) return i;
+    if (v > best_value) {
+      best_value = v;
+      best = i;
+    }
+  }
+  return best;
+}
+
+int64_t argmax_row(DType dtype, const void* row, int64_t vocab) {
+  switch (dtype) {
+    case DType::kFloat16: return argmax_row(static_cast<const Half*>(row), vocab);
+    case DType::kBFloat16: return argmax_row(static_cast<const BFloat16*>(row), vocab);
+    default: return argmax_row(static_cast<const float*>(row), vocab);
+  }
+}
+
+// out[i] = double(x[i]) / temperature; returns the maximum (NaNs ignored here, caught by the sum).
+template <typename T>
+double load_scaled(const T* x, int64_t vocab, double temperature, double* out) {
+  double lane_max[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+  int64_t i = 0;
+  for (; i + 4 <= vocab; i += 4) {
+    for (int j = 0; j < 4; ++j) {
+      const double s = static_cast<double>(load_float(x, i + j)) / temperature;
+      out[i + j] = s;
+      lane_max[j] = s > lane_max[j] ? s : lane_max[j];
+    }
+  }
+  for (; i < vocab; ++i) {
+    const double s = static_cast<double>(load_float(x, i)) / temperature;
+    out[i] = s;
+    lane_max[0] = s > lane_max[0] ? s : lane_max[0];
+  }
+  const double m01 = lane_max[0] > lane_max[1] ? lane_max[0] : lane_max[1];
+  const double m23 = lane_max[2] > lane_max[3] ? lane_max[2] : lane_max[3];
+  return m01 > m23 ? m01 : m23;
+}
+
+double load_scaled(DType dtype, const void* row, int64_t vocab, double temperature, double* out) {
+  switch (dtype) {
+    case DType::kFloat16: return load_scaled(static_cast<const Half*>(row), vocab, temperature, out);
+    case DType::kBFloat16: return load_scaled(static_cast<const BFloat16*>(row), vocab, temperature, out);
+    default: return load_scaled(static_cast<const float*>(row), vocab, temperature, out);
+  }
+}
+
+// Keeps the k largest of p (ties: lower id), renormalised; leaves the kept (id, p) in s.entries.
+void apply_top_k(double* p, int64_t vocab, int64_t k, Scratch& s) {
+  std::vector<Entry>& kept = s.entries;
+  kept.clear();
+  if (k <= 128) {
+    // Bounded heap with the worst kept entry on top. Ids arrive in increasing order, so a newcomer
+    // that ties the worst kept value loses the tie (higher id) and only a strictly larger value enters.
+    for (int64_t i = 0; i < k; ++i) kept.push_back(Entry{p[i], static_cast<int32_t>(i)});
+    std::make_heap(kept.begin(), kept.end(), better);
+    for (int64_t i = k; i < vocab; ++i) {
+      if (p[i] > kept.front().v) {
+        std::pop_heap(kept.begin(), kept.end(), better);
+        kept.back() = Entry{p[i], static_cast<int32_t>(i)};
+        std::push_heap(kept.begin(), kept.end(), better);
+      }
+    }
+  } else {
+    // k-th largest value by selection, then all larger values and the lowest-id ties.
+    s.work.assign(p, p + vocab);
+    std::nth_element(s.work.begin(), s.work.begin() + (k - 1), s.work.end(), std::greater<double>());
+    const double threshold = s.work[k - 1];
+    int64_t greater = 0;
+    for (int64_t i = 0; i < vocab; ++i) greater += p[i] > threshold;
+    int64_t ties_left = k - greater;
+    for (int64_t i = 0; i < vocab; ++i) {
+      if (p[i] > threshold || (p[i] == threshold && ties_left-- > 0)) kept.push_back(Entry{p[i], static_cast<int32_t>(i)});
+    }
+  }
+  std::fill(p, p + vocab, 0.0);
+  for (const Entry& e : kept) p[e.id] = e.v;
+  const double total = sum_of(p, vocab);
+  for (Entry& e : kept) {
+    e.v = e.v / total;
+    p[e.id] = e.v;
+  }
+}
+
+// Keeps the sorted positions j (descending, ties: lower id) whose mass_before = cumsum_j - p_j is
+// < top_p, renormalised. Candidates: s.entries when from_entries (the top-k survivors), else every
+// non-zero p (zeros never change the kept mass). Sorts lazily: chunks of the best remaining
+// candidates are selected and sorted until the cut-off is passed.
+void apply_top_p(double* p, int64_t vocab, double top_p, bool from_entries, Scratch& s) {
+  std::vector<Entry>& cand = s.entries;
+  if (from_entries) {
+    int64_t n = 0;
+    for (const Entry& e : cand) {
+      if (e.v != 0.0) cand[n++] = e;
+    }
+    cand.resize(n);
+  } else {
+    cand.clear();
+    for (int64_t i = 0; i < vocab; ++i) {
+      if (p[i] != 0.0) cand.push_back(Entry{p[i], static_cast<int32_t>(i)});
+    }
+  }
+  const int64_t n = static_cast<int64_t>(cand.size());
+  int64_t kept = 0;          // kept candidates are compacted to the front of cand
+  double cumulative = 0.0;   // torch.cumsum order: left to right over the sorted probabilities
+  bool exhaustive = false;   // a cut-off too close to top_p to rule out later positions
+  int64_t lo = 0, chunk = 64;
+  bool done = false;
+  while (lo < n && !done) {
+    const int64_t hi = exhaustive ? n : std::min(n, lo + chunk);
+    if (hi < n) std::nth_element(cand.begin() + lo, cand.begin() + hi, cand.end(), better);
+    std::sort(cand.begin() + lo, cand.begin() + hi, better);
+    for (int64_t j = lo; j < hi; ++j) {
+      const double v = cand[j].v;
+      const double next = cumulative + v;
+      const double mass_before = next - v;  // as the reference: cumsum - sorted, not the previous cumsum
+      cumulative = next;
+      if (mass_before < top_p) {
+        cand[kept++] = cand[j];
+      } else if (!exhaustive) {
+        // Every later mass_before is >= this one minus an ulp or two of the running sum (<= ~1), so
+        // with a margin far above that no later position can pass; otherwise check them all.
+        if (mass_before - top_p > 1e-12) {
+          done = true;
+          break;
+        }
+        exhaustive = true;
+      }
+    }
+    lo = hi;
+    chunk *= 4;
+  }
+  if (kept == 0 && n > 0) {  // top_p <= 0: keep the most likely token rather than nothing
+    std::nth_element(cand.begin(), cand.begin(), cand.end(), better);
+    kept = 1;
+  }
+  std::fill(p, p + vocab, 0.0);
+  for (int64_t j = 0; j < kept; ++j) p[cand[j].id] = cand[j].v;
+  const double total = sum_of(p, vocab);
+  for (int64_t j = 0; j < kept; ++j) p[cand[j].id] = cand[j].v / total;
+}
+
+// p = target_distribution(row, temperature, top_k, top_p) of the reference, in float64.
+void target_distribution(DType dtype, const void* row, int64_t vocab, double temperature, int64_t top_k,
+                         double top_p, Scratch& s) {
+  double* p = s.p.data();
+  const double max_scaled = load_scaled(dtype, row, vocab, temperature, p);
+  for (int64_t i = 0; i < vocab; ++i) p[i] = exp_f64(p[i] - max_scaled);
+  const double total = sum_of(p, vocab);
+  if (!(total > 0.0) || !(total <= std::numeric_limits<double>::max())) {
+    // NaN / +inf logits or all -inf: no usable distribution; fall back to the argmax (see header).
+    std::fill(p, p + vocab, 0.0);
+    p[argmax_row(dtype, row, vocab)] = 1.0;
+    return;
+  }
+  const double inv = 1.0 / total;  // torch's softmax multiplies by the reciprocal of the sum
+  for (int64_t i = 0; i < vocab; ++i) p[i] = p[i] * inv;
+  const bool use_top_k = top_k > 0 && top_k < vocab;
+  if (use_top_k) apply_top_k(p, vocab, top_k, s);
+  if (top_p < 1.0) apply_top_p(p, vocab, top_p, use_top_k, s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sampling.
+
+// Inverse CDF of the reference's sample_index: the first id whose left-to-right cumulative weight
+// exceeds uniform * total and whose weight is > 0; with none (rounding at the top), the last id with
+// weight > 0. Returns -1 when no weight is > 0.
+int64_t sample_index(const double* w, int64_t vocab, double uniform) {
+  double total = 0.0;
+  for (int64_t i = 0; i < vocab; ++i) total += w[i];
+  const double threshold = uniform * total;
+  double cumulative = 0.0;
+  for (int64_t i = 0; i < vocab; ++i) {
+    cumulative += w[i];
+    if (cumulative > threshold && w[i] > 0.0) return i;
+  }
+  for (int64_t i = vocab - 1; i >= 0; --i) {
+    if (w[i] > 0.0) return i;
+  }
+  return -1;
+}
+
+// residual = max(src - q, 0) into dst; returns its sum.
+template <typename T>
+double subtract_clamped(const double* src, const T* q, int64_t vocab, double* dst) {
+  for (int64_t i = 0; i < vocab; ++i) {
+    const double d = src[i] - static_cast<double>(load_float(q, i));
+    dst[i] = d > 0.0 ? d : 0.0;
+  }
+  return sum_of(dst, vocab);
+}
+
+double subtract_clamped(DType dtype, const double* src, const void* q, int64_t vocab, double* dst) {
+  switch (dtype) {
+    case DType::kFloat16: return subtract_clamped(src, static_cast<const Half*>(q), vocab, dst);
+    case DType::kBFloat16: return subtract_clamped(src, static_cast<const BFloat16*>(q), vocab, dst);
+    default: return subtract_clamped(src, static_cast<const float*>(q), vocab, dst);
+  }
+}
+
+double load_prob(DType dtype, const void* q, int64_t i) {
+  switch (dtype) {
+    case DType::kFloat16: return load_float(static_cast<const Half*>(q), i);
+    case DType::kBFloat16: return load_float(static_cast<const BFloat16*>(q), i);
+    default: return load_float(static_cast<const float*>(q), i);
+  }
+}
+
+size_t element_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+
+// ---------------------------------------------------------------------------------------------
+// One request.
+
+class RequestWalk {
+ public:
+  RequestWalk(const RejectionSampleParams& prm, int64_t r, Scratch& s)
+      : prm_(prm), r_(r), s_(s), start_(prm.qo_indptr[r]), n_(prm.qo_indptr[r + 1] - prm.qo_indptr[r]) {}
+
+  void run() {
+    int32_t* nodes_out = prm_.accepted_nodes + r_ * prm_.path_width;
+    int64_t* tokens_out = prm_.output_tokens + r_ * prm_.path_width;
+    int64_t m = 0;
+    if (n_ > 0) {
+      build_children();
+      m = prm_.temperature[r_] == 0.0f ? walk_greedy(nodes_out, tokens_out) : walk_sampled(nodes_out, tokens_out);
+    }
+    m = std::min<int64_t>(m, prm_.path_width);
+    for (int64_t j = m; j < prm_.path_width; ++j) {
+      nodes_out[j] = -1;
+      tokens_out[j] = -1;
+    }
+    prm_.num_accepted[r_] = static_cast<int32_t>(m);
+  }
+
+ private:
+  // Children of every node in index order (CSR). Parents are trusted to be validated; one that is
+  // not in [0, i) is ignored rather than followed.
+  void build_children() {
+    s_.child_start.assign(n_ + 1, 0);
+    s_.child_list.resize(n_ > 0 ? n_ - 1 : 0);
+    const int32_t* parents = prm_.parents ? prm_.parents + start_ : nullptr;
+    auto parent_of = [&](int64_t i) -> int64_t { return parents ? parents[i] : i - 1; };
+    for (int64_t i = 1; i < n_; ++i) {
+      const int64_t u = parent_of(i);
+      if (u >= 0 && u < i) ++s_.child_start[u + 1];
+    }
+    for (int64_t u = 0; u < n_; ++u) s_.child_start[u + 1] += s_.child_start[u];
+    s_.child_cursor.assign(s_.child_start.begin(), s_.child_start.end() - 1);
+    for (int64_t i = 1; i < n_; ++i) {
+      const int64_t u = parent_of(i);
+      if (u >= 0 && u < i) s_.child_list[s_.child_cursor[u]++] = static_cast<int32_t>(i);
+    }
+  }
+
+  const int32_t* kids_begin(int64_t u) const { return s_.child_list.data() + s_.child_start[u]; }
+  const int32_t* kids_end(int64_t u) const { return s_.child_list.data() + s_.child_start[u + 1]; }
+
+  int64_t token(int64_t node) const { return prm_.draft_tokens[start_ + node]; }
+  bool token_in_vocab(int64_t x) const { return x >= 0 && x < prm_.vocab_size; }
+
+  const void* logits_row(int64_t node) const {
+    return static_cast<const char*>(prm_.target_logits) +
+           (start_ + node) * prm_.vocab_size * static_cast<int64_t>(element_size(prm_.logits_dtype));
+  }
+  const void* draft_row(int64_t node) const {
+    return static_cast<const char*>(prm_.draft_probs) +
+           (start_ + node) * prm_.vocab_size * static_cast<int64_t>(element_size(prm_.draft_probs_dtype));
+  }
+
+  // uniforms[node, col], explicit or from Philox(seed[r], offset[r], node).
+  double uniform(int64_t node, int col) const {
+    if (prm_.uniforms) return prm_.uniforms[(start_ + node) * 2 + col];
+    double u[2];
+    philox_node_uniforms(prm_.seed[r_], prm_.offset[r_], static_cast<uint32_t>(node), u);
+    return u[col];
+  }
+
+  // Records the path node and its emitted token at step m (bounded by path_width).
+  void emit(int32_t* nodes_out, int64_t* tokens_out, int64_t m, int64_t node, int64_t tok) const {
+    if (m < prm_.path_width) {
+      nodes_out[m] = static_cast<int32_t>(node);
+      tokens_out[m] = tok;
+    }
+  }
+
+  int64_t walk_greedy(int32_t* nodes_out, int64_t* tokens_out) {
+    int64_t node = 0, m = 0;
+    while (true) {
+      const int64_t best = argmax_row(prm_.logits_dtype, logits_row(node), prm_.vocab_size);
+      int64_t match = -1;
+      for (const int32_t* c = kids_begin(node); c != kids_end(node); ++c) {
+        if (token(*c) == best) {
+          match = *c;
+          break;
+        }
+      }
+      if (match < 0) {
+        emit(nodes_out, tokens_out, m, node, best);
+        return m + 1;
+      }
+      emit(nodes_out, tokens_out, m, node, best);
+      ++m;
+      node = match;
+    }
+  }
+
+  int64_t walk_sampled(int32_t* nodes_out, int64_t* tokens_out) {
+    const int64_t vocab = prm_.vocab_size;
+    const double temperature = prm_.temperature[r_];
+    const int64_t top_k = prm_.top_k[r_];
+    const double top_p = prm_.top_p[r_];
+    s_.ensure_vocab(vocab);
+    double* p = s_.p.data();
+    int64_t node = 0, m = 0;
+    while (true) {
+      target_distribution(prm_.logits_dtype, logits_row(node), vocab, temperature, top_k, top_p, s_);
+      const int64_t accepted =
+          prm_.draft_probs ? judge_stochastic(node) : judge_deterministic(node);
+      if (accepted < 0) {
+        // judge_* left the residual to sample from in `weights_`.
+        int64_t tok = sample_index(weights_, vocab, uniform(node, 1));
+        if (tok < 0 && weights_ != p) tok = sample_index(p, vocab, uniform(node, 1));
+        if (tok < 0) tok = 0;  // unreachable: p always has mass (see target_distribution)
+        emit(nodes_out, tokens_out, m, node, tok);
+        return m + 1;
+      }
+      emit(nodes_out, tokens_out, m, node, token(accepted));
+      ++m;
+      node = accepted;
+    }
+  }
+
+  // Deterministic proposals: the residual is p with the rejected tokens zeroed, kept in place in
+  // p with an undo log so that an all-zero residual can fall back to p.
+  int64_t judge_deterministic(int64_t node) {
+    const int64_t vocab = prm_.vocab_size;
+    double* p = s_.p.data();
+    s_.undo.clear();
+    double residual_sum = sum_of(p, vocab);
+    for (const int32_t* c = kids_begin(node); c != kids_end(node); ++c) {
+      const int64_t x = token(*c);
+      const double a = uniform(*c, 0);
+      const double px = token_in_vocab(x) ? p[x] : 0.0;
+      const double threshold = a * residual_sum;
+      if (threshold < px) return *c;
+      if (px != 0.0) {  // zeroing a zero changes nothing, the sum included
+        s_.undo.emplace_back(static_cast<int32_t>(x), px);
+        p[x] = 0.0;
+        residual_sum = sum_of(p, vocab);
+      }
+    }
+    if (!(residual_sum > 0.0)) {
+      for (const auto& [x, px] : s_.undo) p[x] = px;  // residual = p
+    }
+    weights_ = p;
+    return -1;
+  }
+
+  // Stochastic proposals, q = draft_probs[node]: accept iff a * q[x] < residual[x], else
+  // residual = norm(max(residual - q, 0)), or p when that has no mass.
+  int64_t judge_stochastic(int64_t node) {
+    const int64_t vocab = prm_.vocab_size;
+    double* p = s_.p.data();
+    double* buffer = s_.residual.data();
+    const void* q = draft_row(node);
+    const double* residual = p;
+    for (const int32_t* c = kids_begin(node); c != kids_end(node); ++c) {
+      const int64_t x = token(*c);
+      const double a = uniform(*c, 0);
+      if (token_in_vocab(x)) {
+        const double threshold = a * load_prob(prm_.draft_probs_dtype, q, x);
+        if (threshold < residual[x]) return *c;
+      }
+      const double total = subtract_clamped(prm_.draft_probs_dtype, residual, q, vocab, buffer);
+      if (total > 0.0) {
+        for (int64_t i = 0; i < vocab; ++i) buffer[i] = buffer[i] / total;
+        residual = buffer;
+      } else {
+        residual = p;
+      }
+    }
+    weights_ = residual;  // sample_index-level fallback to p covers a residual without mass
+    return -1;
+  }
+
+  const RejectionSampleParams& prm_;
+  const int64_t r_;
+  Scratch& s_;
+  const int64_t start_;
+  const int64_t n_;
+  const double* weights_ = nullptr;
+};
+
+}  // namespace
+
+void rejection_sample(const RejectionSampleParams& params) {
+  const int64_t num_requests = params.num_requests;
+#pragma omp parallel for schedule(dynamic, 1) if (num_requests > 1)
+  for (int64_t r = 0; r < num_requests; ++r) {
+    RequestWalk(params, r, thread_scratch()).run();
+  }
+}
+
+}  // namespace dspark::cpu
