@@ -1,0 +1,30 @@
+"""rejection_sample: R requests judge 8-node sampled chains (with draft probabilities) or greedy trees."""
+
+import pytest
+import torch
+
+from dspark import ops
+from shapes import BACKENDS, NODES, REQUESTS, TREE, VOCABS, indptr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["sampled_chain", "sampled_topk_topp", "greedy_tree"])
+@pytest.mark.parametrize("num_requests", REQUESTS)
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_rejection_sample(benchmark, backend, mode, num_requests, vocab):
+    gen = torch.Generator().manual_seed(0)
+    tokens_total = num_requests * NODES
+    logits = torch.randn(tokens_total, vocab, generator=gen) * 3
+    draft_probs = torch.softmax(logits + torch.randn(tokens_total, vocab, generator=gen), -1)
+    # Drafts follow the target's argmax for most nodes, so that walks go deep.
+    tokens = logits.argmax(-1).roll(1)
+    kwargs = dict(seed=torch.arange(num_requests), offset=0, backend=backend, max_nodes=NODES)
+    if mode == "greedy_tree":
+        args = (logits, tokens, indptr(num_requests), torch.tensor(TREE * num_requests, dtype=torch.int32))
+        kwargs.update(temperature=0.0)
+    else:
+        args = (logits, tokens, indptr(num_requests), None, draft_probs)
+        if mode == "sampled_topk_topp":
+            kwargs.update(top_k=50, top_p=0.9)
+    benchmark.extra_info.update(op="rejection_sample", backend=backend, R=num_requests, V=vocab, mode=mode)
+    benchmark.pedantic(ops.rejection_sample, args=args, kwargs=kwargs, rounds=5, warmup_rounds=1)
