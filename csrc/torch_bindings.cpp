@@ -87,8 +87,11 @@ void rejection_sample(const at::Tensor& target_logits, const at::Tensor& draft_t
   expect(accepted_nodes, at::kInt, "accepted_nodes");
   expect(num_accepted, at::kInt, "num_accepted");
   expect(output_tokens, at::kLong, "output_tokens");
-  TORCH_CHECK_VALUE(uniforms.has_value() || (seed.has_value() && offset.has_value()),
-                    "rejection_sample needs uniforms or seed and offset");
+  if (!uniforms.has_value() && !(seed.has_value() && offset.has_value())) {
+    const float* t = temperature.data_ptr<float>();
+    for (int64_t r = 0; r < temperature.numel(); ++r)
+      TORCH_CHECK_VALUE(t[r] == 0.f, "sampled requests need uniforms, or seed and offset");
+  }
   dspark::cpu::RejectionSampleParams p{};
   p.logits_dtype = element_type(target_logits, "target_logits");
   p.target_logits = target_logits.data_ptr();

@@ -1,6 +1,7 @@
 #include "kv_rollback.h"
 
 #include <cstring>
+#include <initializer_list>
 
 namespace dspark::cpu {
 

@@ -62,48 +62,62 @@ inline float load_float(const Half* x, int64_t i) {
 // ---------------------------------------------------------------------------------------------
 // Vectorisable float64 helpers.
 
-// sum(x[0..n)) with 8 independent accumulators (vectorises; for non-negative inputs the result is
-// > 0 exactly when some input is > 0).
-inline double sum_of(const double* x, int64_t n) {
+// sum(x[0..n)): 8 independent accumulators (vectorises) over blocks of 1024, the block sums
+// accumulated the same way, so the rounding error grows with ~n/8192 + 128 rather than n/8. For
+// non-negative inputs the result is > 0 exactly when some input is > 0.
+inline double sum_block(const double* x, int64_t n) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     for (int j = 0; j < 8; ++j) acc[j] += x[i + j];
   }
-  for (int j = 0; i < n; ++i, ++j) acc[j] += x[i];
+  double tail = 0.0;
+  for (; i < n; ++i) tail += x[i];
+  return (((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))) + tail;
+}
+
+inline double sum_of(const double* x, int64_t n) {
+  constexpr int64_t kBlock = 1024;
+  if (n <= kBlock) return sum_block(x, n);
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t b = 0;
+  for (int64_t i = 0; i < n; i += kBlock, ++b) acc[b & 7] += sum_block(x + i, std::min(kBlock, n - i));
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-inline uint64_t double_bits(double d) {
-  uint64_t b;
-  std::memcpy(&b, &d, sizeof(b));
-  return b;
-}
+// exp for doubles on GCC/Clang vector extensions (explicit SIMD that -ftrapping-math cannot block;
+// the compiler lowers it to whatever the target has: AVX-512, AVX2 + FMA, or SSE2).
+// x = k ln2 + r with |r| <= ln2/2 (Cody-Waite split with a 32-bit ln2_hi, so k * ln2_hi and
+// x - k * ln2_hi are exact), a degree-13 Taylor polynomial for e^r (truncation error < 5e-18) and
+// 2^k applied in two halves, so that subnormal results round once and overflow gives inf.
+// Error < 0.76 ulp (measured); NaN stays NaN and -inf gives 0.
+#if defined(__AVX512F__)
+constexpr int kLanes = 8;
+#elif defined(__AVX__)
+constexpr int kLanes = 4;
+#else
+constexpr int kLanes = 2;
+#endif
+typedef double VecD __attribute__((vector_size(kLanes * sizeof(double))));
+typedef uint64_t VecU __attribute__((vector_size(kLanes * sizeof(double))));
+typedef decltype(VecD{} < VecD{}) VecMask;
 
-inline double bits_double(uint64_t b) {
-  double d;
-  std::memcpy(&d, &b, sizeof(d));
-  return d;
-}
+inline VecD select(VecMask mask, VecD a, VecD b) { return (VecD)((mask & (VecMask)a) | (~mask & (VecMask)b)); }
 
-// exp(x) for doubles, branch-free so that loops over it vectorise. x = k ln2 + r with |r| <= ln2/2
-// (Cody-Waite split with a 32-bit ln2_hi, so k * ln2_hi and x - k * ln2_hi are exact), a degree-13
-// Taylor polynomial for e^r (truncation error < 5e-18), and 2^k applied in two halves so that
-// subnormal results round once and overflow gives inf. Error below 1 ulp. NaN stays NaN;
-// -inf gives 0.
-inline double exp_f64(double x) {
+inline VecD exp_vec(VecD x) {
   constexpr double kLog2e = 1.4426950408889634074;
   constexpr double kLn2Hi = 6.93147180369123816490e-01;  // 0x3FE62E42FEE00000: 32 significant bits
   constexpr double kLn2Lo = 1.90821492927058770002e-10;  // ln 2 - kLn2Hi
   constexpr double kShifter = 6755399441055744.0;         // 1.5 * 2^52: adding it rounds to an integer
-  x = x < -800.0 ? -800.0 : x;  // exp(-800) underflows to 0, exp(800) overflows to inf: same results
-  x = x > 800.0 ? 800.0 : x;    // (NaN fails both comparisons and propagates)
-  const double shifted = x * kLog2e + kShifter;
-  const double kd = shifted - kShifter;  // nearest integer to x / ln 2
-  const int64_t k = static_cast<int64_t>(double_bits(shifted) - double_bits(kShifter));
-  double r = x - kd * kLn2Hi;
+  const VecD zero = {};
+  // exp(-800) underflows to 0 and exp(800) overflows to inf, so clamping there changes no result
+  // (and keeps k small); NaN fails both comparisons and propagates.
+  x = select(x < zero - 800.0, zero - 800.0, x);
+  x = select(x > zero + 800.0, zero + 800.0, x);
+  const VecD kd = (x * kLog2e + kShifter) - kShifter;  // nearest integer to x / ln 2
+  VecD r = x - kd * kLn2Hi;
   r = r - kd * kLn2Lo;
-  double poly = 1.0 / 6227020800.0;  // 1/13!
+  VecD poly = zero + 1.0 / 6227020800.0;  // 1/13!
   poly = poly * r + 1.0 / 479001600.0;
   poly = poly * r + 1.0 / 39916800.0;
   poly = poly * r + 1.0 / 3628800.0;
@@ -117,11 +131,30 @@ inline double exp_f64(double x) {
   poly = poly * r + 0.5;
   poly = poly * r + 1.0;
   poly = poly * r + 1.0;
-  const int64_t k1 = k >> 1;  // |k| <= 1155, so each half is a normal power of two
-  const int64_t k2 = k - k1;
-  const double scale1 = bits_double(static_cast<uint64_t>(k1 + 1023) << 52);
-  const double scale2 = bits_double(static_cast<uint64_t>(k2 + 1023) << 52);
+  // 2^k = 2^k1 * 2^k2 with |k1|, |k2| <= 578: both normal. The integer sits in the low mantissa bits
+  // of (k + kShifter); adding the bias and shifting it into the exponent field drops the rest.
+  const VecD k1 = (kd * 0.5 + kShifter) - kShifter;
+  const VecD k2 = kd - k1;
+  const VecD scale1 = (VecD)((((VecU)(k1 + kShifter)) + 1023) << 52);
+  const VecD scale2 = (VecD)((((VecU)(k2 + kShifter)) + 1023) << 52);
   return poly * scale1 * scale2;
+}
+
+// p[i] = exp(p[i] - shift) for i < n.
+void exp_shifted_inplace(double* p, int64_t n, double shift) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    VecD v;
+    std::memcpy(&v, p + i, sizeof(v));
+    v = exp_vec(v - shift);
+    std::memcpy(p + i, &v, sizeof(v));
+  }
+  if (i < n) {
+    VecD v = {};
+    std::memcpy(&v, p + i, (n - i) * sizeof(double));
+    v = exp_vec(v - shift);
+    std::memcpy(p + i, &v, (n - i) * sizeof(double));
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -134,12 +167,18 @@ struct Entry {
 
 // Descending probability, ties to the lower id: the order of torch.sort(descending, stable).
 inline bool better(const Entry& a, const Entry& b) { return a.v > b.v || (a.v == b.v && a.id < b.id); }
+inline bool lower_id(const Entry& a, const Entry& b) { return a.id < b.id; }
 
 struct Scratch {
   std::vector<double> p;         // target distribution of the current node
   std::vector<double> residual;  // stochastic residual
-  std::vector<double> work;      // top-k selection
+  std::vector<double> work;      // top-k selection, cumulative sums
   std::vector<Entry> entries;    // top-k / top-p candidates
+  // Ids (ascending) outside which p is zero, when top-k / top-p made p sparse; every residual's
+  // support lies inside p's, so sums and the sampling cumsum can skip the rest (adding an exact 0
+  // leaves a left-to-right sum unchanged).
+  std::vector<int32_t> support;
+  bool sparse = false;
   std::vector<int32_t> child_start, child_list, child_cursor;
   std::vector<std::pair<int32_t, double>> undo;  // deterministic rejections: (token, p[token])
 
@@ -147,6 +186,7 @@ struct Scratch {
     if (static_cast<int64_t>(p.size()) < vocab) {
       p.resize(vocab);
       residual.resize(vocab);
+      work.resize(vocab);
     }
   }
 };
@@ -184,19 +224,20 @@ int64_t argmax_row(DType dtype, const void* row, int64_t vocab) {
   }
 }
 
-// out[i] = double(x[i]) / temperature; returns the maximum (NaNs ignored here, caught by the sum).
+// out[i] = double(x[i]) / temperature; returns the maximum (NaNs are ignored here and caught by
+// the softmax sum).
 template <typename T>
 double load_scaled(const T* x, int64_t vocab, double temperature, double* out) {
   double lane_max[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-  int64_t i = 0;
-  for (; i + 4 <= vocab; i += 4) {
+  const int64_t body = vocab - vocab % 4;
+  for (int64_t i = 0; i < body; i += 4) {
     for (int j = 0; j < 4; ++j) {
       const double s = static_cast<double>(load_float(x, i + j)) / temperature;
       out[i + j] = s;
       lane_max[j] = s > lane_max[j] ? s : lane_max[j];
     }
   }
-  for (; i < vocab; ++i) {
+  for (int64_t i = body; i < vocab; ++i) {
     const double s = static_cast<double>(load_float(x, i)) / temperature;
     out[i] = s;
     lane_max[0] = s > lane_max[0] ? s : lane_max[0];
@@ -212,6 +253,21 @@ double load_scaled(DType dtype, const void* row, int64_t vocab, double temperatu
     case DType::kBFloat16: return load_scaled(static_cast<const BFloat16*>(row), vocab, temperature, out);
     default: return load_scaled(static_cast<const float*>(row), vocab, temperature, out);
   }
+}
+
+// p <- the entries of `kept` (any order) divided by their sum, zero elsewhere; records the support.
+void renormalise_onto(double* p, int64_t vocab, std::vector<Entry>& kept, Scratch& s) {
+  std::sort(kept.begin(), kept.end(), lower_id);
+  double total = 0.0;
+  for (const Entry& e : kept) total += e.v;
+  std::fill(p, p + vocab, 0.0);
+  s.support.clear();
+  for (Entry& e : kept) {
+    e.v = e.v / total;
+    p[e.id] = e.v;
+    s.support.push_back(e.id);
+  }
+  s.sparse = true;
 }
 
 // Keeps the k largest of p (ties: lower id), renormalised; leaves the kept (id, p) in s.entries.
@@ -232,8 +288,8 @@ void apply_top_k(double* p, int64_t vocab, int64_t k, Scratch& s) {
     }
   } else {
     // k-th largest value by selection, then all larger values and the lowest-id ties.
-    s.work.assign(p, p + vocab);
-    std::nth_element(s.work.begin(), s.work.begin() + (k - 1), s.work.end(), std::greater<double>());
+    std::copy(p, p + vocab, s.work.begin());
+    std::nth_element(s.work.begin(), s.work.begin() + (k - 1), s.work.begin() + vocab, std::greater<double>());
     const double threshold = s.work[k - 1];
     int64_t greater = 0;
     for (int64_t i = 0; i < vocab; ++i) greater += p[i] > threshold;
@@ -242,13 +298,7 @@ void apply_top_k(double* p, int64_t vocab, int64_t k, Scratch& s) {
       if (p[i] > threshold || (p[i] == threshold && ties_left-- > 0)) kept.push_back(Entry{p[i], static_cast<int32_t>(i)});
     }
   }
-  std::fill(p, p + vocab, 0.0);
-  for (const Entry& e : kept) p[e.id] = e.v;
-  const double total = sum_of(p, vocab);
-  for (Entry& e : kept) {
-    e.v = e.v / total;
-    p[e.id] = e.v;
-  }
+  renormalise_onto(p, vocab, kept, s);
 }
 
 // Keeps the sorted positions j (descending, ties: lower id) whose mass_before = cumsum_j - p_j is
@@ -303,23 +353,25 @@ void apply_top_p(double* p, int64_t vocab, double top_p, bool from_entries, Scra
     std::nth_element(cand.begin(), cand.begin(), cand.end(), better);
     kept = 1;
   }
-  std::fill(p, p + vocab, 0.0);
-  for (int64_t j = 0; j < kept; ++j) p[cand[j].id] = cand[j].v;
-  const double total = sum_of(p, vocab);
-  for (int64_t j = 0; j < kept; ++j) p[cand[j].id] = cand[j].v / total;
+  cand.resize(kept);
+  renormalise_onto(p, vocab, cand, s);
 }
 
-// p = target_distribution(row, temperature, top_k, top_p) of the reference, in float64.
+// s.p = target_distribution(row, temperature, top_k, top_p) of the reference, in float64.
 void target_distribution(DType dtype, const void* row, int64_t vocab, double temperature, int64_t top_k,
                          double top_p, Scratch& s) {
   double* p = s.p.data();
+  s.sparse = false;
   const double max_scaled = load_scaled(dtype, row, vocab, temperature, p);
-  for (int64_t i = 0; i < vocab; ++i) p[i] = exp_f64(p[i] - max_scaled);
+  exp_shifted_inplace(p, vocab, max_scaled);
   const double total = sum_of(p, vocab);
   if (!(total > 0.0) || !(total <= std::numeric_limits<double>::max())) {
     // NaN / +inf logits or all -inf: no usable distribution; fall back to the argmax (see header).
     std::fill(p, p + vocab, 0.0);
-    p[argmax_row(dtype, row, vocab)] = 1.0;
+    const int64_t best = argmax_row(dtype, row, vocab);
+    p[best] = 1.0;
+    s.support.assign(1, static_cast<int32_t>(best));
+    s.sparse = true;
     return;
   }
   const double inv = 1.0 / total;  // torch's softmax multiplies by the reciprocal of the sum
@@ -332,17 +384,46 @@ void target_distribution(DType dtype, const void* row, int64_t vocab, double tem
 // ---------------------------------------------------------------------------------------------
 // Sampling.
 
-// Inverse CDF of the reference's sample_index: the first id whose left-to-right cumulative weight
-// exceeds uniform * total and whose weight is > 0; with none (rounding at the top), the last id with
-// weight > 0. Returns -1 when no weight is > 0.
-int64_t sample_index(const double* w, int64_t vocab, double uniform) {
+// sum of w over p's support (all ids when p is dense).
+double weight_sum(const double* w, int64_t vocab, const Scratch& s) {
+  if (!s.sparse) return sum_of(w, vocab);
   double total = 0.0;
-  for (int64_t i = 0; i < vocab; ++i) total += w[i];
-  const double threshold = uniform * total;
+  for (const int32_t id : s.support) total += w[id];
+  return total;
+}
+
+// Inverse CDF of the reference's sample_index: the first id whose left-to-right cumulative weight
+// exceeds uniform * total (total = the last cumulative value) and whose weight is > 0; with none
+// (rounding at the top), the last id with weight > 0. Returns -1 when no weight is > 0. Weights are
+// >= 0 and zero outside p's support, so when p is sparse the cumsum runs over the support only.
+int64_t sample_index(const double* w, int64_t vocab, double uniform, Scratch& s) {
+  if (s.sparse) {
+    double total = 0.0;
+    for (const int32_t id : s.support) total += w[id];
+    const double threshold = uniform * total;
+    double cumulative = 0.0;
+    for (const int32_t id : s.support) {
+      cumulative += w[id];
+      if (cumulative > threshold && w[id] > 0.0) return id;
+    }
+    for (auto it = s.support.rbegin(); it != s.support.rend(); ++it) {
+      if (w[*it] > 0.0) return *it;
+    }
+    return -1;
+  }
+  // Dense: one serial pass stores the cumulative sums; with weights >= 0 they never decrease and the
+  // first one above the threshold belongs to an id of positive weight, so a binary search finds it.
+  double* cum = s.work.data();
   double cumulative = 0.0;
   for (int64_t i = 0; i < vocab; ++i) {
     cumulative += w[i];
-    if (cumulative > threshold && w[i] > 0.0) return i;
+    cum[i] = cumulative;
+  }
+  const double threshold = uniform * cumulative;
+  const int64_t hit = std::upper_bound(cum, cum + vocab, threshold) - cum;
+  if (hit < vocab && w[hit] > 0.0) return hit;
+  for (int64_t i = hit; i < vocab; ++i) {  // defensive: only reachable with negative weights
+    if (cum[i] > threshold && w[i] > 0.0) return i;
   }
   for (int64_t i = vocab - 1; i >= 0; --i) {
     if (w[i] > 0.0) return i;
@@ -488,8 +569,8 @@ class RequestWalk {
           prm_.draft_probs ? judge_stochastic(node) : judge_deterministic(node);
       if (accepted < 0) {
         // judge_* left the residual to sample from in `weights_`.
-        int64_t tok = sample_index(weights_, vocab, uniform(node, 1));
-        if (tok < 0 && weights_ != p) tok = sample_index(p, vocab, uniform(node, 1));
+        int64_t tok = sample_index(weights_, vocab, uniform(node, 1), s_);
+        if (tok < 0 && weights_ != p) tok = sample_index(p, vocab, uniform(node, 1), s_);
         if (tok < 0) tok = 0;  // unreachable: p always has mass (see target_distribution)
         emit(nodes_out, tokens_out, m, node, tok);
         return m + 1;
@@ -506,7 +587,7 @@ class RequestWalk {
     const int64_t vocab = prm_.vocab_size;
     double* p = s_.p.data();
     s_.undo.clear();
-    double residual_sum = sum_of(p, vocab);
+    double residual_sum = weight_sum(p, vocab, s_);
     for (const int32_t* c = kids_begin(node); c != kids_end(node); ++c) {
       const int64_t x = token(*c);
       const double a = uniform(*c, 0);
@@ -516,7 +597,7 @@ class RequestWalk {
       if (px != 0.0) {  // zeroing a zero changes nothing, the sum included
         s_.undo.emplace_back(static_cast<int32_t>(x), px);
         p[x] = 0.0;
-        residual_sum = sum_of(p, vocab);
+        residual_sum = weight_sum(p, vocab, s_);
       }
     }
     if (!(residual_sum > 0.0)) {

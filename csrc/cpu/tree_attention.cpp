@@ -32,20 +32,22 @@ constexpr int64_t kRowsPerBlock = 64;  // target rows (tokens x group) per work 
 constexpr int64_t kMinChunk = 256;     // never split a key range into chunks shorter than this
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Element loads. Half -> float without branches so that tile conversion vectorises; exact for every
-// input (normals, subnormals, infinities, NaN payloads), like to_float(Half).
+// Element loads. Half -> float with bit masks instead of branches so that tile conversion
+// vectorises; exact for every input (normals, subnormals, infinities, NaN payloads), like
+// to_float(Half).
 inline float load_float(const float* p) { return *p; }
 inline float load_float(const BFloat16* p) { return bits_to_float(static_cast<uint32_t>(p->bits) << 16); }
 inline float load_float(const Half* p) {
   const uint32_t h = p->bits;
-  const uint32_t sign = (h & 0x8000u) << 16;
   const uint32_t em = h & 0x7fffu;
-  const uint32_t normal = (em << 13) + (112u << 23);
-  const uint32_t special = (em << 13) | 0x7f800000u;
+  const uint32_t normal = (em << 13) + (112u << 23);  // rebias the exponent: 15 -> 127
+  const uint32_t special = (em << 13) | 0x7f800000u;  // infinity, NaN
   const uint32_t subnormal = float_to_bits(static_cast<float>(static_cast<int32_t>(em)) * 5.9604644775390625e-08f);
-  uint32_t bits = em >= 0x7c00u ? special : normal;
-  bits = em < 0x400u ? subnormal : bits;
-  return bits_to_float(bits | sign);
+  const uint32_t is_special = 0u - static_cast<uint32_t>(em >= 0x7c00u);
+  const uint32_t is_subnormal = 0u - static_cast<uint32_t>(em < 0x400u);
+  uint32_t bits = (normal & ~is_special) | (special & is_special);
+  bits = (bits & ~is_subnormal) | (subnormal & is_subnormal);
+  return bits_to_float(bits | ((h & 0x8000u) << 16));
 }
 
 template <typename T>
@@ -54,13 +56,16 @@ inline void convert_row(const T* __restrict src, float* __restrict dst, int64_t 
   for (int64_t d = 0; d < n; ++d) dst[d] = load_float(src + d);
 }
 
-// exp(x) for x <= 0 (x = score - running max), branch-free so that it vectorises; relative error
-// about 2 ulp. Inputs below -87 (including -inf for masked slots) give exactly 0.
+// exp(x) for x <= 0 (x = score - running max); relative error below 1e-7. Inputs below -87, -inf
+// (masked slots) included, give exactly 0. Written without branches or float-to-int conversions so
+// that the compiler vectorises the loops calling it: the integer part n comes out of the mantissa of
+// x * log2(e) + 1.5 * 2^23, and the result is masked with bit operations rather than a select that
+// the compiler would turn into a branch around the polynomial.
 inline float exp_nonpositive(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float n = (xc * 1.44269504088896341f + magic) - magic;
-  float r = xc - n * 0.693359375f;
+  const float shifted = x * 1.44269504088896341f + magic;
+  const float n = shifted - magic;
+  float r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -69,8 +74,10 @@ inline float exp_nonpositive(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float y = p * r * r + r + 1.0f;
-  const float scale = bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
-  return x < -87.0f ? 0.0f : y * scale;
+  const uint32_t exponent = float_to_bits(shifted) - float_to_bits(magic) + 127u;  // n + 127
+  const float result = y * bits_to_float(exponent << 23);
+  const uint32_t keep = 0u - static_cast<uint32_t>(x >= -87.0f);
+  return bits_to_float(float_to_bits(result) & keep);
 }
 
 struct Item {
@@ -89,8 +96,14 @@ struct MergeGroup {
 };
 
 struct Scratch {
-  std::vector<float> q, acc, m, l, kbuf, vbuf, s;
-  std::vector<uint8_t> vis;  // [tokens in block, kTile]
+  std::vector<float> q;    // [rows rounded up to 8, dim], scaled queries
+  std::vector<float> acc;  // [rows rounded up to 8, dim]
+  std::vector<float> m, l;  // [rows] running max and sum
+  std::vector<float> alpha;  // [rows rounded up to 8] rescaling of the accumulators in one tile
+  std::vector<float> kt;   // [dim, kTile] keys of the tile, transposed
+  std::vector<float> v;    // [kTile, dim] values of the tile (zero past the end of a short tile)
+  std::vector<float> s;    // [rows rounded up to 8, kTile] scores, then probabilities
+  std::vector<uint8_t> vis;  // [kTile] visibility of the tile's slots to one token
 };
 
 struct Context {
@@ -115,67 +128,36 @@ inline int64_t slot_offset(const TreeAttentionParams& p, int64_t r, int64_t slot
   return (row * p.num_kv_heads + g) * p.head_dim;
 }
 
-// s[j] = dot(q, k_j) for four keys at once: q is loaded once per four products.
-inline void dot4(const float* __restrict q, const float* __restrict k0, const float* __restrict k1,
-                 const float* __restrict k2, const float* __restrict k3, int64_t n, float* out) {
-  float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-  for (int64_t d = 0; d < n; ++d) {
-    const float x = q[d];
-    a0 += x * k0[d];
-    a1 += x * k1[d];
-    a2 += x * k2[d];
-    a3 += x * k3[d];
+// Scores of NR query rows against one tile: s[i][j] = sum_d q[i][d] * kt[d][j], with the tile's keys
+// transposed (kt is [dim, kTile]). Vectorised across keys: each key vector load serves NR rows, and
+// the NR accumulators are independent chains, so eight rows keep the FMA units busy without any
+// horizontal reductions.
+template <int NR>
+inline void tile_scores(const float* __restrict q, const float* __restrict kt, int64_t dim, float* __restrict s) {
+  if (dim < 1) __builtin_unreachable();  // lets the compiler vectorise the outer loop
+#pragma omp simd
+  for (int64_t j = 0; j < kTile; ++j) {
+    float a[NR];
+    for (int i = 0; i < NR; ++i) a[i] = 0.0f;
+    for (int64_t d = 0; d < dim; ++d) {
+      const float k = kt[d * kTile + j];
+      for (int i = 0; i < NR; ++i) a[i] += q[i * dim + d] * k;
+    }
+    for (int i = 0; i < NR; ++i) s[i * kTile + j] = a[i];
   }
-  out[0] = a0;
-  out[1] = a1;
-  out[2] = a2;
-  out[3] = a3;
 }
 
-// Two query rows against four keys: each key load serves two rows.
-inline void dot2x4(const float* __restrict q0, const float* __restrict q1, const float* __restrict k0,
-                   const float* __restrict k1, const float* __restrict k2, const float* __restrict k3, int64_t n,
-                   float* out0, float* out1) {
-  float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-  float b0 = 0.0f, b1 = 0.0f, b2 = 0.0f, b3 = 0.0f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
-  for (int64_t d = 0; d < n; ++d) {
-    const float x = q0[d], y = q1[d];
-    const float c0 = k0[d], c1 = k1[d], c2 = k2[d], c3 = k3[d];
-    a0 += x * c0;
-    a1 += x * c1;
-    a2 += x * c2;
-    a3 += x * c3;
-    b0 += y * c0;
-    b1 += y * c1;
-    b2 += y * c2;
-    b3 += y * c3;
-  }
-  out0[0] = a0;
-  out0[1] = a1;
-  out0[2] = a2;
-  out0[3] = a3;
-  out1[0] = b0;
-  out1[1] = b1;
-  out1[2] = b2;
-  out1[3] = b3;
-}
-
-inline float dot1(const float* __restrict q, const float* __restrict k, int64_t n) {
-  float a = 0.0f;
-#pragma omp simd reduction(+ : a)
-  for (int64_t d = 0; d < n; ++d) a += q[d] * k[d];
-  return a;
-}
-
-// Online-softmax update of one row with the scores s[0, tk) of one tile (masked scores are -inf).
-inline void update_row(float* __restrict s, int64_t tk, const float* const* vp, int64_t dim, float* __restrict acc,
-                       float& m, float& l) {
+// Online-softmax statistics of one row for one tile: turns the scores s[0, tk) (masked ones are -inf)
+// into probabilities relative to the new running max, updates m and l, and returns the factor alpha
+// by which the row's accumulator must be rescaled.
+inline float softmax_row(float* __restrict s, int64_t tk, float& m, float& l) {
   float tile_max = kNegInf;
 #pragma omp simd reduction(max : tile_max)
   for (int64_t j = 0; j < tk; ++j) tile_max = std::max(tile_max, s[j]);
-  if (tile_max == kNegInf) return;  // nothing visible in this tile
+  if (tile_max == kNegInf) {  // nothing visible in this tile: contribute nothing
+    std::fill(s, s + tk, 0.0f);
+    return 1.0f;
+  }
   const float m_new = std::max(m, tile_max);
   const float alpha = m == kNegInf ? 0.0f : (m == m_new ? 1.0f : std::exp(m - m_new));
   float sum = 0.0f;
@@ -187,34 +169,34 @@ inline void update_row(float* __restrict s, int64_t tk, const float* const* vp, 
   }
   l = l * alpha + sum;
   m = m_new;
-  // acc = alpha * acc + sum_j p_j v_j, four keys per pass over acc.
-  int64_t j = 0;
-  if (alpha != 1.0f) {
-    if (tk >= 4) {
-      const float p0 = s[0], p1 = s[1], p2 = s[2], p3 = s[3];
-      const float *__restrict v0 = vp[0], *__restrict v1 = vp[1], *__restrict v2 = vp[2], *__restrict v3 = vp[3];
+  return alpha;
+}
+
+// acc[i] = alpha[i] * acc[i] + sum_j p[i][j] v[j] for NR rows (p is [NR, kTile], v is [kTile, dim];
+// slots past the end of a short tile have p = 0 and v = 0). Vectorised across dim with the NR row
+// accumulators in registers over the whole tile: each value vector load serves NR rows. The key
+// loop has a constant trip count and is unrolled so that the compiler vectorises the dim loop.
+template <int NR>
+inline void tile_values(const float* __restrict p, const float* __restrict alpha, const float* __restrict v,
+                        int64_t dim, float* __restrict acc) {
 #pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) acc[d] = alpha * acc[d] + p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d];
-      j = 4;
-    } else {
-#pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) acc[d] *= alpha;
+  for (int64_t d = 0; d < dim; ++d) {
+    float a[NR];
+    for (int i = 0; i < NR; ++i) a[i] = alpha[i] * acc[i * dim + d];
+#pragma GCC unroll 32
+    for (int64_t j = 0; j < kTile; ++j) {
+      const float x = v[j * dim + d];
+      for (int i = 0; i < NR; ++i) a[i] += p[i * kTile + j] * x;
     }
-  }
-  for (; j + 4 <= tk; j += 4) {
-    const float p0 = s[j], p1 = s[j + 1], p2 = s[j + 2], p3 = s[j + 3];
-    const float *__restrict v0 = vp[j], *__restrict v1 = vp[j + 1], *__restrict v2 = vp[j + 2],
-                            *__restrict v3 = vp[j + 3];
-#pragma omp simd
-    for (int64_t d = 0; d < dim; ++d) acc[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d];
-  }
-  for (; j < tk; ++j) {
-    const float pj = s[j];
-    const float* __restrict v = vp[j];
-#pragma omp simd
-    for (int64_t d = 0; d < dim; ++d) acc[d] += pj * v[d];
+    for (int i = 0; i < NR; ++i) acc[i * dim + d] = a[i];
   }
 }
+
+#if defined(__GNUC__)
+#define DSPARK_PREFETCH(addr) __builtin_prefetch(addr)
+#else
+#define DSPARK_PREFETCH(addr) ((void)0)
+#endif
 
 template <typename T>
 void run_item(const Context& ctx, const Item& it, Scratch& sc) {
@@ -224,115 +206,109 @@ void run_item(const Context& ctx, const Item& it, Scratch& sc) {
   const int64_t committed = p.cache_seqlens[r];
   const int64_t tokens = it.token_end - it.token_begin;
   const int64_t rows = tokens * group;
+  // Rows are processed in blocks of eight; a last block of three or more rows is padded to eight.
+  const int64_t full_rows = rows / 8 * 8;
+  const int64_t rest = rows - full_rows;
+  const int64_t padded_rows = rest >= 3 ? full_rows + 8 : rows;
   const T* q = static_cast<const T*>(p.q);
   const T* k_cache = static_cast<const T*>(p.k_cache);
   const T* v_cache = static_cast<const T*>(p.v_cache);
   const float scale = p.sm_scale;
+  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(T));
 
   float* __restrict qf = sc.q.data();
   float* __restrict acc = sc.acc.data();
   float* m = sc.m.data();
   float* l = sc.l.data();
+  float* __restrict alpha = sc.alpha.data();
+  float* __restrict kt = sc.kt.data();
+  float* __restrict vf = sc.v.data();
+  float* __restrict s = sc.s.data();
+  uint8_t* vis = sc.vis.data();
+  // Rows are (token, head in group); one token's group rows are contiguous in q and out.
   for (int64_t t = 0; t < tokens; ++t) {
     const T* src = q + ((start + it.token_begin + t) * p.num_q_heads + g * group) * dim;
     float* dst = qf + t * group * dim;
 #pragma omp simd
     for (int64_t e = 0; e < group * dim; ++e) dst[e] = load_float(src + e) * scale;
   }
-  std::fill(acc, acc + rows * dim, 0.0f);
+  std::fill(acc, acc + padded_rows * dim, 0.0f);
   std::fill(m, m + rows, kNegInf);
   std::fill(l, l + rows, 0.0f);
+  std::fill(alpha + rows, alpha + padded_rows, 1.0f);
 
   const bool chain = ctx.mask_offset[r] < 0;
   const uint64_t* mask = chain ? nullptr : ctx.mask.data() + ctx.mask_offset[r];
   const int64_t words = ctx.mask_words[r];
 
-  const float* kp[kTile];
-  const float* vp[kTile];
-  float* __restrict s = sc.s.data();
-  uint8_t* vis = sc.vis.data();
-
   for (int64_t t0 = it.key_begin; t0 < it.key_end; t0 += kTile) {
     const int64_t tk = std::min<int64_t>(kTile, it.key_end - t0);
+    // Convert the tile once: K transposed to [dim, kTile], V as [tk, dim].
     for (int64_t j = 0; j < tk; ++j) {
       const int64_t off = slot_offset(p, r, t0 + j, g);
-      if constexpr (std::is_same_v<T, float>) {
-        kp[j] = k_cache + off;
-        vp[j] = v_cache + off;
-      } else {
-        float* kd = sc.kbuf.data() + j * dim;
-        float* vd = sc.vbuf.data() + j * dim;
-        convert_row(k_cache + off, kd, dim);
-        convert_row(v_cache + off, vd, dim);
-        kp[j] = kd;
-        vp[j] = vd;
+      const T* ks = k_cache + off;
+      for (int64_t d = 0; d < dim; ++d) kt[d * kTile + j] = load_float(ks + d);
+      convert_row(v_cache + off, vf + j * dim, dim);
+    }
+    // Ask for the next tile while this one is computed (rows of one head are strided in the cache).
+    const int64_t next_end = std::min<int64_t>(it.key_end, t0 + 2 * kTile);
+    for (int64_t slot = t0 + kTile; slot < next_end; ++slot) {
+      const int64_t off = slot_offset(p, r, slot, g);
+      const char* kb = reinterpret_cast<const char*>(k_cache + off);
+      const char* vb = reinterpret_cast<const char*>(v_cache + off);
+      for (int64_t b = 0; b < row_bytes; b += 64) {
+        DSPARK_PREFETCH(kb + b);
+        DSPARK_PREFETCH(vb + b);
       }
     }
-    // Round slots in this tile: visibility per token of the block.
+    // Scores of every row, eight rows at a time.
+    for (int64_t row = 0; row < full_rows; row += 8) tile_scores<8>(qf + row * dim, kt, dim, s + row * kTile);
+    if (rest >= 3) {
+      tile_scores<8>(qf + full_rows * dim, kt, dim, s + full_rows * kTile);
+    } else if (rest == 2) {
+      tile_scores<2>(qf + full_rows * dim, kt, dim, s + full_rows * kTile);
+    } else if (rest == 1) {
+      tile_scores<1>(qf + full_rows * dim, kt, dim, s + full_rows * kTile);
+    }
+    // Round slots in this tile: hide those that are not ancestors-or-self of the row's token.
     const bool has_round = t0 + tk > committed;
-    if (has_round) {
-      for (int64_t t = 0; t < tokens; ++t) {
-        const int64_t i = it.token_begin + t;
-        uint8_t* v = vis + t * kTile;
+    for (int64_t t = 0; t < tokens; ++t) {
+      const int64_t i = it.token_begin + t;
+      if (has_round) {
         for (int64_t j = 0; j < tk; ++j) {
           const int64_t slot = t0 + j;
-          bool visible;
-          if (slot < committed) {
-            visible = true;
-          } else {
+          bool visible = true;
+          if (slot >= committed) {
             const int64_t jj = slot - committed;
-            if (jj > i) {
-              visible = false;
-            } else if (chain) {
-              visible = true;
-            } else {
-              visible = (mask[i * words + (jj >> 6)] >> (jj & 63)) & 1u;
-            }
+            visible = jj <= i && (chain || ((mask[i * words + (jj >> 6)] >> (jj & 63)) & 1u));
           }
-          v[j] = visible;
+          vis[j] = visible;
         }
+        for (int64_t h = 0; h < group; ++h) {
+          float* sr = s + (t * group + h) * kTile;
+          for (int64_t j = 0; j < tk; ++j)
+            if (!vis[j]) sr[j] = kNegInf;
+        }
+      }
+      for (int64_t h = 0; h < group; ++h) {
+        const int64_t rw = t * group + h;
+        alpha[rw] = softmax_row(s + rw * kTile, tk, m[rw], l[rw]);
       }
     }
-    for (int64_t t = 0; t < tokens; ++t) {
-      // The last slot token i can see is committed + i.
-      if (has_round && t0 > committed + it.token_begin + t) continue;  // sees nothing in this tile
-      const uint8_t* v = vis + t * kTile;
-      int64_t h = 0;
-      for (; h + 2 <= group; h += 2) {
-        const int64_t row = t * group + h;
-        const float* q0 = qf + row * dim;
-        const float* q1 = q0 + dim;
-        float* s0 = s;
-        float* s1 = s + kTile;
-        int64_t j = 0;
-        for (; j + 4 <= tk; j += 4) dot2x4(q0, q1, kp[j], kp[j + 1], kp[j + 2], kp[j + 3], dim, s0 + j, s1 + j);
-        for (; j < tk; ++j) {
-          s0[j] = dot1(q0, kp[j], dim);
-          s1[j] = dot1(q1, kp[j], dim);
-        }
-        if (has_round) {
-          for (int64_t jj = 0; jj < tk; ++jj) {
-            if (!v[jj]) {
-              s0[jj] = kNegInf;
-              s1[jj] = kNegInf;
-            }
-          }
-        }
-        update_row(s0, tk, vp, dim, acc + row * dim, m[row], l[row]);
-        update_row(s1, tk, vp, dim, acc + (row + 1) * dim, m[row + 1], l[row + 1]);
-      }
-      for (; h < group; ++h) {
-        const int64_t row = t * group + h;
-        const float* q0 = qf + row * dim;
-        int64_t j = 0;
-        for (; j + 4 <= tk; j += 4) dot4(q0, kp[j], kp[j + 1], kp[j + 2], kp[j + 3], dim, s + j);
-        for (; j < tk; ++j) s[j] = dot1(q0, kp[j], dim);
-        if (has_round) {
-          for (int64_t jj = 0; jj < tk; ++jj)
-            if (!v[jj]) s[jj] = kNegInf;
-        }
-        update_row(s, tk, vp, dim, acc + row * dim, m[row], l[row]);
-      }
+    // Padding rows and the slots past the end of a short tile get zero probabilities.
+    for (int64_t rw = rows; rw < padded_rows; ++rw) std::fill(s + rw * kTile, s + rw * kTile + tk, 0.0f);
+    if (tk < kTile) {
+      for (int64_t rw = 0; rw < padded_rows; ++rw) std::fill(s + rw * kTile + tk, s + (rw + 1) * kTile, 0.0f);
+      std::fill(vf + tk * dim, vf + kTile * dim, 0.0f);
+    }
+    for (int64_t row = 0; row < full_rows; row += 8)
+      tile_values<8>(s + row * kTile, alpha + row, vf, dim, acc + row * dim);
+    if (rest >= 3) {
+      tile_values<8>(s + full_rows * kTile, alpha + full_rows, vf, dim, acc + full_rows * dim);
+    } else if (rest == 2) {
+      tile_values<2>(s + full_rows * kTile, alpha + full_rows, vf, dim, acc + full_rows * dim);
+    } else if (rest == 1) {
+      tile_values<1>(s + full_rows * kTile, alpha + full_rows, vf, dim, acc + full_rows * dim);
     }
   }
 
@@ -340,9 +316,9 @@ void run_item(const Context& ctx, const Item& it, Scratch& sc) {
     T* out = static_cast<T*>(p.out);
     for (int64_t t = 0; t < tokens; ++t) {
       for (int64_t h = 0; h < group; ++h) {
-        const int64_t row = t * group + h;
-        const float inv = 1.0f / l[row];
-        const float* a = acc + row * dim;
+        const int64_t rw = t * group + h;
+        const float inv = 1.0f / l[rw];
+        const float* a = acc + rw * dim;
         T* dst = out + ((start + it.token_begin + t) * p.num_q_heads + g * group + h) * dim;
         for (int64_t d = 0; d < dim; ++d) dst[d] = from_float<T>(a[d] * inv);
       }
@@ -483,17 +459,17 @@ void run(const TreeAttentionParams& p) {
   const int64_t num_merges = static_cast<int64_t>(merges.size());
 #pragma omp parallel if (threads > 1 && num_items > 1)
   {
+    const int64_t padded_rows = (max_rows + 7) / 8 * 8;
     Scratch sc;
-    sc.q.resize(max_rows * dim);
-    sc.acc.resize(max_rows * dim);
+    sc.q.assign(padded_rows * dim, 0.0f);
+    sc.acc.resize(padded_rows * dim);
     sc.m.resize(max_rows);
     sc.l.resize(max_rows);
-    if (!std::is_same_v<T, float>) {
-      sc.kbuf.resize(kTile * dim);
-      sc.vbuf.resize(kTile * dim);
-    }
-    sc.s.resize(2 * kTile);
-    sc.vis.resize(ctx.block_tokens * kTile);
+    sc.alpha.resize(padded_rows);
+    sc.kt.assign(dim * kTile, 0.0f);
+    sc.v.resize(kTile * dim);
+    sc.s.resize(padded_rows * kTile);
+    sc.vis.resize(kTile);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < num_items; ++i) run_item<T>(ctx, items[i], sc);
     if (num_merges > 0) {
