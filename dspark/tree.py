@@ -9,15 +9,6 @@ from __future__ import annotations
 import torch
 
 
-def chain_parents(qo_indptr: torch.Tensor) -> torch.Tensor:
-    """Local parents of chains: -1 for each request's node 0, then i - 1."""
-    counts = (qo_indptr[1:] - qo_indptr[:-1]).long()
-    local = torch.arange(int(qo_indptr[-1]), device=qo_indptr.device) - torch.repeat_interleave(
-        qo_indptr[:-1].long(), counts
-    )
-    return (local - 1).to(torch.int32)
-
-
 def request_parents(parents: torch.Tensor | None, qo_indptr: torch.Tensor, r: int) -> list[int]:
     """The local parent list of request r (a chain when parents is None)."""
     start, end = int(qo_indptr[r]), int(qo_indptr[r + 1])
@@ -43,14 +34,6 @@ def ancestor_mask(parents: list[int]) -> torch.Tensor:
         if i > 0:
             mask[i] |= mask[parents[i]]
     return mask
-
-
-def path_to(parents: list[int], node: int) -> list[int]:
-    """Node indices from the anchor to `node`, both included."""
-    path = [node]
-    while parents[path[-1]] >= 0:
-        path.append(parents[path[-1]])
-    return path[::-1]
 
 
 def children(parents: list[int]) -> list[list[int]]:
