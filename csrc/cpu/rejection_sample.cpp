@@ -102,7 +102,7 @@ typedef double VecD __attribute__((vector_size(kLanes * sizeof(double))));
 typedef uint64_t VecU __attribute__((vector_size(kLanes * sizeof(double))));
 typedef decltype(VecD{} < VecD{}) VecMask;
 
-inline VecD select(VecMask mask, VecD a, VecD b) { return (VecD)((mask & (VecMask)a) | (~mask & (VecMask)b)); }
+inline VecD blend(VecMask mask, VecD a, VecD b) { return (VecD)((mask & (VecMask)a) | (~mask & (VecMask)b)); }
 
 inline VecD exp_vec(VecD x) {
   constexpr double kLog2e = 1.4426950408889634074;
@@ -112,8 +112,8 @@ inline VecD exp_vec(VecD x) {
   const VecD zero = {};
   // exp(-800) underflows to 0 and exp(800) overflows to inf, so clamping there changes no result
   // (and keeps k small); NaN fails both comparisons and propagates.
-  x = select(x < zero - 800.0, zero - 800.0, x);
-  x = select(x > zero + 800.0, zero + 800.0, x);
+  x = blend(x < zero - 800.0, zero - 800.0, x);
+  x = blend(x > zero + 800.0, zero + 800.0, x);
   const VecD kd = (x * kLog2e + kShifter) - kShifter;  // nearest integer to x / ln 2
   VecD r = x - kd * kLn2Hi;
   r = r - kd * kLn2Lo;
@@ -140,21 +140,31 @@ inline VecD exp_vec(VecD x) {
   return poly * scale1 * scale2;
 }
 
-// p[i] = exp(p[i] - shift) for i < n.
-void exp_shifted_inplace(double* p, int64_t n, double shift) {
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    VecD v;
-    std::memcpy(&v, p + i, sizeof(v));
-    v = exp_vec(v - shift);
-    std::memcpy(p + i, &v, sizeof(v));
-  }
-  if (i < n) {
-    VecD v = {};
-    std::memcpy(&v, p + i, (n - i) * sizeof(double));
-    v = exp_vec(v - shift);
-    std::memcpy(p + i, &v, (n - i) * sizeof(double));
-  }
+template <typename T>
+inline VecD load_vec(const T* x, int64_t i) {
+  double lanes[kLanes];
+  for (int j = 0; j < kLanes; ++j) lanes[j] = static_cast<double>(load_float(x, i + j));
+  VecD v;
+  std::memcpy(&v, lanes, sizeof(v));
+  return v;
+}
+
+// The first `count` (< kLanes) elements from i, the other lanes 0.
+template <typename T>
+inline VecD load_vec_partial(const T* x, int64_t i, int64_t count) {
+  double lanes[kLanes] = {};
+  for (int64_t j = 0; j < count; ++j) lanes[j] = static_cast<double>(load_float(x, i + j));
+  VecD v;
+  std::memcpy(&v, lanes, sizeof(v));
+  return v;
+}
+
+inline double lanes_sum(VecD v) {
+  double lanes[kLanes];
+  std::memcpy(lanes, &v, sizeof(v));
+  double total = 0.0;
+  for (int j = 0; j < kLanes; ++j) total += lanes[j];
+  return total;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -224,34 +234,64 @@ int64_t argmax_row(DType dtype, const void* row, int64_t vocab) {
   }
 }
 
-// out[i] = double(x[i]) / temperature; returns the maximum (NaNs are ignored here and caught by
-// the softmax sum).
+// out[i] = exp(double(x[i]) / t - m) with m = max_i double(x[i]) / t, as torch.softmax computes
+// its numerators; returns their sum (kLanes running sums, like torch's vectorised reduction). NaN
+// or +inf logits, or all -inf, make the sum NaN.
 template <typename T>
-double load_scaled(const T* x, int64_t vocab, double temperature, double* out) {
-  double lane_max[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-  const int64_t body = vocab - vocab % 4;
-  for (int64_t i = 0; i < body; i += 4) {
-    for (int j = 0; j < 4; ++j) {
-      const double s = static_cast<double>(load_float(x, i + j)) / temperature;
-      out[i + j] = s;
-      lane_max[j] = s > lane_max[j] ? s : lane_max[j];
-    }
+double softmax_numerators(const T* x, int64_t vocab, double t, double* out) {
+  const int64_t body = vocab - vocab % kLanes;
+  const VecD zero = {};
+  VecD hi = zero - INFINITY, lo = zero + INFINITY;
+  for (int64_t i = 0; i < body; i += kLanes) {
+    const VecD v = load_vec(x, i);
+    hi = blend(v > hi, v, hi);
+    lo = blend(v < lo, v, lo);
+  }
+  double lanes_hi[kLanes], lanes_lo[kLanes];
+  std::memcpy(lanes_hi, &hi, sizeof(hi));
+  std::memcpy(lanes_lo, &lo, sizeof(lo));
+  double max_x = -INFINITY, min_x = INFINITY;
+  for (int j = 0; j < kLanes; ++j) {
+    max_x = lanes_hi[j] > max_x ? lanes_hi[j] : max_x;
+    min_x = lanes_lo[j] < min_x ? lanes_lo[j] : min_x;
   }
   for (int64_t i = body; i < vocab; ++i) {
-    const double s = static_cast<double>(load_float(x, i)) / temperature;
-    out[i] = s;
-    lane_max[0] = s > lane_max[0] ? s : lane_max[0];
+    const double v = load_float(x, i);
+    max_x = v > max_x ? v : max_x;
+    min_x = v < min_x ? v : min_x;
   }
-  const double m01 = lane_max[0] > lane_max[1] ? lane_max[0] : lane_max[1];
-  const double m23 = lane_max[2] > lane_max[3] ? lane_max[2] : lane_max[3];
-  return m01 > m23 ? m01 : m23;
+  // Rounded division is monotone: max_i fl(x_i / t) = fl(max x / t) for t > 0, fl(min x / t) for t < 0.
+  const double m = (t < 0.0 ? min_x : max_x) / t;
+  // x / t equals x * (1 / t) exactly when t is a moderate power of two (x is a float, so neither
+  // result can overflow or underflow), which saves the division in the common temperature-1 case.
+  int exponent = 0;
+  const bool power_of_two = std::frexp(t, &exponent) == 0.5 && exponent > -500 && exponent < 500;
+  const double inv_t = 1.0 / t;
+  auto scaled = [&](VecD v) { return power_of_two ? v * inv_t : v / t; };
+  VecD acc = zero;
+  for (int64_t i = 0; i < body; i += kLanes) {
+    const VecD e = exp_vec(scaled(load_vec(x, i)) - m);
+    std::memcpy(out + i, &e, sizeof(e));
+    acc += e;
+  }
+  if (body < vocab) {
+    const int64_t count = vocab - body;
+    const VecD e = exp_vec(scaled(load_vec_partial(x, body, count)) - m);
+    double lanes[kLanes] = {};
+    std::memcpy(lanes, &e, count * sizeof(double));  // lanes past the row stay 0
+    std::memcpy(out + body, lanes, count * sizeof(double));
+    VecD tail;
+    std::memcpy(&tail, lanes, sizeof(tail));
+    acc += tail;
+  }
+  return lanes_sum(acc);
 }
 
-double load_scaled(DType dtype, const void* row, int64_t vocab, double temperature, double* out) {
+double softmax_numerators(DType dtype, const void* row, int64_t vocab, double t, double* out) {
   switch (dtype) {
-    case DType::kFloat16: return load_scaled(static_cast<const Half*>(row), vocab, temperature, out);
-    case DType::kBFloat16: return load_scaled(static_cast<const BFloat16*>(row), vocab, temperature, out);
-    default: return load_scaled(static_cast<const float*>(row), vocab, temperature, out);
+    case DType::kFloat16: return softmax_numerators(static_cast<const Half*>(row), vocab, t, out);
+    case DType::kBFloat16: return softmax_numerators(static_cast<const BFloat16*>(row), vocab, t, out);
+    default: return softmax_numerators(static_cast<const float*>(row), vocab, t, out);
   }
 }
 
@@ -274,7 +314,7 @@ void renormalise_onto(double* p, int64_t vocab, std::vector<Entry>& kept, Scratc
 void apply_top_k(double* p, int64_t vocab, int64_t k, Scratch& s) {
   std::vector<Entry>& kept = s.entries;
   kept.clear();
-  if (k <= 128) {
+  if (k <= 1024) {
     // Bounded heap with the worst kept entry on top. Ids arrive in increasing order, so a newcomer
     // that ties the worst kept value loses the tie (higher id) and only a strictly larger value enters.
     for (int64_t i = 0; i < k; ++i) kept.push_back(Entry{p[i], static_cast<int32_t>(i)});
@@ -362,9 +402,7 @@ void target_distribution(DType dtype, const void* row, int64_t vocab, double tem
                          double top_p, Scratch& s) {
   double* p = s.p.data();
   s.sparse = false;
-  const double max_scaled = load_scaled(dtype, row, vocab, temperature, p);
-  exp_shifted_inplace(p, vocab, max_scaled);
-  const double total = sum_of(p, vocab);
+  const double total = softmax_numerators(dtype, row, vocab, temperature, p);
   if (!(total > 0.0) || !(total <= std::numeric_limits<double>::max())) {
     // NaN / +inf logits or all -inf: no usable distribution; fall back to the argmax (see header).
     std::fill(p, p + vocab, 0.0);
@@ -431,10 +469,19 @@ int64_t sample_index(const double* w, int64_t vocab, double uniform, Scratch& s)
   return -1;
 }
 
-// residual = max(src - q, 0) into dst; returns its sum.
+// residual = max(src - q, 0) into dst (torch.clamp(src - q, min=0)); returns its sum.
 template <typename T>
 double subtract_clamped(const double* src, const T* q, int64_t vocab, double* dst) {
-  for (int64_t i = 0; i < vocab; ++i) {
+  const int64_t body = vocab - vocab % kLanes;
+  const VecD zero = {};
+  for (int64_t i = 0; i < body; i += kLanes) {
+    VecD d;
+    std::memcpy(&d, src + i, sizeof(d));
+    d -= load_vec(q, i);
+    d = blend(d > zero, d, zero);
+    std::memcpy(dst + i, &d, sizeof(d));
+  }
+  for (int64_t i = body; i < vocab; ++i) {
     const double d = src[i] - static_cast<double>(load_float(q, i));
     dst[i] = d > 0.0 ? d : 0.0;
   }
@@ -545,12 +592,9 @@ class RequestWalk {
           break;
         }
       }
-      if (match < 0) {
-        emit(nodes_out, tokens_out, m, node, best);
-        return m + 1;
-      }
       emit(nodes_out, tokens_out, m, node, best);
       ++m;
+      if (match < 0) return m;
       node = match;
     }
   }

@@ -3,10 +3,11 @@
 // Work decomposition. A work item is (request r, block of the request's tokens, KV head g, chunk of
 // the key range). The rows of an item are the block's tokens times the `group` query heads that
 // share KV head g (GQA), so every K/V element converted to fp32 serves all of them. Keys are walked
-// in tiles of kTile slots: each tile is converted once into a float scratch buffer (fp32 caches are
-// read in place), then every row updates its online softmax (running max, running sum, rescaled
-// accumulator). A token block needs keys [0, L_r + last token], so causal prefill skips the tiles
-// above the diagonal. When there are too few (request, block, head) items to occupy every thread, or
+// in tiles of kTile slots: each tile is converted once into float scratch buffers (K transposed, V
+// as rows), the scores of all rows are computed eight rows at a time, then every row updates its
+// online softmax (running max, running sum, rescaled accumulator) and the accumulators take the
+// tile's values, again eight rows at a time. A token block needs keys [0, L_r + its last token], so
+// causal prefill skips the tiles above the diagonal. When there are too few (request, block, head) items to occupy every thread, or
 // their key ranges are uneven, long key ranges are split into chunks whose partial (max, sum, acc)
 // are merged afterwards (flash-decoding).
 //
@@ -20,7 +21,6 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 namespace dspark::cpu {
@@ -31,6 +31,19 @@ constexpr int64_t kTile = 32;          // key slots per tile
 constexpr int64_t kRowsPerBlock = 64;  // target rows (tokens x group) per work item
 constexpr int64_t kMinChunk = 256;     // never split a key range into chunks shorter than this
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Compiler hints. They only affect speed: without them the loops below stay correct but may not be
+// vectorised the intended way.
+#if defined(__GNUC__)
+#define DSPARK_ASSUME(cond) \
+  do {                      \
+    if (!(cond)) __builtin_unreachable(); \
+  } while (0)
+#define DSPARK_PREFETCH(addr) __builtin_prefetch(addr)
+#else
+#define DSPARK_ASSUME(cond) ((void)0)
+#define DSPARK_PREFETCH(addr) ((void)0)
+#endif
 
 // Element loads. Half -> float with bit masks instead of branches so that tile conversion
 // vectorises; exact for every input (normals, subnormals, infinities, NaN payloads), like
@@ -100,7 +113,7 @@ struct Scratch {
   std::vector<float> acc;  // [rows rounded up to 8, dim]
   std::vector<float> m, l;  // [rows] running max and sum
   std::vector<float> alpha;  // [rows rounded up to 8] rescaling of the accumulators in one tile
-  std::vector<float> kt;   // [dim, kTile] keys of the tile, transposed
+  std::vector<float> kt;   // [dim, kTile] keys of the tile, transposed (or [kTile, dim] rows)
   std::vector<float> v;    // [kTile, dim] values of the tile (zero past the end of a short tile)
   std::vector<float> s;    // [rows rounded up to 8, kTile] scores, then probabilities
   std::vector<uint8_t> vis;  // [kTile] visibility of the tile's slots to one token
@@ -113,7 +126,7 @@ struct Context {
   std::vector<int64_t> mask_offset;  // per request, into mask (words); -1: chain
   std::vector<int64_t> mask_words;   // per request: words per mask row
   std::vector<uint64_t> mask;
-  std::vector<float> partial;  // split items' (m, l, acc), written by distinct items
+  std::vector<float> partial;  // split items' (m, l, acc); each item writes its own part
 };
 
 // Element offset of (slot, kv_head) of request r inside the cache.
@@ -134,7 +147,7 @@ inline int64_t slot_offset(const TreeAttentionParams& p, int64_t r, int64_t slot
 // horizontal reductions.
 template <int NR>
 inline void tile_scores(const float* __restrict q, const float* __restrict kt, int64_t dim, float* __restrict s) {
-  if (dim < 1) __builtin_unreachable();  // lets the compiler vectorise the outer loop
+  DSPARK_ASSUME(dim >= 1);  // no zero-trip guard in the inner loop: lets the compiler vectorise the outer one
 #pragma omp simd
   for (int64_t j = 0; j < kTile; ++j) {
     float a[NR];
@@ -144,6 +157,82 @@ inline void tile_scores(const float* __restrict q, const float* __restrict kt, i
       for (int i = 0; i < NR; ++i) a[i] += q[i * dim + d] * k;
     }
     for (int i = 0; i < NR; ++i) s[i * kTile + j] = a[i];
+  }
+}
+
+// Scores of items with fewer than eight rows, where transposing the tile would cost more than it
+// saves: keys stay rows ([tk, dim]) and the scores are dot products, four keys per pass over q
+// (and two rows per pass over the keys).
+inline void dot_1x4(const float* __restrict q, const float* __restrict k, int64_t dim, float* __restrict out) {
+  const float *__restrict k0 = k, *__restrict k1 = k + dim, *__restrict k2 = k + 2 * dim, *__restrict k3 = k + 3 * dim;
+  float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+  for (int64_t d = 0; d < dim; ++d) {
+    const float x = q[d];
+    a0 += x * k0[d];
+    a1 += x * k1[d];
+    a2 += x * k2[d];
+    a3 += x * k3[d];
+  }
+  out[0] = a0;
+  out[1] = a1;
+  out[2] = a2;
+  out[3] = a3;
+}
+
+inline void dot_2x4(const float* __restrict q0, const float* __restrict q1, const float* __restrict k, int64_t dim,
+                    float* __restrict out0, float* __restrict out1) {
+  const float *__restrict k0 = k, *__restrict k1 = k + dim, *__restrict k2 = k + 2 * dim, *__restrict k3 = k + 3 * dim;
+  float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f, b0 = 0.0f, b1 = 0.0f, b2 = 0.0f, b3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
+  for (int64_t d = 0; d < dim; ++d) {
+    const float x = q0[d], y = q1[d];
+    const float c0 = k0[d], c1 = k1[d], c2 = k2[d], c3 = k3[d];
+    a0 += x * c0;
+    a1 += x * c1;
+    a2 += x * c2;
+    a3 += x * c3;
+    b0 += y * c0;
+    b1 += y * c1;
+    b2 += y * c2;
+    b3 += y * c3;
+  }
+  out0[0] = a0;
+  out0[1] = a1;
+  out0[2] = a2;
+  out0[3] = a3;
+  out1[0] = b0;
+  out1[1] = b1;
+  out1[2] = b2;
+  out1[3] = b3;
+}
+
+inline float dot_1x1(const float* __restrict q, const float* __restrict k, int64_t dim) {
+  float a = 0.0f;
+#pragma omp simd reduction(+ : a)
+  for (int64_t d = 0; d < dim; ++d) a += q[d] * k[d];
+  return a;
+}
+
+// s[i][j] = q[i] . k[j] for all rows and the tk keys of a tile kept as rows.
+inline void tile_scores_dot(const float* q, int64_t rows, const float* k, int64_t tk, int64_t dim, float* s) {
+  int64_t i = 0;
+  for (; i + 2 <= rows; i += 2) {
+    const float* q0 = q + i * dim;
+    float* s0 = s + i * kTile;
+    int64_t j = 0;
+    for (; j + 4 <= tk; j += 4) dot_2x4(q0, q0 + dim, k + j * dim, dim, s0 + j, s0 + kTile + j);
+    for (; j < tk; ++j) {
+      s0[j] = dot_1x1(q0, k + j * dim, dim);
+      s0[kTile + j] = dot_1x1(q0 + dim, k + j * dim, dim);
+    }
+  }
+  for (; i < rows; ++i) {
+    const float* q0 = q + i * dim;
+    float* s0 = s + i * kTile;
+    int64_t j = 0;
+    for (; j + 4 <= tk; j += 4) dot_1x4(q0, k + j * dim, dim, s0 + j);
+    for (; j < tk; ++j) s0[j] = dot_1x1(q0, k + j * dim, dim);
   }
 }
 
@@ -192,14 +281,8 @@ inline void tile_values(const float* __restrict p, const float* __restrict alpha
   }
 }
 
-#if defined(__GNUC__)
-#define DSPARK_PREFETCH(addr) __builtin_prefetch(addr)
-#else
-#define DSPARK_PREFETCH(addr) ((void)0)
-#endif
-
 template <typename T>
-void run_item(const Context& ctx, const Item& it, Scratch& sc) {
+void run_item(Context& ctx, const Item& it, Scratch& sc) {
   const TreeAttentionParams& p = *ctx.p;
   const int64_t dim = p.head_dim, group = ctx.group, r = it.request, g = it.kv_head;
   const int64_t start = p.qo_indptr[r];
@@ -210,6 +293,8 @@ void run_item(const Context& ctx, const Item& it, Scratch& sc) {
   const int64_t full_rows = rows / 8 * 8;
   const int64_t rest = rows - full_rows;
   const int64_t padded_rows = rest >= 3 ? full_rows + 8 : rows;
+  // Transposing a tile pays off from eight rows on; smaller items compute dot products on key rows.
+  const bool transpose_k = rows >= 8;
   const T* q = static_cast<const T*>(p.q);
   const T* k_cache = static_cast<const T*>(p.k_cache);
   const T* v_cache = static_cast<const T*>(p.v_cache);
@@ -243,11 +328,16 @@ void run_item(const Context& ctx, const Item& it, Scratch& sc) {
 
   for (int64_t t0 = it.key_begin; t0 < it.key_end; t0 += kTile) {
     const int64_t tk = std::min<int64_t>(kTile, it.key_end - t0);
-    // Convert the tile once: K transposed to [dim, kTile], V as [tk, dim].
+    // Convert the tile once: K transposed to [dim, kTile] (as rows [tk, dim] for small items), V as
+    // rows [tk, dim].
     for (int64_t j = 0; j < tk; ++j) {
       const int64_t off = slot_offset(p, r, t0 + j, g);
       const T* ks = k_cache + off;
-      for (int64_t d = 0; d < dim; ++d) kt[d * kTile + j] = load_float(ks + d);
+      if (transpose_k) {
+        for (int64_t d = 0; d < dim; ++d) kt[d * kTile + j] = load_float(ks + d);
+      } else {
+        convert_row(ks, kt + j * dim, dim);
+      }
       convert_row(v_cache + off, vf + j * dim, dim);
     }
     // Ask for the next tile while this one is computed (rows of one head are strided in the cache).
@@ -263,7 +353,9 @@ void run_item(const Context& ctx, const Item& it, Scratch& sc) {
     }
     // Scores of every row, eight rows at a time.
     for (int64_t row = 0; row < full_rows; row += 8) tile_scores<8>(qf + row * dim, kt, dim, s + row * kTile);
-    if (rest >= 3) {
+    if (!transpose_k) {
+      tile_scores_dot(qf, rows, kt, tk, dim, s);
+    } else if (rest >= 3) {
       tile_scores<8>(qf + full_rows * dim, kt, dim, s + full_rows * kTile);
     } else if (rest == 2) {
       tile_scores<2>(qf + full_rows * dim, kt, dim, s + full_rows * kTile);
@@ -325,7 +417,7 @@ void run_item(const Context& ctx, const Item& it, Scratch& sc) {
     }
   } else {
     // Partial layout per split: m[rows], l[rows], acc[rows, dim].
-    float* part = const_cast<float*>(ctx.partial.data()) + it.partial_offset;  // disjoint per item
+    float* part = ctx.partial.data() + it.partial_offset;
     std::copy(m, m + rows, part);
     std::copy(l, l + rows, part + rows);
     std::copy(acc, acc + rows * dim, part + 2 * rows);
@@ -483,6 +575,7 @@ void run(const TreeAttentionParams& p) {
 }  // namespace
 
 void tree_attention(const TreeAttentionParams& params) {
+  if (params.num_tokens <= 0 || params.head_dim <= 0) return;
   switch (params.dtype) {
     case DType::kFloat32: run<float>(params); break;
     case DType::kFloat16: run<Half>(params); break;
