@@ -14,15 +14,26 @@
 //   Without an accepted child the final token is drawn from the residual (p when the residual has no
 //   mass) with uniforms[u, 1] by inverse CDF over a left-to-right cumulative sum.
 //
-// Floating point: every comparison the rules make (a * s < r, cumulative > u * total,
-// mass_before < top_p) uses the same IEEE double operations as the reference, and none of them has
-// a multiply feeding an add, so -ffp-contract=fast cannot fuse them. What differs from the reference
-// is only how the float64 values are produced: exp() (a vectorised polynomial, < 1 ulp, here;
-// SLEEF in torch) and the summation order of sum() (torch's cascade sum vs 8 accumulators here).
-// These move probabilities by an ulp or so, which changes a token only when a uniform falls within
-// ~1e-16 (relative) of a decision boundary. The sampling cumulative sum is a plain left-to-right
-// double accumulation, the same order as torch.cumsum on CPU. Exactly representable cases (uniform
-// logits over a power-of-two vocabulary, one-hot distributions, ties) agree bit for bit.
+// Floating point: every decision the rules make (a * sum < r, a * q < r, cumulative > u * total,
+// mass_before < top_p with mass_before = cumsum - p, argmax ties) uses the same IEEE double
+// operations as the reference, and none of them contains a multiply feeding an add, so
+// -ffp-contract=fast cannot fuse them (the only contractions are inside exp, where FMA is wanted,
+// and x * (1/t) - m for a power-of-two t, whose product is exact). The sampling cumulative sum is
+// a plain left-to-right double accumulation in id order, like torch.cumsum on CPU. What differs
+// from the reference is how some float64 values are produced: exp (a vectorised polynomial here,
+// about 1 ulp; SLEEF in torch, agreeing on ~94% of inputs) and the summation order of the softmax
+// denominator and of sum() (lane-wise / blocked sums here, torch's vectorised and cascade sums
+// there). Those move probabilities by an ulp or so, which changes a token only when a uniform falls
+// within ~1e-16 (relative) of a decision boundary: random uniforms essentially never do, but a
+// hand-picked uniform that lands exactly on a boundary (say u = 0.5 with mirror-symmetric kept
+// probabilities) can resolve either way. Exactly representable cases (ties, uniform logits over a
+// power-of-two vocabulary, one-hot rows) agree bit for bit.
+//
+// Work and memory: p is computed only for the nodes a walk visits; top-k uses a bounded heap
+// (k <= 1024) or nth_element, top-p sorts only as many of the best candidates as it needs, and
+// after either filter the sums and the sampling cumsum run over the kept ids only. Requests run in
+// parallel (OpenMP, dynamic schedule); each thread keeps its scratch (3 x V doubles plus small
+// vectors) in thread_local storage across calls, so the hot path does not allocate once warm.
 //
 // Rows whose softmax has no finite positive mass (NaN or +inf logits, or all -inf; the reference
 // raises or samples NaN there) are treated as a one-hot distribution at the row's argmax, so the op
@@ -90,7 +101,7 @@ inline double sum_of(const double* x, int64_t n) {
 // x = k ln2 + r with |r| <= ln2/2 (Cody-Waite split with a 32-bit ln2_hi, so k * ln2_hi and
 // x - k * ln2_hi are exact), a degree-13 Taylor polynomial for e^r (truncation error < 5e-18) and
 // 2^k applied in two halves, so that subnormal results round once and overflow gives inf.
-// Error < 0.76 ulp (measured); NaN stays NaN and -inf gives 0.
+// Error about 1 ulp (measured max 1.0 with FMA, 1.16 without); NaN stays NaN and -inf gives 0.
 #if defined(__AVX512F__)
 constexpr int kLanes = 8;
 #elif defined(__AVX__)
@@ -565,11 +576,13 @@ class RequestWalk {
            (start_ + node) * prm_.vocab_size * static_cast<int64_t>(element_size(prm_.draft_probs_dtype));
   }
 
-  // uniforms[node, col], explicit or from Philox(seed[r], offset[r], node).
+  // uniforms[node, col], explicit or from Philox(seed[r], offset[r], node). (The caller guarantees
+  // uniforms or seed and offset; a missing seed or offset reads as 0 rather than a null pointer.)
   double uniform(int64_t node, int col) const {
     if (prm_.uniforms) return prm_.uniforms[(start_ + node) * 2 + col];
     double u[2];
-    philox_node_uniforms(prm_.seed[r_], prm_.offset[r_], static_cast<uint32_t>(node), u);
+    philox_node_uniforms(prm_.seed ? prm_.seed[r_] : 0, prm_.offset ? prm_.offset[r_] : 0,
+                         static_cast<uint32_t>(node), u);
     return u[col];
   }
 

