@@ -13,23 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from dspark import ops
+from dspark.batch import Round
 from dspark.cache import KVCache
 from dspark.models.config import ModelConfig
-
-
-@dataclasses.dataclass
-class Round:
-    """One forward's flattened layout (DESIGN.md conventions), built by the engine.
-
-    qo_indptr spans every cache row (rows with no tokens this round have n_r = 0); positions are the
-    RoPE positions cache_seqlens[r] + depth(i); write_slots the cache slots the round's K/V go to.
-    """
-
-    qo_indptr: torch.Tensor
-    parents: torch.Tensor | None
-    positions: torch.Tensor
-    write_rows: torch.Tensor
-    write_slots: torch.Tensor
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -77,6 +63,13 @@ class LlamaModel:
         if "lm_head.weight" not in weights:
             weights["lm_head.weight"] = weights["embed_tokens.weight"]
 
+    def truncated(self, num_layers: int) -> "LlamaModel":
+        """The first num_layers layers with the final norm and head, sharing this model's weights."""
+        if not 1 <= num_layers <= self.config.num_layers:
+            raise ValueError(f"num_layers must lie in [1, {self.config.num_layers}], got {num_layers}")
+        config = dataclasses.replace(self.config, num_layers=num_layers)
+        return LlamaModel(config, self.weights)
+
     @property
     def dtype(self) -> torch.dtype:
         return self.weights["embed_tokens.weight"].dtype
@@ -108,14 +101,14 @@ class LlamaModel:
         return F.linear(F.silu(gate) * up, w[prefix + "down_proj.weight"])
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: KVCache, rnd: Round,
+    def forward(self, cache: KVCache, rnd: Round,
                 capture_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Final-norm hidden states [T, hidden], and the residual stream after each layer in
         capture_layers (for drafters conditioned on the target's hidden states)."""
         c, w = self.config, self.weights
         angles = rnd.positions.float()[:, None] * self.inv_freq[None, :]
         cos, sin = angles.cos(), angles.sin()
-        h = F.embedding(tokens, w["embed_tokens.weight"])
+        h = F.embedding(rnd.tokens, w["embed_tokens.weight"])
         captured = []
         for i in range(c.num_layers):
             h = h + self._attention(i, rms_norm(h, w[f"layers.{i}.input_layernorm.weight"], c.rms_norm_eps), cos, sin,

@@ -1,0 +1,55 @@
+"""What every drafter returns and receives (the Drafter protocol of DESIGN.md's engine cycle)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import torch
+
+
+@dataclasses.dataclass
+class Proposal:
+    """One request's draft for this round. Node 0 is the anchor (the last emitted token, not part of
+    `tokens`); nodes 1..n carry `tokens`.
+
+    parents: parent of each node 1..n (a node index < its own, 0 = the anchor), None for a chain.
+    draft_probs: [n + 1, V], row u = the distribution node u's children were sampled from, or None
+        when the proposal is deterministic (greedy, top-k tree, n-gram lookup).
+    confidences: [n], the drafter's estimate that each node is accepted given its parent is.
+    """
+
+    tokens: list[int]
+    parents: list[int] | None = None
+    draft_probs: torch.Tensor | None = None
+    confidences: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def truncated(self, n: int) -> "Proposal":
+        """The first n draft nodes (a prefix in node order is always a valid tree)."""
+        return Proposal(
+            self.tokens[:n],
+            None if self.parents is None else self.parents[:n],
+            None if self.draft_probs is None else self.draft_probs[: n + 1],
+            None if self.confidences is None else self.confidences[:n],
+        )
+
+
+class Drafter(Protocol):
+    """Proposers plug into the Engine through these four calls. `request` objects expose `row`
+    (cache row), `tokens` (prompt + emitted so far; the last one is the anchor), `params`."""
+
+    def start(self, request) -> None:
+        """A request joined (after its prefill)."""
+
+    def propose(self, requests: list, max_draft: int) -> list[Proposal]:
+        """Drafts for every running request, at most max_draft nodes each."""
+
+    def accept(self, requests: list, paths: list[list[int]], target_hidden: list[torch.Tensor] | None) -> None:
+        """The verified round: each request's accepted node path (starting with 0) and, when the
+        drafter asked for them, the target hidden states of those nodes."""
+
+    def finish(self, request) -> None:
+        """A request left; free what the drafter holds for it."""

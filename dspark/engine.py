@@ -1,0 +1,270 @@
+"""The decoding cycle: prefill -> draft -> schedule -> verify -> accept -> rollback (DESIGN.md).
+
+Requests share one KV cache, a row each. Every round flattens the running requests' anchors and
+admitted drafts into one tree_attention pass of the target; rejection_sample decides what each keeps
+and kv_rollback compacts the cache. With no drafter the same loop is plain autoregressive decoding,
+the baseline of every speedup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+from dspark import ops
+from dspark.batch import build_round
+from dspark.cache import KVCache
+from dspark.drafters.base import Proposal
+from dspark.models.llama import LlamaModel
+from dspark.sampling_params import SamplingParams
+from dspark.scheduler import FixedLength
+from dspark.stats import RequestStats, RunStats
+
+
+@dataclasses.dataclass
+class Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    row: int = -1
+    tokens: list[int] = dataclasses.field(default_factory=list)  # prompt + emitted; the last is the anchor
+    generated: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    text: str = ""
+    rounds: int = 0
+    stats: RequestStats = dataclasses.field(default_factory=RequestStats)
+
+
+@dataclasses.dataclass
+class Event:
+    request_id: int
+    new_tokens: list[int]
+    finished: bool
+
+
+class Engine:
+    def __init__(self, model: LlamaModel, tokenizer=None, drafter=None, policy=None, max_batch: int = 8,
+                 max_seq_len: int = 2048, block_size: int | None = None):
+        c = model.config
+        self.model, self.tokenizer, self.drafter = model, tokenizer, drafter
+        self.policy = policy or FixedLength(getattr(drafter, "num_draft", 0) if drafter else 0)
+        self.max_seq_len = max_seq_len
+        self.cache = KVCache(c.num_layers, max_batch, max_seq_len, c.num_kv_heads, c.head_dim, model.dtype,
+                             model.device, block_size=block_size)
+        if drafter is not None and hasattr(drafter, "bind"):
+            drafter.bind(max_batch, max_seq_len, c.vocab_size)
+        eos = set(c.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_ids = eos
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.free_rows = list(range(max_batch - 1, -1, -1))
+        self.next_id = 0
+        self.finished: dict[int, Request] = {}
+        self.stats = RunStats()
+
+    # -- requests ---------------------------------------------------------------------------------
+    def add_request(self, prompt: list[int] | str, params: SamplingParams | None = None) -> int:
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs the engine's tokenizer")
+            prompt = self.tokenizer(prompt).input_ids
+        prompt = [int(t) for t in prompt]
+        vocab = self.model.config.vocab_size
+        if not prompt:
+            raise ValueError("prompt is empty")
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if len(prompt) + params.max_tokens > self.max_seq_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                             f"max_seq_len {self.max_seq_len}")
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop_strings need the engine's tokenizer")
+        request = Request(self.next_id, prompt, params)
+        self.next_id += 1
+        self.waiting.append(request)
+        return request.id
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one engine step ----------------------------------------------------------------------------
+    def step(self) -> list[Event]:
+        events = self._prefill_waiting()
+        if self.running:
+            events += self._decode_round()
+        return events
+
+    def _sample(self, logits: torch.Tensor, nodes: list[list[int]], parents, draft_probs, requests: list[Request]):
+        counts = [len(n) for n in nodes]
+        indptr = torch.tensor([0] + list(torch.tensor(counts).cumsum(0).tolist()), dtype=torch.int32)
+        params = [r.params for r in requests]
+        return ops.rejection_sample(
+            logits, torch.tensor([t for n in nodes for t in n]), indptr, parents, draft_probs,
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int32),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
+            seed=torch.tensor([p.seed for p in params]), offset=torch.tensor([r.rounds for r in requests]),
+            max_nodes=max(counts),
+        )
+
+    def _prefill_waiting(self) -> list[Event]:
+        admitted = []
+        while self.waiting and self.free_rows:
+            request = self.waiting.pop(0)
+            request.row = self.free_rows.pop()
+            request.tokens = list(request.prompt)
+            self.cache.reserve(request.row, len(request.prompt) + request.params.max_tokens)
+            admitted.append(request)
+        if not admitted:
+            return []
+        start = time.perf_counter()
+        seqlens = [0] * self.cache.rows
+        rnd = build_round(self.cache.rows, [(r.row, r.prompt, None) for r in admitted], seqlens, self.model.device)
+        for r in admitted:
+            self.cache.seqlens[r.row] = 0
+        hidden, _ = self.model.forward(self.cache, rnd)
+        logits = self.model.logits(hidden[rnd.last_index])
+        for r in admitted:
+            self.cache.seqlens[r.row] = len(r.prompt)
+        _, _, tokens = self._sample(logits, [[r.prompt[-1]] for r in admitted], None, None, admitted)
+        self.stats.prefill_time += time.perf_counter() - start
+        self.stats.prompt_tokens += sum(len(r.prompt) for r in admitted)
+        events = []
+        for i, r in enumerate(admitted):
+            r.rounds += 1
+            self.running.append(r)
+            events.append(self._emit(r, [int(tokens[i, 0])]))
+            if r.finish_reason is None and self.drafter is not None:
+                self.drafter.start(r)
+        self._retire_finished()
+        return events
+
+    def _decode_round(self) -> list[Event]:
+        requests = list(self.running)
+        start = time.perf_counter()
+        proposals = self.drafter.propose(requests, self.max_draft_for(requests)) if self.drafter else \
+            [Proposal([]) for _ in requests]
+        lengths = self.policy.choose(requests, proposals)
+        proposals = [p.truncated(n) for p, n in zip(proposals, lengths)]
+        drafted = time.perf_counter()
+        nodes = [[r.tokens[-1]] + p.tokens for r, p in zip(requests, proposals)]
+        parents = [None if p.parents is None else [-1] + p.parents for p in proposals]
+        seqlens = self.cache.seqlens.tolist()
+        rnd = build_round(self.cache.rows, [(r.row, n, pa) for r, n, pa in zip(requests, nodes, parents)], seqlens,
+                          self.model.device)
+        hidden, _ = self.model.forward(self.cache, rnd)
+        active_index = torch.cat([torch.arange(int(rnd.qo_indptr[r.row]), int(rnd.qo_indptr[r.row + 1]))
+                                  for r in requests])
+        logits = self.model.logits(hidden[active_index])
+        any_tree = any(pa is not None for pa in parents)
+        flat_parents = torch.tensor([x for n, pa in zip(nodes, parents) for x in (pa or range(-1, len(n) - 1))],
+                                    dtype=torch.int32) if any_tree else None
+        path_nodes, counts, emitted = self._sample(logits, nodes, flat_parents, self._draft_probs(requests, proposals,
+                                                                                                  nodes), requests)
+        self._rollback(requests, path_nodes, counts)
+        verified = time.perf_counter()
+        self.stats.draft_time += drafted - start
+        self.stats.verify_time += verified - drafted
+        self.stats.rounds += 1
+        events, paths = [], []
+        for i, r in enumerate(requests):
+            m = int(counts[i])
+            paths.append(path_nodes[i, :m].tolist())
+            r.rounds += 1
+            r.stats.record_round(len(proposals[i].tokens), m - 1, parents[i])
+            events.append(self._emit(r, emitted[i, :m].tolist()))
+        if self.drafter is not None:
+            self.drafter.accept(requests, paths, None)
+        self._retire_finished()
+        return events
+
+    def max_draft_for(self, requests: list[Request]) -> int:
+        """Drafts never outgrow a request's cache row or its remaining token budget."""
+        room = [min(self.max_seq_len - len(r.tokens), r.params.max_tokens - len(r.generated)) for r in requests]
+        return max(0, min(room) - 1)
+
+    def _draft_probs(self, requests, proposals, nodes) -> torch.Tensor | None:
+        if all(p.draft_probs is None for p in proposals):
+            return None
+        vocab = self.model.config.vocab_size
+        rows = []
+        for r, p, n in zip(requests, proposals, nodes):
+            if p.draft_probs is not None:
+                rows.append(p.draft_probs.float())
+            elif r.params.temperature == 0:  # greedy requests never read draft_probs
+                rows.append(torch.full((len(n), vocab), 1.0 / vocab, device=self.model.device))
+            else:
+                raise ValueError("a batch mixes stochastic and deterministic proposals for sampled requests")
+        return torch.cat(rows)
+
+    def _rollback(self, requests, path_nodes: torch.Tensor, counts: torch.Tensor) -> None:
+        rows = self.cache.rows
+        full_paths = torch.full((rows, path_nodes.shape[1]), -1, dtype=torch.int32)
+        full_counts = torch.zeros(rows, dtype=torch.int32)
+        for i, r in enumerate(requests):
+            full_paths[r.row] = path_nodes[i]
+            full_counts[r.row] = counts[i]
+        self.cache.rollback(full_paths, full_counts)
+
+    # -- emission and stopping ----------------------------------------------------------------------
+    def _emit(self, r: Request, tokens: list[int]) -> Event:
+        new = []
+        for token in tokens:
+            r.tokens.append(token)
+            if token in r.params.stop_token_ids or (token in self.eos_ids and not r.params.ignore_eos):
+                r.finish_reason = "stop"
+                break
+            r.generated.append(token)
+            new.append(token)
+            if r.params.stop_strings and self._hit_stop_string(r):
+                break
+            if len(r.generated) >= r.params.max_tokens:
+                r.finish_reason = "length"
+                break
+        self.stats.generated_tokens += len(new)
+        return Event(r.id, new, r.finish_reason is not None)
+
+    def _hit_stop_string(self, r: Request) -> bool:
+        text = self.tokenizer.decode(r.generated)
+        for stop in r.params.stop_strings:
+            at = text.find(stop)
+            if at >= 0:
+                r.text, r.finish_reason = text[:at], "stop"
+                return True
+        return False
+
+    def _retire_finished(self) -> None:
+        for r in [r for r in self.running if r.finish_reason is not None]:
+            self.running.remove(r)
+            self.cache.free(r.row)
+            if self.drafter is not None:
+                self.drafter.finish(r)
+            self.free_rows.append(r.row)
+            if self.tokenizer is not None and not r.text:
+                r.text = self.tokenizer.decode(r.generated)
+            self.finished[r.id] = r
+
+    # -- convenience --------------------------------------------------------------------------------
+    def stream(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None) -> Iterator[Event]:
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        for prompt, p in zip(prompts, params_list):
+            self.add_request(prompt, p)
+        start = time.perf_counter()
+        while self.has_work():
+            yield from self.step()
+        self.stats.wall_time += time.perf_counter() - start
+
+    def generate(self, prompts: list, params=None, on_event: Callable[[Event], None] | None = None) -> list[Request]:
+        """Runs the prompts to completion; returns their finished requests in prompt order."""
+        first_id = self.next_id
+        for event in self.stream(prompts, params):
+            if on_event is not None:
+                on_event(event)
+        return [self.finished[first_id + i] for i in range(len(prompts))]
