@@ -152,7 +152,8 @@ class Engine:
         proposals = self.drafter.propose(requests, self.max_draft_for(requests)) if self.drafter else \
             [Proposal([]) for _ in requests]
         lengths = self.policy.choose(requests, proposals)
-        proposals = [p.truncated(n) for p, n in zip(proposals, lengths)]
+        proposals = [p.truncated(min(n, r.params.max_tokens - len(r.generated) - 1))
+                     for r, p, n in zip(requests, proposals, lengths)]
         drafted = time.perf_counter()
         nodes = [[r.tokens[-1]] + p.tokens for r, p in zip(requests, proposals)]
         parents = [None if p.parents is None else [-1] + p.parents for p in proposals]
@@ -186,9 +187,11 @@ class Engine:
         return events
 
     def max_draft_for(self, requests: list[Request]) -> int:
-        """Drafts never outgrow a request's cache row or its remaining token budget."""
-        room = [min(self.max_seq_len - len(r.tokens), r.params.max_tokens - len(r.generated)) for r in requests]
-        return max(0, min(room) - 1)
+        """Drafts never outgrow any request's cache row; each request's token budget is applied to
+        its own proposal afterwards (a round emits at most drafts + 1 tokens)."""
+        cache_room = min(self.max_seq_len - len(r.tokens) for r in requests)
+        token_room = max(r.params.max_tokens - len(r.generated) for r in requests)
+        return max(0, min(cache_room, token_room - 1))
 
     def _draft_probs(self, requests, proposals, nodes) -> torch.Tensor | None:
         if all(p.draft_probs is None for p in proposals):

@@ -147,10 +147,23 @@ def load_model(path: str | None, dtype: torch.dtype, device: str | torch.device 
 
 
 def load_tokenizer(path: str | None):
-    """The model's own tokenizer and chat template via transformers (from the GGUF or the directory)."""
+    """The model's own tokenizer and chat template via transformers (from the GGUF or the directory).
+
+    Building a tokenizer from GGUF metadata takes seconds, so the result is saved once under
+    $DSPARK_CACHE (default ~/.cache/dspark) and loaded from there afterwards."""
     from transformers import AutoTokenizer
 
     path = path or default_model_path()
     if os.path.isdir(path):
         return AutoTokenizer.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    stat = os.stat(path)
+    cache_root = pathlib.Path(os.environ.get("DSPARK_CACHE", pathlib.Path.home() / ".cache" / "dspark"))
+    cached = cache_root / "tokenizers" / f"{pathlib.Path(path).stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (cached / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(str(cached))
+    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    try:
+        tokenizer.save_pretrained(str(cached))
+    except OSError:  # a read-only home only costs the next start a few seconds
+        pass
+    return tokenizer

@@ -51,8 +51,10 @@ def _check_values(target_logits, draft_tokens, qo_indptr, parents, draft_probs, 
     if draft_tokens.numel() and not (0 <= int(draft_tokens.min()) and int(draft_tokens.max()) < vocab):
         bad = int(torch.nonzero((draft_tokens < 0) | (draft_tokens >= vocab))[0])
         v.fail(f"draft_tokens[{bad}] = {int(draft_tokens[bad])} is outside the vocabulary [0, {vocab})")
-    if draft_probs is not None and not (torch.isfinite(draft_probs).all() and (draft_probs >= 0).all()):
-        v.fail("draft_probs must be finite and non-negative")
+    if draft_probs is not None and draft_probs.numel():
+        low, high = torch.aminmax(draft_probs)  # one pass; NaN propagates to both
+        if not (bool(low >= 0) and bool(torch.isfinite(high))):
+            v.fail("draft_probs must be finite and non-negative")
     if not (torch.isfinite(temperature).all() and (temperature >= 0).all()):
         v.fail(f"temperature must be finite and >= 0, got {temperature.tolist()}")
     if (top_k < 0).any():

@@ -1,0 +1,147 @@
+"""Engine: greedy speculative decoding is token-identical to plain decoding and to transformers'
+generate; batching, paging and drafters never change the output; seeds reproduce; bad input fails
+clearly without disturbing other requests. A tiny random Llama written to a temp dir keeps it fast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dspark.drafters import DraftModelDrafter, NgramDrafter
+from dspark.engine import Engine
+from dspark.models import load_model
+from dspark.sampling_params import SamplingParams
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 97
+PROMPTS = [[5, 6, 7, 8, 5, 6, 7], [9, 10, 11, 12, 13, 9, 10, 11, 30, 31], [40], [3, 4, 3, 4, 3, 4, 3, 4, 3],
+           [50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 50, 51], [70, 71], [80, 81, 82, 80, 81], [90, 2, 90]]
+GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.save_pretrained(path)
+    return hf, load_model(str(path), torch.float32)
+
+
+def generated(engine: Engine, prompts, params=GREEDY) -> list[list[int]]:
+    return [r.generated for r in engine.generate(prompts, params)]
+
+
+def test_plain_greedy_matches_transformers_generate(tiny):
+    hf, model = tiny
+    ours = generated(Engine(model, max_batch=8, max_seq_len=128), PROMPTS)
+    with torch.no_grad():
+        for prompt, tokens in zip(PROMPTS, ours):
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)
+            assert out[0, len(prompt):].tolist() == tokens
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "self_draft"])
+@pytest.mark.parametrize("block_size", [None, 4])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_speculative_greedy_is_token_identical_to_plain(tiny, drafter, block_size, batch):
+    _, model = tiny
+    plain = generated(Engine(model, max_batch=8, max_seq_len=128), PROMPTS)
+    proposer = NgramDrafter(4) if drafter == "ngram" else DraftModelDrafter.self_draft(model, 1, 3)
+    engine = Engine(model, drafter=proposer, max_batch=batch, max_seq_len=128, block_size=block_size)
+    assert generated(engine, PROMPTS) == plain
+    assert engine.stats.rounds < sum(len(t) for t in plain)  # drafts were accepted, rounds were saved
+
+
+def test_sampled_output_is_reproducible_by_seed(tiny):
+    _, model = tiny
+
+    def run(seed):
+        params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=seed, ignore_eos=True)
+        return generated(Engine(model, drafter=DraftModelDrafter.self_draft(model, 1, 3), max_batch=4,
+                                max_seq_len=128), PROMPTS[:4], params)
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_stop_token_ids_and_max_tokens(tiny):
+    _, model = tiny
+    [full] = generated(Engine(model, max_seq_len=128), PROMPTS[:1])
+    stop = full[5]
+    params = SamplingParams(max_tokens=24, stop_token_ids=(stop,), ignore_eos=True)
+    [request] = Engine(model, drafter=NgramDrafter(4), max_seq_len=128).generate(PROMPTS[:1], params)
+    assert request.generated == full[: full.index(stop)] and request.finish_reason == "stop"
+    [short] = Engine(model, drafter=NgramDrafter(4), max_seq_len=128).generate(
+        PROMPTS[:1], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert short.generated == full[:3] and short.finish_reason == "length"
+
+
+@pytest.mark.parametrize("prompt,params,message", [
+    ([], GREEDY, "prompt is empty"),
+    ([5, VOCAB], GREEDY, "outside the vocabulary"),
+    ([5, -1], GREEDY, "outside the vocabulary"),
+    (list(range(1, 90)) * 2, GREEDY, "exceeds max_seq_len"),
+    ("text", GREEDY, "needs the engine's tokenizer"),
+])
+def test_bad_requests_are_refused_and_others_finish(tiny, prompt, params, message):
+    _, model = tiny
+    engine = Engine(model, drafter=NgramDrafter(4), max_batch=4, max_seq_len=128)
+    engine.add_request(PROMPTS[0], GREEDY)
+    with pytest.raises(ValueError, match=message):
+        engine.add_request(prompt, params)
+    expected = generated(Engine(model, max_seq_len=128), PROMPTS[:1])
+    while engine.has_work():
+        engine.step()
+    assert engine.finished[0].generated == expected[0]
+
+
+def test_bad_sampling_params_and_mismatched_drafter(tiny):
+    _, model = tiny
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    small = model.truncated(1)
+    small_config = small.config.__class__(**{**small.config.__dict__, "vocab_size": VOCAB + 1})
+    mismatched = DraftModelDrafter(type(small)(small_config, small.weights))
+    with pytest.raises(ValueError, match="vocabulary"):
+        Engine(model, drafter=mismatched, max_seq_len=64)
+
+
+def test_sampled_speculative_decoding_follows_the_target_distribution(tmp_path):
+    """Joint law of the first three emitted tokens on an 8-token vocabulary vs the exact law of the
+    target, enumerated with transformers: chi-square over 8^3 cells (rare cells pooled)."""
+    from test_rejection_sample_distribution import chi_square_p_value
+
+    vocab, trials = 8, 12_000
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                      bos_token_id=1, eos_token_id=2)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # sharpen the random model so that drafts are sometimes right, sometimes not
+        hf.lm_head.weight.mul_(6.0)
+    hf.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), torch.float32)
+    prompt = [3, 5, 4]
+    temperature = 0.8
+    with torch.no_grad():
+        sequences = torch.cartesian_prod(*[torch.arange(vocab)] * 2)
+        first = torch.softmax(hf(torch.tensor([prompt])).logits[0, -1] / temperature, -1).double()
+        contexts = torch.cat([torch.tensor([prompt]).expand(vocab, -1), torch.arange(vocab)[:, None]], 1)
+        second = torch.softmax(hf(contexts).logits[:, -1] / temperature, -1).double()  # [a, b]
+        pairs = torch.cat([torch.tensor([prompt]).expand(vocab * vocab, -1), sequences], 1)
+        third = torch.softmax(hf(pairs).logits[:, -1] / temperature, -1).double().view(vocab, vocab, vocab)
+    law = first[:, None, None] * second[:, :, None] * third
+    engine = Engine(model, drafter=DraftModelDrafter.self_draft(model, 1, 3), max_batch=64, max_seq_len=16)
+    params = [SamplingParams(max_tokens=3, temperature=temperature, seed=s, ignore_eos=True) for s in range(trials)]
+    out = torch.tensor([r.generated for r in engine.generate([prompt] * trials, params)])
+    cells = out[:, 0] * vocab * vocab + out[:, 1] * vocab + out[:, 2]
+    assert engine.stats.summary(list(engine.finished.values()))["tau"] > 1.2  # speculation was exercised
+    assert chi_square_p_value(cells, law.reshape(-1)) >= 1e-3
