@@ -46,16 +46,34 @@ def test_plain_greedy_matches_transformers_generate(tiny):
             assert out[0, len(prompt):].tolist() == tokens
 
 
-@pytest.mark.parametrize("drafter", ["ngram", "self_draft"])
+def make_drafter(kind: str, model):
+    return {
+        "ngram": lambda: NgramDrafter(4),
+        "ngram_tree": lambda: NgramDrafter(6, branches=3),
+        "self_draft": lambda: DraftModelDrafter.self_draft(model, 1, 3),
+        "self_draft_tree": lambda: DraftModelDrafter.self_draft(model, 2, branching=(2, 2, 1)),
+    }[kind]()
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "ngram_tree", "self_draft", "self_draft_tree"])
 @pytest.mark.parametrize("block_size", [None, 4])
 @pytest.mark.parametrize("batch", [1, 8])
 def test_speculative_greedy_is_token_identical_to_plain(tiny, drafter, block_size, batch):
     _, model = tiny
     plain = generated(Engine(model, max_batch=8, max_seq_len=128), PROMPTS)
-    proposer = NgramDrafter(4) if drafter == "ngram" else DraftModelDrafter.self_draft(model, 1, 3)
+    proposer = make_drafter(drafter, model)
     engine = Engine(model, drafter=proposer, max_batch=batch, max_seq_len=128, block_size=block_size)
     assert generated(engine, PROMPTS) == plain
     assert engine.stats.rounds < sum(len(t) for t in plain)  # drafts were accepted, rounds were saved
+
+
+def test_ngram_tree_merges_continuations():
+    drafter = NgramDrafter(6, max_ngram=1, branches=3)
+    proposal = drafter._trie(drafter.continuations([7, 1, 2, 7, 1, 3, 7, 4, 9, 7], 3), 6)
+    # after 7 came [4, 9, 7], [1, 3, 7], [1, 2, 7]: the trie shares the 1
+    assert proposal.tokens == [4, 9, 7, 1, 3, 7] and proposal.parents == [0, 1, 2, 0, 4, 5]
+    proposal = drafter._trie(drafter.continuations([7, 1, 2, 7, 1, 3, 7], 3), 6)
+    assert proposal.tokens == [1, 3, 7, 2, 7] and proposal.parents == [0, 1, 2, 1, 4]
 
 
 def test_sampled_output_is_reproducible_by_seed(tiny):

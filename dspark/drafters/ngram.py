@@ -1,5 +1,7 @@
-"""N-gram prompt lookup: propose the tokens that followed the latest earlier occurrence of the
-context's last n tokens (n from max_ngram down to min_ngram). Deterministic, so draft_probs is None."""
+"""N-gram prompt lookup: propose what followed earlier occurrences of the context's last n tokens
+(n from max_ngram down to min_ngram). With branches > 1 the continuations of several occurrences are
+merged into a token tree (a trie), so that verification can follow whichever one the target takes.
+Deterministic either way, so draft_probs is None."""
 
 from __future__ import annotations
 
@@ -7,10 +9,12 @@ from dspark.drafters.base import Proposal
 
 
 class NgramDrafter:
-    def __init__(self, num_draft: int = 5, max_ngram: int = 3, min_ngram: int = 1):
+    def __init__(self, num_draft: int = 5, max_ngram: int = 3, min_ngram: int = 1, branches: int = 1):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
-        self.num_draft, self.max_ngram, self.min_ngram = num_draft, max_ngram, min_ngram
+        if branches < 1:
+            raise ValueError(f"branches must be >= 1, got {branches}")
+        self.num_draft, self.max_ngram, self.min_ngram, self.branches = num_draft, max_ngram, min_ngram, branches
 
     def start(self, request) -> None:
         pass
@@ -21,14 +25,39 @@ class NgramDrafter:
     def accept(self, requests, paths, target_hidden) -> None:
         pass
 
-    def lookup(self, tokens: list[int], limit: int) -> list[int]:
+    def continuations(self, tokens: list[int], limit: int) -> list[list[int]]:
+        """Up to `branches` distinct continuations of the longest matching suffix, latest first."""
         for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
-            suffix = tokens[-n:]
-            for start in range(len(tokens) - n - 1, -1, -1):  # latest occurrence first
+            suffix, found = tokens[-n:], []
+            for start in range(len(tokens) - n - 1, -1, -1):
                 if tokens[start: start + n] == suffix:
-                    return tokens[start + n: start + n + limit]
+                    follow = tokens[start + n: start + n + limit]
+                    if follow and follow not in found:
+                        found.append(follow)
+                        if len(found) == self.branches:
+                            break
+            if found:
+                return found
         return []
 
     def propose(self, requests, max_draft: int) -> list[Proposal]:
         limit = min(self.num_draft, max_draft)
-        return [Proposal(self.lookup(r.tokens, limit)) for r in requests]
+        return [self._trie(self.continuations(r.tokens, limit), limit) for r in requests]
+
+    def _trie(self, branches: list[list[int]], limit: int) -> Proposal:
+        if len(branches) <= 1:
+            return Proposal(branches[0] if branches else [])
+        tokens: list[int] = []
+        parents: list[int] = []
+        children: dict[tuple[int, int], int] = {}  # (parent node, token) -> node; node 0 is the anchor
+        for branch in branches:
+            node = 0
+            for token in branch:
+                if (node, token) not in children:
+                    if len(tokens) == limit:
+                        break
+                    tokens.append(token)
+                    parents.append(node)
+                    children[(node, token)] = len(tokens)
+                node = children[(node, token)]
+        return Proposal(tokens, parents)
