@@ -104,7 +104,7 @@ def load_gguf(path: str, dtype: torch.dtype, device: str | torch.device = "cpu")
     weights = {}
     for tensor in reader.tensors:
         array = dequantize(tensor.data, tensor.tensor_type)
-        value = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(
+        value = torch.from_numpy(np.array(array, dtype=np.float32)).reshape(
             [int(d) for d in reversed(tensor.shape)])
         name = _GGUF_NAMES.get(tensor.name)
         if name is None:

