@@ -68,3 +68,22 @@ class KVCache:
     def rollback(self, accepted_nodes: torch.Tensor, num_accepted: torch.Tensor) -> None:
         """Keep each row's accepted path (rows with num_accepted 0 are untouched); all layers at once."""
         ops.kv_rollback(self.k, self.v, self.seqlens, accepted_nodes, num_accepted, self.block_table)
+
+
+class SideCache:
+    """Per-token side data (e.g. target hidden states a drafter is conditioned on), [rows, S_max, 1, width],
+    written at the round's slots like K/V and compacted by the same kv_rollback, with its own lengths."""
+
+    def __init__(self, rows: int, max_seq_len: int, width: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.data = torch.zeros(rows, max_seq_len, 1, width, dtype=dtype, device=device)
+        self.seqlens = torch.zeros(rows, dtype=torch.int32, device=device)
+
+    def write(self, rows: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+        self.data[rows, slots, 0] = values.to(self.data.dtype)
+
+    def rollback(self, accepted_nodes: torch.Tensor, num_accepted: torch.Tensor) -> None:
+        ops.kv_rollback(self.data, None, self.seqlens, accepted_nodes, num_accepted)
+
+    def committed(self, row: int, start: int, end: int) -> torch.Tensor:
+        """[end - start, width]: the side data of committed positions start..end-1 of a row."""
+        return self.data[row, start:end, 0]

@@ -16,7 +16,7 @@ import torch
 
 from dspark import ops
 from dspark.batch import build_round
-from dspark.cache import KVCache
+from dspark.cache import KVCache, SideCache
 from dspark.drafters.base import Proposal
 from dspark.models.llama import LlamaModel
 from dspark.sampling_params import SamplingParams
@@ -56,6 +56,11 @@ class Engine:
                              model.device, block_size=block_size)
         if drafter is not None and hasattr(drafter, "bind"):
             drafter.bind(max_batch, max_seq_len, c.vocab_size)
+        # Drafters conditioned on the target (DSpark) name the layers whose residual stream they read;
+        # those hidden states are kept per committed token in a side cache, rolled back like K/V.
+        self.capture_layers = tuple(getattr(drafter, "capture_layers", ()) or ())
+        self.hidden_cache = SideCache(max_batch, max_seq_len, c.hidden_size * len(self.capture_layers), model.dtype,
+                                      model.device) if self.capture_layers else None
         eos = set(c.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -129,10 +134,14 @@ class Engine:
         rnd = build_round(self.cache.rows, [(r.row, r.prompt, None) for r in admitted], seqlens, self.model.device)
         for r in admitted:
             self.cache.seqlens[r.row] = 0
-        hidden, _ = self.model.forward(self.cache, rnd)
+        hidden, captured = self.model.forward(self.cache, rnd, self.capture_layers)
         logits = self.model.logits(hidden[rnd.last_index])
         for r in admitted:
             self.cache.seqlens[r.row] = len(r.prompt)
+        if self.hidden_cache is not None:
+            self.hidden_cache.write(rnd.write_rows, rnd.write_slots, torch.cat(captured, dim=-1))
+            for r in admitted:
+                self.hidden_cache.seqlens[r.row] = len(r.prompt)
         _, _, tokens = self._sample(logits, [[r.prompt[-1]] for r in admitted], None, None, admitted)
         self.stats.prefill_time += time.perf_counter() - start
         self.stats.prompt_tokens += sum(len(r.prompt) for r in admitted)
@@ -142,7 +151,8 @@ class Engine:
             self.running.append(r)
             events.append(self._emit(r, [int(tokens[i, 0])]))
             if r.finish_reason is None and self.drafter is not None:
-                self.drafter.start(r)
+                hidden_prompt = None if self.hidden_cache is None else self.hidden_cache.committed(r.row, 0, len(r.prompt))
+                self.drafter.start(r, hidden_prompt)
         self._retire_finished()
         return events
 
@@ -160,7 +170,9 @@ class Engine:
         seqlens = self.cache.seqlens.tolist()
         rnd = build_round(self.cache.rows, [(r.row, n, pa) for r, n, pa in zip(requests, nodes, parents)], seqlens,
                           self.model.device)
-        hidden, _ = self.model.forward(self.cache, rnd)
+        hidden, captured = self.model.forward(self.cache, rnd, self.capture_layers)
+        if self.hidden_cache is not None:
+            self.hidden_cache.write(rnd.write_rows, rnd.write_slots, torch.cat(captured, dim=-1))
         active_index = torch.cat([torch.arange(int(rnd.qo_indptr[r.row]), int(rnd.qo_indptr[r.row + 1]))
                                   for r in requests])
         logits = self.model.logits(hidden[active_index])
@@ -182,7 +194,7 @@ class Engine:
             r.stats.record_round(len(proposals[i].tokens), m - 1, parents[i])
             events.append(self._emit(r, emitted[i, :m].tolist()))
         if self.drafter is not None:
-            self.drafter.accept(requests, paths, None)
+            self.drafter.accept(requests, paths, self._accepted_hidden(requests, paths))
         self._retire_finished()
         return events
 
@@ -207,6 +219,13 @@ class Engine:
                 raise ValueError("a batch mixes stochastic and deterministic proposals for sampled requests")
         return torch.cat(rows)
 
+    def _accepted_hidden(self, requests, paths) -> list[torch.Tensor] | None:
+        """Per request, the captured target hidden states of its accepted nodes, [m, width]."""
+        if self.hidden_cache is None:
+            return None
+        ends = self.hidden_cache.seqlens.tolist()
+        return [self.hidden_cache.committed(r.row, ends[r.row] - len(p), ends[r.row]) for r, p in zip(requests, paths)]
+
     def _rollback(self, requests, path_nodes: torch.Tensor, counts: torch.Tensor) -> None:
         rows = self.cache.rows
         full_paths = torch.full((rows, path_nodes.shape[1]), -1, dtype=torch.int32)
@@ -215,6 +234,8 @@ class Engine:
             full_paths[r.row] = path_nodes[i]
             full_counts[r.row] = counts[i]
         self.cache.rollback(full_paths, full_counts)
+        if self.hidden_cache is not None:
+            self.hidden_cache.rollback(full_paths, full_counts)
 
     # -- emission and stopping ----------------------------------------------------------------------
     def _emit(self, r: Request, tokens: list[int]) -> Event:
@@ -247,6 +268,8 @@ class Engine:
         for r in [r for r in self.running if r.finish_reason is not None]:
             self.running.remove(r)
             self.cache.free(r.row)
+            if self.hidden_cache is not None:
+                self.hidden_cache.seqlens[r.row] = 0
             if self.drafter is not None:
                 self.drafter.finish(r)
             self.free_rows.append(r.row)
@@ -270,4 +293,4 @@ class Engine:
         for event in self.stream(prompts, params):
             if on_event is not None:
                 on_event(event)
-        return [self.finished[first_id + i] for i in range(len(prompts))]
+        return [self.finished.pop(first_id + i) for i in range(len(prompts))]

@@ -159,7 +159,43 @@ def test_sampled_speculative_decoding_follows_the_target_distribution(tmp_path):
     law = first[:, None, None] * second[:, :, None] * third
     engine = Engine(model, drafter=DraftModelDrafter.self_draft(model, 1, 3), max_batch=64, max_seq_len=16)
     params = [SamplingParams(max_tokens=3, temperature=temperature, seed=s, ignore_eos=True) for s in range(trials)]
-    out = torch.tensor([r.generated for r in engine.generate([prompt] * trials, params)])
+    requests = engine.generate([prompt] * trials, params)
+    out = torch.tensor([r.generated for r in requests])
     cells = out[:, 0] * vocab * vocab + out[:, 1] * vocab + out[:, 2]
-    assert engine.stats.summary(list(engine.finished.values()))["tau"] > 1.2  # speculation was exercised
+    assert engine.stats.summary(requests)["tau"] > 1.2  # speculation was exercised
     assert chi_square_p_value(cells, law.reshape(-1)) >= 1e-3
+
+
+class RecordingDrafter(NgramDrafter):
+    """An n-gram drafter that also asks for target hidden states and records what it is given."""
+
+    capture_layers = (0, 2)
+
+    def __init__(self):
+        super().__init__(4, branches=2)
+        self.seen: dict[int, list[torch.Tensor]] = {}
+
+    def start(self, request, target_hidden=None):
+        self.seen[request.id] = [target_hidden.clone()]
+
+    def accept(self, requests, paths, target_hidden):
+        for request, path, hidden in zip(requests, paths, target_hidden):
+            assert hidden.shape[0] == len(path)
+            self.seen[request.id].append(hidden.clone())
+
+
+def test_drafters_receive_the_target_hidden_states_of_every_committed_token(tiny):
+    from dspark.batch import build_round
+    from dspark.cache import KVCache
+
+    _, model = tiny
+    drafter = RecordingDrafter()
+    engine = Engine(model, drafter=drafter, max_batch=4, max_seq_len=128, block_size=8)
+    requests = engine.generate(PROMPTS[:4], SamplingParams(max_tokens=20, ignore_eos=True))
+    c = model.config
+    for request in requests:
+        committed = request.tokens[:-1][: sum(h.shape[0] for h in drafter.seen[request.id])]
+        cache = KVCache(c.num_layers, 1, 128, c.num_kv_heads, c.head_dim, torch.float32)
+        _, captured = model.forward(cache, build_round(1, [(0, committed, None)], [0]), capture_layers=(0, 2))
+        expected = torch.cat(captured, dim=-1)
+        torch.testing.assert_close(torch.cat(drafter.seen[request.id]), expected, rtol=1e-4, atol=1e-4)

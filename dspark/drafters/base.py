@@ -41,8 +41,9 @@ class Drafter(Protocol):
     """Proposers plug into the Engine through these four calls. `request` objects expose `row`
     (cache row), `tokens` (prompt + emitted so far; the last one is the anchor), `params`."""
 
-    def start(self, request) -> None:
-        """A request joined (after its prefill)."""
+    def start(self, request, target_hidden: torch.Tensor | None = None) -> None:
+        """A request joined (after its prefill); target_hidden [prompt length, width] when the
+        drafter set `capture_layers` (the residual stream after those target layers, concatenated)."""
 
     def propose(self, requests: list, max_draft: int) -> list[Proposal]:
         """Drafts for every running request, at most max_draft nodes each."""

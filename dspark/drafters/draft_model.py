@@ -64,7 +64,7 @@ class DraftModelDrafter:
                              self.model.device)
         self.lengths = [0] * rows
 
-    def start(self, request) -> None:
+    def start(self, request, target_hidden=None) -> None:
         self.lengths[request.row] = 0
         self.generators[request.row] = torch.Generator().manual_seed(request.params.seed + 0x5EED)
 

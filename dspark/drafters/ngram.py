@@ -16,7 +16,7 @@ class NgramDrafter:
             raise ValueError(f"branches must be >= 1, got {branches}")
         self.num_draft, self.max_ngram, self.min_ngram, self.branches = num_draft, max_ngram, min_ngram, branches
 
-    def start(self, request) -> None:
+    def start(self, request, target_hidden=None) -> None:
         pass
 
     def finish(self, request) -> None:

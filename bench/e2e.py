@@ -1,0 +1,147 @@
+"""End-to-end speculative decoding on SmolLM2 over the paper's prompt sets, side by side in one run:
+our plain decoding (the baseline of every ratio), our drafters, and transformers' own `generate`
+(plain, and prompt-lookup decoding) on the same model, prompts and dtype. Batch 1, chat template.
+
+    python bench/e2e.py --per-domain 3 --max-tokens 128 --out bench/results/e2e-cpu
+
+writes <out>.json and <out>.png. Prompts come from ../shared/datasets (or --datasets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import time
+
+import torch
+
+from dspark.cli import default_dtype
+from dspark.drafters import DraftModelDrafter, NgramDrafter
+from dspark.engine import Engine
+from dspark.models import default_model_path, load_model, load_tokenizer
+from dspark.sampling_params import SamplingParams
+
+DOMAINS = {"code": "humaneval.jsonl", "math": "gsm8k.jsonl", "chat": "mt-bench.jsonl"}
+
+
+def drafters(model):
+    return {
+        "ngram gamma=3": lambda: NgramDrafter(3),
+        "ngram gamma=5": lambda: NgramDrafter(5),
+        "ngram gamma=8": lambda: NgramDrafter(8),
+        "ngram tree (3 branches, 8 nodes)": lambda: NgramDrafter(8, branches=3),
+        "self-draft 8/30 layers gamma=3": lambda: DraftModelDrafter.self_draft(model, 8, 3),
+        "self-draft 8/30 layers tree (2,2,1)": lambda: DraftModelDrafter.self_draft(model, 8, branching=(2, 2, 1)),
+    }
+
+
+def load_prompts(directory: pathlib.Path, per_domain: int, tokenizer) -> dict[str, list[list[int]]]:
+    prompts = {}
+    for domain, name in DOMAINS.items():
+        lines = (directory / name).read_text().splitlines()[:per_domain]
+        prompts[domain] = [tokenizer.apply_chat_template([{"role": "user", "content": json.loads(line)["turns"][0]}],
+                                                         add_generation_prompt=True, tokenize=False) for line in lines]
+        prompts[domain] = [tokenizer(p).input_ids for p in prompts[domain]]
+    return prompts
+
+
+def run_ours(model, tokenizer, drafter, prompts, params):
+    engine = Engine(model, tokenizer, drafter, max_batch=1, max_seq_len=max(map(len, prompts)) + params.max_tokens + 16)
+    requests = [engine.generate([p], params)[0] for p in prompts]  # batch 1, one prompt after another
+    summary = engine.stats.summary(requests)
+    return summary, [r.generated for r in requests]
+
+
+def run_transformers(hf, prompts, params, lookup: int | None):
+    kwargs = dict(max_new_tokens=params.max_tokens, do_sample=params.temperature > 0, pad_token_id=2)
+    if params.temperature > 0:
+        kwargs.update(temperature=params.temperature, top_k=0)
+    if lookup:
+        kwargs.update(prompt_lookup_num_tokens=lookup)
+    tokens, elapsed = 0, 0.0
+    with torch.no_grad():
+        for prompt in prompts:
+            start = time.perf_counter()
+            out = hf.generate(torch.tensor([prompt]), **kwargs)
+            elapsed += time.perf_counter() - start
+            tokens += out.shape[1] - len(prompt)
+    return {"generated_tokens": tokens, "wall_s": elapsed, "tokens_per_s": tokens / elapsed}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--per-domain", type=int, default=3, help="prompts per domain (CPU: 3 keeps a run ~15 min)")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--temperatures", default="0,1")
+    ap.add_argument("--datasets", default=str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+    ap.add_argument("--out", default="bench/results/e2e-cpu")
+    ap.add_argument("--no-transformers", action="store_true")
+    args = ap.parse_args()
+    dtype = default_dtype("cpu")
+    tokenizer = load_tokenizer(None)
+    model = load_model(None, dtype)
+    prompts = load_prompts(pathlib.Path(args.datasets), args.per_domain, tokenizer)
+    hf = None
+    if not args.no_transformers:
+        import transformers
+
+        path = default_model_path()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                               dtype=dtype).eval()
+    results = {"device": f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+               "dtype": str(dtype), "max_tokens": args.max_tokens, "per_domain": args.per_domain, "runs": []}
+    for temperature in [float(t) for t in args.temperatures.split(",")]:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, seed=0)
+        for domain, domain_prompts in prompts.items():
+            base, base_tokens = run_ours(model, tokenizer, None, domain_prompts, params)
+            rows = [("dspark plain", base, True)]
+            for name, make in drafters(model).items():
+                summary, tokens = run_ours(model, tokenizer, make(), domain_prompts, params)
+                rows.append((name, summary, tokens == base_tokens))
+            if hf is not None:
+                rows.append(("transformers plain", run_transformers(hf, domain_prompts, params, None), None))
+                rows.append(("transformers prompt lookup 5", run_transformers(hf, domain_prompts, params, 5), None))
+            for name, summary, identical in rows:
+                record = {"temperature": temperature, "domain": domain, "method": name,
+                          "speedup_vs_dspark_plain": summary["tokens_per_s"] / base["tokens_per_s"],
+                          "identical_to_plain": identical, **summary}
+                results["runs"].append(record)
+                print(f"T={temperature} {domain:5s} {name:38s} {summary['tokens_per_s']:7.1f} tok/s "
+                      f"x{record['speedup_vs_dspark_plain']:.2f} tau {summary.get('tau', float('nan')):.2f} "
+                      f"{'' if identical is None else 'identical' if identical else 'differs'}", flush=True)
+    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(args.out + ".json").write_text(json.dumps(results, indent=1))
+    plot(results, args.out + ".png")
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    temperatures = sorted({r["temperature"] for r in results["runs"]})
+    fig, axes = plt.subplots(1, len(temperatures), figsize=(7 * len(temperatures), 5), squeeze=False)
+    for ax, temperature in zip(axes[0], temperatures):
+        runs = [r for r in results["runs"] if r["temperature"] == temperature]
+        methods = list(dict.fromkeys(r["method"] for r in runs))
+        domains = list(dict.fromkeys(r["domain"] for r in runs))
+        width = 0.8 / len(domains)
+        for i, domain in enumerate(domains):
+            values = [next(r["speedup_vs_dspark_plain"] for r in runs if r["method"] == m and r["domain"] == domain)
+                      for m in methods]
+            ax.barh([j + i * width for j in range(len(methods))], values, height=width, label=domain)
+        ax.set_yticks([j + 0.4 - width / 2 for j in range(len(methods))], methods, fontsize=8)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xlabel("tokens/s relative to dspark plain decoding")
+        ax.set_title(f"SmolLM2-135M, temperature {temperature:g}, {results['dtype']}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
