@@ -34,7 +34,6 @@ def drafters(model):
         "ngram gamma=8": lambda: NgramDrafter(8),
         "ngram tree (3 branches, 8 nodes)": lambda: NgramDrafter(8, branches=3),
         "self-draft 8/30 layers gamma=3": lambda: DraftModelDrafter.self_draft(model, 8, 3),
-        "self-draft 8/30 layers tree (2,2,1)": lambda: DraftModelDrafter.self_draft(model, 8, branching=(2, 2, 1)),
     }
 
 
