@@ -162,10 +162,13 @@ def test_kv_rollback_rejects(backend, case):
 
 def test_valid_inputs_pass(backend):
     # The bases of the cases above are valid, so each failure above comes from its corruption alone.
-    ops.tree_attention(**attention_inputs(), backend=backend)
-    ops.tree_attention(**paged_attention_inputs(), backend=backend)
-    ops.rejection_sample(**sampling_inputs(), backend=backend)
-    ops.kv_rollback(**rollback_inputs(), backend=backend)
+    assert ops.tree_attention(**attention_inputs(), backend=backend).shape == (5, 4, 8)
+    assert ops.tree_attention(**paged_attention_inputs(), backend=backend).shape == (5, 4, 8)
+    nodes, count, _ = ops.rejection_sample(**sampling_inputs(), backend=backend)
+    assert nodes.shape == (2, 3) and bool((count >= 1).all())
+    inputs = rollback_inputs()
+    ops.kv_rollback(**inputs, backend=backend)
+    assert inputs["cache_seqlens"].tolist() == [6, 12]
 
 
 def test_mismatched_devices_are_named():

@@ -12,6 +12,8 @@ import os
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
+from dspark import tree
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -102,13 +104,7 @@ def request_depths(parents: torch.Tensor | None, qo_indptr: torch.Tensor) -> lis
     if parents is None:
         return [max(b - a - 1, 0) for a, b in zip(offsets, offsets[1:])]
     values = parents.tolist()
-    result = []
-    for start, end in zip(offsets, offsets[1:]):
-        depth = [0] * (end - start)
-        for local in range(1, end - start):
-            depth[local] = depth[values[start + local]] + 1
-        result.append(max(depth, default=0))
-    return result
+    return [max(tree.depths(values[a:b]), default=0) for a, b in zip(offsets, offsets[1:])]
 
 
 def check_cache_capacity(
