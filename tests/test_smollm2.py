@@ -54,6 +54,17 @@ def test_speculative_greedy_is_token_identical_on_smollm2(smollm2, drafter):
     assert [r.generated for r in engine.generate(prompts, params)] == plain
 
 
+def test_stop_strings_cut_the_text(smollm2):
+    model, tokenizer, prompts = smollm2
+    [full] = Engine(model, tokenizer, max_seq_len=256).generate(prompts[:1], SamplingParams(max_tokens=40))
+    assert "def " in full.text
+    params = SamplingParams(max_tokens=40, stop_strings=("def ",))
+    [cut] = Engine(model, tokenizer, NgramDrafter(4), max_seq_len=256).generate(prompts[:1], params)
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index("def ")]
+    assert full.generated[: len(cut.generated)] == cut.generated
+
+
 def test_main_job_runs(capsys):
     assert cli.main(["generate", "Say hello.", "--max-tokens", "8", "--dtype", "fp32"]) == 0
     out = capsys.readouterr().out
