@@ -199,3 +199,18 @@ def test_drafters_receive_the_target_hidden_states_of_every_committed_token(tiny
         _, captured = model.forward(cache, build_round(1, [(0, committed, None)], [0]), capture_layers=(0, 2))
         expected = torch.cat(captured, dim=-1)
         torch.testing.assert_close(torch.cat(drafter.seen[request.id]), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_transformers_model_as_target_and_as_drafter(tiny):
+    from dspark.models.hf_adapter import HFCausalLM
+
+    hf, model = tiny
+    adapter = HFCausalLM(hf)
+    plain = generated(Engine(model, max_batch=8, max_seq_len=128), PROMPTS)
+    assert generated(Engine(adapter, max_batch=8, max_seq_len=128), PROMPTS) == plain
+    assert generated(Engine(adapter, drafter=NgramDrafter(6, branches=3), max_batch=3, max_seq_len=128),
+                     PROMPTS) == plain
+    assert generated(Engine(model, drafter=DraftModelDrafter(adapter, 3), max_batch=8, max_seq_len=128),
+                     PROMPTS) == plain
+    with pytest.raises(ValueError, match="contiguous"):
+        Engine(adapter, max_seq_len=128, block_size=4).generate(PROMPTS[:1], GREEDY)

@@ -1,7 +1,9 @@
-"""Target and draft transformers: a Llama-family decoder on dspark ops, and its loaders."""
+"""Target and draft transformers: a Llama-family decoder on dspark ops, its loaders, and an adapter
+that runs any transformers causal LM on dspark's KV cache."""
 
 from dspark.models.config import ModelConfig
+from dspark.models.hf_adapter import HFCausalLM
 from dspark.models.llama import LlamaModel
 from dspark.models.loading import default_model_path, load_model, load_tokenizer
 
-__all__ = ["ModelConfig", "LlamaModel", "load_model", "load_tokenizer", "default_model_path"]
+__all__ = ["HFCausalLM", "ModelConfig", "LlamaModel", "load_model", "load_tokenizer", "default_model_path"]
