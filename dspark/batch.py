@@ -30,7 +30,7 @@ def build_round(num_rows: int, entries: list[tuple[int, list[int], list[int] | N
         if row in per_row:
             raise ValueError(f"cache row {row} appears twice in one round")
         per_row[row] = (tokens, parents)
-    flat, parents_flat, positions, rows, slots, counts, last = [], [], [], [], [], [], []
+    flat, parents_flat, positions, rows, slots, counts = [], [], [], [], [], []
     any_tree = any(p is not None for _, _, p in entries)
     for row in range(num_rows):
         tokens, parents = per_row.get(row, ([], None))

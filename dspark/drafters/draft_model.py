@@ -127,7 +127,6 @@ class DraftModelDrafter:
                 break
             entries = [(r.row, [r.tokens[-1]] + trees[r.row][0], [-1] + trees[r.row][1]) for r in requests]
             logits = self._forward_last(entries, [frontier[r.row] for r in requests])
-            self._written = {r.row: 1 + len(trees[r.row][0]) - len(frontier[r.row]) for r in requests}
         self._written = {r.row: 1 + len(trees[r.row][0]) - len(frontier[r.row]) for r in requests}
         return [Proposal(*trees[r.row]) for r in requests]
 
