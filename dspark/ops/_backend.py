@@ -1,9 +1,14 @@
-"""Which implementation runs an op: the fastest available for the tensors' device (cuda > triton on
-GPU, the C++ extension > reference on CPU), overridden per call by `backend=` or by DSPARK_BACKEND."""
+"""Which implementation runs an op: the fastest available for the tensors' device (triton > reference
+on GPU, the C++ extension > reference on CPU), overridden per call by `backend=` or by DSPARK_BACKEND.
+
+The Triton backend also runs on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set
+before the first Triton kernel is imported); it is then chosen only when asked for by name.
+"""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import warnings
 
@@ -19,14 +24,34 @@ except ImportError as error:  # a source checkout without a build: only the refe
     cpu_extension = None
     _cpu_extension_error = error
 
+triton_installed = importlib.util.find_spec("triton") is not None
 _warned_fallback = False
 
 
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _available(device: torch.device) -> list[str]:
-    """Backends that can run on `device`, fastest first. Triton and CUDA kernels are not built yet."""
+    """Backends that can run on `device`, fastest first."""
     if device.type == "cpu":
-        return (["cpu"] if cpu_extension is not None else []) + ["reference"]
+        names = (["cpu"] if cpu_extension is not None else []) + ["reference"]
+        return names + (["triton"] if triton_installed and triton_interpreted() else [])
+    if device.type == "cuda" and triton_installed and not triton_interpreted():
+        return ["triton", "reference"]
     return ["reference"]
+
+
+def _why_unavailable(requested: str, device: torch.device) -> str:
+    if requested == "cpu" and cpu_extension is None:
+        return f" ({_cpu_extension_error})"
+    if requested == "triton" and not triton_installed:
+        return " (triton is not installed)"
+    if requested == "triton" and device.type == "cpu":
+        return " (Triton runs on CPU tensors only under TRITON_INTERPRET=1)"
+    if requested == "triton" and triton_interpreted():
+        return " (TRITON_INTERPRET=1 is set: the interpreter runs on CPU tensors only)"
+    return ""
 
 
 def choose_backend(requested: str | None, device: torch.device) -> str:
@@ -42,6 +67,6 @@ def choose_backend(requested: str | None, device: torch.device) -> str:
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {requested!r}")
     if requested not in available:
-        why = f" ({_cpu_extension_error})" if requested == "cpu" and cpu_extension is None else ""
-        raise ValueError(f"backend {requested!r} cannot run on {device.type} tensors here{why}; available: {available}")
+        raise ValueError(f"backend {requested!r} cannot run on {device.type} tensors here"
+                         f"{_why_unavailable(requested, device)}; available: {available}")
     return requested

@@ -65,6 +65,11 @@ def _kv_rollback_op(
     if chosen == "reference":
         reference_kv_rollback(k_cache, v_cache, cache_seqlens, accepted_nodes, num_accepted, block_table)
         return
+    if chosen == "triton":
+        from dspark.triton_kernels.kv_cache import kv_rollback as triton_kv_rollback
+
+        triton_kv_rollback(k_cache, v_cache, cache_seqlens, accepted_nodes, num_accepted, block_table)
+        return
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("cache_seqlens", cache_seqlens)):
         if t is not None:
             v.check_contiguous(name, t)

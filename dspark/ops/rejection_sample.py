@@ -96,6 +96,11 @@ def _rejection_sample_op(
     if chosen == "reference":
         return reference_rejection_sample(target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature,
                                           top_k, top_p, uniforms, seed, offset, max_nodes)
+    if chosen == "triton":
+        from dspark.triton_kernels.rejection_sampling import rejection_sample as triton_rejection_sample
+
+        return triton_rejection_sample(target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature,
+                                       top_k, top_p, uniforms, seed, offset, max_nodes)
     num_requests = qo_indptr.shape[0] - 1
     accepted_nodes = torch.empty(num_requests, max_nodes, dtype=torch.int32)
     num_accepted = torch.empty(num_requests, dtype=torch.int32)

@@ -63,6 +63,10 @@ def _tree_attention_op(
     chosen = choose_backend(None if backend == "auto" else backend, q.device)
     if chosen == "reference":
         return reference_tree_attention(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table, scale)
+    if chosen == "triton":
+        from dspark.triton_kernels.tree_attention import tree_attention as triton_tree_attention
+
+        return triton_tree_attention(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table, scale)
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         v.check_contiguous(name, cache)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
