@@ -1,4 +1,7 @@
-"""kv_rollback: overlapping moves, stacked layers, paged paths across blocks, committed slots untouched."""
+"""kv_rollback: overlapping moves, stacked layers, paged paths across blocks, committed slots untouched.
+
+Inputs are built on the CPU, moved to the backend's device (the GPU for Triton when there is one) and
+compared back on the CPU."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import pytest
 import torch
 
 from builders import random_cache
+from conftest import device_of
 from dspark import ops
 
 
@@ -21,15 +25,14 @@ def _check_rollback(backend, committed, paths, block_size, dtype=torch.float32, 
     round_nodes = [max(p, default=0) + 2 for p in paths]  # the round wrote a few more nodes than it kept
     needed = [c + n for c, n in zip(committed, round_nodes)]
     cache = random_cache(gen, needed, 2, 8, dtype, block_size, lead=lead)
-    k, v = cache.k, None if side_cache else cache.v
-    before_k, before_v = k.clone(), None if v is None else v.clone()
-    seqlens = torch.tensor(committed, dtype=torch.int32)
-    width = max(len(p) for p in paths) + 1
-    accepted = torch.full((len(paths), width), -1, dtype=torch.int32)
-    for r, path in enumerate(paths):
-        accepted[r, : len(path)] = torch.tensor(path, dtype=torch.int32)
-    counts = torch.tensor([len(p) for p in paths], dtype=torch.int32)
-    ops.kv_rollback(k, v, seqlens, accepted, counts, cache.block_table, backend=backend)
+    before_k, before_v = cache.k, None if side_cache else cache.v
+    accepted, counts = _accepted(paths, max(len(p) for p in paths) + 1)
+    device = device_of(backend)
+    k, v = before_k.to(device, copy=True), None if before_v is None else before_v.to(device, copy=True)
+    seqlens = torch.tensor(committed, dtype=torch.int32, device=device)
+    table = None if cache.block_table is None else cache.block_table.to(device)
+    ops.kv_rollback(k, v, seqlens, accepted.to(device), counts.to(device), table, backend=backend)
+    k, v = k.cpu(), None if v is None else v.cpu()
     assert seqlens.tolist() == [c + len(p) for c, p in zip(committed, paths)]
     for r, (base, path) in enumerate(zip(committed, paths)):
         for new, old in ((before_k, k), (before_v, v)):
@@ -41,6 +44,14 @@ def _check_rollback(backend, committed, paths, block_size, dtype=torch.float32, 
                 assert torch.equal(_slot(old, r, base + j, cache.block_table),
                                    _slot(new, r, base + node, cache.block_table))
     return k, before_k, cache
+
+
+def _accepted(paths: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paths padded with -1 to `width` columns, and their lengths."""
+    accepted = torch.full((len(paths), width), -1, dtype=torch.int32)
+    for r, path in enumerate(paths):
+        accepted[r, : len(path)] = torch.tensor(path, dtype=torch.int32)
+    return accepted, torch.tensor([len(p) for p in paths], dtype=torch.int32)
 
 
 @pytest.mark.parametrize("block_size", [None, 1, 16])
@@ -69,7 +80,38 @@ def test_nothing_accepted_leaves_the_cache(backend):
     assert torch.equal(k, before)  # [0] moves nothing either
 
 
-def test_matches_reference_on_random_paths():
+def test_any_dtype_moves_bits_exactly(backend):
+    # Integers, bool and 8-byte elements move too; float NaNs keep their payload (bits are copied).
+    for dtype in (torch.int8, torch.bool, torch.int64, torch.float64):
+        _check_rollback(backend, [2, 7], [[0, 2, 3], [1, 4]], 4, dtype=dtype)
+    k, before, _ = _check_rollback(backend, [1], [[0, 3]], None, dtype=torch.float16)
+    assert torch.equal(k.view(torch.int16)[0, 2], before.view(torch.int16)[0, 4])
+
+
+def test_long_path_and_strided_caches(backend):
+    # A 20-node path (a 32-wide register tile), and K/V that are strided views of one stacked buffer.
+    device = device_of(backend)
+    gen = torch.Generator().manual_seed(5)
+    committed, path = [3, 0], [[0] + list(range(2, 40, 2)), [0, 1, 5]]
+    both = torch.randn(2, 2, 2, 50, 3, 4, generator=gen)  # [layer, k/v, R, S, H, D]
+    accepted, counts = _accepted(path, 24)
+    expected_k, expected_v, seqlens = both[:, 0].clone(), both[:, 1].clone(), torch.tensor(committed, dtype=torch.int32)
+    ops.kv_rollback(expected_k, expected_v, seqlens, accepted, counts, backend="reference")
+    on_device = both.to(device)
+    k, v = on_device[:, 0], on_device[:, 1].transpose(-1, -2).contiguous().transpose(-1, -2)  # D strided
+    seqlens = torch.tensor(committed, dtype=torch.int32, device=device)
+    if backend == "cpu":  # the C++ kernel reads by pointer and asks for contiguous caches
+        with pytest.raises(ValueError, match="must be contiguous"):
+            ops.kv_rollback(k, v, seqlens, accepted, counts, backend=backend)
+        return
+    ops.kv_rollback(k, v, seqlens, accepted.to(device), counts.to(device), backend=backend)
+    assert torch.equal(k.cpu(), expected_k) and torch.equal(v.cpu(), expected_v)
+    assert seqlens.tolist() == [3 + 20, 3]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_matches_reference_on_random_paths(backend):
+    device = device_of(backend)
     gen = torch.Generator().manual_seed(0)
     committed = torch.randint(0, 40, (8,), generator=gen).to(torch.int32)
     paths = []
@@ -78,14 +120,11 @@ def test_matches_reference_on_random_paths():
         paths.append([0] + sorted(torch.randperm(15, generator=gen)[: length - 1].add(1).tolist()))
     needed = [int(c) + max(p) + 1 for c, p in zip(committed, paths)]
     cache = random_cache(gen, needed, 4, 16, torch.float16, 16, lead=(2,))
-    accepted = torch.full((8, 10), -1, dtype=torch.int32)
-    for r, path in enumerate(paths):
-        accepted[r, : len(path)] = torch.tensor(path, dtype=torch.int32)
-    counts = torch.tensor([len(p) for p in paths], dtype=torch.int32)
-    results = []
-    for backend in ("reference", "cpu"):
-        k, v, seqlens = cache.k.clone(), cache.v.clone(), committed.clone()
-        ops.kv_rollback(k, v, seqlens, accepted, counts, cache.block_table, backend=backend)
-        results.append((k, v, seqlens))
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    accepted, counts = _accepted(paths, 10)
+    table = cache.block_table
+    expected = cache.k.clone(), cache.v.clone(), committed.clone()
+    ops.kv_rollback(*expected, accepted, counts, table, backend="reference")
+    k, v, seqlens = cache.k.to(device), cache.v.to(device), committed.to(device)
+    ops.kv_rollback(k, v, seqlens, accepted.to(device), counts.to(device), table.to(device), backend=backend)
+    for got, want in zip((k, v, seqlens), expected):
+        assert torch.equal(got.cpu(), want)
