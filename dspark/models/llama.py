@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from dspark import ops
 from dspark.batch import Round
 from dspark.cache import KVCache
-from dspark.models.config import ModelConfig
+from dspark.models.config import ModelConfig, rope_type
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -24,7 +24,7 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     scaling = config.rope_scaling
     if not scaling:
         return inv_freq
-    kind = scaling.get("rope_type", scaling.get("type"))
+    kind = rope_type(scaling)
     factor = float(scaling.get("factor", 1.0))
     if kind == "linear":
         return inv_freq / factor
@@ -37,7 +37,7 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelength >= old_context / high) & (wavelength <= old_context / low)
         return torch.where(medium, smoothed, scaled)
-    raise NotImplementedError(f"rope scaling {kind!r} is not supported (default, linear, llama3 are)")
+    raise ValueError(f"rope scaling type {kind!r} is not supported (default, linear, llama3 are)")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -60,8 +60,17 @@ class LlamaModel:
         self.config = config
         self.weights = weights
         self.inv_freq = rope_inverse_frequencies(config).float().to(weights["embed_tokens.weight"].device)
-        if "lm_head.weight" not in weights:
+        # Tied checkpoints may still carry a (stale or identical) lm_head; transformers uses the embedding.
+        if config.tie_word_embeddings or "lm_head.weight" not in weights:
             weights["lm_head.weight"] = weights["embed_tokens.weight"]
+
+    def check_context(self, max_seq_len: int) -> None:
+        """Refuse caches longer than the sliding window: tree_attention has no window, and positions
+        below the window are exactly the ones where windowed and full attention agree."""
+        window = self.config.sliding_window
+        if window is not None and max_seq_len > window:
+            raise ValueError(f"this checkpoint uses sliding-window attention (window {window}), which dspark does "
+                             f"not implement; use max_seq_len <= {window} (got {max_seq_len})")
 
     def truncated(self, num_layers: int) -> "LlamaModel":
         """The first num_layers layers with the final norm and head, sharing this model's weights."""
@@ -91,14 +100,15 @@ class LlamaModel:
         cache.write(i, rnd.write_rows, rnd.write_slots, k, v)
         out = ops.tree_attention(q, cache.k[i], cache.v[i], rnd.qo_indptr, cache.seqlens, rnd.parents,
                                  cache.block_table)
-        return F.linear(out.reshape(x.shape[0], -1), w[prefix + "o_proj.weight"])
+        return F.linear(out.reshape(x.shape[0], -1), w[prefix + "o_proj.weight"], w.get(prefix + "o_proj.bias"))
 
     def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
         w = self.weights
         prefix = f"layers.{i}.mlp."
-        gate = F.linear(x, w[prefix + "gate_proj.weight"])
-        up = F.linear(x, w[prefix + "up_proj.weight"])
-        return F.linear(F.silu(gate) * up, w[prefix + "down_proj.weight"])
+        # Biases exist only in Llama checkpoints with mlp_bias=True; absent ones read as None.
+        gate = F.linear(x, w[prefix + "gate_proj.weight"], w.get(prefix + "gate_proj.bias"))
+        up = F.linear(x, w[prefix + "up_proj.weight"], w.get(prefix + "up_proj.bias"))
+        return F.linear(F.silu(gate) * up, w[prefix + "down_proj.weight"], w.get(prefix + "down_proj.bias"))
 
     @torch.inference_mode()
     def forward(self, cache: KVCache, rnd: Round,
@@ -106,6 +116,7 @@ class LlamaModel:
         """Final-norm hidden states [T, hidden], and the residual stream after each layer in
         capture_layers (for drafters conditioned on the target's hidden states)."""
         c, w = self.config, self.weights
+        self.check_context(cache.max_seq_len)
         angles = rnd.positions.float()[:, None] * self.inv_freq[None, :]
         cos, sin = angles.cos(), angles.sin()
         h = F.embedding(rnd.tokens, w["embed_tokens.weight"])

@@ -69,6 +69,9 @@ def _gguf_config(fields: dict) -> ModelConfig:
     heads = fields[f"{arch}.attention.head_count"]
     hidden = fields[f"{arch}.embedding_length"]
     eos = fields.get("tokenizer.ggml.eos_token_id")
+    scaling = fields.get(f"{arch}.rope.scaling.type", "none")
+    if scaling not in ("none", "linear"):
+        raise ValueError(f"GGUF rope scaling type {scaling!r} is not supported (none, linear are)")
     return ModelConfig(
         vocab_size=fields.get(f"{arch}.vocab_size") or 0,
         hidden_size=hidden,
@@ -78,12 +81,15 @@ def _gguf_config(fields: dict) -> ModelConfig:
         num_kv_heads=fields.get(f"{arch}.attention.head_count_kv", heads),
         head_dim=fields.get(f"{arch}.attention.key_length") or hidden // heads,
         rope_theta=float(fields.get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling={"rope_type": "linear", "factor": float(fields[f"{arch}.rope.scaling.factor"])}
+        if scaling == "linear" else None,
         rms_norm_eps=float(fields[f"{arch}.attention.layer_norm_rms_epsilon"]),
         max_position_embeddings=fields.get(f"{arch}.context_length", 4096),
         attention_bias=arch == "qwen2",
         qk_norm=arch == "qwen3",
         bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=() if eos is None else (eos,),
+        sliding_window=fields.get(f"{arch}.attention.sliding_window"),
     )
 
 
@@ -107,6 +113,8 @@ def load_gguf(path: str, dtype: torch.dtype, device: str | torch.device = "cpu")
         value = torch.from_numpy(np.array(array, dtype=np.float32)).reshape(
             [int(d) for d in reversed(tensor.shape)])
         name = _GGUF_NAMES.get(tensor.name)
+        if tensor.name == "rope_freqs.weight":  # llama.cpp's form of llama3 rope scaling
+            raise ValueError("GGUF with per-frequency rope factors (rope_freqs, llama3 scaling) is not supported")
         if name is None:
             _, layer, kind, suffix = tensor.name.split(".", 3)
             name = f"layers.{layer}.{_GGUF_LAYER_NAMES[kind]}.{suffix}"
