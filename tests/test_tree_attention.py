@@ -11,6 +11,14 @@ import torch.nn.functional as F
 from dspark import ops
 from dspark.reference.tree_attention import tree_attention as reference_tree_attention
 from builders import random_cache, random_round
+from conftest import INTERPRETED, device_of
+
+
+def _attend(backend, q, k_cache, v_cache, *args, **kwargs):
+    """ops.tree_attention on the backend's device (Triton: the GPU when there is one); result on CPU."""
+    device = device_of(backend)
+    moved = [None if t is None else t.to(device) for t in (q, k_cache, v_cache, *args)]
+    return ops.tree_attention(*moved, backend=backend, **kwargs).cpu()
 
 # Error bound |out - truth| <= atol + rtol * |truth| against the float64 truth computed from the same
 # (already rounded) inputs. What remains is the rounding of the output to the dtype (unit roundoff:
@@ -32,13 +40,15 @@ CASES = list(itertools.product(
 def _run_case(backend, dtype, block_size, group, head_dim, seed, chain, num_requests, max_nodes, max_committed,
               min_nodes=0):
     gen = torch.Generator().manual_seed(seed)
+    if backend == "triton" and INTERPRETED:  # Python runs every program: shorter prefixes, same tiling paths
+        max_committed, max_nodes = min(max_committed, 100), min(max_nodes, 40)  # 40 > 32: two mask words
     num_kv_heads = 8 // group
     rnd = random_round(gen, num_requests, max_nodes, max_committed, chain, min_nodes=min_nodes)
     needed = [c + n for c, n in zip(rnd.cache_seqlens.tolist(), rnd.counts)]
     cache = random_cache(gen, needed, num_kv_heads, head_dim, dtype, block_size)
     q = torch.randn(int(rnd.qo_indptr[-1]), 8, head_dim, generator=gen).to(dtype)
     args = (rnd.qo_indptr, rnd.cache_seqlens, rnd.parents, cache.block_table)
-    out = ops.tree_attention(q, cache.k, cache.v, *args, backend=backend)
+    out = _attend(backend, q, cache.k, cache.v, *args)
     truth = reference_tree_attention(q.double(), cache.k.double(), cache.v.double(), *args)
     return out, truth, (q, cache, rnd)
 
@@ -94,8 +104,7 @@ def test_chain_with_empty_prefix_is_causal_prefill(backend):
     k = torch.randn(1, n, kv_heads, dim, generator=gen)
     v = torch.randn(1, n, kv_heads, dim, generator=gen)
     q = torch.randn(n, heads, dim, generator=gen)
-    out = ops.tree_attention(q, k, v, torch.tensor([0, n], dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
-                             backend=backend)
+    out = _attend(backend, q, k, v, torch.tensor([0, n], dtype=torch.int32), torch.zeros(1, dtype=torch.int32))
     expected = F.scaled_dot_product_attention(
         q.double().transpose(0, 1), k[0].double().transpose(0, 1).repeat_interleave(4, 0),
         v[0].double().transpose(0, 1).repeat_interleave(4, 0), is_causal=True,
@@ -107,7 +116,40 @@ def test_custom_sm_scale(backend):
     out, _, (q, cache, rnd) = _run_case(backend, torch.float32, None, 1, 64, seed=2, chain=False, num_requests=2,
                                         max_nodes=5, max_committed=9, min_nodes=1)
     args = (rnd.qo_indptr, rnd.cache_seqlens, rnd.parents, None)
-    scaled = ops.tree_attention(q, cache.k, cache.v, *args, sm_scale=0.3, backend=backend)
+    scaled = _attend(backend, q, cache.k, cache.v, *args, sm_scale=0.3)
     truth = reference_tree_attention(q.double(), cache.k.double(), cache.v.double(), *args, sm_scale=0.3)
     torch.testing.assert_close(scaled.double(), truth, **TOLERANCE[torch.float32])
     assert not torch.allclose(scaled, out)
+
+
+# Triton's own machinery: the split-KV merge and the per-round ancestor mask.
+@pytest.mark.parametrize("splits", [1, 3])
+def test_triton_split_kv_merge(splits):
+    from dspark.triton_kernels.tree_attention import tree_attention as triton_tree_attention
+
+    gen = torch.Generator().manual_seed(21)
+    rnd = random_round(gen, 3, 6, 150, chain=False)
+    needed = [c + n for c, n in zip(rnd.cache_seqlens.tolist(), rnd.counts)]
+    cache = random_cache(gen, needed, 2, 64, torch.bfloat16, 16)
+    q = torch.randn(int(rnd.qo_indptr[-1]), 8, 64, generator=gen).to(torch.bfloat16)
+    args = [rnd.qo_indptr, rnd.cache_seqlens, rnd.parents, cache.block_table]
+    device = device_of("triton")
+    out = triton_tree_attention(*[t.to(device) for t in (q, cache.k, cache.v, *args)], 0.125, num_splits=splits)
+    truth = reference_tree_attention(q.double(), cache.k.double(), cache.v.double(), *args, sm_scale=0.125)
+    torch.testing.assert_close(out.cpu().double(), truth, **TOLERANCE[torch.bfloat16])
+
+
+def test_triton_ancestor_mask_follows_in_place_changes_of_parents():
+    gen = torch.Generator().manual_seed(4)
+    device = device_of("triton")
+    qo_indptr = torch.tensor([0, 5], dtype=torch.int32, device=device)
+    parents = torch.tensor([-1, 0, 0, 1, 2], dtype=torch.int32, device=device)
+    committed = torch.tensor([7], dtype=torch.int32, device=device)
+    k, v = (torch.randn(1, 12, 2, 64, generator=gen).to(device) for _ in range(2))
+    q = torch.randn(5, 4, 64, generator=gen).to(device)
+    for _ in range(2):  # the second call must not reuse the first round's mask
+        out = ops.tree_attention(q, k, v, qo_indptr, committed, parents, backend="triton")
+        truth = reference_tree_attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), qo_indptr.cpu(),
+                                         committed.cpu(), parents.cpu())
+        torch.testing.assert_close(out.cpu().double(), truth, **TOLERANCE[torch.float32])
+        parents.copy_(torch.tensor([-1, 0, 1, 2, 3], dtype=torch.int32))
