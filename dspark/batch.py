@@ -19,6 +19,9 @@ class Round:
     write_rows: torch.Tensor   # [T] int64
     write_slots: torch.Tensor  # [T] int64: cache_seqlens[row] + local index
     last_index: torch.Tensor   # [rows with tokens] index of each entry's last token in the flat round
+    # The longest entry when every entry is a chain written into an empty cache row (plain causal
+    # attention over the round's own tokens, e.g. a first prefill), else 0.
+    fresh_prefill_len: int = 0
 
 
 def build_round(num_rows: int, entries: list[tuple[int, list[int], list[int] | None]], seqlens: list[int],
@@ -47,10 +50,12 @@ def build_round(num_rows: int, entries: list[tuple[int, list[int], list[int] | N
     for c in counts:
         offsets.append(offsets[-1] + c)
     last = [offsets[row + 1] - 1 for row, _, _ in entries]
+    fresh = not any_tree and all(seqlens[row] == 0 for row, _, _ in entries)
 
     def tensor(values, dtype):
         return torch.tensor(values, dtype=dtype, device=device)
 
     return Round(tensor(flat, torch.int64), tensor(offsets, torch.int32),
                  tensor(parents_flat, torch.int32) if any_tree else None, tensor(positions, torch.int64),
-                 tensor(rows, torch.int64), tensor(slots, torch.int64), tensor(last, torch.int64))
+                 tensor(rows, torch.int64), tensor(slots, torch.int64), tensor(last, torch.int64),
+                 max(counts, default=0) if fresh else 0)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from dspark import ops
 from dspark.batch import Round
 from dspark.cache import KVCache
+from dspark.models import flash_prefill
 from dspark.models.config import ModelConfig, rope_type
 
 
@@ -98,8 +99,11 @@ class LlamaModel:
             k = rms_norm(k, w[prefix + "k_norm.weight"], c.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache.write(i, rnd.write_rows, rnd.write_slots, k, v)
-        out = ops.tree_attention(q, cache.k[i], cache.v[i], rnd.qo_indptr, cache.seqlens, rnd.parents,
-                                 cache.block_table)
+        if flash_prefill.applies(q, rnd):
+            out = flash_prefill.attention(q, k, v, rnd, 1.0 / math.sqrt(c.head_dim))
+        else:
+            out = ops.tree_attention(q, cache.k[i], cache.v[i], rnd.qo_indptr, cache.seqlens, rnd.parents,
+                                     cache.block_table)
         return F.linear(out.reshape(x.shape[0], -1), w[prefix + "o_proj.weight"], w.get(prefix + "o_proj.bias"))
 
     def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
