@@ -1,5 +1,10 @@
 """rejection_sample: exact cases, structural invariants, seeded determinism and the edge cases of DESIGN.md.
-The distribution tier lives in test_rejection_sample_distribution.py."""
+The distribution tier lives in test_rejection_sample_distribution.py.
+
+Inputs live on device_of(backend) (CUDA for Triton on a GPU machine, else CPU, where Triton runs under its
+interpreter); results are compared on the CPU. The Triton kernel's main proof is exact agreement with the
+C++ backend (and the reference) on many random rounds given identical uniforms or seeds: the statistical
+tier can afford only a few hundred interpreted trials."""
 
 from __future__ import annotations
 
@@ -7,10 +12,19 @@ import pytest
 import torch
 
 from builders import random_round
+from conftest import INTERPRETED, device_of
 from dspark import ops
 from dspark.reference.rejection_sample import sample_index, target_distribution
 
 NEG_INF = float("-inf")
+
+
+def on(device, *tensors):
+    return [None if t is None else t.to(device) for t in tensors]
+
+
+def cpu(results):
+    return [t.cpu() for t in results]
 
 
 def one_hot_logits(tokens: list[int], vocab: int) -> torch.Tensor:
@@ -26,8 +40,9 @@ def test_one_hot_targets_accept_the_whole_chain(backend, stochastic):
     logits = one_hot_logits(tokens[1:] + [2], vocab)
     probs = torch.softmax(torch.randn(len(tokens), vocab), -1) if stochastic else None
     qo_indptr = torch.tensor([0, 5], dtype=torch.int32)
-    nodes, count, out = ops.rejection_sample(logits, torch.tensor(tokens), qo_indptr, draft_probs=probs, seed=3,
-                                             backend=backend)
+    logits, tokens_t, qo_indptr, probs = on(device_of(backend), logits, torch.tensor(tokens), qo_indptr, probs)
+    nodes, count, out = cpu(ops.rejection_sample(logits, tokens_t, qo_indptr, draft_probs=probs, seed=3,
+                                                 backend=backend))
     assert count.tolist() == [5]
     assert nodes.tolist() == [[0, 1, 2, 3, 4]]
     assert out.tolist() == [[7, 1, 9, 4, 2]]
@@ -45,7 +60,8 @@ def test_greedy_tables_with_early_mismatch_in_a_ragged_batch(backend):
     best = {0: 6, 1: 7, 2: 1, 3: 10, 4: 12, 5: 3, 6: 5, 7: 11, 8: 4}
     for row, token in best.items():
         logits[row, token] = 10.0
-    nodes, count, out = ops.rejection_sample(logits, tokens, qo_indptr, parents, temperature=0.0, backend=backend)
+    args = on(device_of(backend), logits, tokens, qo_indptr, parents)
+    nodes, count, out = cpu(ops.rejection_sample(*args, temperature=0.0, backend=backend))
     assert count.tolist() == [2, 1, 2]
     assert nodes.tolist() == [[0, 1, -1, -1], [0, -1, -1, -1], [0, 2, -1, -1]]
     assert out.tolist() == [[6, 7, -1, -1], [12, -1, -1, -1], [3, 11, -1, -1]]
@@ -53,16 +69,18 @@ def test_greedy_tables_with_early_mismatch_in_a_ragged_batch(backend):
 
 def test_greedy_ties_pick_the_lowest_id(backend):
     logits = torch.tensor([[0.0, 2.0, 5.0, 5.0, 1.0], [5.0, 5.0, 0.0, 0.0, 0.0]])
-    nodes, count, out = ops.rejection_sample(logits, torch.tensor([0, 3]), torch.tensor([0, 2], dtype=torch.int32),
-                                             temperature=0.0, backend=backend)
+    args = on(device_of(backend), logits, torch.tensor([0, 3]), torch.tensor([0, 2], dtype=torch.int32))
+    nodes, count, out = cpu(ops.rejection_sample(*args, temperature=0.0, backend=backend))
     assert out.tolist() == [[2, -1]] and count.tolist() == [1]
 
 
-def _random_batch(seed: int, vocab: int, num_requests: int, chain: bool, stochastic: bool):
+def _random_batch(seed: int, vocab: int, num_requests: int, chain: bool, stochastic: bool, tied: bool = False):
     gen = torch.Generator().manual_seed(seed)
     rnd = random_round(gen, num_requests, max_nodes=16, max_committed=0, chain=chain, min_nodes=1)
     total = int(rnd.qo_indptr[-1])
     logits = torch.randn(total, vocab, generator=gen) * 2
+    if tied:  # a few distinct values: ties everywhere, also at the top-k and top-p boundaries
+        logits = logits.round()
     probs = torch.softmax(logits + torch.randn(total, vocab, generator=gen), -1)
     # Half the drafts follow the target's argmax so that long paths get accepted too.
     tokens = torch.where(torch.rand(total, generator=gen) < 0.5, torch.randint(0, vocab, (total,), generator=gen),
@@ -75,12 +93,27 @@ def _random_batch(seed: int, vocab: int, num_requests: int, chain: bool, stochas
                 top_p=top_p), rnd
 
 
+def _to(device, batch: dict) -> dict:
+    return {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in batch.items()}
+
+
+def _first_requests(batch: dict, n: int) -> dict:
+    """The batch cut to its first n requests (the interpreter cannot afford all of them)."""
+    end = int(batch["qo_indptr"][n])
+    cut = {name: batch[name][:n] for name in ("temperature", "top_k", "top_p")}
+    cut.update({name: None if batch[name] is None else batch[name][:end]
+                for name in ("target_logits", "draft_tokens", "parents", "draft_probs")})
+    return dict(batch, **cut, qo_indptr=batch["qo_indptr"][: n + 1])
+
+
 @pytest.mark.parametrize("chain", [True, False])
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_structural_invariants(backend, chain, stochastic):
     vocab = 17
     batch, rnd = _random_batch(1, vocab, 24, chain, stochastic)
-    nodes, count, out = ops.rejection_sample(**batch, seed=torch.arange(24), offset=5, backend=backend)
+    device = device_of(backend)
+    nodes, count, out = cpu(ops.rejection_sample(**_to(device, batch), seed=torch.arange(24, device=device),
+                                                 offset=5, backend=backend))
     tokens = batch["draft_tokens"]
     for r, parents in enumerate(rnd.parent_lists):
         m = int(count[r])
@@ -94,25 +127,70 @@ def test_structural_invariants(backend, chain, stochastic):
         assert (nodes[r, m:] == -1).all() and (out[r, m:] == -1).all()
 
 
+TRITON_REQUESTS = 12 if INTERPRETED else 40  # of the 40 below: the interpreter runs ~10 requests a second
+
+
+@pytest.mark.parametrize("chain", [False, True])
 @pytest.mark.parametrize("stochastic", [False, True])
-def test_seeded_determinism_and_agreement_across_backends(stochastic):
-    batch, _ = _random_batch(2, 1000, 40, chain=False, stochastic=stochastic)
+def test_seeded_determinism_and_agreement_across_backends(chain, stochastic):
+    # Greedy and sampled requests mixed, with temperatures, top-k (incl. 1 and off) and top-p.
+    batch, _ = _random_batch(2, 1000, 40, chain=chain, stochastic=stochastic)
     seed = torch.arange(40) * 7919
-    results = {b: ops.rejection_sample(**batch, seed=seed, offset=3, backend=b) for b in ("reference", "cpu")}
-    again = ops.rejection_sample(**batch, seed=seed, offset=3, backend="cpu")
-    other_round = ops.rejection_sample(**batch, seed=seed, offset=4, backend="cpu")
+    results = {b: ops.rejection_sample(**batch, seed=seed, offset=3, max_nodes=16, backend=b)
+               for b in ("reference", "cpu")}
+    again = ops.rejection_sample(**batch, seed=seed, offset=3, max_nodes=16, backend="cpu")
+    other_round = ops.rejection_sample(**batch, seed=seed, offset=4, max_nodes=16, backend="cpu")
     for a, b, c in zip(results["reference"], results["cpu"], again):
         assert torch.equal(a, b) and torch.equal(b, c)
     assert not torch.equal(other_round[2], again[2])
     uniforms = torch.rand(batch["target_logits"].shape[0], 2, dtype=torch.float64,
                           generator=torch.Generator().manual_seed(9))
-    by_uniforms = [ops.rejection_sample(**batch, uniforms=uniforms, backend=b) for b in ("reference", "cpu")]
+    by_uniforms = [ops.rejection_sample(**batch, uniforms=uniforms, max_nodes=16, backend=b)
+                   for b in ("reference", "cpu")]
     for a, b in zip(*by_uniforms):
+        assert torch.equal(a, b)
+    # Triton: the same outputs from the same seeds (Philox in the kernel) and from the same uniforms.
+    n, device = TRITON_REQUESTS, device_of("triton")
+    small = _to(device, _first_requests(batch, n))
+    randomness = (dict(seed=seed[:n].to(device), offset=3),
+                  dict(uniforms=uniforms[: int(batch["qo_indptr"][n])].to(device)))
+    for extra, expected in zip(randomness, (results["cpu"], by_uniforms[1])):
+        got = cpu(ops.rejection_sample(**small, **extra, max_nodes=16, backend="triton"))
+        for a, b in zip(expected, got):
+            assert torch.equal(a[:n], b)
+
+
+@pytest.mark.parametrize("case", ["tied_tree", "tied_stochastic_chain", "multi_tile_tree", "multi_tile_stochastic",
+                                  "bf16_tree"])
+def test_triton_matches_cpu_on_random_rounds(monkeypatch, case):
+    """The main proof for the Triton kernel: identical outputs to the C++ backend given identical
+    uniforms. Tied logits put ties at the top-k and top-p boundaries; small tiles (as on the GPU) put
+    the vocabulary across many tiles, with V not a multiple of the tile."""
+    import dspark.triton_kernels.rejection_sampling as kernel
+
+    chain, stochastic = "chain" in case, "stochastic" in case
+    vocab = 1000 if case.startswith("multi_tile") else 333
+    num_requests = TRITON_REQUESTS
+    if case.startswith("multi_tile"):  # the compiled kernel's radix width, over 4 tiles (the last one partial)
+        monkeypatch.setattr(kernel, "MAX_BLOCK", 256)
+        monkeypatch.setattr(kernel, "RADIX_BITS", 4)
+        num_requests = min(num_requests, 8)
+    batch, _ = _random_batch(10 + len(case), vocab, num_requests, chain, stochastic, tied=case.startswith("tied"))
+    if case.startswith("bf16"):
+        batch["target_logits"] = batch["target_logits"].bfloat16()
+    uniforms = torch.rand(batch["target_logits"].shape[0], 2, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(len(case)))
+    expected = ops.rejection_sample(**batch, uniforms=uniforms, max_nodes=16, backend="cpu")
+    device = device_of("triton")
+    got = cpu(ops.rejection_sample(**_to(device, batch), uniforms=uniforms.to(device), max_nodes=16,
+                                   backend="triton"))
+    for a, b in zip(expected, got):
         assert torch.equal(a, b)
 
 
 def test_generator_draws_reproducible_uniforms(backend):
     batch, _ = _random_batch(3, 50, 6, chain=True, stochastic=False)
+    batch = _to(device_of(backend), batch)
     first = ops.rejection_sample(**batch, generator=torch.Generator().manual_seed(1), backend=backend)
     second = ops.rejection_sample(**batch, generator=torch.Generator().manual_seed(1), backend=backend)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
@@ -120,16 +198,17 @@ def test_generator_draws_reproducible_uniforms(backend):
 
 def test_seed_results_do_not_depend_on_batch_neighbours(backend):
     batch, rnd = _random_batch(4, 40, 5, chain=False, stochastic=True)
-    full = ops.rejection_sample(**batch, seed=torch.arange(5) + 100, offset=1, backend=backend)
+    device = device_of(backend)
+    full = cpu(ops.rejection_sample(**_to(device, batch), seed=torch.arange(5, device=device) + 100, offset=1,
+                                    backend=backend))
     start, end = int(rnd.qo_indptr[2]), int(rnd.qo_indptr[3])
     alone = ops.rejection_sample(
-        batch["target_logits"][start:end], batch["draft_tokens"][start:end],
-        torch.tensor([0, end - start], dtype=torch.int32),
-        None if batch["parents"] is None else batch["parents"][start:end],
-        batch["draft_probs"][start:end], batch["temperature"][2:3], batch["top_k"][2:3], batch["top_p"][2:3],
+        *on(device, batch["target_logits"][start:end], batch["draft_tokens"][start:end],
+            torch.tensor([0, end - start], dtype=torch.int32), batch["parents"][start:end],
+            batch["draft_probs"][start:end], batch["temperature"][2:3], batch["top_k"][2:3], batch["top_p"][2:3]),
         seed=102, offset=1, max_nodes=full[0].shape[1], backend=backend,
     )
-    for a, b in zip(full, alone):
+    for a, b in zip(full, cpu(alone)):
         assert torch.equal(a[2:3], b)
 
 
@@ -139,8 +218,9 @@ def test_uniform_zero_never_accepts_a_zero_probability_token(backend, stochastic
     logits = torch.tensor([[1.0, 0.5, NEG_INF, 0.2, NEG_INF, 0.0]] * 2)
     probs = torch.full((2, vocab), 1.0 / vocab) if stochastic else None
     uniforms = torch.zeros(2, 2, dtype=torch.float64)
-    nodes, count, out = ops.rejection_sample(logits, torch.tensor([0, 2]), torch.tensor([0, 2], dtype=torch.int32),
-                                             draft_probs=probs, uniforms=uniforms, backend=backend)
+    args = on(device_of(backend), logits, torch.tensor([0, 2]), torch.tensor([0, 2], dtype=torch.int32), probs,
+              uniforms)
+    nodes, count, out = cpu(ops.rejection_sample(*args[:3], draft_probs=args[3], uniforms=args[4], backend=backend))
     assert count.tolist() == [1]
     assert out[0, 0] == 0  # uniform 0 samples the first id that has mass, never id 2 or 4
 
@@ -150,10 +230,11 @@ def test_sampled_ids_stay_in_range_with_a_padded_last_tile(backend):
     logits = torch.full((1, vocab), NEG_INF)
     logits[0, vocab - 1] = 0.0
     logits[0, 17] = 0.0
+    device = device_of(backend)
     for u in (0.0, 0.4999, 0.5, 1.0 - 2.0**-53):
         uniforms = torch.tensor([[0.0, u]], dtype=torch.float64)
-        _, _, out = ops.rejection_sample(logits, torch.tensor([3]), torch.tensor([0, 1], dtype=torch.int32),
-                                         uniforms=uniforms, backend=backend)
+        args = on(device, logits, torch.tensor([3]), torch.tensor([0, 1], dtype=torch.int32), uniforms)
+        _, _, out = cpu(ops.rejection_sample(*args[:3], uniforms=args[3], backend=backend))
         assert int(out[0, 0]) == (17 if u < 0.5 else vocab - 1)
 
 
@@ -164,10 +245,12 @@ def test_all_zero_residual_falls_back_to_the_target(backend):
     logits = torch.full((2, vocab), NEG_INF)
     logits[:, [1, 4, 6, 8]] = 0.0
     probs = torch.softmax(logits, -1)
+    device = device_of(backend)
     for u, expected in ((0.1, 1), (0.3, 4), (0.6, 6), (0.9, 8)):
         uniforms = torch.tensor([[0.0, u], [0.5, 0.0]], dtype=torch.float64)
-        nodes, count, out = ops.rejection_sample(logits, torch.tensor([0, 3]), torch.tensor([0, 2], dtype=torch.int32),
-                                                 draft_probs=probs, uniforms=uniforms, backend=backend)
+        args = on(device, logits, torch.tensor([0, 3]), torch.tensor([0, 2], dtype=torch.int32), probs, uniforms)
+        nodes, count, out = cpu(ops.rejection_sample(*args[:3], draft_probs=args[3], uniforms=args[4],
+                                                     backend=backend))
         assert count.tolist() == [1] and out.tolist() == [[expected, -1]]
 
 

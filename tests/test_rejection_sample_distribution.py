@@ -5,6 +5,10 @@ deliberately different one, so drafts are often wrong. Each trial is one request
 first two emitted tokens (t1, t2) are compared by chi-square with the exact law
 p(t1 | anchor) * p(t2 | t1). When a round emits only t1, t2 comes from the next round, which for a
 bigram target is one plain sample of p(. | t1). Seeds are fixed, so every test is deterministic.
+
+Triton runs the full TRIALS on a GPU. Its interpreter (CPU) affords only TRITON_TRIALS, a smoke test
+of the law; there the proof is that its tokens equal the C++ backend's, trial for trial, from the
+same seeds (here and in test_rejection_sample.py).
 """
 
 from __future__ import annotations
@@ -13,12 +17,16 @@ import pytest
 import torch
 
 import dspark.reference.rejection_sample as reference_sampler
+from conftest import INTERPRETED, device_of
 from dspark import ops
 
 VOCAB = 12
 ANCHOR = 0
 TRIALS = 120_000
 REFERENCE_TRIALS = 10_000  # the Python reference is slow; its mutants fail at p < 1e-20 already
+TRITON_TRIALS = 60 if INTERPRETED else TRIALS  # the interpreter runs ~5 sampled top-k/top-p trials a second
+# Interpreted: the two modes that between them cover chain and tree, stochastic and deterministic.
+TRITON_MODES = ["stochastic_tree", "deterministic_chain"] if INTERPRETED else MODES
 P_VALUE = 1e-3
 CHAIN = [-1, 0, 1, 2]
 TREE = [-1, 0, 0, 1, 1, 2, 3]  # two children at the anchor and at node 1, depth 3
@@ -47,7 +55,7 @@ def target_law(setting: str) -> torch.Tensor:
                         for x in range(VOCAB)])
 
 
-def build_round(mode: str, trials: int, seed: int) -> dict:
+def build_round(mode: str, trials: int, seed: int, device: torch.device = torch.device("cpu")) -> dict:
     gen = torch.Generator().manual_seed(seed)
     template = CHAIN if mode.endswith("chain") else TREE
     n = len(template)
@@ -61,20 +69,24 @@ def build_round(mode: str, trials: int, seed: int) -> dict:
         else:  # deterministic: the drafter's top-|siblings| tokens, best first
             ranked = torch.topk(DRAFTER[tokens[:, parent]], len(siblings), dim=-1).indices
             tokens[:, node] = ranked[:, siblings.index(node)]
-    return dict(
+    batch = dict(
         target_logits=TARGET[tokens].reshape(trials * n, VOCAB).float(),
         draft_tokens=tokens.reshape(-1),
         qo_indptr=(torch.arange(trials + 1) * n).to(torch.int32),
         parents=None if template is CHAIN else torch.tensor(template * trials, dtype=torch.int32),
         draft_probs=drafter_probs[tokens].reshape(trials * n, VOCAB).float() if mode.startswith("stochastic") else None,
     )
+    return {name: None if t is None else t.to(device) for name, t in batch.items()}
 
 
 def emitted_pairs(mode: str, setting: str, trials: int, backend: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     temperature, top_k, top_p = SETTINGS[setting]
-    batch = build_round(mode, trials, seed)
+    device = device_of(backend)
+    batch = build_round(mode, trials, seed, device)
     _, count, out = ops.rejection_sample(**batch, temperature=temperature, top_k=top_k, top_p=top_p,
-                                         seed=torch.arange(trials) + 1000 * seed, offset=17, backend=backend)
+                                         seed=torch.arange(trials, device=device) + 1000 * seed, offset=17,
+                                         backend=backend)
+    count, out = count.cpu(), out.cpu()
     first = out[:, 0]
     next_round = torch.multinomial(target_law(setting)[first], 1,
                                    generator=torch.Generator().manual_seed(seed + 1)).squeeze(1)
@@ -110,6 +122,15 @@ def assert_lossless(first: torch.Tensor, second: torch.Tensor, setting: str) -> 
 def test_emitted_tokens_follow_the_target(mode, setting):
     first, second = emitted_pairs(mode, setting, TRIALS, backend="cpu")
     assert_lossless(first, second, setting)
+
+
+@pytest.mark.parametrize("mode", TRITON_MODES)
+def test_triton_is_lossless_and_matches_cpu(mode):
+    # Every rule at once (temperature, top-k, top-p); the interpreter cannot afford more settings.
+    first, second = emitted_pairs(mode, "all", TRITON_TRIALS, backend="triton", seed=7)
+    cpu_first, cpu_second = emitted_pairs(mode, "all", TRITON_TRIALS, backend="cpu", seed=7)
+    assert torch.equal(first, cpu_first) and torch.equal(second, cpu_second)
+    assert_lossless(first, second, "all")
 
 
 @pytest.mark.parametrize("mode", ["stochastic_chain", "deterministic_tree"])

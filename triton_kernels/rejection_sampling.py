@@ -1,0 +1,527 @@
+"""rejection_sample in Triton: one launch per round, one program per request (DESIGN.md, op 2).
+
+The executable spec is dspark/reference/rejection_sample.py; csrc/cpu/rejection_sample.cpp is the same
+algorithm in C++. Each program walks its request's chain or tree from the anchor and computes the
+target distribution p only for the nodes it visits, streaming that node's logits row in tiles:
+
+- softmax / temperature: online max and sum in float64 (one pass), p_i = exp(x_i / T - m) * (1 / S);
+- top-k without a sort: p is a monotone function of the logit, so the k-th largest p is p(k-th
+  largest logit), found by a radix search over the float32 bit patterns (4 bits per pass, counts
+  only); ties at that value are kept in id order until k ids are kept (ties: lower id);
+- top-p the same way on the renormalised top-k distribution: a radix search for the largest logit
+  key y whose strictly-greater mass still reaches top_p; the first id of the next value starts the
+  tie group, of which the ids whose mass_before (G + i * v) is < top_p are kept;
+- so p at any id is a closed form of a few scalars (m, 1/S, and threshold, last tie id, mass per
+  filter), which lets the walk read p(x) of one token, stream weights for the sampling pass, etc.
+
+Decisions are made in float64 with the reference's comparisons (a * sum < r(x), a * q(x) < r(x),
+cumulative > u * total), so they agree with the reference and the C++ backend except when a uniform
+lies within ~1e-16 of a boundary (sums are added in another order; see rejection_sample.cpp).
+Uniforms come from the `uniforms` table or from Philox4x32-10 computed in the kernel, bit-for-bit as
+dspark/reference/philox.py. Stochastic residuals norm(max(r - q, 0)) are not stored: r at any id is
+replayed from p and q with the normalisers of the earlier rejections, kept in a [T] scratch vector.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Tuning knobs, None = by mode. Compiled: 512-wide tiles and 4 key bits per radix pass (8 passes, a
+# [512, 16] comparison each). Interpreted (TRITON_INTERPRET=1), where every operation costs about the
+# same whatever its width: whole rows up to 8192 wide and 8 bits per pass (4 passes).
+MAX_BLOCK = None
+RADIX_BITS = None
+
+
+@triton.jit
+def _philox_uniforms(seed, offset, node):
+    """Philox4x32-10 with key = seed, counter = (offset lo, offset hi, node, 0): two 53-bit uniforms."""
+    c0 = offset.to(tl.uint32)  # int64 -> uint32 keeps the low word
+    c1 = (offset >> 32).to(tl.uint32)
+    c2 = node.to(tl.uint32)
+    c3 = c2 * 0
+    k0 = seed.to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    m0 = tl.full([], 0xD2511F53, tl.uint32)
+    m1 = tl.full([], 0xCD9E8D57, tl.uint32)
+    for i in tl.static_range(10):
+        if i > 0:
+            k0 = k0 + tl.full([], 0x9E3779B9, tl.uint32)  # uint32 wrap-around
+            k1 = k1 + tl.full([], 0xBB67AE85, tl.uint32)
+        hi0, lo0 = tl.umulhi(m0, c0), m0 * c0
+        hi1, lo1 = tl.umulhi(m1, c2), m1 * c2
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    scale = 1.0 / 9007199254740992.0  # 2^-53, exact in any float format
+    u0 = (((c0 >> 5).to(tl.int64) << 26) + (c1 >> 6).to(tl.int64)).to(tl.float64) * scale
+    u1 = (((c2 >> 5).to(tl.int64) << 26) + (c3 >> 6).to(tl.int64)).to(tl.float64) * scale
+    return u0, u1
+
+
+@triton.jit
+def _uniform(uniforms_ptr, start, node, seed, offset, COL: tl.constexpr, HAS_UNIFORMS: tl.constexpr):
+    """uniforms[node, COL] of the request: column 0 judges the node, column 1 samples at it."""
+    if HAS_UNIFORMS:
+        u = tl.load(uniforms_ptr + (start + node) * 2 + COL)
+    else:
+        u0, u1 = _philox_uniforms(seed, offset, node)
+        u = u0 if COL == 0 else u1
+    return u
+
+
+@triton.jit
+def _unkey(k):
+    """The float32 of a radix key (see _load_row)."""
+    b = tl.where(k >= 2147483648, k - 2147483648, -1 - k)
+    return b.to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _probs(x, ids, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2):
+    """p after softmax, top-k and top-p at logits x (float32) of ids, as the reference computes it:
+    each filter keeps values > t, and ties == t up to id `tie`, then divides by the kept mass k.
+    A filter that is off has t = -1, k = 1 (x / 1 is exact)."""
+    p = tl.exp(x.to(tl.float64) / temperature - mx) * inv
+    p = tl.where((p > t1) | ((p == t1) & (ids <= tie1)), p / k1, 0.0)
+    return tl.where((p > t2) | ((p == t2) & (ids <= tie2)), p / k2, 0.0)
+
+
+@triton.jit
+def _load_row(row, t, V, BLOCK: tl.constexpr):
+    """Tile t of a logits row as float32 (-inf past V), its radix keys, ids and mask. A key is the
+    float's bit pattern mapped to an int64 in [0, 2^32) that is non-decreasing in x (-1 past V), so
+    that radix searches run on integers. (Unused results cost nothing once compiled.)"""
+    ids = t + tl.arange(0, BLOCK)
+    mask = ids < V
+    x = tl.load(row + ids, mask=mask, other=float("-inf")).to(tl.float32)
+    b = x.to(tl.int32, bitcast=True).to(tl.int64)
+    return x, tl.where(mask, tl.where(b < 0, -1 - b, b + 2147483648), -1), ids, mask
+
+
+@triton.jit
+def _softmax_stats(row, V, temperature, BLOCK: tl.constexpr):
+    """Online max and sum over the row: m = max x / T, returns (m, 1 / sum exp(x / T - m))."""
+    mx = tl.full([], float("-inf"), tl.float64)
+    total = tl.full([], 0.0, tl.float64)
+    for t in range(0, V, BLOCK):
+        x, key, ids, mask = _load_row(row, t, V, BLOCK)
+        y = x.to(tl.float64) / temperature
+        new = tl.maximum(mx, tl.max(y, 0))
+        scale = tl.where(new == mx, 1.0, tl.exp(mx - new))  # no -inf - -inf before a finite logit
+        e = tl.where(y == float("-inf"), 0.0, tl.exp(y - new))
+        total = total * scale + tl.sum(e, 0)
+        mx = new
+    return mx, 1.0 / total
+
+
+@triton.jit
+def _argmax(row, V, BLOCK: tl.constexpr):
+    """torch.argmax of the raw logits: the lowest id among the maxima."""
+    best = tl.full([], 0, tl.int64)
+    best_value = tl.full([], float("-inf"), tl.float32)
+    for t in range(0, V, BLOCK):
+        x, key, ids, mask = _load_row(row, t, V, BLOCK)
+        tile_max = tl.max(x, 0)
+        if tile_max > best_value:  # strictly: an earlier tile wins ties
+            best_value = tile_max
+            best = t + tl.argmax(x, 0).to(tl.int64)
+    return best
+
+
+@triton.jit
+def _kth_largest_key(row, V, k, BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """The largest key y with count(key >= y) >= k, i.e. the k-th largest logit's key: one digit of
+    RADIX_BITS per pass, counting against all candidate digits at once."""
+    digits = tl.arange(0, 1 << RADIX_BITS).to(tl.int64)
+    prefix = tl.full([], 0, tl.int64)
+    for level in tl.static_range(32 // RADIX_BITS):
+        candidates = prefix + (digits << (32 - RADIX_BITS * (level + 1)))
+        counts = tl.zeros([1 << RADIX_BITS], tl.int32)
+        for t in range(0, V, BLOCK):
+            x, key, ids, mask = _load_row(row, t, V, BLOCK)
+            counts += tl.sum((key[:, None] >= candidates[None, :]).to(tl.int32), 0)
+        digit = tl.sum((counts >= k).to(tl.int64), 0) - 1  # digit 0 always holds (the prefix did)
+        prefix += digit << (32 - RADIX_BITS * (level + 1))
+    return prefix
+
+
+@triton.jit
+def _boundary(row, V, temperature, mx, inv, t1, tie1, k1, v, BLOCK: tl.constexpr):
+    """Over the top-k-filtered p (p itself when t1 = -1): count and mass of values > v, count == v."""
+    greater = tl.full([], 0, tl.int64)
+    ties = tl.full([], 0, tl.int64)
+    mass = tl.full([], 0.0, tl.float64)
+    for t in range(0, V, BLOCK):
+        x, key, ids, mask = _load_row(row, t, V, BLOCK)
+        p = _probs(x, ids, temperature, mx, inv, t1, tie1, k1, -1.0, V, 1.0)
+        above = mask & (p > v)
+        greater += tl.sum(above.to(tl.int64), 0)
+        ties += tl.sum((mask & (p == v)).to(tl.int64), 0)
+        mass += tl.sum(tl.where(above, p, 0.0), 0)
+    return greater, mass, ties
+
+
+@triton.jit
+def _nth_tie(row, V, temperature, mx, inv, t1, tie1, k1, v, nth, BLOCK: tl.constexpr):
+    """The id of the nth (1-based) id, in id order, whose filtered p equals v."""
+    seen = tl.full([], 0, tl.int64)
+    found = tl.full([], -1, tl.int64)
+    for t in range(0, V, BLOCK):
+        if found < 0:
+            x, key, ids, mask = _load_row(row, t, V, BLOCK)
+            p = _probs(x, ids, temperature, mx, inv, t1, tie1, k1, -1.0, V, 1.0)
+            tie = mask & (p == v)
+            rank = tl.cumsum(tie.to(tl.int64), 0) + seen
+            hit = tl.min(tl.where(tie & (rank == nth), ids, V), 0).to(tl.int64)
+            found = tl.where(hit < V, hit, -1)
+            seen += tl.sum(tie.to(tl.int64), 0)
+    return found
+
+
+@triton.jit
+def _top_k(row, V, temperature, mx, inv, k, BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """Top-k cut (t1, last tie id, kept mass): p of the k-th largest logit, ties to the lower ids."""
+    x_k = _unkey(_kth_largest_key(row, V, k, BLOCK, RADIX_BITS))
+    t1 = tl.exp(x_k.to(tl.float64) / temperature - mx) * inv
+    off = tl.full([], -1.0, tl.float64)
+    greater, mass, ties = _boundary(row, V, temperature, mx, inv, off, V, 1.0, t1, BLOCK)
+    need = k - greater  # in [1, ties]: fewer than k logits exceed the k-th, at least k reach it
+    tie1 = tl.full([], 0, tl.int64) + V
+    if need < ties:
+        tie1 = _nth_tie(row, V, temperature, mx, inv, off, V, 1.0, t1, need, BLOCK)
+    return t1, tie1, mass + need.to(tl.float64) * t1
+
+
+@triton.jit
+def _mass_search(row, V, temperature, mx, inv, t1, tie1, k1, top_p, BLOCK: tl.constexpr,
+                 RADIX_BITS: tl.constexpr):
+    """The largest key z whose strictly-greater (top-k-filtered) mass is >= top_p, and the smallest
+    positive p above it: the value v of the last kept tie group of top-p."""
+    digits = tl.arange(0, 1 << RADIX_BITS).to(tl.int64)
+    prefix = tl.full([], 0, tl.int64)
+    for level in tl.static_range(32 // RADIX_BITS):
+        candidates = prefix + (digits << (32 - RADIX_BITS * (level + 1)))
+        masses = tl.zeros([1 << RADIX_BITS], tl.float64)
+        for t in range(0, V, BLOCK):
+            x, key, ids, mask = _load_row(row, t, V, BLOCK)
+            p = _probs(x, ids, temperature, mx, inv, t1, tie1, k1, -1.0, V, 1.0)
+            masses += tl.sum(tl.where(key[:, None] > candidates[None, :], p[:, None], 0.0), 0)
+        digit = tl.maximum(tl.sum((masses >= top_p).to(tl.int64), 0) - 1, 0)
+        prefix += digit << (32 - RADIX_BITS * (level + 1))
+    v = tl.full([], float("inf"), tl.float64)
+    for t in range(0, V, BLOCK):
+        x, key, ids, mask = _load_row(row, t, V, BLOCK)
+        p = _probs(x, ids, temperature, mx, inv, t1, tie1, k1, -1.0, V, 1.0)
+        v = tl.minimum(v, tl.min(tl.where((key > prefix) & (p > 0.0), p, float("inf")), 0))
+    return v
+
+
+@triton.jit
+def _top_p(row, V, temperature, mx, inv, t1, tie1, k1, top_p, BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """Top-p cut (t2, last tie id, kept mass) on the top-k-filtered p. Sorted descending, the tie
+    group of value v starts after mass G; its i-th member has mass_before G + i * v."""
+    v = _mass_search(row, V, temperature, mx, inv, t1, tie1, k1, top_p, BLOCK, RADIX_BITS)
+    greater, mass, ties = _boundary(row, V, temperature, mx, inv, t1, tie1, k1, v, BLOCK)
+    # The largest i < ties with mass + i * v < top_p (i = 0 always kept): estimate, then step.
+    i = tl.minimum(tl.maximum((top_p - mass) / v, 0.0), (ties - 1).to(tl.float64)).to(tl.int64)
+    while (i + 1 < ties) & (mass + (i + 1).to(tl.float64) * v < top_p):
+        i += 1
+    while (i > 0) & (mass + i.to(tl.float64) * v >= top_p):
+        i -= 1
+    kept = i + 1
+    tie2 = tl.full([], 0, tl.int64) + V
+    if kept < ties:
+        tie2 = _nth_tie(row, V, temperature, mx, inv, t1, tie1, k1, v, kept, BLOCK)
+    return v, tie2, mass + kept.to(tl.float64) * v
+
+
+@triton.jit
+def _target_distribution(row, V, temperature, top_k, top_p, BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """The scalars of p = target_distribution(row) (see _probs)."""
+    mx, inv = _softmax_stats(row, V, temperature, BLOCK)
+    t1 = tl.full([], -1.0, tl.float64)
+    tie1 = tl.full([], 0, tl.int64) + V
+    k1 = tl.full([], 1.0, tl.float64)
+    if (top_k > 0) & (top_k < V):
+        t1, tie1, k1 = _top_k(row, V, temperature, mx, inv, top_k, BLOCK, RADIX_BITS)
+    t2 = tl.full([], -1.0, tl.float64)
+    tie2 = tl.full([], 0, tl.int64) + V
+    k2 = tl.full([], 1.0, tl.float64)
+    if top_p < 1.0:
+        t2, tie2, k2 = _top_p(row, V, temperature, mx, inv, t1, tie1, k1, top_p, BLOCK, RADIX_BITS)
+    return mx, inv, t1, tie1, k1, t2, tie2, k2
+
+
+@triton.jit
+def _residual(p, q, ids, tokens_ptr, parents_ptr, zbuf_ptr, start, node, upto,
+              HAS_PARENTS: tl.constexpr, HAS_Q: tl.constexpr):
+    """The residual at ids (scalar or tile) after rejecting node's children below `upto`:
+    deterministic proposals zero their tokens; stochastic ones replay r <- max(r - q, 0) / z with the
+    normaliser z stored per rejected child (z = 0: the residual fell back to p)."""
+    r = p
+    for c in range(node + 1, upto):
+        kid = c == node + 1  # (inline, not a helper: each call costs the interpreter a millisecond)
+        if HAS_PARENTS:
+            kid = tl.load(parents_ptr + start + c).to(tl.int64) == node
+        if kid:
+            if HAS_Q:
+                z = tl.load(zbuf_ptr + start + c)
+                if z > 0.0:
+                    r = tl.maximum(r - q, 0.0) / z
+                else:
+                    r = p
+            else:
+                r = tl.where(ids == tl.load(tokens_ptr + start + c), 0.0, r)
+    return r
+
+
+@triton.jit
+def _weights(row, q_row, t, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr, parents_ptr,
+             zbuf_ptr, start, node, upto, BLOCK: tl.constexpr, HAS_PARENTS: tl.constexpr, HAS_Q: tl.constexpr):
+    """One tile of the residual after node's children below `upto` were rejected (0 past V)."""
+    x, key, ids, mask = _load_row(row, t, V, BLOCK)
+    p = _probs(x, ids, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2)
+    q = p
+    if HAS_Q:
+        q = tl.load(q_row + ids, mask=mask, other=0.0).to(tl.float32).to(tl.float64)
+    w = _residual(p, q, ids, tokens_ptr, parents_ptr, zbuf_ptr, start, node, upto, HAS_PARENTS, HAS_Q)
+    return tl.where(mask, w, 0.0), ids, q
+
+
+@triton.jit
+def _prob_at(row, x_id, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2):
+    x = tl.load(row + x_id).to(tl.float32)
+    return _probs(x, x_id, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2)
+
+
+@triton.jit
+def _sample(row, q_row, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr, parents_ptr, zbuf_ptr,
+            start, node, upto, u, BLOCK: tl.constexpr, HAS_PARENTS: tl.constexpr, HAS_Q: tl.constexpr):
+    """Inverse CDF in id order over the residual, or over p when the residual has no mass: the first
+    id whose cumulative weight exceeds u * total and whose weight is > 0 (on rounding at the top
+    end, the last id with weight)."""
+    total = tl.full([], 0.0, tl.float64)
+    for t in range(0, V, BLOCK):
+        w, ids, q = _weights(row, q_row, t, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr,
+                             parents_ptr, zbuf_ptr, start, node, upto, BLOCK, HAS_PARENTS, HAS_Q)
+        total += tl.sum(w, 0)
+    if not (total > 0.0):
+        upto = node + 1  # replay no rejection: the weights are p
+        for t in range(0, V, BLOCK):
+            w, ids, q = _weights(row, q_row, t, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr,
+                                 parents_ptr, zbuf_ptr, start, node, upto, BLOCK, HAS_PARENTS, HAS_Q)
+            total += tl.sum(w, 0)
+    threshold = u * total
+    carry = tl.full([], 0.0, tl.float64)
+    found = tl.full([], -1, tl.int64)
+    last = tl.full([], -1, tl.int64)
+    for t in range(0, V, BLOCK):
+        if found < 0:
+            w, ids, q = _weights(row, q_row, t, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr,
+                                 parents_ptr, zbuf_ptr, start, node, upto, BLOCK, HAS_PARENTS, HAS_Q)
+            cumulative = tl.cumsum(w, 0) + carry
+            hit = tl.min(tl.where((cumulative > threshold) & (w > 0.0), ids, V), 0).to(tl.int64)
+            found = tl.where(hit < V, hit, -1)
+            last = tl.maximum(last, tl.max(tl.where(w > 0.0, ids, -1), 0).to(tl.int64))
+            carry = tl.max(cumulative, 0)  # weights are >= 0: the last cumulative value
+    return tl.maximum(tl.where(found >= 0, found, last), 0)
+
+
+@triton.jit
+def _rejected_mass(row, q_row, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr, parents_ptr,
+                   zbuf_ptr, start, node, upto, BLOCK: tl.constexpr, HAS_PARENTS: tl.constexpr):
+    """sum(max(r - q, 0)) for the stochastic residual r before child `upto`: its next normaliser."""
+    total = tl.full([], 0.0, tl.float64)
+    for t in range(0, V, BLOCK):
+        w, ids, q = _weights(row, q_row, t, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr,
+                             parents_ptr, zbuf_ptr, start, node, upto, BLOCK, HAS_PARENTS, True)
+        total += tl.sum(tl.maximum(w - q, 0.0), 0)  # lanes past V: w = q = 0
+    return total
+
+
+@triton.jit
+def _judge(row, q_row, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr, parents_ptr, zbuf_ptr,
+           uniforms_ptr, start, node, c_hi, seed, offset, BLOCK: tl.constexpr, HAS_PARENTS: tl.constexpr,
+           HAS_Q: tl.constexpr, HAS_UNIFORMS: tl.constexpr):
+    """Judges node's children in index order with a = uniforms[c, 0]; returns the accepted one or -1.
+    Deterministic: accept iff a * sum(r) < r(x), else r(x) = 0. Stochastic (q = draft_probs row):
+    accept iff a * q(x) < r(x), else r = norm(max(r - q, 0)) (its normaliser goes to zbuf)."""
+    residual_mass = tl.full([], -1.0, tl.float64)  # sum(p), computed at the first child
+    accepted = tl.full([], -1, tl.int64)
+    c = node + 1
+    while (c < c_hi) & (accepted < 0):
+        kid = c == node + 1
+        if HAS_PARENTS:
+            kid = tl.load(parents_ptr + start + c).to(tl.int64) == node
+        if kid:
+            x = tl.load(tokens_ptr + start + c)
+            p_x = _prob_at(row, x, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2)
+            q_x = p_x
+            if HAS_Q:
+                q_x = tl.load(q_row + x).to(tl.float32).to(tl.float64)
+            r_x = _residual(p_x, q_x, x, tokens_ptr, parents_ptr, zbuf_ptr, start, node, c, HAS_PARENTS, HAS_Q)
+            a = _uniform(uniforms_ptr, start, c, seed, offset, 0, HAS_UNIFORMS)
+            if HAS_Q:
+                bound = a * q_x
+            else:
+                if residual_mass < 0.0:
+                    residual_mass = tl.full([], 0.0, tl.float64)
+                    for t in range(0, V, BLOCK):
+                        x_t, key, ids, mask = _load_row(row, t, V, BLOCK)
+                        p = _probs(x_t, ids, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2)
+                        residual_mass += tl.sum(tl.where(mask, p, 0.0), 0)
+                bound = a * residual_mass
+            if bound < r_x:
+                accepted = c
+            else:
+                if HAS_Q:
+                    z = _rejected_mass(row, q_row, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr,
+                                       parents_ptr, zbuf_ptr, start, node, c, BLOCK, HAS_PARENTS)
+                    tl.store(zbuf_ptr + start + c, z)
+                    tl.debug_barrier()  # the whole program reads it back in later passes
+                else:
+                    residual_mass -= r_x
+        c += 1
+    return accepted
+
+
+@triton.jit
+def _children_end(n, node, HAS_PARENTS: tl.constexpr):
+    """Node's children lie in (node, end): any later node in a tree, node + 1 in a chain."""
+    if HAS_PARENTS:
+        end = n
+    else:
+        end = tl.minimum(node + 2, n)
+    return end
+
+
+@triton.jit
+def _emit(nodes_out, tokens_out, r, W, step, node, token):
+    if step < W:
+        tl.store(nodes_out + r * W + step, node.to(tl.int32))
+        tl.store(tokens_out + r * W + step, token.to(tl.int64))
+
+
+@triton.jit
+def _walk_greedy(logits_ptr, tokens_ptr, parents_ptr, nodes_out, tokens_out, r, start, n, V, W,
+                 BLOCK: tl.constexpr, HAS_PARENTS: tl.constexpr):
+    """Follow the first child carrying the argmax; emit the argmax where none does."""
+    node = tl.full([], 0, tl.int64)
+    steps = tl.full([], 0, tl.int64)
+    going = n > 0
+    while going:
+        best = _argmax(logits_ptr + (start + node) * V, V, BLOCK)
+        end = _children_end(n, node, HAS_PARENTS)
+        accepted = tl.full([], -1, tl.int64)
+        c = node + 1
+        while (c < end) & (accepted < 0):
+            kid = c == node + 1
+            if HAS_PARENTS:
+                kid = tl.load(parents_ptr + start + c).to(tl.int64) == node
+            if kid & (tl.load(tokens_ptr + start + c) == best):
+                accepted = c
+            c += 1
+        _emit(nodes_out, tokens_out, r, W, steps, node, best)
+        steps += 1
+        going = accepted >= 0
+        node = tl.where(going, accepted, node)
+    return steps
+
+
+@triton.jit
+def _walk_sampled(logits_ptr, q_ptr, tokens_ptr, parents_ptr, zbuf_ptr, uniforms_ptr, nodes_out, tokens_out, r,
+                  start, n, V, W, temperature, top_k, top_p, seed, offset, BLOCK: tl.constexpr,
+                  RADIX_BITS: tl.constexpr, HAS_PARENTS: tl.constexpr, HAS_Q: tl.constexpr,
+                  HAS_UNIFORMS: tl.constexpr):
+    """Judge the children of each visited node; sample the correction (or bonus) where none is accepted."""
+    node = tl.full([], 0, tl.int64)
+    steps = tl.full([], 0, tl.int64)
+    going = n > 0
+    while going:
+        row = logits_ptr + (start + node) * V
+        q_row = q_ptr + (start + node) * V  # only read when HAS_Q
+        mx, inv, t1, tie1, k1, t2, tie2, k2 = _target_distribution(row, V, temperature, top_k, top_p, BLOCK,
+                                                                   RADIX_BITS)
+        end = _children_end(n, node, HAS_PARENTS)
+        accepted = _judge(row, q_row, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr, parents_ptr,
+                          zbuf_ptr, uniforms_ptr, start, node, end, seed, offset, BLOCK, HAS_PARENTS, HAS_Q,
+                          HAS_UNIFORMS)
+        if accepted >= 0:
+            token = tl.load(tokens_ptr + start + accepted)
+        else:
+            u = _uniform(uniforms_ptr, start, node, seed, offset, 1, HAS_UNIFORMS)
+            token = _sample(row, q_row, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr,
+                            parents_ptr, zbuf_ptr, start, node, end, u, BLOCK, HAS_PARENTS, HAS_Q)
+        _emit(nodes_out, tokens_out, r, W, steps, node, token)
+        steps += 1
+        going = accepted >= 0
+        node = tl.where(going, accepted, node)
+    return steps
+
+
+@triton.jit
+def _rejection_sample_kernel(logits_ptr, tokens_ptr, indptr_ptr, parents_ptr, q_ptr, temperature_ptr, top_k_ptr,
+                             top_p_ptr, uniforms_ptr, seed_ptr, offset_ptr, zbuf_ptr, nodes_out, count_out,
+                             tokens_out, V, W, BLOCK: tl.constexpr, W_BLOCK: tl.constexpr,
+                             RADIX_BITS: tl.constexpr, HAS_PARENTS: tl.constexpr, HAS_Q: tl.constexpr,
+                             HAS_UNIFORMS: tl.constexpr, HAS_SEED: tl.constexpr):
+    """One program per request: its walk, then the -1 padding of its output rows."""
+    r = tl.program_id(0).to(tl.int64)
+    start = tl.load(indptr_ptr + r).to(tl.int64)
+    n = tl.load(indptr_ptr + r + 1).to(tl.int64) - start
+    temperature = tl.load(temperature_ptr + r).to(tl.float64)
+    if temperature == 0.0:
+        steps = _walk_greedy(logits_ptr, tokens_ptr, parents_ptr, nodes_out, tokens_out, r, start, n, V, W, BLOCK,
+                             HAS_PARENTS)
+    else:
+        seed = tl.full([], 0, tl.int64)
+        offset = tl.full([], 0, tl.int64)
+        if HAS_SEED:
+            seed = tl.load(seed_ptr + r)
+            offset = tl.load(offset_ptr + r)
+        top_k = tl.load(top_k_ptr + r)
+        top_p = tl.load(top_p_ptr + r).to(tl.float64)
+        steps = _walk_sampled(logits_ptr, q_ptr, tokens_ptr, parents_ptr, zbuf_ptr, uniforms_ptr, nodes_out,
+                              tokens_out, r, start, n, V, W, temperature, top_k, top_p, seed, offset, BLOCK,
+                              RADIX_BITS, HAS_PARENTS, HAS_Q, HAS_UNIFORMS)
+    steps = tl.minimum(steps, W)
+    cols = tl.arange(0, W_BLOCK)
+    pad = (cols >= steps) & (cols < W)
+    tl.store(nodes_out + r * W + cols, tl.full([W_BLOCK], -1, tl.int32), mask=pad)
+    tl.store(tokens_out + r * W + cols, tl.full([W_BLOCK], -1, tl.int64), mask=pad)
+    tl.store(count_out + r, steps.to(tl.int32))
+
+
+def rejection_sample(target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature, top_k, top_p,
+                     uniforms, seed, offset, max_nodes):
+    """Launcher for inputs that dspark.ops validated: draft_tokens int64, uniforms float64 or None,
+    parents None for chains, draft_probs None for deterministic proposals. Returns (accepted_nodes
+    [R, max_nodes] int32, num_accepted [R] int32, output_tokens [R, max_nodes] int64), padded with -1."""
+    device = target_logits.device
+    num_requests = qo_indptr.numel() - 1
+    num_tokens, vocab = target_logits.shape
+    nodes = torch.empty(num_requests, max_nodes, dtype=torch.int32, device=device)
+    count = torch.empty(num_requests, dtype=torch.int32, device=device)
+    tokens = torch.empty(num_requests, max_nodes, dtype=torch.int64, device=device)
+    if num_requests == 0:
+        return nodes, count, tokens
+
+    def given(t, dtype):  # absent inputs get a 1-element stand-in, never read
+        return torch.empty(1, dtype=dtype, device=device) if t is None else t.contiguous()
+
+    # Normalisers of stochastic rejections, one per judged child (written before they are read).
+    zbuf = torch.empty(num_tokens if draft_probs is not None else 1, dtype=torch.float64, device=device)
+    interpreted = device.type == "cpu"
+    block = min(triton.next_power_of_2(vocab), MAX_BLOCK or (8192 if interpreted else 512))
+    radix_bits = RADIX_BITS or (8 if interpreted else 4)
+    _rejection_sample_kernel[(num_requests,)](
+        target_logits.contiguous(), draft_tokens.contiguous(), qo_indptr.contiguous(), given(parents, torch.int32),
+        given(draft_probs, torch.float32), temperature.contiguous(), top_k.contiguous(), top_p.contiguous(),
+        given(uniforms, torch.float64), given(seed, torch.int64), given(offset, torch.int64), zbuf,
+        nodes, count, tokens, vocab, max_nodes,
+        BLOCK=block, W_BLOCK=triton.next_power_of_2(max_nodes), RADIX_BITS=radix_bits,
+        HAS_PARENTS=parents is not None, HAS_Q=draft_probs is not None, HAS_UNIFORMS=uniforms is not None,
+        HAS_SEED=seed is not None, num_warps=8, enable_fp_fusion=False,  # no FMA: the reference rounds a * b + c twice
+    )
+    return nodes, count, tokens
