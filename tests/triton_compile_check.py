@@ -14,7 +14,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from dspark.triton_kernels import kv_cache, tree_attention  # noqa: E402
+from dspark.triton_kernels import kv_cache, rejection_sampling, tree_attention  # noqa: E402
 
 FLOAT_ARGS = {"scale_log2"}
 
@@ -24,7 +24,7 @@ def signature(fn, pointers: dict, consts: dict) -> dict:
     for name in fn.arg_names:
         if name in consts:
             sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
+        elif name in pointers or name.endswith("_ptr"):
             sig[name] = pointers.get(name, "*i32")
         else:
             sig[name] = "fp32" if name in FLOAT_ARGS else "i32"
@@ -51,10 +51,20 @@ def rollback_cases():
         yield kv_cache._rollback_kernel, pointers, consts
 
 
+def sampling_cases():
+    pointers = {"logits_ptr": "*bf16", "tokens_ptr": "*i64", "q_ptr": "*fp32", "temperature_ptr": "*fp32",
+                "top_p_ptr": "*fp32", "uniforms_ptr": "*fp64", "seed_ptr": "*i64", "offset_ptr": "*i64",
+                "zbuf_ptr": "*fp64", "nodes_out": "*i32", "count_out": "*i32", "tokens_out": "*i64"}
+    for tree, has_q, has_uniforms in ((True, True, False), (False, False, True), (False, True, False)):
+        consts = dict(BLOCK=512, W_BLOCK=8, RADIX_BITS=4, HAS_PARENTS=tree, HAS_Q=has_q,
+                      HAS_UNIFORMS=has_uniforms, HAS_SEED=not has_uniforms)
+        yield rejection_sampling._rejection_sample_kernel, pointers, consts
+
+
 def main() -> int:
     target = GPUTarget("cuda", 90, 32)
     failures = 0
-    for fn, pointers, consts in [*attention_cases(), *rollback_cases()]:
+    for fn, pointers, consts in [*attention_cases(), *sampling_cases(), *rollback_cases()]:
         try:
             triton.compile(ASTSource(fn=fn, signature=signature(fn, pointers, consts), constexprs=consts),
                            target=target)
