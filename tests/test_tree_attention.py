@@ -123,9 +123,12 @@ def test_custom_sm_scale(backend):
 
 
 # Triton's own machinery: the split-KV merge and the per-round ancestor mask.
-@pytest.mark.parametrize("splits", [1, 3])
-def test_triton_split_kv_merge(splits):
+@pytest.mark.parametrize("splits,exact_plan", [(1, True), (3, True), (2, False)])
+def test_triton_split_kv_merge(monkeypatch, splits, exact_plan):
+    from dspark.triton_kernels import tree_attention as module
     from dspark.triton_kernels.tree_attention import tree_attention as triton_tree_attention
+
+    monkeypatch.setattr(module, "EXACT_PLAN_ON_HOST", exact_plan)  # False: spare work items, as on CUDA
 
     gen = torch.Generator().manual_seed(21)
     rnd = random_round(gen, 3, 6, 150, chain=False)
@@ -153,3 +156,14 @@ def test_triton_ancestor_mask_follows_in_place_changes_of_parents():
                                          committed.cpu(), parents.cpu())
         torch.testing.assert_close(out.cpu().double(), truth, **TOLERANCE[torch.float32])
         parents.copy_(torch.tensor([-1, 0, 1, 2, 3], dtype=torch.int32))
+
+
+def test_triton_work_items_cover_every_node_tile_once():
+    from dspark.triton_kernels.tree_attention import work_items
+
+    counts = [5, 0, 17, 1, 8]
+    qo_indptr = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+    items = work_items(qo_indptr, 4, 4 * 10)  # a generous bound, as without a host read
+    expected = [(r, first) for r, n in enumerate(counts) for first in range(0, n, 4)]
+    got = [(r, first) for r, first in items.t().tolist() if r >= 0]
+    assert got == expected and (items[0, len(expected):] == -1).all()

@@ -103,23 +103,24 @@ def _attend_tile(q, k_ptr, v_ptr, offsets, kv_mask, visible, dims, dim_ok, m_i, 
 @triton.jit
 def _tree_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
-    qo_indptr_ptr, cache_seqlens_ptr, words_ptr, block_table_ptr,
-    scale_log2, num_kv_heads, num_words, chunk,
+    qo_indptr_ptr, cache_seqlens_ptr, words_ptr, block_table_ptr, items_ptr,
+    scale_log2, num_items, num_words, chunk,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
     stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     PAGED: tl.constexpr, TREE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    r = tl.program_id(1) // num_kv_heads
-    kv_head = tl.program_id(1) % num_kv_heads
+    # Work item: (request, first node of its tile); spare items of the shape-only plan hold -1.
+    r = tl.load(items_ptr + tl.program_id(0))
+    if r < 0:
+        return
+    first_node = tl.load(items_ptr + num_items + tl.program_id(0))
+    kv_head = tl.program_id(1)
     split = tl.program_id(2)
     start = tl.load(qo_indptr_ptr + r)
     n = tl.load(qo_indptr_ptr + r + 1) - start
     NODES: tl.constexpr = BLOCK_M // GROUP
-    first_node = tl.program_id(0) * NODES
-    if first_node >= n:
-        return
     rows = tl.arange(0, BLOCK_M)
     node = first_node + rows // GROUP
     head = kv_head * GROUP + rows % GROUP
@@ -214,16 +215,24 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Under the interpreter each config would be "benchmarked" in Python: one fixed tile instead.
 _attention = _tree_attention_kernel if _INTERPRETED else triton.autotune(
     _gpu_configs(), key=["GROUP", "HEAD_DIM", "BLOCK_M", "PAGED", "TREE", "SPLIT", "IEEE", "UPCAST"])(_tree_attention_kernel)
-_last_words: tuple = (None, None, None, None)  # (parents ref, parents version, qo_indptr ref, words)
+# Tests turn this off to run, on CPU, the shape-only plan (with spare work items) that CUDA tensors get.
+EXACT_PLAN_ON_HOST = True
+_round_memo: dict = {}  # name -> (weak refs and versions of the inputs, key, value)
 
 
-def ancestor_words(parents: torch.Tensor, qo_indptr: torch.Tensor, largest: int | None = None) -> torch.Tensor:
-    """Packed ancestor-or-self bits, int32 [T, ceil(T / 32)]. Every layer of a round passes the same
-    `parents` tensor, so the last result is kept: the mask is built once per round."""
-    global _last_words
-    ref, version, indptr_ref, words = _last_words
-    if ref is not None and ref() is parents and version == parents._version and indptr_ref() is qo_indptr:
-        return words
+def _once_per_round(name: str, inputs: tuple, key, build):
+    """build(), or its last value when called again with the same tensor objects, unchanged since
+    (version counters), and the same key: every layer of a round passes the same round tensors."""
+    entry = _round_memo.get(name)
+    if entry is not None and entry[1] == key and len(entry[0]) == len(inputs) and all(
+            ref() is t and version == t._version for (ref, version), t in zip(entry[0], inputs)):
+        return entry[2]
+    value = build()
+    _round_memo[name] = ([(weakref.ref(t), t._version) for t in inputs], key, value)
+    return value
+
+
+def _build_ancestor_words(parents: torch.Tensor, qo_indptr: torch.Tensor, largest: int | None) -> torch.Tensor:
     num_tokens = parents.shape[0]
     num_words = max(triton.cdiv(num_tokens, WORD_BITS), 1)
     words = torch.empty(num_tokens, num_words, dtype=torch.int32, device=parents.device)
@@ -231,8 +240,31 @@ def ancestor_words(parents: torch.Tensor, qo_indptr: torch.Tensor, largest: int 
     grid = (qo_indptr.shape[0] - 1, max(triton.cdiv(num_tokens if largest is None else largest, block_nodes), 1))
     _ancestor_words_kernel[grid](parents, qo_indptr, words, num_words, BLOCK_NODES=block_nodes,
                                  BLOCK_WORDS=triton.next_power_of_2(num_words))
-    _last_words = (weakref.ref(parents), parents._version, weakref.ref(qo_indptr), words)
     return words
+
+
+def ancestor_words(parents: torch.Tensor, qo_indptr: torch.Tensor, largest: int | None = None) -> torch.Tensor:
+    """Packed ancestor-or-self bits, int32 [T, ceil(T / 32)], built once per round."""
+    return _once_per_round("ancestor_words", (parents, qo_indptr), largest,
+                           lambda: _build_ancestor_words(parents, qo_indptr, largest))
+
+
+def _build_work_items(qo_indptr: torch.Tensor, nodes_per_tile: int, num_items: int) -> torch.Tensor:
+    counts = qo_indptr[1:] - qo_indptr[:-1]
+    tiles = (counts + nodes_per_tile - 1) // nodes_per_tile
+    ends = torch.cumsum(tiles, 0)
+    item = torch.arange(num_items, device=qo_indptr.device)
+    request = torch.searchsorted(ends, item, right=True)  # requests without nodes own no item
+    last = counts.shape[0] - 1
+    first_node = (item - (ends - tiles)[request.clamp(max=last)]) * nodes_per_tile
+    return torch.stack([torch.where(request <= last, request, -1), first_node]).to(torch.int32)
+
+
+def work_items(qo_indptr: torch.Tensor, nodes_per_tile: int, num_items: int) -> torch.Tensor:
+    """int32 [2, num_items]: each item's request (-1 for spares) and first node, built on the device
+    (no host sync) once per round. num_items bounds sum_r ceil(n_r / nodes_per_tile)."""
+    return _once_per_round("work_items", (qo_indptr,), (nodes_per_tile, num_items),
+                           lambda: _build_work_items(qo_indptr, nodes_per_tile, num_items))
 
 
 def _num_processors(device: torch.device) -> int:
@@ -242,19 +274,15 @@ def _num_processors(device: torch.device) -> int:
 
 
 def plan(num_tokens: int, num_requests: int, num_kv_heads: int, group: int, capacity: int,
-         device: torch.device, largest: int | None = None) -> tuple[int, int, int, int]:
-    """(BLOCK_M, node tiles per request, splits, keys per split) from shapes alone: no host sync.
-    BLOCK_M fits the average request's rows; splits fill the machine when few programs exist."""
+         device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_M, splits, keys per split) from shapes alone: no host sync. BLOCK_M fits the average
+    request's rows; splits fill the machine when few programs exist."""
     rows = triton.cdiv(num_tokens * group, max(num_requests, 1))
     block_m = min(max(triton.next_power_of_2(rows), 16, triton.next_power_of_2(group)), 128)
-    nodes_per_tile = block_m // group
-    # Without a host read of qo_indptr (a sync on GPU) the largest request is bounded only by T.
-    node_tiles = triton.cdiv(max(num_tokens if largest is None else largest, 1), nodes_per_tile)
-    typical_tiles = triton.cdiv(rows, block_m)
-    programs = num_requests * num_kv_heads * typical_tiles
+    programs = num_requests * num_kv_heads * triton.cdiv(rows, block_m)
     splits = max(1, min(triton.cdiv(2 * _num_processors(device), programs), triton.cdiv(capacity, 512)))
     chunk = triton.cdiv(triton.cdiv(capacity, splits), 128) * 128 if splits > 1 else max(capacity, 1)
-    return block_m, node_tiles, splits, chunk
+    return block_m, splits, chunk
 
 
 def tree_attention(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table, sm_scale,
@@ -275,9 +303,14 @@ def tree_attention(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block
     paged = block_table is not None
     block_size = k_cache.shape[1] if paged else 1
     capacity = block_table.shape[1] * block_size if paged else k_cache.shape[1]
-    largest = int((qo_indptr[1:] - qo_indptr[:-1]).max()) if qo_indptr.device.type == "cpu" else None
-    block_m, node_tiles, splits, chunk = plan(num_tokens, num_requests, num_kv_heads, group, capacity, q.device,
-                                              largest)
+    block_m, splits, chunk = plan(num_tokens, num_requests, num_kv_heads, group, capacity, q.device)
+    nodes_per_tile = block_m // group
+    if qo_indptr.device.type == "cpu" and EXACT_PLAN_ON_HOST:  # host data already: an exact plan costs nothing
+        counts = (qo_indptr[1:] - qo_indptr[:-1]).tolist()
+        largest, num_items = max(counts), sum(triton.cdiv(c, nodes_per_tile) for c in counts)
+    else:  # sum_r ceil(n_r / k) <= T / k + R
+        largest, num_items = None, triton.cdiv(num_tokens, nodes_per_tile) + num_requests
+    items = work_items(qo_indptr, nodes_per_tile, max(num_items, 1))
     if num_splits is not None:
         splits, chunk = num_splits, triton.cdiv(capacity, num_splits)
     tree = parents is not None
@@ -289,11 +322,11 @@ def tree_attention(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block
     else:
         dest, lse = out.unsqueeze(0), out
     table = block_table if paged else qo_indptr
-    grid = (node_tiles, num_requests * num_kv_heads, splits)
+    grid = (items.shape[1], num_kv_heads, splits)
     extra = {} if not _INTERPRETED else {"BLOCK_N": 64}
     _attention[grid](
-        q, k_cache, v_cache, dest, lse, qo_indptr, cache_seqlens, words, table,
-        sm_scale * 1.4426950408889634, num_kv_heads, num_words, chunk,
+        q, k_cache, v_cache, dest, lse, qo_indptr, cache_seqlens, words, table, items,
+        sm_scale * 1.4426950408889634, items.shape[1], num_words, chunk,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         table.stride(0) if paged else 0,
         dest.stride(0), dest.stride(1), dest.stride(2), lse.stride(0) if splits > 1 else 0,
