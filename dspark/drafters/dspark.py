@@ -1,0 +1,197 @@
+"""The DSpark drafter on the engine's Drafter protocol (DSPARK.md section 2), also running the
+DFlash-style (head "none") and EAGLE-style (kind "eagle") baselines.
+
+Per request the drafter keeps, for every committed token before the anchor:
+- its context features H_ctx (a SideCache, [rows, S, 1, d]) and
+- each draft layer's keys/values of them (a KVCache): context K/V depend only on the context, so they
+  are computed once when a token is committed and reused by every later round. Recomputing them
+  instead would cost a [L, width] x [width, d] projection plus every layer's K/V projection per round,
+  O(L) work that dominates drafting at L ~ 1-2k on a CPU; the cache makes a round O(gamma) in
+  projections and O(gamma * L) only inside attention.
+The engine learns target features only at verification and hands the drafter those of the accepted
+nodes after its own kv_rollback of the captured-hidden SideCache, so the drafter's caches only ever
+append committed entries: nothing speculative is written, hence nothing to roll back here.
+
+Sampling follows DraftModelDrafter: greedy requests draft the argmax (draft_probs None, a
+deterministic proposal); sampled requests draw each x_k from processed_probs(U_k + B_k) under the
+request's temperature/top-k/top-p with a per-request generator, and report exactly those rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dspark.cache import KVCache, SideCache
+from dspark.drafters.base import Proposal
+from dspark.drafters.draft_model import processed_probs
+from dspark.drafters.dspark_layers import rms_norm
+from dspark.drafters.dspark_model import DSparkModel, load_drafter_model
+
+
+class DSparkDrafter:
+    def __init__(self, model: DSparkModel, num_draft: int | None = None):
+        if model.embed_weight is None:
+            raise ValueError("attach the target first (DSparkModel.attach(target)): the drafter shares its "
+                             "embedding and LM head")
+        self.model = model.eval()
+        c = model.config
+        self.num_draft = num_draft or c.gamma
+        if self.num_draft < 1:
+            raise ValueError(f"num_draft must be >= 1, got {num_draft}")
+        self.capture_layers = tuple(c.target_layers)  # the engine captures these for us
+        self.features: SideCache | None = None
+        self.kv: KVCache | None = None
+        self.generators: dict[int, torch.Generator] = {}
+
+    @classmethod
+    def from_pretrained(cls, path: str, target, num_draft: int | None = None,
+                        dtype: torch.dtype = torch.float32) -> "DSparkDrafter":
+        return cls(load_drafter_model(path, target, dtype=dtype), num_draft)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.device
+
+    def bind(self, rows: int, max_seq_len: int, vocab_size: int) -> None:
+        c = self.model.config
+        if c.vocab_size != vocab_size:
+            raise ValueError(f"the drafter's vocabulary ({c.vocab_size}) differs from the target's ({vocab_size})")
+        self.features = SideCache(rows, max_seq_len, c.hidden_size, self.model.dtype, self.device)
+        self.kv = KVCache(c.num_layers, rows, max_seq_len, c.num_kv_heads, c.head_dim, self.model.dtype, self.device)
+
+    def start(self, request, target_hidden=None) -> None:
+        if target_hidden is None:
+            raise ValueError("the DSpark drafter needs the target's hidden states (run it through the Engine)")
+        self.features.seqlens[request.row] = 0
+        self.kv.seqlens[request.row] = 0
+        self._commit(request.row, request.tokens, target_hidden)
+        self.generators[request.row] = torch.Generator(self.device).manual_seed(request.params.seed + 0xD5)
+
+    def finish(self, request) -> None:
+        self.features.seqlens[request.row] = 0
+        self.kv.seqlens[request.row] = 0
+        self.generators.pop(request.row, None)
+
+    def accept(self, requests, paths, target_hidden) -> None:
+        for request, hidden in zip(requests, target_hidden):
+            if request.finish_reason is None:  # a finished request may not hold all accepted tokens
+                self._commit(request.row, request.tokens, hidden)
+
+    @torch.inference_mode()
+    def _commit(self, row: int, tokens: list[int], hidden: torch.Tensor) -> None:
+        """Append committed positions L..L+m-1 (target features `hidden` [m, width])."""
+        m, start = hidden.shape[0], int(self.features.seqlens[row])
+        model, device = self.model, self.device
+        ctx = model.context(hidden.to(device))
+        positions = torch.arange(start, start + m, device=device)
+        rows = torch.full((m,), row, dtype=torch.long, device=device)
+        if model.config.kind == "dspark":
+            kvs = model.context_kv(ctx, positions)
+        else:  # EAGLE: committed positions run through the causal layers, inputs teacher forced
+            before = self.features.data[row, start - 1: start, 0] if start else torch.zeros_like(ctx[:1])
+            x = model.eagle_input(torch.tensor(tokens[start: start + m], device=device), torch.cat([before, ctx[:-1]]))
+            ctx_kv = [(self.kv.k[i, row: row + 1, :start], self.kv.v[i, row: row + 1, :start])
+                      for i in range(model.config.num_layers)]
+            _, block = model.eagle_run(x[None], positions[None], ctx_kv, None)
+            kvs = [(k[0], v[0]) for k, v in block]
+        self.features.write(rows, positions, ctx)
+        for i, (k, v) in enumerate(kvs):
+            self.kv.write(i, rows, positions, k, v)
+        self.features.seqlens[row] += m
+        self.kv.seqlens[row] += m
+
+    def _context(self, requests):
+        """Per layer the committed context K/V of the requests' rows [R, Lmax, Hkv, D], a validity
+        mask (None when every row is full length) and the anchors' positions."""
+        rows = [r.row for r in requests]
+        lengths = [int(self.kv.seqlens[row]) for row in rows]
+        for r, n in zip(requests, lengths):
+            if n != len(r.tokens) - 1:
+                raise RuntimeError(f"drafter context of request {r.id} holds {n} tokens, expected {len(r.tokens) - 1}")
+        longest = max(lengths)
+        if len(rows) == 1:  # a slice is a view: no copy of the context
+            kv = [(self.kv.k[i, rows[0]: rows[0] + 1, :longest], self.kv.v[i, rows[0]: rows[0] + 1, :longest])
+                  for i in range(self.model.config.num_layers)]
+        else:
+            index = torch.tensor(rows, device=self.device)
+            kv = [(self.kv.k[i, index, :longest], self.kv.v[i, index, :longest])
+                  for i in range(self.model.config.num_layers)]
+        starts = torch.tensor(lengths, device=self.device)
+        valid = None if min(lengths) == longest else torch.arange(longest, device=self.device)[None] < starts[:, None]
+        return kv, valid, starts
+
+    def _choose(self, requests, logits: torch.Tensor):
+        """Per request: the next draft token and the distribution it was drawn from (None if greedy)."""
+        tokens, rows = [], []
+        for i, r in enumerate(requests):
+            p = r.params
+            if p.temperature == 0:
+                tokens.append(int(torch.argmax(logits[i])))
+                rows.append(None)
+            else:
+                q = processed_probs(logits[i], p.temperature, p.top_k, p.top_p)
+                tokens.append(int(torch.multinomial(q, 1, generator=self.generators[r.row])))
+                rows.append(q)
+        return tokens, rows
+
+    def _confidence(self, logit: torch.Tensor, k: int) -> torch.Tensor:
+        temps = self.model.config.calibration
+        if temps:  # Sequential Temperature Scaling: one temperature per block position
+            logit = logit / temps[min(k, len(temps) - 1)]
+        return torch.sigmoid(logit.float())
+
+    @torch.inference_mode()
+    def propose(self, requests, max_draft: int) -> list[Proposal]:
+        steps = min(self.num_draft, max_draft)
+        if steps <= 0 or not requests:
+            return [Proposal([]) for _ in requests]
+        kv, valid, starts = self._context(requests)
+        anchors = torch.tensor([r.tokens[-1] for r in requests], device=self.device)
+        if self.model.config.kind == "eagle":
+            drafts = self._draft_eagle(requests, steps, kv, valid, starts, anchors)
+        else:
+            drafts = self._draft_block(requests, steps, kv, valid, starts, anchors)
+        tokens, probs, confs = drafts
+        vocab = self.model.config.vocab_size
+        out = []
+        for i, r in enumerate(requests):
+            draft_probs = None
+            if r.params.temperature > 0:  # the last node has no children: a zero row, as DraftModelDrafter
+                draft_probs = torch.stack([q[i] for q in probs] + [torch.zeros(vocab, device=self.device)])
+            out.append(Proposal([t[i] for t in tokens], draft_probs=draft_probs,
+                                confidences=torch.stack([c[i] for c in confs])))
+        return out
+
+    def _draft_block(self, requests, steps, kv, valid, starts, anchors):
+        """One backbone pass over the block, then the sequential head left to right."""
+        model = self.model
+        h = model.block(anchors, starts, kv, valid, max(model.config.gamma, steps))
+        base = model.lm_logits(h[:, :steps])
+        tokens, probs, confs, prev, state = [], [], [], anchors, None
+        for k in range(steps):
+            bias, conf, state = model.head_step(h[:, k], prev, state)
+            picked, rows = self._choose(requests, base[:, k] if bias is None else base[:, k] + bias)
+            tokens.append(picked)
+            probs.append(rows)
+            confs.append(self._confidence(conf, k))
+            prev = torch.tensor(picked, device=self.device)
+        return tokens, probs, confs
+
+    def _draft_eagle(self, requests, steps, kv, valid, starts, anchors):
+        """Step by step: the anchor's input uses the last committed context feature, each later
+        input the drafter's own previous residual stream (the drafted block is re-run causally)."""
+        model = self.model
+        rows = torch.tensor([r.row for r in requests], device=self.device)
+        last = self.features.data[rows, starts - 1, 0]
+        inputs = [model.eagle_input(anchors, last)]
+        tokens, probs, confs = [], [], []
+        for k in range(steps):
+            positions = starts[:, None] + torch.arange(k + 1, device=self.device)
+            y, _ = model.eagle_run(torch.stack(inputs, dim=1), positions, kv, valid)
+            h = rms_norm(y[:, -1], model.norm, model.config.rms_norm_eps)
+            picked, rows_q = self._choose(requests, model.lm_logits(h))
+            tokens.append(picked)
+            probs.append(rows_q)
+            confs.append(self._confidence(model.conf(h).squeeze(-1), k))
+            inputs.append(model.eagle_input(torch.tensor(picked, device=self.device), y[:, -1]))
+        return tokens, probs, confs

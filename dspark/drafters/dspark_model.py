@@ -1,0 +1,211 @@
+"""The drafter networks (DSPARK.md section 2) and their Hugging Face style folder.
+
+DSparkModel, kind "dspark": context features H_ctx = RMSNorm(W_c [target layers concatenated]) give
+every draft layer extra keys/values; one pass over [anchor, mask x (gamma - 1)] at positions
+a..a+gamma-1 yields h_1..h_gamma, and h_k predicts x_k (the token at a + k) through the target's
+frozen LM head: U_k. The sequential head adds B_k (Markov: W2 W1[x_{k-1}]; RNN: a gated state over
+[s; W1[x_{k-1}]; h_k]); head "none" is the DFlash-style parallel drafter. The confidence head reads
+[h_k; W1[x_{k-1}]] (just h_k without a head).
+
+Kind "eagle": the autoregressive baseline. Position j's input is W_in [E(t_j); g_{j-1}] with g the
+context features of the previous token (teacher forced) or, while drafting, the drafter's own last
+hidden state; causal layers over the committed positions' cached K/V; one step per draft token.
+
+The target's embedding and LM head are shared and frozen: held as plain attributes set by `attach`,
+never parameters, so they are neither trained nor saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dspark.drafters.dspark_layers import DraftLayer, DSparkConfig, rms_norm
+
+FORMAT_VERSION = 1
+
+
+def shared_weights(target) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embedding [V, d], LM head [V, d]) of a LlamaModel or a transformers adapter."""
+    if hasattr(target, "weights"):
+        return target.weights["embed_tokens.weight"], target.weights["lm_head.weight"]
+    return target.hf.get_input_embeddings().weight.detach(), target.hf.get_output_embeddings().weight.detach()
+
+
+class DSparkModel(nn.Module):
+    def __init__(self, config: DSparkConfig):
+        super().__init__()
+        c = self.config = config
+        d, r = c.hidden_size, c.rank
+        self.fc = nn.Linear(len(c.target_layers) * c.target_hidden_size, d, bias=False)
+        self.ctx_norm = nn.Parameter(torch.ones(d))
+        self.layers = nn.ModuleList(DraftLayer(c) for _ in range(c.num_layers))
+        self.norm = nn.Parameter(torch.ones(d))
+        if c.kind == "dspark":
+            self.mask_embedding = nn.Parameter(torch.randn(d) * 0.02)
+        else:
+            self.fc_in = nn.Linear(2 * d, d, bias=False)
+        if c.head != "none":
+            self.w1 = nn.Embedding(c.vocab_size, r)
+            nn.init.normal_(self.w1.weight, std=0.02)
+            self.w2 = nn.Linear(r, c.vocab_size, bias=False)
+            nn.init.zeros_(self.w2.weight)  # B = 0 at first: training starts from the parallel drafter
+        if c.head == "rnn":
+            self.rnn_gate, self.rnn_cand, self.rnn_out = (nn.Linear(2 * r + d, r) for _ in range(3))
+        self.conf = nn.Linear(d + (r if c.head != "none" else 0), 1)
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.embed_weight: torch.Tensor | None = None
+        self.lm_head_weight: torch.Tensor | None = None
+
+    # -- shared, frozen target pieces ---------------------------------------------------------------
+    def attach(self, target) -> "DSparkModel":
+        embed, head = shared_weights(target)
+        c = self.config
+        if embed.shape != (c.vocab_size, c.hidden_size) or head.shape != (c.vocab_size, c.hidden_size):
+            raise ValueError(f"the target's embedding {tuple(embed.shape)} / LM head {tuple(head.shape)} do not match "
+                             f"the drafter's vocabulary {c.vocab_size} and width {c.hidden_size}")
+        self.embed_weight, self.lm_head_weight = embed, head
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.dtype
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.embed_weight).to(self.dtype)
+
+    def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h.to(self.lm_head_weight.dtype), self.lm_head_weight).float()
+
+    def context(self, features: torch.Tensor) -> torch.Tensor:
+        """Captured target hidden states [..., width] -> context features H_ctx [..., d]."""
+        return rms_norm(self.fc(features.to(self.dtype)), self.ctx_norm, self.config.rms_norm_eps)
+
+    # -- DSpark: parallel backbone and sequential head ----------------------------------------------
+    def context_kv(self, ctx: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's keys/values of the context features (they do not depend on the block)."""
+        return [layer.kv(ctx, positions, self.inv_freq, normed=True) for layer in self.layers]
+
+    def block(self, anchors, starts, ctx_kv, ctx_valid, n: int) -> torch.Tensor:
+        """anchors [B] at positions starts [B]; returns the normed h_1..h_n [B, n, d]."""
+        B = anchors.shape[0]
+        x = torch.cat([self.embed(anchors)[:, None], self.mask_embedding.expand(B, n - 1, -1)], dim=1)
+        positions = starts[:, None] + torch.arange(n, device=anchors.device)
+        for layer, (k, v) in zip(self.layers, ctx_kv):
+            x, _ = layer(x, positions, self.inv_freq, k, v, ctx_valid, causal=False)
+        return rms_norm(x, self.norm, self.config.rms_norm_eps)
+
+    def head_step(self, h_k: torch.Tensor, prev: torch.Tensor, state):
+        """Block position k: (B_k [B, V] or None, confidence logit [B], new state) from h_k [B, d] and
+        the previous token x_{k-1} [B] (the anchor for k = 1)."""
+        c = self.config
+        if c.head == "none":
+            return None, self.conf(h_k).squeeze(-1), None
+        e = self.w1(prev).to(h_k.dtype)
+        if c.head == "markov":
+            bias = self.w2(e)
+        else:
+            s = torch.zeros(h_k.shape[0], c.rank, dtype=h_k.dtype, device=h_k.device) if state is None else state
+            z = torch.cat([s, e, h_k], dim=-1)
+            gate = torch.sigmoid(self.rnn_gate(z))
+            bias = self.w2(torch.tanh(self.rnn_out(z)))
+            state = gate * s + (1 - gate) * torch.tanh(self.rnn_cand(z))
+        return bias.float(), self.conf(torch.cat([h_k, e], dim=-1)).squeeze(-1), state
+
+    # -- EAGLE: autoregressive baseline ---------------------------------------------------------------
+    def eagle_input(self, tokens: torch.Tensor, prev_features: torch.Tensor) -> torch.Tensor:
+        return self.fc_in(torch.cat([self.embed(tokens), prev_features.to(self.dtype)], dim=-1))
+
+    def eagle_run(self, x, positions, ctx_kv, ctx_valid):
+        """Causal pass of inputs x [B, n, d] after the context; returns the last layer's residual
+        stream [B, n, d] (fed back as the next step's feature) and each layer's block (k, v)."""
+        block_kv = []
+        for layer, (k, v) in zip(self.layers, ctx_kv):
+            x, kv = layer(x, positions, self.inv_freq, k, v, ctx_valid, causal=True)
+            block_kv.append(kv)
+        return x, block_kv
+
+    def empty_kv(self, batch: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        c = self.config
+        z = torch.zeros(batch, 0, c.num_kv_heads, c.head_dim, dtype=self.dtype, device=device)
+        return [(z, z)] * c.num_layers
+
+    # -- teacher-forced training pass -------------------------------------------------------------------
+    def train_forward(self, features: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor):
+        """One sequence: features [N, width] (target layers at every position), tokens [N], anchors [A]
+        (positions >= 1). Returns draft logits [A, gamma, V] for x_k = t_{a+k} and confidence logits
+        [A, gamma]; positions past the sequence end are garbage for the caller to mask."""
+        c, N = self.config, tokens.shape[0]
+        steps = torch.arange(c.gamma, device=tokens.device)
+        prev = tokens[(anchors[:, None] + steps).clamp(max=N - 1)]  # x_{k-1} = t_{a+k-1}, teacher forced
+        ctx = self.context(features)
+        positions = torch.arange(N, device=tokens.device)
+        if c.kind == "eagle":
+            return self._eagle_train(ctx, tokens, anchors, prev)
+        kv = self.context_kv(ctx[None], positions)
+        valid = positions[None] < anchors[:, None]
+        h = self.block(tokens[anchors], anchors, kv, valid, c.gamma)
+        logits, confs, state = self.lm_logits(h), [], None
+        biases = []
+        for k in range(c.gamma):
+            bias, conf, state = self.head_step(h[:, k], prev[:, k], state)
+            biases.append(bias)
+            confs.append(conf)
+        if c.head != "none":
+            logits = logits + torch.stack(biases, dim=1)
+        return logits, torch.stack(confs, dim=1)
+
+    def _eagle_train(self, ctx, tokens, anchors, prev):
+        """Teacher-forced causal pass over the sequence, then gamma - 1 steps that feed the drafter's
+        own hidden states back (training-time test), re-running the short drafted block each step."""
+        c, N, A = self.config, tokens.shape[0], anchors.shape[0]
+        shifted = torch.cat([torch.zeros_like(ctx[:1]), ctx[:-1]])  # g_{j-1}; nothing before position 0
+        positions = torch.arange(N, device=tokens.device)
+        out, tf_kv = self.eagle_run(self.eagle_input(tokens, shifted)[None], positions[None],
+                                    self.empty_kv(1, tokens.device), None)
+        valid = positions[None] <= anchors[:, None]  # the anchor's own teacher-forced K/V is context
+        feats = [out[0, anchors]]  # step 1 is the anchor's teacher-forced output
+        inputs = []
+        for k in range(1, c.gamma):
+            inputs.append(self.eagle_input(prev[:, k], feats[-1]))
+            x = torch.stack(inputs, dim=1)
+            pos = anchors[:, None] + torch.arange(1, k + 1, device=tokens.device)
+            y, _ = self.eagle_run(x, pos, tf_kv, valid)
+            feats.append(y[:, -1])
+        h = rms_norm(torch.stack(feats, dim=1), self.norm, c.rms_norm_eps)
+        return self.lm_logits(h), self.conf(h).squeeze(-1)
+
+
+# -- Hugging Face style folder: config.json + model.safetensors (+ calibration inside config) ---------
+def save_drafter(model: DSparkModel, path: str, extra: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    config = {"architecture": "DSparkDrafter", "format_version": FORMAT_VERSION, **dataclasses.asdict(model.config),
+              **(extra or {})}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(path, "model.safetensors"))
+
+
+def load_drafter_model(path: str, target=None, device=None, dtype: torch.dtype = torch.float32) -> DSparkModel:
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    if raw.get("architecture") != "DSparkDrafter":
+        raise ValueError(f"{path} is not a DSpark drafter folder (architecture {raw.get('architecture')!r})")
+    fields = {f.name for f in dataclasses.fields(DSparkConfig)}
+    model = DSparkModel(DSparkConfig(**{k: v for k, v in raw.items() if k in fields}))
+    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    if device is None and target is not None:
+        device = shared_weights(target)[0].device
+    model = model.to(device=device or "cpu", dtype=dtype).eval()
+    return model.attach(target) if target is not None else model

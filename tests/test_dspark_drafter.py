@@ -1,0 +1,224 @@
+"""DSpark drafter (markov, rnn, DFlash-style "none", EAGLE-style): draft probabilities are normalised
+and are the rows the tokens were drawn from (and equal the teacher-forced training forward); greedy
+speculative output is token-identical to plain decoding (batch 1 and several, contiguous and paged);
+sampled output follows the target's law; the drafter's context caches stay aligned with the committed
+tokens; save/load round-trips. Tiny random Llama models keep it fast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dspark.batch import build_round
+from dspark.cache import KVCache
+from dspark.drafters.draft_model import processed_probs
+from dspark.drafters.dspark import DSparkDrafter
+from dspark.drafters.dspark_layers import DSparkConfig
+from dspark.drafters.dspark_model import DSparkModel, save_drafter
+from dspark.engine import Engine
+from dspark.models import load_model
+from dspark.sampling_params import SamplingParams
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 97
+PROMPTS = [[5, 6, 7, 8, 5, 6, 7], [9, 10, 11, 12, 13, 9, 10, 11, 30, 31], [40], [3, 4, 3, 4, 3, 4, 3, 4, 3],
+           [70, 71]]
+GREEDY = SamplingParams(max_tokens=16, ignore_eos=True)
+VARIANTS = [("dspark", "markov"), ("dspark", "rnn"), ("dspark", "none"), ("eagle", "none")]
+
+
+def tiny_target(path, vocab=VOCAB, hidden=64, layers=3, sharpen=1.0, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1,
+                                      eos_token_id=2)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(sharpen)
+    hf.save_pretrained(path)
+    return load_model(str(path), torch.float32)
+
+
+def make_model(target, kind, head, gamma=4, rank=16, seed=1) -> DSparkModel:
+    torch.manual_seed(seed)
+    config = DSparkConfig.for_target(target.config, [0, target.config.num_layers - 1], kind=kind, head=head,
+                                     num_layers=2, gamma=gamma, rank=rank)
+    model = DSparkModel(config)
+    if head != "none":
+        with torch.no_grad():  # a random (not zero) sequential head, so that it shapes the drafts
+            model.w2.weight.normal_(0, 1.0)
+    return model.attach(target).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: on a shared 2-core machine, intra-op threads only contend (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_target(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def plain(tiny):
+    return [r.generated for r in Engine(tiny, max_batch=8, max_seq_len=128).generate(PROMPTS, GREEDY)]
+
+
+def bigram_oracle(target, plain_outputs) -> DSparkModel:
+    """A Markov drafter whose head encodes the target's greedy bigrams (rank = vocabulary, W1 = I), so
+    greedy drafts are often right and the identity test exercises multi-token acceptance."""
+    model = make_model(target, "dspark", "markov", rank=VOCAB)
+    with torch.no_grad():
+        model.w1.weight.copy_(torch.eye(VOCAB))
+        model.w2.weight.zero_()
+        for prompt, out in zip(PROMPTS, plain_outputs):
+            seq = prompt + out
+            for a, b in zip(seq[:-1], seq[1:]):
+                model.w2.weight[:, a] = 0.0
+                model.w2.weight[b, a] = 50.0
+    return model
+
+
+@pytest.mark.parametrize("kind,head", VARIANTS + [("oracle", "markov")])
+@pytest.mark.parametrize("batch,block_size", [(1, None), (4, None), (3, 4)])
+def test_greedy_is_token_identical_to_plain(tiny, plain, kind, head, batch, block_size):
+    model = bigram_oracle(tiny, plain) if kind == "oracle" else make_model(tiny, kind, head)
+    engine = Engine(tiny, drafter=DSparkDrafter(model), max_batch=batch, max_seq_len=128, block_size=block_size)
+    assert [r.generated for r in engine.generate(PROMPTS, GREEDY)] == plain
+    if kind == "oracle":
+        assert engine.stats.rounds * 2 < sum(len(t) for t in plain)
+
+
+class Req:
+    def __init__(self, tokens, params, row=0):
+        self.id, self.row, self.tokens, self.params, self.finish_reason = row, row, list(tokens), params, None
+
+
+def captured(target, tokens, layers):
+    c = target.config
+    cache = KVCache(c.num_layers, 1, 128, c.num_kv_heads, c.head_dim, torch.float32)
+    _, caps = target.forward(cache, build_round(1, [(0, list(tokens), None)], [0]), tuple(layers))
+    return torch.cat(caps, dim=-1).clone()
+
+
+@pytest.mark.parametrize("kind,head", VARIANTS)
+def test_draft_probs_are_the_distributions_the_tokens_were_drawn_from(tiny, kind, head):
+    model = make_model(tiny, kind, head)
+    drafter = DSparkDrafter(model)
+    drafter.bind(2, 128, VOCAB)
+    params = SamplingParams(temperature=0.7, top_k=40, top_p=0.9, seed=3)
+    prompt = [5, 6, 7, 8, 9, 10]
+    request = Req(prompt + [11], params)  # the first generated token is the anchor
+    drafter.start(request, captured(tiny, prompt, model.config.target_layers))
+    [proposal] = drafter.propose([request], 8)
+    n = len(proposal.tokens)
+    assert n == model.config.gamma and proposal.draft_probs.shape == (n + 1, VOCAB)
+    rows = proposal.draft_probs
+    torch.testing.assert_close(rows[:n].sum(-1), torch.ones(n))
+    assert (rows[n] == 0).all() and proposal.confidences.shape == (n,)
+    assert ((proposal.confidences > 0) & (proposal.confidences < 1)).all()
+    generator = torch.Generator().manual_seed(params.seed + 0xD5)  # replay the drafter's draws
+    assert [int(torch.multinomial(rows[k], 1, generator=generator)) for k in range(n)] == proposal.tokens
+    # The rows are processed softmaxes of the teacher-forced training forward on the drafted prefix.
+    tokens = torch.tensor(request.tokens + proposal.tokens)
+    logits, _ = model.train_forward(captured(tiny, tokens.tolist(), model.config.target_layers), tokens,
+                                    torch.tensor([len(prompt)]))
+    expected = torch.stack([processed_probs(logits[0, k], 0.7, 40, 0.9) for k in range(n)])
+    torch.testing.assert_close(rows[:n], expected, rtol=1e-4, atol=1e-5)
+    greedy = Req(prompt + [11], SamplingParams(), row=1)
+    drafter.start(greedy, captured(tiny, prompt, model.config.target_layers))
+    [deterministic] = drafter.propose([greedy], 3)
+    assert deterministic.draft_probs is None and len(deterministic.tokens) == 3
+    assert deterministic.tokens[0] == int(torch.argmax(logits[0, 0]))
+
+
+def test_sampled_output_follows_the_target_distribution(tmp_path):
+    """Joint law of the first three emitted tokens (8-token vocabulary) vs the target's exact law: the
+    first round verifies 3 drafts, so the Markov head's dependence on x_{k-1} is in play."""
+    from test_rejection_sample_distribution import chi_square_p_value
+
+    vocab, trials, temperature, prompt = 8, 3000, 0.8, [3, 5, 4]
+    target = tiny_target(tmp_path, vocab=vocab, hidden=32, layers=2, sharpen=6.0, seed=1)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        seqs = torch.cartesian_prod(*[torch.arange(vocab)] * 3)
+        law = torch.ones(len(seqs), dtype=torch.float64)
+        for depth in range(3):
+            ctx = torch.cat([torch.tensor([prompt]).expand(len(seqs), -1), seqs[:, :depth]], 1)
+            probs = torch.softmax(hf(ctx).logits[:, -1] / temperature, -1).double()
+            law *= probs.gather(1, seqs[:, depth: depth + 1]).squeeze(1)
+    model = make_model(target, "dspark", "markov", gamma=3, rank=8)
+    engine = Engine(target, drafter=DSparkDrafter(model), max_batch=64, max_seq_len=16)
+    params = [SamplingParams(max_tokens=5, temperature=temperature, seed=s, ignore_eos=True) for s in range(trials)]
+    requests = engine.generate([prompt] * trials, params)
+    out = torch.tensor([r.generated[:3] for r in requests])
+    cells = out[:, 0] * vocab * vocab + out[:, 1] * vocab + out[:, 2]
+    assert engine.stats.summary(requests)["tau"] > 1.3  # drafts were accepted
+    assert chi_square_p_value(cells, law) >= 1e-3
+
+
+@pytest.mark.parametrize("kind,head", [("dspark", "markov"), ("eagle", "none")])
+def test_context_caches_stay_aligned_with_committed_tokens(tiny, kind, head):
+    """After every round (rejections included), the drafter's features and each layer's context K/V
+    equal what a fresh target forward over the committed tokens gives."""
+    model = make_model(tiny, kind, head)
+    drafter = DSparkDrafter(model)
+    engine = Engine(tiny, drafter=drafter, max_batch=3, max_seq_len=128, block_size=4)
+    for prompt in PROMPTS[:3]:
+        engine.add_request(prompt, SamplingParams(max_tokens=20, temperature=1.0, seed=len(prompt), ignore_eos=True))
+    checks = 0
+    while engine.has_work():
+        engine.step()
+        for r in engine.running:
+            n = int(drafter.kv.seqlens[r.row])
+            assert n == len(r.tokens) - 1
+            feats = captured(tiny, r.tokens[:n], model.config.target_layers)
+            with torch.no_grad():
+                ctx = model.context(feats)
+                if kind == "dspark":
+                    expected = model.context_kv(ctx, torch.arange(n))
+                else:
+                    shifted = torch.cat([torch.zeros_like(ctx[:1]), ctx[:-1]])
+                    x = model.eagle_input(torch.tensor(r.tokens[:n]), shifted)[None]
+                    _, block = model.eagle_run(x, torch.arange(n)[None], model.empty_kv(1, "cpu"), None)
+                    expected = [(k[0], v[0]) for k, v in block]
+            torch.testing.assert_close(drafter.features.data[r.row, :n, 0], ctx, rtol=1e-4, atol=1e-4)
+            for layer, (k, v) in enumerate(expected):
+                torch.testing.assert_close(drafter.kv.k[layer, r.row, :n], k, rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(drafter.kv.v[layer, r.row, :n], v, rtol=1e-4, atol=1e-4)
+            checks += 1
+    assert checks > 10
+
+
+@pytest.mark.parametrize("kind,head", [("dspark", "rnn"), ("eagle", "none")])
+def test_save_load_round_trips(tiny, tmp_path, kind, head):
+    from safetensors.torch import load_file
+
+    model = make_model(tiny, kind, head)
+    model.config.calibration = [1.0, 1.5, 2.0, 2.0]
+    save_drafter(model, str(tmp_path), {"training": {"note": "test"}})
+    saved = load_file(tmp_path / "model.safetensors")  # the drafter's own weights, never the target's
+    assert saved.keys() == model.state_dict().keys()
+    assert not any(t.shape == tiny.weights["embed_tokens.weight"].shape for t in saved.values())
+    loaded = DSparkDrafter.from_pretrained(str(tmp_path), tiny)
+    assert loaded.model.config == model.config
+
+    def run(drafter):
+        params = SamplingParams(max_tokens=12, temperature=0.9, seed=5, ignore_eos=True)
+        engine = Engine(tiny, drafter=drafter, max_batch=2, max_seq_len=64)
+        engine.add_request(PROMPTS[1], params)
+        engine.step()
+        [proposal] = drafter.propose(engine.running, 8)
+        return proposal
+
+    a, b = run(DSparkDrafter(model)), run(loaded)
+    assert a.tokens == b.tokens
+    torch.testing.assert_close(a.draft_probs, b.draft_probs)
+    torch.testing.assert_close(a.confidences, b.confidences)
