@@ -17,7 +17,8 @@ if arch:
     cxx_flags.append(f"-march={arch}")
 
 setup(
-    packages=["dspark", "dspark.ops", "dspark.reference", "dspark.models", "dspark.drafters", "dspark.triton_kernels"],
+    packages=["dspark", "dspark.ops", "dspark.reference", "dspark.models", "dspark.drafters", "dspark.train",
+              "dspark.triton_kernels"],
     package_dir={"dspark.triton_kernels": "triton_kernels"},
     ext_modules=[
         CppExtension(

@@ -69,6 +69,9 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.add_argument("--no-baseline", action="store_true", help="skip the plain-decoding comparison")
+    from dspark.train.trainer import add_arguments
+
+    add_arguments(sub.add_parser("train-drafter", help="train a DSpark / DFlash-style / EAGLE-style drafter"))
     return ap
 
 
@@ -121,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "generate":
         return run_generate(args)
+    if args.command == "train-drafter":
+        from dspark.train.trainer import main as train_main
+
+        return train_main(args)
     return 2
 
 

@@ -1,0 +1,40 @@
+"""The DSpark training objective (DSPARK.md section 3, reference weights of section 6).
+
+Per block position k = 1..gamma (weight w_k = exp(-(k-1)/decay), decay 4):
+  CE    -log p_d(t_{a+k})                 the token the target produced
+  L1    ||p_d - p_t||_1                   2 x total variation; 1 - L1/2 is the acceptance probability
+  BCE   bce(c_k, c*_k), c*_k = 1 - L1/2   (detached: the confidence head predicts, never steers)
+Total 0.1 CE + 0.9 L1 + 1.0 BCE, a weighted mean over valid (block, position) pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+WEIGHTS = (0.1, 0.9, 1.0)
+
+
+def block_loss(draft_logits, conf_logits, target_logits, target_tokens, valid, decay: float = 4.0,
+               weights=WEIGHTS) -> tuple[torch.Tensor, dict]:
+    """draft_logits, target_logits [A, g, V]; conf_logits [A, g]; target_tokens [A, g]; valid [A, g] bool.
+    Returns (loss, metrics); metrics hold the terms and the per-position acceptance 1 - TV."""
+    g = draft_logits.shape[1]
+    log_pd = torch.log_softmax(draft_logits.float(), dim=-1)
+    p_t = torch.softmax(target_logits.float(), dim=-1)
+    ce = -log_pd.gather(-1, target_tokens[..., None]).squeeze(-1)
+    l1 = (log_pd.exp() - p_t).abs().sum(-1)
+    accept = (1 - 0.5 * l1).detach().clamp(0, 1)
+    bce = F.binary_cross_entropy_with_logits(conf_logits.float(), accept, reduction="none")
+    w = torch.exp(-torch.arange(g, device=draft_logits.device, dtype=torch.float32) / decay)[None] * valid
+    norm = w.sum().clamp_min(1e-9)
+    terms = {name: (value * w).sum() / norm for name, value in (("ce", ce), ("l1", l1), ("bce", bce))}
+    loss = weights[0] * terms["ce"] + weights[1] * terms["l1"] + weights[2] * terms["bce"]
+    counts = valid.sum(0).clamp_min(1)
+    # Expected accepted length under teacher forcing: bonus + sum_k prod_{i<=k} acceptance.
+    survive = torch.cumprod(torch.where(valid, accept, 0.0), dim=1)
+    metrics = {name: float(v.detach()) for name, v in terms.items()}
+    metrics["loss"] = float(loss.detach())
+    metrics["accept_by_pos"] = ((accept * valid).sum(0) / counts).tolist()
+    metrics["tau_est"] = float(1 + survive.sum(1).mean())
+    return loss, metrics

@@ -1,0 +1,143 @@
+"""Drafter training: the loss terms, the dataset and anchors, a few optimizer steps lower the loss on a
+tiny random Llama (DSpark-Markov and EAGLE-style), and `dspark train-drafter` writes a drafter folder
+that resumes and loads into the engine (greedy output unchanged)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from dspark.drafters.dspark import DSparkDrafter
+from dspark.engine import Engine
+from dspark.sampling_params import SamplingParams
+from dspark.train.data import Sequence, anchor_positions, load_sequences
+from dspark.train.loss import block_loss
+from dspark.train.teacher import teacher_pass
+from dspark.train.trainer import add_arguments, build, sequence_loss
+
+transformers = pytest.importorskip("transformers")
+VOCAB = 61
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices on a shared machine: threads only contend
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A sharpened tiny target, and a jsonl of its own sampled replies to random prompts."""
+    from dspark.models import load_model
+
+    root = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(4.0)
+    hf.save_pretrained(root / "target")
+    target = load_model(str(root / "target"), torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, VOCAB, (int(torch.randint(2, 8, (), generator=gen)),), generator=gen).tolist()
+               for _ in range(24)]
+    params = [SamplingParams(max_tokens=40, temperature=1.0, seed=i, ignore_eos=True) for i in range(24)]
+    replies = Engine(target, max_batch=8, max_seq_len=64).generate(prompts, params)
+    with open(root / "data.jsonl", "w") as f:
+        for p, r in zip(prompts, replies):
+            f.write(json.dumps({"prompt_ids": p, "response_ids": r.generated, "domain": "test"}) + "\n")
+    return root, target
+
+
+def args_for(root, *extra):
+    ap = argparse.ArgumentParser()
+    add_arguments(ap)
+    return ap.parse_args(["--data", str(root / "data.jsonl"), "--out", str(root / "out"), "--model",
+                          str(root / "target"), "--layers", "0,1", "--gamma", "4", "--rank", "16", "--batch", "4",
+                          "--anchors", "16", "--lr", "3e-3", "--holdout", "4", *extra])
+
+
+def test_loss_terms():
+    logits = torch.randn(3, 4, 11)
+    tokens = torch.randint(0, 11, (3, 4))
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    loss, m = block_loss(logits, torch.full((3, 4), 20.0), logits, tokens, valid)
+    assert m["l1"] < 1e-6 and m["bce"] < 1e-6 and m["tau_est"] == pytest.approx(5.0)
+    assert float(loss) == pytest.approx(0.1 * m["ce"], rel=1e-5)
+    other = torch.randn(3, 4, 11)
+    _, m2 = block_loss(logits, torch.zeros(3, 4), other, tokens, valid)
+    tv = 0.5 * (torch.softmax(logits, -1) - torch.softmax(other, -1)).abs().sum(-1)
+    assert m2["accept_by_pos"] == pytest.approx((1 - tv).mean(0).tolist(), rel=1e-5)
+    valid[:, 2:] = False  # masked positions contribute nothing
+    _, m3 = block_loss(logits, torch.zeros(3, 4), torch.where(valid[..., None], other, -other), tokens, valid)
+    _, m4 = block_loss(logits[:, :2], torch.zeros(3, 2), other[:, :2], tokens[:, :2], valid[:, :2])
+    assert m3["l1"] == pytest.approx(m4["l1"], rel=1e-5)
+
+
+def test_dataset_and_anchors(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt_ids": [1, 2, 3], "response_ids": [4, 5, 6, 7]}\n{"input_ids": [1, 2]}\n'
+                    '{"input_ids": [9, 8, 7, 6]}\n')
+    seqs = load_sequences(str(path), 10, max_len=6)
+    assert [s.ids.tolist() for s in seqs] == [[1, 2, 3, 4, 5, 6], [9, 8, 7, 6]]
+    assert [s.prompt_len for s in seqs] == [3, 0]
+    gen = torch.Generator().manual_seed(0)
+    assert anchor_positions(seqs[0], 99, gen).tolist() == [3, 4]  # from the response, with a target after
+    assert anchor_positions(seqs[1], 99, gen).tolist() == [1, 2]
+    assert len(anchor_positions(Sequence(torch.arange(50), 5), 7, gen)) == 7
+    path.write_text('{"prompt_ids": [1, 2, 3], "response_ids": [4, 10]}\n')
+    with pytest.raises(ValueError, match="token ids"):
+        load_sequences(str(path), 10)
+
+
+@pytest.mark.parametrize("variant", [[], ["--eagle"], ["--head", "rnn"]])
+def test_a_few_steps_lower_the_loss(setup, variant):
+    root, target = setup
+    args = args_for(root, *variant)
+    torch.manual_seed(0)
+    model = build(args, target).attach(target).train()
+    seqs = load_sequences(args.data, VOCAB)[:4]
+    teachers = teacher_pass(target, [s.ids for s in seqs], tuple(model.config.target_layers))
+    anchors = [anchor_positions(s, 16, torch.Generator().manual_seed(i)) for i, s in enumerate(seqs)]
+
+    def batch_loss():
+        losses = [sequence_loss(model, t, s, a, 4.0)[0] for s, t, a in zip(seqs, teachers, anchors)]
+        return torch.stack(losses).mean()
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    with torch.no_grad():
+        before = float(batch_loss())
+    for _ in range(8):
+        optimizer.zero_grad()
+        batch_loss().backward()
+        optimizer.step()
+    with torch.no_grad():
+        assert float(batch_loss()) < 0.9 * before
+
+
+def test_cli_trains_resumes_and_loads(setup):
+    from dspark.cli import main
+
+    root, target = setup
+    base = ["train-drafter", "--data", str(root / "data.jsonl"), "--out", str(root / "cli"), "--model",
+            str(root / "target"), "--layers", "0,1", "--gamma", "4", "--rank", "16", "--batch", "4",
+            "--anchors", "8", "--holdout", "4", "--log-every", "1", "--save-every", "2"]
+    assert main(base + ["--steps", "3"]) == 0
+    assert main(base + ["--steps", "5", "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in open(root / "cli" / "train_log.jsonl")]
+    assert steps == [1, 2, 3, 4, 5]  # resumed at step 3, not from scratch
+    config = json.load(open(root / "cli" / "config.json"))
+    assert config["training"]["sequences"] == 22 and config["training"]["holdout_sequences"] == 2 and config["training"]["holdout"]["tau_est"] > 1
+    drafter = DSparkDrafter.from_pretrained(str(root / "cli"), target)
+    prompts = [[5, 6, 7], [9, 10, 11, 12]]
+    greedy = SamplingParams(max_tokens=12, ignore_eos=True)
+    plain = [r.generated for r in Engine(target, max_seq_len=64).generate(prompts, greedy)]
+    spec = [r.generated for r in Engine(target, drafter=drafter, max_batch=2, max_seq_len=64).generate(prompts, greedy)]
+    assert spec == plain
