@@ -54,6 +54,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (on a shared 2-core box 1 thread is often far faster: idle threads spin)")
     ap.add_argument("--resume", action="store_true", help="continue from --out's trainer_state.pt")
 
 
@@ -153,6 +155,8 @@ def train(args) -> dict:
     from dspark.models import load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     target = load_model(args.model, torch.bfloat16 if device != "cpu" else torch.float32, device)
     sequences = load_sequences(args.data, target.config.vocab_size, args.max_len)
