@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from dspark.drafters import DraftModelDrafter, NgramDrafter
+from dspark.drafters import DraftModelDrafter, DSparkDrafter, NgramDrafter
 from dspark.engine import Engine
 from dspark.models import load_model, load_tokenizer
 from dspark.sampling_params import SamplingParams
@@ -49,7 +49,9 @@ def make_drafter(spec: str, target, num_draft: int, dtype, device):
         return DraftModelDrafter.self_draft(target, int(spec.split(":", 1)[1]), num_draft)
     if spec.startswith("model:"):
         return DraftModelDrafter(load_model(spec.split(":", 1)[1], dtype, device), num_draft)
-    raise ValueError(f"--drafter must be none, ngram, self:LAYERS or model:PATH, got {spec!r}")
+    if spec.startswith("dspark:"):  # a folder written by `dspark train-drafter`
+        return DSparkDrafter.from_pretrained(spec.split(":", 1)[1], target, num_draft, dtype=dtype)
+    raise ValueError(f"--drafter must be none, ngram, self:LAYERS, model:PATH or dspark:DIR, got {spec!r}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -58,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate a reply with speculative decoding")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: SmolLM2-135M-Instruct)")
-    gen.add_argument("--drafter", default="ngram", help="none, ngram, self:LAYERS, model:PATH (default: ngram)")
+    gen.add_argument("--drafter", default="ngram", help="none, ngram, self:LAYERS, model:PATH, dspark:DIR (default: ngram)")
     gen.add_argument("--num-draft", type=int, default=4, help="draft tokens verified per round (gamma)")
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)

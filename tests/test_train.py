@@ -141,3 +141,7 @@ def test_cli_trains_resumes_and_loads(setup):
     plain = [r.generated for r in Engine(target, max_seq_len=64).generate(prompts, greedy)]
     spec = [r.generated for r in Engine(target, drafter=drafter, max_batch=2, max_seq_len=64).generate(prompts, greedy)]
     assert spec == plain
+    from dspark.cli import make_drafter  # what `dspark generate --drafter dspark:DIR` loads
+
+    loaded = make_drafter(f"dspark:{root / 'cli'}", target, 3, torch.float32, "cpu")
+    assert isinstance(loaded, DSparkDrafter) and loaded.num_draft == 3
