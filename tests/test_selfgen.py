@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from dspark.train import instructions as instr
 from dspark.train import selfgen
 
 transformers = pytest.importorskip("transformers")
@@ -16,39 +17,39 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def instructions():
-    return selfgen.build_instructions(150, seed=3)
+    return instr.build_instructions(150, seed=3)
 
 
 def test_builder_is_deterministic_and_mixed(instructions):
-    again = selfgen.build_instructions(150, seed=3)
+    again = instr.build_instructions(150, seed=3)
     assert [it["prompt"] for it in again] == [it["prompt"] for it in instructions]
     assert [it["domain"] for it in instructions[:6]] == ["code", "math", "chat"] * 2
     assert {it["domain"] for it in instructions} == {"code", "math", "chat"}
     assert len({it["id"] for it in instructions}) == len(instructions) == 450
-    other = selfgen.build_instructions(150, seed=4)
+    other = instr.build_instructions(150, seed=4)
     assert [it["prompt"] for it in other] != [it["prompt"] for it in instructions]
 
 
 def test_no_instruction_overlaps_the_eval_sets(instructions):
-    evals = selfgen.load_eval_prompts()
+    evals = instr.load_eval_prompts()
     assert len(evals) > 1500  # humaneval 164 + gsm8k 1319 + mt-bench 160 turns
-    assert selfgen.overlaps_eval([it["prompt"] for it in instructions], evals) == set()
-    normed = {selfgen._norm(e) for e in evals}
-    assert not any(selfgen._norm(it["prompt"]) in normed for it in instructions)
+    assert instr.overlaps_eval([it["prompt"] for it in instructions], evals) == set()
+    normed = {instr._norm(e) for e in evals}
+    assert not any(instr._norm(it["prompt"]) in normed for it in instructions)
 
 
 def test_overlap_check_catches_equal_containing_and_contained():
     evals = ["Compute the sum of 3 and 4.", "A long evaluation prompt about trains leaving two stations at noon."]
     ours = ["compute the  sum of 3 and 4.", "Please answer: Compute the sum of 3 and 4. Thanks",
             "about trains leaving two stations at noon.", "Something else entirely, long enough to matter."]
-    assert selfgen.overlaps_eval(ours, evals) == {0, 1, 2}
+    assert instr.overlaps_eval(ours, evals) == {0, 1, 2}
 
 
 def test_builder_drops_eval_prompts(monkeypatch):
     fixed = [("plain", "Explain closures to a beginner.")]
-    monkeypatch.setattr(selfgen, "open_chat_instruction", lambda rng: fixed[0])
-    monkeypatch.setattr(selfgen, "doc_chat_instruction", lambda para, rng: fixed[0])
-    items = selfgen.build_instructions(5, seed=0, eval_prompts=["Explain closures to a beginner."])
+    monkeypatch.setattr(instr, "open_chat_instruction", lambda rng: fixed[0])
+    monkeypatch.setattr(instr, "doc_chat_instruction", lambda para, rng: fixed[0])
+    items = instr.build_instructions(5, seed=0, eval_prompts=["Explain closures to a beginner."])
     assert items == []  # zip over domains stops at the empty chat list
 
 
