@@ -1,4 +1,5 @@
-"""Builders of random rounds for the tests: trees, ragged batches, contiguous and paged caches."""
+"""Builders of random rounds for the tests: trees, ragged batches, contiguous and paged caches; tiny
+random Llama checkpoints."""
 
 from __future__ import annotations
 
@@ -63,3 +64,22 @@ def random_cache(gen: torch.Generator, needed: list[int], num_kv_heads: int, hea
     k = torch.randn(shape, generator=gen).to(dtype)
     v = torch.randn(shape, generator=gen).to(dtype)
     return Cache(k, v, block_table)
+
+
+def write_tiny_llama(path, vocab: int, hidden: int = 64, layers: int = 3, heads: int = 4, kv_heads: int = 2,
+                     max_positions: int = 512, sharpen: float = 1.0, seed: int = 0):
+    """A random transformers Llama (intermediate size 2 * hidden, untied lm_head, bos 1, eos 2) made
+    after torch.manual_seed(seed), its lm_head scaled by `sharpen` (a sharper, less uniform model),
+    saved to path. Returns it in eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                      max_position_embeddings=max_positions, tie_word_embeddings=False,
+                                      bos_token_id=1, eos_token_id=2)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(sharpen)
+    hf.save_pretrained(path)
+    return hf

@@ -18,6 +18,7 @@ from dspark.drafters.dspark_model import DSparkModel, save_drafter
 from dspark.engine import Engine
 from dspark.models import load_model
 from dspark.sampling_params import SamplingParams
+from builders import write_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -29,15 +30,7 @@ VARIANTS = [("dspark", "markov"), ("dspark", "rnn"), ("dspark", "none"), ("eagle
 
 
 def tiny_target(path, vocab=VOCAB, hidden=64, layers=3, sharpen=1.0, seed=0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1,
-                                      eos_token_id=2)
-    hf = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        hf.lm_head.weight.mul_(sharpen)
-    hf.save_pretrained(path)
+    write_tiny_llama(path, vocab, hidden, layers, sharpen=sharpen, seed=seed)
     return load_model(str(path), torch.float32)
 
 

@@ -11,6 +11,7 @@ from dspark.drafters import DraftModelDrafter, NgramDrafter
 from dspark.engine import Engine
 from dspark.models import load_model
 from dspark.sampling_params import SamplingParams
+from builders import write_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,12 +24,7 @@ GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    hf = transformers.LlamaForCausalLM(config).eval()
-    hf.save_pretrained(path)
+    hf = write_tiny_llama(path, VOCAB)
     return hf, load_model(str(path), torch.float32)
 
 
@@ -138,14 +134,9 @@ def test_sampled_speculative_decoding_follows_the_target_distribution(tmp_path):
     from test_rejection_sample_distribution import chi_square_p_value
 
     vocab, trials = 8, 12_000
-    torch.manual_seed(1)
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                                      bos_token_id=1, eos_token_id=2)
-    hf = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # sharpen the random model so that drafts are sometimes right, sometimes not
-        hf.lm_head.weight.mul_(6.0)
-    hf.save_pretrained(tmp_path)
+    # A sharpened random model, so that drafts are sometimes right, sometimes not.
+    hf = write_tiny_llama(tmp_path, vocab, hidden=32, layers=2, heads=2, kv_heads=1, max_positions=64, sharpen=6.0,
+                          seed=1)
     model = load_model(str(tmp_path), torch.float32)
     prompt = [3, 5, 4]
     temperature = 0.8

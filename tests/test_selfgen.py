@@ -11,6 +11,7 @@ import torch
 
 from dspark.train import instructions as instr
 from dspark.train import selfgen
+from builders import write_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -56,11 +57,7 @@ def test_builder_drops_eval_prompts(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama_selfgen")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      bos_token_id=1, eos_token_id=2)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    write_tiny_llama(path, 64, hidden=32, layers=2, max_positions=256)
     from dspark.models import load_model
 
     return load_model(str(path), torch.float32)

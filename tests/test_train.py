@@ -17,6 +17,7 @@ from dspark.train.data import Sequence, anchor_positions, load_sequences
 from dspark.train.loss import block_loss
 from dspark.train.teacher import teacher_pass
 from dspark.train.trainer import add_arguments, build, sequence_loss
+from builders import write_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 61
@@ -36,14 +37,7 @@ def setup(tmp_path_factory):
     from dspark.models import load_model
 
     root = tmp_path_factory.mktemp("train")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    hf = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        hf.lm_head.weight.mul_(4.0)
-    hf.save_pretrained(root / "target")
+    write_tiny_llama(root / "target", VOCAB, hidden=32, layers=2, max_positions=256, sharpen=4.0)
     target = load_model(str(root / "target"), torch.float32)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, VOCAB, (int(torch.randint(2, 8, (), generator=gen)),), generator=gen).tolist()
