@@ -16,27 +16,39 @@ from builders import write_tiny_llama
 transformers = pytest.importorskip("transformers")
 
 
+def eval_prompts_or_skip() -> list[str]:
+    if not any(instr.EVAL_DIR.glob("*.jsonl")):
+        pytest.skip(f"the evaluation sets are not in this checkout's surroundings ({instr.EVAL_DIR})")
+    return instr.load_eval_prompts()
+
+
 @pytest.fixture(scope="module")
 def instructions():
-    return instr.build_instructions(150, seed=3)
+    return instr.build_instructions(150, seed=3, eval_prompts=[])  # the filter has tests of its own
 
 
 def test_builder_is_deterministic_and_mixed(instructions):
-    again = instr.build_instructions(150, seed=3)
+    again = instr.build_instructions(150, seed=3, eval_prompts=[])
     assert [it["prompt"] for it in again] == [it["prompt"] for it in instructions]
     assert [it["domain"] for it in instructions[:6]] == ["code", "math", "chat"] * 2
     assert {it["domain"] for it in instructions} == {"code", "math", "chat"}
     assert len({it["id"] for it in instructions}) == len(instructions) == 450
-    other = instr.build_instructions(150, seed=4)
+    other = instr.build_instructions(150, seed=4, eval_prompts=[])
     assert [it["prompt"] for it in other] != [it["prompt"] for it in instructions]
 
 
-def test_no_instruction_overlaps_the_eval_sets(instructions):
-    evals = instr.load_eval_prompts()
+def test_no_instruction_overlaps_the_eval_sets():
+    evals = eval_prompts_or_skip()
+    instructions = instr.build_instructions(150, seed=3, eval_prompts=evals)
     assert len(evals) > 1500  # humaneval 164 + gsm8k 1319 + mt-bench 160 turns
     assert instr.overlaps_eval([it["prompt"] for it in instructions], evals) == set()
     normed = {instr._norm(e) for e in evals}
     assert not any(instr._norm(it["prompt"]) in normed for it in instructions)
+
+
+def test_missing_eval_sets_are_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no evaluation sets"):
+        instr.load_eval_prompts(tmp_path)
 
 
 def test_overlap_check_catches_equal_containing_and_contained():

@@ -57,9 +57,14 @@ def _norm(text: str) -> str:
 
 
 def load_eval_prompts(eval_dir: pathlib.Path = EVAL_DIR) -> list[str]:
-    """Every turn of every eval prompt (humaneval, gsm8k, mt-bench)."""
+    """Every turn of every eval prompt (humaneval, gsm8k, mt-bench). Missing sets are an error, not
+    an empty list: the overlap filter must never pass for want of something to compare with."""
+    paths = sorted(pathlib.Path(eval_dir).glob("*.jsonl"))
+    if not paths:
+        raise FileNotFoundError(f"no evaluation sets (*.jsonl) under {eval_dir}; the instruction builder needs them "
+                                f"to keep evaluation prompts out of the training data")
     prompts = []
-    for path in sorted(pathlib.Path(eval_dir).glob("*.jsonl")):
+    for path in paths:
         for line in path.read_text().splitlines():
             if line.strip():
                 prompts.extend(json.loads(line)["turns"])
