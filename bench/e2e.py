@@ -14,12 +14,13 @@ import json
 import os
 import pathlib
 import platform
+import re
 import time
 
 import torch
 
 from dspark.cli import default_dtype
-from dspark.drafters import DraftModelDrafter, NgramDrafter
+from dspark.drafters import DraftModelDrafter, DSparkDrafter, NgramDrafter
 from dspark.engine import Engine
 from dspark.models import default_model_path, load_model, load_tokenizer
 from dspark.sampling_params import SamplingParams
@@ -27,14 +28,21 @@ from dspark.sampling_params import SamplingParams
 DOMAINS = {"code": "humaneval.jsonl", "math": "gsm8k.jsonl", "chat": "mt-bench.jsonl"}
 
 
-def drafters(model):
-    return {
+def drafters(model, trained: list[str], only: str | None) -> dict:
+    """Every drafter to compare: n-gram, self-draft, and each trained drafter folder (`dspark
+    train-drafter`) at gamma 3, 5 and 7; `only` (a regular expression) keeps the matching names."""
+    makers = {
         "ngram gamma=3": lambda: NgramDrafter(3),
         "ngram gamma=5": lambda: NgramDrafter(5),
         "ngram gamma=8": lambda: NgramDrafter(8),
         "ngram tree (3 branches, 8 nodes)": lambda: NgramDrafter(8, branches=3),
         "self-draft 8/30 layers gamma=3": lambda: DraftModelDrafter.self_draft(model, 8, 3),
     }
+    for folder in trained:
+        for gamma in (3, 5, 7):
+            makers[f"{pathlib.Path(folder).name} gamma={gamma}"] = (
+                lambda folder=folder, gamma=gamma: DSparkDrafter.from_pretrained(folder, model, gamma))
+    return {name: make for name, make in makers.items() if only is None or re.search(only, name)}
 
 
 def load_prompts(directory: pathlib.Path, per_domain: int, tokenizer) -> dict[str, list[list[int]]]:
@@ -78,6 +86,8 @@ def main() -> None:
     ap.add_argument("--datasets", default=str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "datasets"))
     ap.add_argument("--out", default="bench/results/e2e-cpu")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--dspark", action="append", default=[], help="a trained drafter folder (repeatable)")
+    ap.add_argument("--only", default=None, help="regular expression: run only the drafters it matches")
     args = ap.parse_args()
     dtype = default_dtype("cpu")
     tokenizer = load_tokenizer(None)
@@ -97,7 +107,7 @@ def main() -> None:
         for domain, domain_prompts in prompts.items():
             base, base_tokens = run_ours(model, tokenizer, None, domain_prompts, params)
             rows = [("dspark plain", base, True)]
-            for name, make in drafters(model).items():
+            for name, make in drafters(model, args.dspark, args.only).items():
                 summary, tokens = run_ours(model, tokenizer, make(), domain_prompts, params)
                 rows.append((name, summary, tokens == base_tokens))
             if hf is not None:
