@@ -20,8 +20,19 @@ from dspark.cache import KVCache, SideCache
 from dspark.drafters.base import Proposal
 from dspark.models.llama import LlamaModel
 from dspark.sampling_params import SamplingParams
-from dspark.scheduler import FixedLength
+from dspark.scheduler import FixedLength, PrefixScheduler
 from dspark.stats import RequestStats, RunStats
+
+
+def default_policy(model, drafter, max_batch: int):
+    """The prefix scheduler for drafters with a confidence head (on the SPS curve of this model and
+    device, measured once and cached), else every drafted node (fixed gamma)."""
+    num_draft = getattr(drafter, "num_draft", 0) if drafter is not None else 0
+    if num_draft and getattr(drafter, "gives_confidences", False):
+        from dspark.profiling import load_or_measure_sps
+
+        return PrefixScheduler(load_or_measure_sps(model, max_batch * (1 + num_draft)))
+    return FixedLength(num_draft)
 
 
 @dataclasses.dataclass
@@ -50,7 +61,7 @@ class Engine:
                  max_seq_len: int = 2048, block_size: int | None = None):
         c = model.config
         self.model, self.tokenizer, self.drafter = model, tokenizer, drafter
-        self.policy = policy or FixedLength(getattr(drafter, "num_draft", 0) if drafter else 0)
+        self.policy = policy or default_policy(model, drafter, max_batch)
         self.max_seq_len = max_seq_len
         self.cache = KVCache(c.num_layers, max_batch, max_seq_len, c.num_kv_heads, c.head_dim, model.dtype,
                              model.device, block_size=block_size)

@@ -2,10 +2,19 @@
 
 A policy sees the running requests and their proposals (with the drafter's confidences, if any) and
 returns, per request, a number of draft nodes to keep (a prefix in node order, always a valid tree).
+
+Losslessness (DSPARK.md section 4, Appendix A of the paper): rejection sampling stays exact as long as
+whether x_{r,k} is verified never depends on the value of x_{r,k} itself. The survival a_{r,k} =
+c_1 ... c_k depends on x_{r,<k} only (c_k reads x_{k-1}), and a_{r,k+1} <= a_{r,k}, so any rule that
+decides on (r, k) after looking only at candidates ranked at or above it in the order (survival
+descending, ties by lower k) is safe. The prefix scheduler stops at the first candidate that does not
+pay; the asynchronous one takes a top-K whose K comes from confidences two rounds old. A global search
+that looks past a non-improving candidate is not safe: `GlobalSearch` exists only to show that.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Protocol
 
 from dspark.drafters.base import Proposal
@@ -25,3 +34,118 @@ class FixedLength:
 
     def choose(self, requests: list, proposals: list[Proposal]) -> list[int]:
         return [min(len(p), self.num_draft) for p in proposals]
+
+
+def survival(proposal: Proposal) -> list[float]:
+    """a_k = c_1 ... c_k of a chain proposal (the probability that x_1..x_k are all accepted)."""
+    if len(proposal) == 0:
+        return []
+    if proposal.parents is not None:
+        raise ValueError("confidence-scheduled policies take chain proposals (parents=None), not trees")
+    if proposal.confidences is None or len(proposal.confidences) != len(proposal):
+        raise ValueError("confidence-scheduled policies need the drafter's per-token confidences "
+                         "(Proposal.confidences); this drafter gives none: use FixedLength")
+    out, a = [], 1.0
+    for c in proposal.confidences.tolist():
+        if not 0.0 <= c <= 1.0:  # NaN fails too
+            raise ValueError(f"Proposal.confidences must be probabilities in [0, 1], got {c}")
+        a *= c
+        out.append(a)
+    return out
+
+
+def ranked_candidates(survivals: list[list[float]]) -> list[tuple[float, int, int]]:
+    """All (a, k, r) with k 1-based, best first: survival descending, ties by lower k (then r)."""
+    out = [(a, k + 1, r) for r, column in enumerate(survivals) for k, a in enumerate(column)]
+    out.sort(key=lambda item: (-item[0], item[1], item[2]))
+    return out
+
+
+class ConfidenceThreshold:
+    """Verify each request's prefix whose survival is at least `threshold` (at most `max_draft`)."""
+
+    def __init__(self, threshold: float, max_draft: int | None = None):
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+        self.threshold, self.max_draft = threshold, max_draft
+
+    def choose(self, requests: list, proposals: list[Proposal]) -> list[int]:
+        lengths = []
+        for p in proposals:
+            a = survival(p)[: self.max_draft]
+            lengths.append(next((k for k, value in enumerate(a) if value < self.threshold), len(a)))
+        return lengths
+
+
+class PrefixScheduler:
+    """The hardware-aware prefix scheduler: admit candidates best first while the expected
+    throughput tau * SPS(B) improves, and stop at the first one that does not."""
+
+    def __init__(self, sps, max_draft: int | None = None):
+        self.sps, self.max_draft = sps, max_draft
+
+    def choose(self, requests: list, proposals: list[Proposal]) -> list[int]:
+        survivals = [survival(p)[: self.max_draft] for p in proposals]
+        lengths = [0] * len(proposals)
+        tokens = tau = float(len(proposals))
+        best = tau * self.sps(tokens)
+        for a, k, r in ranked_candidates(survivals):
+            theta = (tau + a) * self.sps(tokens + 1)
+            if theta <= best:
+                break
+            lengths[r], tokens, tau, best = k, tokens + 1, tau + a, theta
+        return lengths
+
+
+def best_capacity(sps, values: list[float], requests: int) -> int:
+    """The number of draft tokens K that maximises (R + sum of the K best survivals) * SPS(R + K)
+    over every K (a global search: used only on confidences that cannot depend on this round)."""
+    best_k, best, tau = 0, requests * sps(requests), float(requests)
+    for k, a in enumerate(sorted(values, reverse=True), start=1):
+        tau += a
+        theta = tau * sps(requests + k)
+        if theta > best:
+            best_k, best = k, theta
+    return best_k
+
+
+class AsyncScheduler:
+    """The production variant: the capacity K comes from the survivals of two rounds ago (so it cannot
+    depend on this round's tokens), then this round's candidates are admitted as a top-K by their
+    current survival, with no early stop. Until two rounds of history exist it acts as the prefix
+    scheduler."""
+
+    def __init__(self, sps, max_draft: int | None = None, lag: int = 2):
+        self.sps, self.max_draft, self.lag = sps, max_draft, lag
+        self.history: deque[dict[int, list[float]]] = deque(maxlen=lag)
+        self.fallback = PrefixScheduler(sps, max_draft)
+
+    def choose(self, requests: list, proposals: list[Proposal]) -> list[int]:
+        survivals = [survival(p)[: self.max_draft] for p in proposals]
+        old = self.history[0] if len(self.history) == self.lag else None
+        self.history.append({r.id: a for r, a in zip(requests, survivals)})
+        if old is None:
+            return self.fallback.choose(requests, proposals)
+        stale = [a for r in requests for a in old.get(r.id, [])]
+        capacity = best_capacity(self.sps, stale, len(requests))
+        lengths = [0] * len(proposals)
+        for _, k, r in ranked_candidates(survivals)[:capacity]:
+            lengths[r] = max(lengths[r], k)
+        return lengths
+
+
+class GlobalSearch:
+    """NOT lossless, kept to demonstrate why: per request, the length maximising expected throughput
+    over all prefixes, looking past candidates that do not pay. Its choice to verify x_k can depend on
+    c_{k+1}, which reads x_k itself (the paper's Appendix A counterexample)."""
+
+    def __init__(self, sps):
+        self.sps = sps
+
+    def choose(self, requests: list, proposals: list[Proposal]) -> list[int]:
+        lengths = []
+        for p in proposals:
+            a = survival(p)
+            gains = [(1 + sum(a[:k])) * self.sps(1 + k) for k in range(len(a) + 1)]
+            lengths.append(max(range(len(gains)), key=lambda k: (gains[k], -k)))
+        return lengths

@@ -18,6 +18,8 @@ from dspark.drafters.dspark_model import DSparkModel, save_drafter
 from dspark.engine import Engine
 from dspark.models import load_model
 from dspark.sampling_params import SamplingParams
+from dspark.scheduler import AsyncScheduler, ConfidenceThreshold, FixedLength, PrefixScheduler
+from dspark.profiling import SPSCurve
 from builders import write_tiny_llama
 
 transformers = pytest.importorskip("transformers")
@@ -89,6 +91,22 @@ def test_greedy_is_token_identical_to_plain(tiny, plain, kind, head, batch, bloc
         assert engine.stats.rounds * 2 < sum(len(t) for t in plain)
 
 
+# A CPU-like curve (flat for a few tokens, then falling) so that the schedulers cut drafts short.
+SPS = SPSCurve([1, 4, 8, 16, 32], [20.0, 19.0, 15.0, 9.0, 5.0])
+POLICIES = {"threshold": lambda: ConfidenceThreshold(0.3), "prefix": lambda: PrefixScheduler(SPS),
+            "async": lambda: AsyncScheduler(SPS), "default": lambda: None}
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_greedy_is_token_identical_under_every_policy(tiny, plain, policy):
+    model = bigram_oracle(tiny, plain)
+    engine = Engine(tiny, drafter=DSparkDrafter(model), policy=POLICIES[policy](), max_batch=4, max_seq_len=128)
+    assert [r.generated for r in engine.generate(PROMPTS, GREEDY)] == plain
+    assert engine.stats.rounds < sum(len(t) for t in plain)  # drafts were verified and accepted
+    if policy == "default":
+        assert isinstance(engine.policy, PrefixScheduler)
+
+
 class Req:
     def __init__(self, tokens, params, row=0):
         self.id, self.row, self.tokens, self.params, self.finish_reason = row, row, list(tokens), params, None
@@ -148,7 +166,7 @@ def test_sampled_output_follows_the_target_distribution(tmp_path):
             probs = torch.softmax(hf(ctx).logits[:, -1] / temperature, -1).double()
             law *= probs.gather(1, seqs[:, depth: depth + 1]).squeeze(1)
     model = make_model(target, "dspark", "markov", gamma=3, rank=8)
-    engine = Engine(target, drafter=DSparkDrafter(model), max_batch=64, max_seq_len=16)
+    engine = Engine(target, drafter=DSparkDrafter(model), policy=FixedLength(3), max_batch=64, max_seq_len=16)
     params = [SamplingParams(max_tokens=5, temperature=temperature, seed=s, ignore_eos=True) for s in range(trials)]
     requests = engine.generate([prompt] * trials, params)
     out = torch.tensor([r.generated[:3] for r in requests])

@@ -29,6 +29,8 @@ from dspark.drafters.dspark_model import DSparkModel, load_drafter_model
 
 
 class DSparkDrafter:
+    gives_confidences = True  # the engine's default policy is then the prefix scheduler
+
     def __init__(self, model: DSparkModel, num_draft: int | None = None):
         if model.embed_weight is None:
             raise ValueError("attach the target first (DSparkModel.attach(target)): the drafter shares its "
