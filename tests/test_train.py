@@ -139,3 +139,41 @@ def test_cli_trains_resumes_and_loads(setup):
 
     loaded = make_drafter(f"dspark:{root / 'cli'}", target, 3, torch.float32, "cpu")
     assert isinstance(loaded, DSparkDrafter) and loaded.num_draft == 3
+
+
+def test_feature_cache_matches_the_teacher_and_resumes(setup, tmp_path):
+    from dspark.train.feature_cache import FeatureCache
+
+    root, target = setup
+    seqs = load_sequences(str(root / "data.jsonl"), VOCAB)[:6]
+    layers = (0, 1)
+    partial = FeatureCache(str(tmp_path / "fc"), seqs, target, layers)
+    partial.build(batch=4)
+    cache = FeatureCache(str(tmp_path / "fc"), seqs, target, layers)  # reopened: already done
+    assert cache.complete and cache.done == 6
+    resumed = FeatureCache(str(tmp_path / "fc2"), seqs, target, layers)
+    resumed.done = 3  # as if stopped after three sequences: build() must finish the rest only
+    resumed.build(batch=2)
+    fresh = teacher_pass(target, [s.ids for s in seqs], layers)
+    for i, s in enumerate(seqs):
+        for c in (cache, resumed) if i >= 3 else (cache,):
+            got = c[i]
+            assert torch.allclose(got.features, fresh[i].features, rtol=2e-3, atol=2e-3)
+            pos = torch.arange(s.ids.shape[0] - 1)
+            assert torch.allclose(got.logits_at(pos), fresh[i].logits_at(pos), rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="other sequences"):
+        FeatureCache(str(tmp_path / "fc"), seqs[:5], target, layers)
+    with pytest.raises(RuntimeError, match="build"):
+        FeatureCache(str(tmp_path / "fc3"), seqs, target, layers)[0]
+
+
+def test_cli_with_feature_cache(setup):
+    from dspark.cli import main
+
+    root, _ = setup
+    base = ["train-drafter", "--data", str(root / "data.jsonl"), "--out", str(root / "cached"), "--model",
+            str(root / "target"), "--layers", "0,1", "--gamma", "4", "--rank", "16", "--batch", "4",
+            "--anchors", "8", "--holdout", "4", "--feature-cache", str(root / "fc-cli"), "--steps", "3"]
+    assert main(base) == 0
+    assert json.load(open(root / "fc-cli" / "index.json"))["done"] == 22
+    assert json.load(open(root / "cached" / "config.json"))["training"]["holdout"]["tau_est"] > 1

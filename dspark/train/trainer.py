@@ -26,6 +26,7 @@ import torch
 from dspark.drafters.dspark_layers import DSparkConfig
 from dspark.drafters.dspark_model import DSparkModel, load_drafter_model, save_drafter
 from dspark.train.data import anchor_positions, load_sequences
+from dspark.train.feature_cache import FeatureCache
 from dspark.train.loss import block_loss
 from dspark.train.teacher import teacher_pass
 
@@ -57,6 +58,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (on a shared 2-core box 1 thread is often far faster: idle threads spin)")
     ap.add_argument("--resume", action="store_true", help="continue from --out's trainer_state.pt")
+    ap.add_argument("--feature-cache", default=None,
+                    help="folder for the target's features of every training sequence, built once (resumably) "
+                         "and reused every epoch: the teacher prefill is most of a CPU step")
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -189,11 +193,16 @@ def train(args) -> dict:
     return result
 
 
-def train_step(args, model, target, batch, generator) -> dict:
+def train_step(args, model, target, batch, generator, teachers=None) -> dict:
+    """One step over `batch` [(index, Sequence)]; teachers: a FeatureCache, else a fresh teacher pass."""
     device = model.norm.device
     layers = tuple(model.config.target_layers)
     sums: dict = {}
-    for seq, teacher in zip(batch, teacher_pass(target, [s.ids.to(target.device) for s in batch], layers)):
+    if teachers is not None:
+        outputs = [teachers[i] for i, _ in batch]
+    else:
+        outputs = teacher_pass(target, [s.ids.to(target.device) for _, s in batch], layers)
+    for (_, seq), teacher in zip(batch, outputs):
         anchors = anchor_positions(seq, args.anchors, generator).to(device)
         loss, m = sequence_loss(model, teacher, seq, anchors, args.decay)
         (loss / len(batch)).backward()
@@ -203,15 +212,26 @@ def train_step(args, model, target, batch, generator) -> dict:
     return sums
 
 
+def feature_cache(args, model, target, train_set):
+    if not args.feature_cache:
+        return None
+    cache = FeatureCache(args.feature_cache, train_set, target, tuple(model.config.target_layers))
+    if not cache.complete:
+        print(f"building the feature cache in {args.feature_cache} ({cache.done}/{len(train_set)} done)", flush=True)
+        cache.build(args.batch, progress(len(train_set), cache.done))
+    return cache
+
+
 def run_steps(args, model, target, train_set, optimizer, scheduler, cursor, generator, step, total, data_info):
     os.makedirs(args.out, exist_ok=True)
+    teachers = feature_cache(args, model, target, train_set)
     bar = progress(total, step)
     history, start = [], time.perf_counter()
     with open(os.path.join(args.out, "train_log.jsonl"), "a") as log:
         while step < total:
-            batch = [train_set[i] for i in cursor.take(args.batch)]
+            batch = [(i, train_set[i]) for i in cursor.take(args.batch)]
             optimizer.zero_grad(set_to_none=True)
-            metrics = train_step(args, model, target, batch, generator)
+            metrics = train_step(args, model, target, batch, generator, teachers)
             optimizer.step()
             scheduler.step()
             step += 1
