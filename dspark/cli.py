@@ -74,6 +74,10 @@ def parser() -> argparse.ArgumentParser:
     from dspark.train.trainer import add_arguments
 
     add_arguments(sub.add_parser("train-drafter", help="train a DSpark / DFlash-style / EAGLE-style drafter"))
+    from dspark import calibration, profiling
+
+    calibration.add_arguments(sub.add_parser("calibrate", help="fit a drafter's confidence temperatures (STS)"))
+    profiling.add_arguments(sub.add_parser("profile", help="measure SPS(B), the target's steps/s per step size"))
     return ap
 
 
@@ -130,6 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         from dspark.train.trainer import main as train_main
 
         return train_main(args)
+    if args.command == "calibrate":
+        from dspark.calibration import main as calibrate_main
+
+        return calibrate_main(args)
+    if args.command == "profile":
+        from dspark.profiling import main as profile_main
+
+        return profile_main(args)
     return 2
 
 

@@ -162,3 +162,16 @@ def test_sps_profile_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert measure_sps(model, 3, context=4, repeats=1).tokens == [1, 2, 3]
     with pytest.raises(ValueError, match="max_tokens"):
         measure_sps(model, 0)
+
+
+def test_profile_cli_prints_and_plots(tmp_path, monkeypatch, capsys):
+    from builders import write_tiny_llama
+    from dspark.cli import main
+
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path / "cache"))
+    write_tiny_llama(tmp_path / "m", 61, hidden=32, layers=2)
+    assert main(["profile", "--model", str(tmp_path / "m"), "--dtype", "fp32", "--max-tokens", "6", "--context", "8",
+                 "--json", str(tmp_path / "sps.json"), "--png", str(tmp_path / "sps.png")]) == 0
+    assert "steps/s" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "sps.json"))["tokens"] == [1, 2, 3, 4, 5, 6]
+    assert (tmp_path / "sps.png").stat().st_size > 1000

@@ -1,0 +1,234 @@
+"""Calibrating the confidence head: Sequential Temperature Scaling (DSPARK.md section 3).
+
+The scheduler trusts the survival a_k = c_1 ... c_k as the probability that drafts 1..k are all
+accepted. Calibration data is what the engine really does: decode held-out prompts with the drafter
+at a fixed gamma, and record per round the raw confidences and how many drafts rejection sampling
+kept (survived_k = accepted >= k). STS then picks, for k = 1..gamma in order, the temperature T_k of
+c_k = sigmoid(logit_k / T_k) that minimises the ECE of a_k, earlier temperatures held fixed. Each T_k
+is a monotone map of c_k, so the ranking of single-position confidences never changes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dspark.scheduler import FixedLength
+
+TEMPERATURES = [round(math.exp(x / 20), 4) for x in range(-40, 61)]  # 0.135 .. 20, log spaced
+
+
+class RecordingPolicy:
+    """FixedLength(gamma) that remembers each round's proposal confidences, and from each request's
+    emitted count before and after the round, how many drafts were accepted."""
+
+    def __init__(self, gamma: int):
+        self.inner = FixedLength(gamma)
+        self.rounds: list[tuple[object, int, list[float], int]] = []  # request, emitted before, c, drafted
+
+    def choose(self, requests, proposals):
+        lengths = self.inner.choose(requests, proposals)
+        budget = [r.params.max_tokens - len(r.generated) - 1 for r in requests]
+        for r, p, n, room in zip(requests, proposals, lengths, budget):
+            if p.confidences is None and len(p):
+                raise ValueError("calibration needs a drafter with a confidence head")
+            conf = [] if p.confidences is None else p.confidences.float().tolist()
+            self.rounds.append((r, r.stats.emitted, conf, max(0, min(n, room))))
+        return lengths
+
+    def samples(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits [N, gamma], survived [N, gamma] float, valid [N, gamma] bool) over the rounds."""
+        gamma = self.inner.num_draft
+        after: dict[int, list[int]] = {}
+        for r, before, _, _ in self.rounds:
+            after.setdefault(id(r), []).append(before)
+        logits, survived, valid = [], [], []
+        seen: dict[int, int] = {}
+        for r, before, conf, drafted in self.rounds:
+            i = seen.get(id(r), 0)
+            seen[id(r)] = i + 1
+            history = after[id(r)]
+            end = history[i + 1] if i + 1 < len(history) else r.stats.emitted
+            accepted = end - before - 1
+            c = torch.tensor(conf[:gamma] + [0.5] * (gamma - len(conf[:gamma]))).clamp(1e-7, 1 - 1e-7)
+            logits.append(torch.log(c) - torch.log1p(-c))
+            k = torch.arange(1, gamma + 1)
+            survived.append((k <= accepted).float())
+            valid.append(k <= drafted)
+        return torch.stack(logits), torch.stack(survived), torch.stack(valid)
+
+
+def survival_probs(logits: torch.Tensor, temperatures: list[float]) -> torch.Tensor:
+    """a_k = prod_{i<=k} sigmoid(logit_i / T_i), [N, gamma]."""
+    t = torch.tensor(temperatures, dtype=logits.dtype)
+    return torch.cumprod(torch.sigmoid(logits / t), dim=1)
+
+
+def ece(pred: torch.Tensor, label: torch.Tensor, bins: int = 15) -> float:
+    """Expected calibration error with equal-width bins (weighted |mean prediction - frequency|)."""
+    if pred.numel() == 0:
+        return float("nan")
+    index = (pred * bins).long().clamp(0, bins - 1)
+    gap = torch.bincount(index, weights=pred.double() - label.double(), minlength=bins)
+    return float(gap.abs().sum()) / pred.numel()  # per bin: count x |mean prediction - frequency|
+
+
+def roc_auc(pred: torch.Tensor, label: torch.Tensor) -> float:
+    """Probability that a random positive outranks a random negative (ties count half)."""
+    pos, neg = pred[label > 0.5].double(), pred[label <= 0.5].double()
+    if pos.numel() == 0 or neg.numel() == 0:
+        return float("nan")
+    order = torch.cat([pos, neg])
+    sorted_values, idx = order.sort()
+    _, group, counts = torch.unique_consecutive(sorted_values, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    ranks = torch.empty_like(order)
+    ranks[idx] = ((ends - counts + 1 + ends) / 2)[group]  # tied values share their mean rank
+    return float((ranks[: pos.numel()].sum() - pos.numel() * (pos.numel() + 1) / 2) / (pos.numel() * neg.numel()))
+
+
+def fit_sts(logits: torch.Tensor, survived: torch.Tensor, valid: torch.Tensor, grid=TEMPERATURES) -> list[float]:
+    gamma = logits.shape[1]
+    temps = [1.0] * gamma
+    for k in range(gamma):
+        mask = valid[:, k]
+        if not mask.any():
+            continue
+
+        def error(t: float) -> float:
+            trial = temps[:k] + [t] + temps[k + 1:]
+            return ece(survival_probs(logits[mask], trial)[:, k], survived[mask, k])
+
+        temps[k] = min(grid, key=lambda t: (error(t), abs(math.log(t))))
+    return temps
+
+
+def report(logits, survived, valid, temperatures: list[float]) -> list[dict]:
+    """Per position: samples, observed survival, ECE and ROC-AUC of a_k before (T = 1) and after."""
+    before = survival_probs(logits, [1.0] * logits.shape[1])
+    after = survival_probs(logits, temperatures)
+    rows = []
+    for k in range(logits.shape[1]):
+        m = valid[:, k]
+        rows.append({"position": k + 1, "samples": int(m.sum()), "survival_rate": float(survived[m, k].mean()),
+                     "temperature": temperatures[k],
+                     "ece_before": ece(before[m, k], survived[m, k]), "ece_after": ece(after[m, k], survived[m, k]),
+                     "auc_before": roc_auc(before[m, k], survived[m, k]),
+                     "auc_after": roc_auc(after[m, k], survived[m, k])})
+    return rows
+
+
+def reliability_diagram(path: str, logits, survived, valid, temperatures, title: str, bins: int = 10) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gamma = logits.shape[1]
+    cols = min(gamma, 4)
+    fig, axes = plt.subplots(-(-gamma // cols), cols, figsize=(3.2 * cols, 3.0 * -(-gamma // cols)), squeeze=False)
+    for k in range(gamma):
+        ax, m = axes[k // cols][k % cols], valid[:, k]
+        for temps, name, style in (([1.0] * gamma, "before", "o--"), (temperatures, "after STS", "s-")):
+            a = survival_probs(logits[m], temps)[:, k]
+            index = (a * bins).long().clamp(0, bins - 1)
+            xs = [float(a[index == b].mean()) for b in range(bins) if (index == b).any()]
+            ys = [float(survived[m, k][index == b].mean()) for b in range(bins) if (index == b).any()]
+            ax.plot(xs, ys, style, label=f"{name} (ECE {ece(a, survived[m, k]):.3f})", markersize=4)
+        ax.plot([0, 1], [0, 1], color="gray", linewidth=0.8)
+        ax.set_title(f"a_{k + 1}, n={int(m.sum())}", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+    for k in range(gamma, axes.size):
+        axes[k // cols][k % cols].axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.supxlabel("predicted survival a_k")
+    fig.supylabel("observed survival")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- `dspark calibrate` -----------------------------------------------------------------------------
+def add_arguments(ap) -> None:
+    ap.add_argument("--drafter", required=True, help="drafter folder (written by train-drafter); gets the temperatures")
+    ap.add_argument("--data", required=True, help="the training jsonl: its held-out tail gives the prompts")
+    ap.add_argument("--holdout", type=int, default=32, help="as given to train-drafter (the same tail is held out)")
+    ap.add_argument("--model", default=None, help="target (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--png", default=None, help="reliability diagram (default: DRAFTER/reliability.png)")
+    ap.add_argument("--json", default=None, help="also write the report here")
+    ap.add_argument("--dry-run", action="store_true", help="report only; leave the drafter's temperatures as they are")
+
+
+def heldout_prompts(path: str, vocab_size: int, holdout: int) -> list[list[int]]:
+    """The prompts of the sequences train-drafter held out (the last min(holdout, n // 10))."""
+    from dspark.train.data import load_sequences
+
+    sequences = load_sequences(path, vocab_size, max_len=1 << 30)
+    count = min(holdout, len(sequences) // 10)
+    prompts = [s.ids[: s.prompt_len].tolist() for s in sequences[len(sequences) - count:]]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"{path}: no held-out prompts (holdout {holdout}, {len(sequences)} sequences)")
+    return prompts
+
+
+def collect(target, drafter, prompts, max_tokens: int, temperature: float, batch: int):
+    from dspark.engine import Engine
+    from dspark.sampling_params import SamplingParams
+
+    policy = RecordingPolicy(drafter.num_draft)
+    longest = max(len(p) for p in prompts)
+    engine = Engine(target, None, drafter, policy=policy, max_batch=batch,
+                    max_seq_len=longest + max_tokens + drafter.num_draft + 8)
+    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=i) for i in range(len(prompts))]
+    engine.generate(prompts, params)
+    return policy.samples()
+
+
+def main(args) -> int:
+    import json
+    import os
+
+    from dspark.cli import default_dtype
+    from dspark.drafters.dspark import DSparkDrafter
+    from dspark.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target = load_model(args.model, default_dtype("cpu") if not torch.cuda.is_available() else torch.bfloat16,
+                        "cuda" if torch.cuda.is_available() else "cpu")
+    drafter = DSparkDrafter.from_pretrained(args.drafter, target)
+    drafter.model.config.calibration = None  # raw confidences
+    prompts = heldout_prompts(args.data, target.config.vocab_size, args.holdout)
+    logits, survived, valid = collect(target, drafter, prompts, args.max_tokens, args.temperature, args.batch)
+    temps = fit_sts(logits, survived, valid)
+    rows = report(logits, survived, valid, temps)
+    result = {"temperatures": temps, "rounds": int(logits.shape[0]), "prompts": len(prompts),
+              "temperature": args.temperature, "max_tokens": args.max_tokens, "data": os.path.abspath(args.data),
+              "positions": rows}
+    print(f"{result['rounds']} rounds over {len(prompts)} held-out prompts, temperature {args.temperature:g}")
+    print("pos  samples  survival   T_k     ECE before  ECE after   AUC before  AUC after")
+    for r in rows:
+        print(f"{r['position']:>3}  {r['samples']:>7}  {r['survival_rate']:>8.3f}  {r['temperature']:>6.3f}  "
+              f"{r['ece_before']:>10.4f}  {r['ece_after']:>9.4f}   {r['auc_before']:>9.3f}  {r['auc_after']:>9.3f}")
+    png = args.png or os.path.join(args.drafter, "reliability.png")
+    reliability_diagram(png, logits, survived, valid, temps,
+                        f"{os.path.basename(os.path.normpath(args.drafter))}: survival calibration (T={args.temperature:g})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if not args.dry_run:
+        config_path = os.path.join(args.drafter, "config.json")
+        with open(config_path) as f:
+            config = json.load(f)
+        config["calibration"], config["calibration_report"] = temps, result
+        with open(config_path, "w") as f:
+            json.dump(config, f, indent=2)
+    return 0
