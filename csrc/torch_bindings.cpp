@@ -1,5 +1,6 @@
-// The one file that touches torch's C++ API: turns validated tensors into the plain parameter
-// structs of the framework-free kernels. Validation lives in dspark/ops (Python); the checks here
+// The one file (with its CUDA twin csrc/cuda/torch_cuda_bindings.cpp, compiled into CUDA builds only)
+// that touches torch's C++ API: turns validated tensors into the plain parameter structs of the
+// framework-free kernels. Validation lives in dspark/ops (Python); the checks here
 // only guard the assumptions the pointer arithmetic makes (device, dtype, contiguity).
 #include <torch/extension.h>
 
@@ -154,9 +155,21 @@ void kv_rollback(at::Tensor& k_cache, const std::optional<at::Tensor>& v_cache, 
 
 }  // namespace
 
+#ifdef DSPARK_WITH_CUDA
+namespace dspark {
+void register_cuda_kernels(pybind11::module_& m);  // csrc/cuda/torch_cuda_bindings.cpp
+}
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "DSpark C++ CPU kernels (raw; call them through dspark.ops, which validates inputs)";
+  m.doc() = "DSpark C++ kernels (raw; call them through dspark.ops, which validates inputs)";
   m.def("tree_attention", &tree_attention);
   m.def("rejection_sample", &rejection_sample);
   m.def("kv_rollback", &kv_rollback);
+#ifdef DSPARK_WITH_CUDA
+  dspark::register_cuda_kernels(m);  // *_cuda entry points for CUDA tensors
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
 }
