@@ -24,6 +24,7 @@ from dspark.drafters import DraftModelDrafter, DSparkDrafter, NgramDrafter
 from dspark.engine import Engine
 from dspark.models import default_model_path, load_model, load_tokenizer
 from dspark.sampling_params import SamplingParams
+from dspark.scheduler import FixedLength
 
 DOMAINS = {"code": "humaneval.jsonl", "math": "gsm8k.jsonl", "chat": "mt-bench.jsonl"}
 
@@ -38,11 +39,15 @@ def drafters(model, trained: list[str], only: str | None) -> dict:
         "ngram tree (3 branches, 8 nodes)": lambda: NgramDrafter(8, branches=3),
         "self-draft 8/30 layers gamma=3": lambda: DraftModelDrafter.self_draft(model, 8, 3),
     }
+    makers = {name: (make, None) for name, make in makers.items()}
     for folder in trained:
-        for gamma in (3, 5, 7):
+        for gamma in (3, 5, 7):  # fixed length: every drafted token is verified
             makers[f"{pathlib.Path(folder).name} gamma={gamma}"] = (
-                lambda folder=folder, gamma=gamma: DSparkDrafter.from_pretrained(folder, model, gamma))
-    return {name: make for name, make in makers.items() if only is None or re.search(only, name)}
+                lambda folder=folder, gamma=gamma: DSparkDrafter.from_pretrained(folder, model, gamma),
+                lambda gamma=gamma: FixedLength(gamma))
+        makers[f"{pathlib.Path(folder).name} gamma=7 prefix scheduler"] = (
+            lambda folder=folder: DSparkDrafter.from_pretrained(folder, model, 7), None)  # the engine's default
+    return {name: pair for name, pair in makers.items() if only is None or re.search(only, name)}
 
 
 def load_prompts(directory: pathlib.Path, per_domain: int, tokenizer) -> dict[str, list[list[int]]]:
@@ -55,8 +60,9 @@ def load_prompts(directory: pathlib.Path, per_domain: int, tokenizer) -> dict[st
     return prompts
 
 
-def run_ours(model, tokenizer, drafter, prompts, params):
-    engine = Engine(model, tokenizer, drafter, max_batch=1, max_seq_len=max(map(len, prompts)) + params.max_tokens + 16)
+def run_ours(model, tokenizer, drafter, prompts, params, policy=None):
+    engine = Engine(model, tokenizer, drafter, policy=policy, max_batch=1,
+                    max_seq_len=max(map(len, prompts)) + params.max_tokens + 16)
     requests = [engine.generate([p], params)[0] for p in prompts]  # batch 1, one prompt after another
     summary = engine.stats.summary(requests)
     return summary, [r.generated for r in requests]
@@ -107,8 +113,9 @@ def main() -> None:
         for domain, domain_prompts in prompts.items():
             base, base_tokens = run_ours(model, tokenizer, None, domain_prompts, params)
             rows = [("dspark plain", base, True)]
-            for name, make in drafters(model, args.dspark, args.only).items():
-                summary, tokens = run_ours(model, tokenizer, make(), domain_prompts, params)
+            for name, (make, make_policy) in drafters(model, args.dspark, args.only).items():
+                policy = make_policy() if make_policy else None
+                summary, tokens = run_ours(model, tokenizer, make(), domain_prompts, params, policy)
                 rows.append((name, summary, tokens == base_tokens))
             if hf is not None:
                 rows.append(("transformers plain", run_transformers(hf, domain_prompts, params, None), None))

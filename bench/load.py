@@ -1,0 +1,168 @@
+"""Verification policies under load (issue 6; the paper's Figures 7 and 8 at our scale): SmolLM2 with a
+trained DSpark drafter, 1..64 concurrent requests from the shared prompt sets, every policy side by
+side in one run against plain decoding of the same engine.
+
+    python bench/load.py --drafter data/drafters/smollm2-dspark-markov --out bench/results/load-cpu
+
+For each (policy, concurrency): aggregate tokens/s (all tokens / wall time), per-user tokens/s (each
+request's tokens over the time from the batch's start to its own finish, averaged) and the average
+verification budget (draft tokens verified per request per round). Writes <out>.json and
+<out>-throughput.png (aggregate against per-user tokens/s) and <out>-budget.png (budget against
+concurrency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import time
+
+import torch
+
+from dspark.cli import default_dtype
+from dspark.drafters import DSparkDrafter
+from dspark.engine import Engine
+from dspark.models import load_model, load_tokenizer
+from dspark.profiling import load_or_measure_sps
+from dspark.sampling_params import SamplingParams
+from dspark.scheduler import AsyncScheduler, ConfidenceThreshold, FixedLength, PrefixScheduler
+
+DOMAINS = ("humaneval.jsonl", "gsm8k.jsonl", "mt-bench.jsonl")
+
+
+class Recording:
+    """Wraps a policy; remembers the draft tokens it admitted per request and round."""
+
+    def __init__(self, inner):
+        self.inner, self.lengths = inner, []
+
+    def choose(self, requests, proposals):
+        lengths = self.inner.choose(requests, proposals)
+        self.lengths += [min(n, len(p)) for n, p in zip(lengths, proposals)]
+        return lengths
+
+
+def policies(model, gamma: int, concurrency: int, threshold: float) -> dict:
+    """name -> (uses the drafter, policy factory)."""
+    sps = lambda: load_or_measure_sps(model, concurrency * (1 + gamma))  # noqa: E731 (cached after the first)
+    out = {"no speculation": (False, lambda: None)}
+    for g in (1, 3, 5, 7):
+        out[f"fixed gamma={g}"] = (True, lambda g=g: FixedLength(g))
+    out[f"threshold {threshold:g}"] = (True, lambda: ConfidenceThreshold(threshold, gamma))
+    out["prefix scheduler"] = (True, lambda: PrefixScheduler(sps(), gamma))
+    out["async scheduler"] = (True, lambda: AsyncScheduler(sps(), gamma))
+    return out
+
+
+def mixed_prompts(directory: pathlib.Path, count: int, tokenizer) -> list[list[int]]:
+    """`count` prompts taking the three domains in turn (code, math, chat, code, ...)."""
+    lines = [(directory / name).read_text().splitlines() for name in DOMAINS]
+    texts = [json.loads(lines[i % 3][i // 3])["turns"][0] for i in range(count)]
+    return [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                    tokenize=False)).input_ids for t in texts]
+
+
+def run(model, tokenizer, drafter, policy, prompts, params) -> dict:
+    recording = Recording(policy or FixedLength(0))
+    engine = Engine(model, tokenizer, drafter, policy=recording, max_batch=len(prompts),
+                    max_seq_len=max(map(len, prompts)) + params.max_tokens + 16)
+    start = time.perf_counter()
+    finished: dict[int, float] = {}
+
+    def on_event(event):
+        if event.finished:
+            finished[event.request_id] = time.perf_counter() - start
+
+    requests = engine.generate(prompts, [params] * len(prompts), on_event=on_event)
+    wall = time.perf_counter() - start
+    tokens = sum(len(r.generated) for r in requests)
+    per_user = [len(r.generated) / finished[r.id] for r in requests]
+    summary = engine.stats.summary(requests)
+    return {"aggregate_tokens_per_s": tokens / wall, "per_user_tokens_per_s": sum(per_user) / len(per_user),
+            "budget_per_request": sum(recording.lengths) / max(1, len(recording.lengths)), "tau": summary["tau"],
+            "generated_tokens": tokens, "wall_s": wall, "outputs": [r.generated for r in requests]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--drafter", required=True, help="a DSpark drafter folder")
+    ap.add_argument("--concurrency", default="1,2,4,8,16,32,64")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--gamma", type=int, default=7, help="drafted block (the schedulers choose within it)")
+    ap.add_argument("--threshold", type=float, default=0.5)
+    ap.add_argument("--only", default=None, help="run only the policies whose name contains this")
+    ap.add_argument("--datasets", default=str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+    ap.add_argument("--out", default="bench/results/load-cpu")
+    args = ap.parse_args()
+    dtype = default_dtype("cpu")
+    tokenizer, model = load_tokenizer(None), load_model(None, dtype)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=0)
+    results = {"device": f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+               "dtype": str(dtype), "drafter": args.drafter, "max_tokens": args.max_tokens,
+               "temperature": args.temperature, "gamma": args.gamma, "runs": []}
+    warm = mixed_prompts(pathlib.Path(args.datasets), 1, tokenizer)
+    run(model, tokenizer, DSparkDrafter.from_pretrained(args.drafter, model, args.gamma, dtype=dtype), None, warm,
+        SamplingParams(max_tokens=8))  # first calls pay one-time costs (allocator, thread pools)
+    for concurrency in [int(c) for c in args.concurrency.split(",")]:
+        prompts = mixed_prompts(pathlib.Path(args.datasets), concurrency, tokenizer)
+        baseline, plain_outputs = None, None
+        for name, (speculative, make_policy) in policies(model, args.gamma, concurrency, args.threshold).items():
+            if args.only and args.only not in name and name != "no speculation":
+                continue
+            drafter = DSparkDrafter.from_pretrained(args.drafter, model, args.gamma, dtype=dtype) if speculative else None
+            record = run(model, tokenizer, drafter, make_policy(), prompts, params)
+            outputs = record.pop("outputs")
+            if baseline is None:  # "no speculation" runs first: every ratio is against it
+                baseline, plain_outputs = record, outputs
+            record.update(policy=name, concurrency=concurrency,
+                          speedup_aggregate=record["aggregate_tokens_per_s"] / baseline["aggregate_tokens_per_s"],
+                          speedup_per_user=record["per_user_tokens_per_s"] / baseline["per_user_tokens_per_s"])
+            if args.temperature == 0:
+                record["identical_to_plain"] = outputs == plain_outputs
+            results["runs"].append(record)
+            print(f"c={concurrency:<3} {name:18s} aggregate {record['aggregate_tokens_per_s']:7.1f} tok/s "
+                  f"per-user {record['per_user_tokens_per_s']:6.2f} tok/s budget {record['budget_per_request']:.2f} "
+                  f"tau {record['tau']:.2f}", flush=True)
+    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(args.out + ".json").write_text(json.dumps(results, indent=1))
+    plot(results, args.out)
+
+
+def plot(results: dict, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["policy"] for r in results["runs"]))
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name in names:
+        runs = sorted((r for r in results["runs"] if r["policy"] == name), key=lambda r: r["concurrency"])
+        ax.plot([r["per_user_tokens_per_s"] for r in runs], [r["aggregate_tokens_per_s"] for r in runs], "o-",
+                label=name, markersize=3)
+    ax.set_xlabel("per-user tokens/s")
+    ax.set_ylabel("aggregate tokens/s")
+    ax.set_title(f"SmolLM2-135M + DSpark, {results['device']}, T={results['temperature']:g}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out + "-throughput.png", dpi=110)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in names:
+        if name == "no speculation":
+            continue
+        runs = sorted((r for r in results["runs"] if r["policy"] == name), key=lambda r: r["concurrency"])
+        ax.plot([r["concurrency"] for r in runs], [r["budget_per_request"] for r in runs], "o-", label=name,
+                markersize=3)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("draft tokens verified per request per round")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out + "-budget.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
