@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dspark  # noqa: F401  (registers torch.ops.dspark.*)
+from conftest import device_of
 from dspark import ops
 from test_validation import attention_inputs, paged_attention_inputs, rollback_inputs
 
@@ -23,6 +24,11 @@ def sampling_args(uniforms: bool):
     )
 
 
+def _on(device, args):
+    """The op's arguments on the backend's device (the GPU backends' inputs live there)."""
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+
+
 def test_importing_dspark_registers_the_ops():
     for name in ("tree_attention", "rejection_sample", "kv_rollback"):
         assert hasattr(torch.ops.dspark, name)
@@ -33,17 +39,18 @@ def test_opcheck_tree_attention(backend, paged):
     inputs = paged_attention_inputs() if paged else attention_inputs()
     args = [inputs[k] for k in ("q", "k_cache", "v_cache", "qo_indptr", "cache_seqlens", "parents")]
     torch.library.opcheck(torch.ops.dspark.tree_attention.default,
-                          (*args, inputs.get("block_table"), None, backend))
+                          _on(device_of(backend), (*args, inputs.get("block_table"), None, backend)))
 
 
 @pytest.mark.parametrize("uniforms", [False, True])
 def test_opcheck_rejection_sample(backend, uniforms):
-    torch.library.opcheck(torch.ops.dspark.rejection_sample.default, (*sampling_args(uniforms), backend))
+    torch.library.opcheck(torch.ops.dspark.rejection_sample.default,
+                          _on(device_of(backend), (*sampling_args(uniforms), backend)))
 
 
 def test_opcheck_kv_rollback(backend):
     inputs = rollback_inputs()
-    torch.library.opcheck(torch.ops.dspark.kv_rollback.default, (*inputs.values(), None, backend))
+    torch.library.opcheck(torch.ops.dspark.kv_rollback.default, _on(device_of(backend), (*inputs.values(), None, backend)))
 
 
 def test_compile_fullgraph_calls_all_three_ops():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from builders import random_cache
-from conftest import device_of
+from conftest import BACKENDS, device_of
 from dspark import ops
 
 
@@ -100,7 +100,7 @@ def test_long_path_and_strided_caches(backend):
     on_device = both.to(device)
     k, v = on_device[:, 0], on_device[:, 1].transpose(-1, -2).contiguous().transpose(-1, -2)  # D strided
     seqlens = torch.tensor(committed, dtype=torch.int32, device=device)
-    if backend == "cpu":  # the C++ kernel reads by pointer and asks for contiguous caches
+    if backend in ("cpu", "cuda"):  # the C++ and CUDA kernels read by pointer and ask for contiguous caches
         with pytest.raises(ValueError, match="must be contiguous"):
             ops.kv_rollback(k, v, seqlens, accepted, counts, backend=backend)
         return
@@ -109,7 +109,7 @@ def test_long_path_and_strided_caches(backend):
     assert seqlens.tolist() == [3 + 20, 3]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_matches_reference_on_random_paths(backend):
     device = device_of(backend)
     gen = torch.Generator().manual_seed(0)

@@ -1,5 +1,10 @@
-"""Which implementation runs an op: the fastest available for the tensors' device (triton > reference
-on GPU, the C++ extension > reference on CPU), overridden per call by `backend=` or by DSPARK_BACKEND.
+"""Which implementation runs an op: the fastest available for the tensors' device (triton > cuda >
+reference on GPU, the C++ extension > reference on CPU), overridden per call by `backend=` or by
+DSPARK_BACKEND.
+
+The "cuda" backend (csrc/cuda) exists when dspark._C was built with CUDA (`dspark._C.with_cuda`) and
+runs on CUDA tensors only. It ranks after Triton until the GPU suite (bench/gpu_suite.py) has timed
+both on a GPU: the CUDA kernels are compile-checked but not yet measured (docs/ops.md).
 
 The Triton backend also runs on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set
 before the first Triton kernel is imported); it is then chosen only when asked for by name.
@@ -24,6 +29,7 @@ except ImportError as error:  # a source checkout without a build: only the refe
     cpu_extension = None
     _cpu_extension_error = error
 
+cuda_extension_built = bool(getattr(cpu_extension, "with_cuda", False))
 triton_installed = importlib.util.find_spec("triton") is not None
 _warned_fallback = False
 
@@ -37,14 +43,20 @@ def _available(device: torch.device) -> list[str]:
     if device.type == "cpu":
         names = (["cpu"] if cpu_extension is not None else []) + ["reference"]
         return names + (["triton"] if triton_installed and triton_interpreted() else [])
-    if device.type == "cuda" and triton_installed and not triton_interpreted():
-        return ["triton", "reference"]
+    if device.type == "cuda":
+        triton = ["triton"] if triton_installed and not triton_interpreted() else []
+        return triton + (["cuda"] if cuda_extension_built else []) + ["reference"]
     return ["reference"]
 
 
 def _why_unavailable(requested: str, device: torch.device) -> str:
     if requested == "cpu" and cpu_extension is None:
         return f" ({_cpu_extension_error})"
+    if requested == "cuda" and device.type != "cuda":
+        return " (the CUDA kernels run on CUDA tensors only)"
+    if requested == "cuda" and not cuda_extension_built:
+        reason = _cpu_extension_error if cpu_extension is None else "dspark._C was built without CUDA"
+        return f" ({reason}; rebuild with a CUDA build of torch and nvcc, see setup.py)"
     if requested == "triton" and not triton_installed:
         return " (triton is not installed)"
     if requested == "triton" and device.type == "cpu":

@@ -73,8 +73,9 @@ def _kv_rollback_op(
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("cache_seqlens", cache_seqlens)):
         if t is not None:
             v.check_contiguous(name, t)
-    cpu_extension.kv_rollback(k_cache, v_cache, cache_seqlens, accepted_nodes.contiguous(), num_accepted.contiguous(),
-                              None if block_table is None else block_table.contiguous())
+    kernel = cpu_extension.kv_rollback_cuda if chosen == "cuda" else cpu_extension.kv_rollback
+    kernel(k_cache, v_cache, cache_seqlens, accepted_nodes.contiguous(), num_accepted.contiguous(),
+           None if block_table is None else block_table.contiguous())
 
 
 @_kv_rollback_op.register_fake

@@ -102,14 +102,16 @@ def _rejection_sample_op(
         return triton_rejection_sample(target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature,
                                        top_k, top_p, uniforms, seed, offset, max_nodes)
     num_requests = qo_indptr.shape[0] - 1
-    accepted_nodes = torch.empty(num_requests, max_nodes, dtype=torch.int32)
-    num_accepted = torch.empty(num_requests, dtype=torch.int32)
-    output_tokens = torch.empty(num_requests, max_nodes, dtype=torch.int64)
+    device = target_logits.device  # the C++ backends write into caller-allocated outputs
+    accepted_nodes = torch.empty(num_requests, max_nodes, dtype=torch.int32, device=device)
+    num_accepted = torch.empty(num_requests, dtype=torch.int32, device=device)
+    output_tokens = torch.empty(num_requests, max_nodes, dtype=torch.int64, device=device)
 
     def contiguous(t):
         return None if t is None else t.contiguous()
 
-    cpu_extension.rejection_sample(
+    kernel = cpu_extension.rejection_sample_cuda if chosen == "cuda" else cpu_extension.rejection_sample
+    kernel(
         target_logits.contiguous(), draft_tokens.contiguous(), qo_indptr.contiguous(), contiguous(parents),
         contiguous(draft_probs), temperature.contiguous(), top_k.contiguous(), top_p.contiguous(),
         contiguous(uniforms), contiguous(seed), contiguous(offset), accepted_nodes, num_accepted, output_tokens,

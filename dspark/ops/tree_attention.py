@@ -69,8 +69,11 @@ def _tree_attention_op(
         return triton_tree_attention(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table, scale)
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         v.check_contiguous(name, cache)
+    if chosen == "cuda" and q.shape[-1] > 256:
+        v.fail(f"the cuda backend supports head_dim <= 256, got {q.shape[-1]}")
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    cpu_extension.tree_attention(
+    kernel = cpu_extension.tree_attention_cuda if chosen == "cuda" else cpu_extension.tree_attention
+    kernel(
         q.contiguous(), k_cache, v_cache, qo_indptr.contiguous(), cache_seqlens.contiguous(),
         None if parents is None else parents.contiguous(),
         None if block_table is None else block_table.contiguous(), scale, out,
