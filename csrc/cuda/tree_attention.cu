@@ -13,6 +13,13 @@ namespace {
 constexpr int64_t kMinSplitSlots = 256;  // never cut the prefix into splits shorter than this
 constexpr int64_t kMaxSplits = 65535;    // grid dimension z
 
+// The largest block (4 warps) of every instantiation fits the dynamic shared memory of sm_80
+// (163 KiB; sm_90 allows 227 KiB).
+constexpr size_t kMaxSharedBytes = 163 * 1024;
+static_assert(AttentionTile<float, 256>::shared_bytes(4) <= kMaxSharedBytes, "fp32 tiles too large");
+static_assert(AttentionTile<__half, 256>::shared_bytes(4) <= kMaxSharedBytes, "fp16 tiles too large");
+static_assert(AttentionTile<float, 128>::shared_bytes(4) <= kMaxSharedBytes, "fp32 tiles too large");
+
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
 

@@ -55,8 +55,8 @@ struct AttentionTile {
   static constexpr bool kFma = std::is_same<T, float>::value;
 
   // Dynamic shared memory of a block of `warps` warps: K, V (two stages each), Q, mask words, P.
-  static __host__ __device__ size_t kv_bytes() { return size_t(2) * kKeys * kStride * sizeof(T); }
-  static __host__ __device__ size_t shared_bytes(int warps) {
+  static constexpr __host__ __device__ size_t kv_bytes() { return size_t(2) * kKeys * kStride * sizeof(T); }
+  static constexpr __host__ __device__ size_t shared_bytes(int warps) {
     const size_t rows = size_t(kRowsPerWarp) * warps;
     return 2 * kv_bytes() + rows * kStride * sizeof(T) + 2 * rows * kMaskWords * sizeof(uint32_t) +
            (kFma ? rows * kKeys * sizeof(float) : 0);
