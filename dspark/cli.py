@@ -74,6 +74,11 @@ def parser() -> argparse.ArgumentParser:
     from dspark.train.trainer import add_arguments
 
     add_arguments(sub.add_parser("train-drafter", help="train a DSpark / DFlash-style / EAGLE-style drafter"))
+    vocab = sub.add_parser("draft-vocab", help="write a drafter's draft vocabulary: its data's frequent tokens")
+    vocab.add_argument("--drafter", required=True, help="drafter folder (gets draft_vocab.json)")
+    vocab.add_argument("--data", required=True, help="the training jsonl")
+    vocab.add_argument("--size", type=int, default=16384)
+    vocab.add_argument("--model", default=None, help="target (for its vocabulary and EOS ids)")
     from dspark import calibration, profiling
 
     calibration.add_arguments(sub.add_parser("calibrate", help="fit a drafter's confidence temperatures (STS)"))
@@ -126,6 +131,25 @@ def run_generate(args) -> int:
     return 0
 
 
+def run_draft_vocab(args) -> int:
+    import json
+    import os
+
+    from dspark.drafters.dspark import DRAFT_VOCAB_FILE
+    from dspark.train.data import frequent_tokens, load_sequences
+
+    if args.size < 1:
+        raise ValueError(f"--size must be >= 1, got {args.size}")
+    config = load_model(args.model, torch.float32).config
+    sequences = load_sequences(args.data, config.vocab_size, max_len=1 << 30)
+    ids, covered = frequent_tokens(sequences, args.size, tuple(config.eos_token_ids))
+    with open(os.path.join(args.drafter, DRAFT_VOCAB_FILE), "w") as f:
+        json.dump({"size": len(ids), "coverage_of_data": covered, "data": os.path.abspath(args.data),
+                   "token_ids": ids}, f)
+    print(f"{len(ids)} draft tokens cover {covered:.2%} of the data's response tokens")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "generate":
@@ -134,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         from dspark.train.trainer import main as train_main
 
         return train_main(args)
+    if args.command == "draft-vocab":
+        return run_draft_vocab(args)
     if args.command == "calibrate":
         from dspark.calibration import main as calibrate_main
 

@@ -175,6 +175,65 @@ def test_sampled_output_follows_the_target_distribution(tmp_path):
     assert chi_square_p_value(cells, law) >= 1e-3
 
 
+SUBSET = torch.tensor(sorted({3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83,
+                               89, 97 - 1}))
+
+
+@pytest.mark.parametrize("kind,head", [("dspark", "markov"), ("dspark", "rnn"), ("eagle", "none")])
+def test_draft_vocabulary_subset_probs(tiny, kind, head):
+    """Drafting over a token subset S: tokens from S, rows zero outside S and exactly the processed
+    softmax over S of the full-vocabulary logits (the training forward's), replayable draws."""
+    model = make_model(tiny, kind, head)
+    drafter = DSparkDrafter(model, draft_vocab=SUBSET)
+    drafter.bind(1, 128, VOCAB)
+    params = SamplingParams(temperature=0.9, seed=4)
+    prompt = [5, 6, 7, 8, 9, 10]
+    request = Req(prompt + [11], params)
+    drafter.start(request, captured(tiny, prompt, model.config.target_layers))
+    [proposal] = drafter.propose([request], 8)
+    n, rows = len(proposal.tokens), proposal.draft_probs
+    assert set(proposal.tokens) <= set(SUBSET.tolist())
+    outside = torch.ones(VOCAB, dtype=torch.bool)
+    outside[SUBSET] = False
+    assert (rows[:, outside] == 0).all()
+    torch.testing.assert_close(rows[:n].sum(-1), torch.ones(n))
+    generator = torch.Generator().manual_seed(params.seed + 0xD5)
+    assert [int(SUBSET[torch.multinomial(rows[k, SUBSET], 1, generator=generator)]) for k in range(n)] == proposal.tokens
+    tokens = torch.tensor(request.tokens + proposal.tokens)
+    logits, _ = model.train_forward(captured(tiny, tokens.tolist(), model.config.target_layers), tokens,
+                                    torch.tensor([len(prompt)]))
+    expected = torch.softmax(logits[0, :n, SUBSET] / 0.9, -1)
+    torch.testing.assert_close(rows[:n, SUBSET], expected, rtol=1e-4, atol=1e-5)
+    for bad, match in ((torch.tensor([1, 1]), "repeated"), (torch.tensor([VOCAB]), "lie in"),
+                       (torch.tensor([]), "non-empty"), (torch.tensor([0.5]), "token ids")):
+        with pytest.raises(ValueError, match=match):
+            DSparkDrafter(model, draft_vocab=bad)
+
+
+def test_draft_vocabulary_subset_greedy_and_sampled_stay_lossless(tiny, plain, tmp_path):
+    oracle = bigram_oracle(tiny, plain)
+    greedy = Engine(tiny, drafter=DSparkDrafter(oracle, draft_vocab=SUBSET), policy=FixedLength(4), max_batch=4,
+                    max_seq_len=128)
+    assert [r.generated for r in greedy.generate(PROMPTS, GREEDY)] == plain
+    from test_rejection_sample_distribution import chi_square_p_value
+
+    vocab, trials, prompt = 8, 3000, [3, 5, 4]
+    target = tiny_target(tmp_path, vocab=vocab, hidden=32, layers=2, sharpen=6.0, seed=1)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        seqs = torch.cartesian_prod(*[torch.arange(vocab)] * 2)
+        law = torch.ones(len(seqs), dtype=torch.float64)
+        for depth in range(2):
+            ctx = torch.cat([torch.tensor([prompt]).expand(len(seqs), -1), seqs[:, :depth]], 1)
+            law *= torch.softmax(hf(ctx).logits[:, -1], -1).double().gather(1, seqs[:, depth: depth + 1]).squeeze(1)
+    model = make_model(target, "dspark", "markov", gamma=3, rank=8)
+    drafter = DSparkDrafter(model, draft_vocab=torch.tensor([1, 2, 4, 6]))  # half the vocabulary
+    engine = Engine(target, drafter=drafter, policy=FixedLength(3), max_batch=64, max_seq_len=16)
+    params = [SamplingParams(max_tokens=4, temperature=1.0, seed=s, ignore_eos=True) for s in range(trials)]
+    out = torch.tensor([r.generated[:2] for r in engine.generate([prompt] * trials, params)])
+    assert chi_square_p_value(out[:, 0] * vocab + out[:, 1], law) >= 1e-3
+
+
 @pytest.mark.parametrize("kind,head", [("dspark", "markov"), ("eagle", "none")])
 def test_context_caches_stay_aligned_with_committed_tokens(tiny, kind, head):
     """After every round (rejections included), the drafter's features and each layer's context K/V

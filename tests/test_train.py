@@ -177,3 +177,24 @@ def test_cli_with_feature_cache(setup):
     assert main(base) == 0
     assert json.load(open(root / "fc-cli" / "index.json"))["done"] == 22
     assert json.load(open(root / "cached" / "config.json"))["training"]["holdout"]["tau_est"] > 1
+
+
+def test_draft_vocab_cli(setup):
+    from dspark.cli import main
+    from dspark.train.data import frequent_tokens
+
+    root, target = setup
+    seqs = load_sequences(str(root / "data.jsonl"), VOCAB)
+    ids, covered = frequent_tokens(seqs, 10, always=(0,))
+    counts = torch.bincount(torch.cat([s.ids[s.prompt_len:] for s in seqs]), minlength=VOCAB)
+    top = sorted(range(VOCAB), key=lambda t: (-int(counts[t]), t))[:10]
+    assert ids == sorted(set(top) | {0}) and covered == pytest.approx(float(counts[top].sum() / counts.sum()))
+    out = root / "vocab-drafter"
+    assert main(["train-drafter", "--data", str(root / "data.jsonl"), "--out", str(out), "--model", str(root / "target"),
+                 "--layers", "0,1", "--gamma", "3", "--rank", "8", "--batch", "4", "--anchors", "4", "--steps", "1",
+                 "--holdout", "4"]) == 0
+    assert main(["draft-vocab", "--drafter", str(out), "--data", str(root / "data.jsonl"), "--size", "20",
+                 "--model", str(root / "target")]) == 0
+    drafter = DSparkDrafter.from_pretrained(str(out), target)
+    assert drafter.vocab_ids is not None and 20 <= drafter.vocab_ids.numel() <= 21
+    assert DSparkDrafter.from_pretrained(str(out), target, use_draft_vocab=False).vocab_ids is None

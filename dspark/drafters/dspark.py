@@ -19,6 +19,9 @@ request's temperature/top-k/top-p with a per-request generator, and report exact
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 
 from dspark.cache import KVCache, SideCache
@@ -27,11 +30,13 @@ from dspark.drafters.draft_model import processed_probs
 from dspark.drafters.dspark_layers import rms_norm
 from dspark.drafters.dspark_model import DSparkModel, load_drafter_model
 
+DRAFT_VOCAB_FILE = "draft_vocab.json"
+
 
 class DSparkDrafter:
     gives_confidences = True  # the engine's default policy is then the prefix scheduler
 
-    def __init__(self, model: DSparkModel, num_draft: int | None = None):
+    def __init__(self, model: DSparkModel, num_draft: int | None = None, draft_vocab: torch.Tensor | None = None):
         if model.embed_weight is None:
             raise ValueError("attach the target first (DSparkModel.attach(target)): the drafter shares its "
                              "embedding and LM head")
@@ -40,15 +45,49 @@ class DSparkDrafter:
         self.num_draft = num_draft or c.gamma
         if self.num_draft < 1:
             raise ValueError(f"num_draft must be >= 1, got {num_draft}")
+        self._restrict_vocabulary(draft_vocab)
         self.capture_layers = tuple(c.target_layers)  # the engine captures these for us
         self.features: SideCache | None = None
         self.kv: KVCache | None = None
         self.generators: dict[int, torch.Generator] = {}
 
     @classmethod
-    def from_pretrained(cls, path: str, target, num_draft: int | None = None,
-                        dtype: torch.dtype = torch.float32) -> "DSparkDrafter":
-        return cls(load_drafter_model(path, target, dtype=dtype), num_draft)
+    def from_pretrained(cls, path: str, target, num_draft: int | None = None, dtype: torch.dtype = torch.float32,
+                        use_draft_vocab: bool = True) -> "DSparkDrafter":
+        """use_draft_vocab: draft over the folder's draft_vocab.json when it has one."""
+        vocab_file = os.path.join(path, DRAFT_VOCAB_FILE)
+        draft_vocab = None
+        if use_draft_vocab and os.path.exists(vocab_file):
+            with open(vocab_file) as f:
+                draft_vocab = torch.tensor(json.load(f)["token_ids"], dtype=torch.long)
+        return cls(load_drafter_model(path, target, dtype=dtype), num_draft, draft_vocab)
+
+    def _restrict_vocabulary(self, draft_vocab: torch.Tensor | None) -> None:
+        """Drafting over a subset S of the vocabulary (frequent tokens, as FR-Spec): the LM head and the
+        Markov head's W2 shrink to |S| rows, most of a CPU drafting step. Still lossless: x_k is drawn
+        from softmax over S, and draft_probs reports exactly that (zero outside S), so rejection
+        sampling's residual covers every token the drafter cannot propose."""
+        model, vocab = self.model, self.model.config.vocab_size
+        self.vocab_ids = self.head_rows = self.w2_rows = None
+        if draft_vocab is None:
+            return
+        ids = torch.as_tensor(draft_vocab)
+        if ids.dim() != 1 or ids.numel() == 0 or ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError("draft_vocab must be a non-empty 1-D tensor of token ids")
+        ids = ids.long().unique()  # sorted
+        if ids.numel() != torch.as_tensor(draft_vocab).numel():
+            raise ValueError("draft_vocab has repeated token ids")
+        if int(ids[0]) < 0 or int(ids[-1]) >= vocab:
+            raise ValueError(f"draft_vocab ids must lie in [0, {vocab})")
+        self.vocab_ids = ids.to(self.device)
+        self.head_rows = model.lm_head_weight[self.vocab_ids].contiguous()
+        if model.config.head != "none":
+            self.w2_rows = model.w2.weight.detach()[self.vocab_ids].contiguous()
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.head_rows is None:
+            return self.model.lm_logits(h)
+        return torch.nn.functional.linear(h.to(self.head_rows.dtype), self.head_rows).float()
 
     @property
     def device(self) -> torch.device:
@@ -123,7 +162,8 @@ class DSparkDrafter:
         return kv, valid, starts
 
     def _choose(self, requests, logits: torch.Tensor):
-        """Per request: the next draft token and the distribution it was drawn from (None if greedy)."""
+        """Per request: the next draft token and the distribution it was drawn from (None if greedy),
+        over the full vocabulary; logits [R, V or |S|]."""
         tokens, rows = [], []
         for i, r in enumerate(requests):
             p = r.params
@@ -133,7 +173,12 @@ class DSparkDrafter:
             else:
                 q = processed_probs(logits[i], p.temperature, p.top_k, p.top_p)
                 tokens.append(int(torch.multinomial(q, 1, generator=self.generators[r.row])))
+                if self.vocab_ids is not None:
+                    q = torch.zeros(self.model.config.vocab_size, dtype=q.dtype, device=q.device).index_copy_(
+                        0, self.vocab_ids, q)
                 rows.append(q)
+        if self.vocab_ids is not None:
+            tokens = self.vocab_ids[torch.tensor(tokens, device=self.device)].tolist()
         return tokens, rows
 
     def _confidence(self, logit: torch.Tensor, k: int) -> torch.Tensor:
@@ -168,10 +213,10 @@ class DSparkDrafter:
         """One backbone pass over the block, then the sequential head left to right."""
         model = self.model
         h = model.block(anchors, starts, kv, valid, max(model.config.gamma, steps))
-        base = model.lm_logits(h[:, :steps])
+        base = self._logits(h[:, :steps])
         tokens, probs, confs, prev, state = [], [], [], anchors, None
         for k in range(steps):
-            bias, conf, state = model.head_step(h[:, k], prev, state)
+            bias, conf, state = model.head_step(h[:, k], prev, state, self.w2_rows)
             picked, rows = self._choose(requests, base[:, k] if bias is None else base[:, k] + bias)
             tokens.append(picked)
             probs.append(rows)
@@ -191,7 +236,7 @@ class DSparkDrafter:
             positions = starts[:, None] + torch.arange(k + 1, device=self.device)
             y, _ = model.eagle_run(torch.stack(inputs, dim=1), positions, kv, valid)
             h = rms_norm(y[:, -1], model.norm, model.config.rms_norm_eps)
-            picked, rows_q = self._choose(requests, model.lm_logits(h))
+            picked, rows_q = self._choose(requests, self._logits(h))
             tokens.append(picked)
             probs.append(rows_q)
             confs.append(self._confidence(model.conf(h).squeeze(-1), k))

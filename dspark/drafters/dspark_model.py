@@ -101,20 +101,22 @@ class DSparkModel(nn.Module):
             x, _ = layer(x, positions, self.inv_freq, k, v, ctx_valid, causal=False)
         return rms_norm(x, self.norm, self.config.rms_norm_eps)
 
-    def head_step(self, h_k: torch.Tensor, prev: torch.Tensor, state):
+    def head_step(self, h_k: torch.Tensor, prev: torch.Tensor, state, w2_rows: torch.Tensor | None = None):
         """Block position k: (B_k [B, V] or None, confidence logit [B], new state) from h_k [B, d] and
-        the previous token x_{k-1} [B] (the anchor for k = 1)."""
+        the previous token x_{k-1} [B] (the anchor for k = 1). w2_rows: W2's rows of a draft
+        vocabulary subset, for B_k over that subset only."""
         c = self.config
         if c.head == "none":
             return None, self.conf(h_k).squeeze(-1), None
         e = self.w1(prev).to(h_k.dtype)
+        w2 = self.w2.weight if w2_rows is None else w2_rows
         if c.head == "markov":
-            bias = self.w2(e)
+            bias = F.linear(e, w2)
         else:
             s = torch.zeros(h_k.shape[0], c.rank, dtype=h_k.dtype, device=h_k.device) if state is None else state
             z = torch.cat([s, e, h_k], dim=-1)
             gate = torch.sigmoid(self.rnn_gate(z))
-            bias = self.w2(torch.tanh(self.rnn_out(z)))
+            bias = F.linear(torch.tanh(self.rnn_out(z)), w2)
             state = gate * s + (1 - gate) * torch.tanh(self.rnn_cand(z))
         return bias.float(), self.conf(torch.cat([h_k, e], dim=-1)).squeeze(-1), state
 

@@ -50,3 +50,16 @@ def anchor_positions(seq: Sequence, count: int, generator: torch.Generator) -> t
     if candidates.numel() > count:
         candidates = candidates[torch.randperm(candidates.numel(), generator=generator)[:count]].sort().values
     return candidates
+
+
+def frequent_tokens(sequences: list[Sequence], size: int, always: tuple[int, ...] = ()) -> tuple[list[int], float]:
+    """The `size` most frequent response tokens (ties to the lower id) plus `always` (e.g. EOS), sorted,
+    and the fraction of response tokens they cover: a drafter's draft vocabulary."""
+    counts = torch.zeros(max(int(s.ids.max()) for s in sequences) + 1, dtype=torch.long)
+    for s in sequences:
+        counts += torch.bincount(s.ids[s.prompt_len:], minlength=counts.numel())
+    seen = int((counts > 0).sum())
+    order = sorted(range(counts.numel()), key=lambda t: (-int(counts[t]), t))[: min(size, seen)]
+    ids = sorted(set(order) | set(always))
+    covered = float(counts[torch.tensor(order, dtype=torch.long)].sum()) / max(1, int(counts.sum()))
+    return ids, covered
