@@ -4,6 +4,7 @@ the speedup over plain decoding of the same prompt with the same engine."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -40,18 +41,33 @@ def default_dtype(device: str) -> torch.dtype:
     return best
 
 
-def make_drafter(spec: str, target, num_draft: int, dtype, device):
+SHIPPED_DRAFTERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "drafters", "pretrained")
+
+
+def shipped_drafter(model_arg: str | None) -> str | None:
+    """The drafter folder packaged for the default target (SmolLM2-135M-Instruct), when this install
+    has one; other targets have none."""
+    folder = os.path.join(SHIPPED_DRAFTERS, "smollm2-135m-instruct")
+    return folder if model_arg is None and os.path.exists(os.path.join(folder, "config.json")) else None
+
+
+def make_drafter(spec: str, target, num_draft: int | None, dtype, device, model_arg: str | None = None):
+    """num_draft None: the drafter's own default (a DSpark drafter's gamma, else 4)."""
     if spec == "none":
         return None
+    if spec == "auto":  # the shipped DSpark drafter for the default target, n-gram lookup otherwise
+        folder = shipped_drafter(model_arg)
+        spec = f"dspark:{folder}" if folder else "ngram"
+    if spec.startswith("dspark:"):  # a folder written by `dspark train-drafter`
+        return DSparkDrafter.from_pretrained(spec.split(":", 1)[1], target, num_draft, dtype=dtype)
+    num_draft = num_draft or 4
     if spec == "ngram":
         return NgramDrafter(num_draft)
     if spec.startswith("self:"):
         return DraftModelDrafter.self_draft(target, int(spec.split(":", 1)[1]), num_draft)
     if spec.startswith("model:"):
         return DraftModelDrafter(load_model(spec.split(":", 1)[1], dtype, device), num_draft)
-    if spec.startswith("dspark:"):  # a folder written by `dspark train-drafter`
-        return DSparkDrafter.from_pretrained(spec.split(":", 1)[1], target, num_draft, dtype=dtype)
-    raise ValueError(f"--drafter must be none, ngram, self:LAYERS, model:PATH or dspark:DIR, got {spec!r}")
+    raise ValueError(f"--drafter must be auto, none, ngram, self:LAYERS, model:PATH or dspark:DIR, got {spec!r}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -60,8 +76,12 @@ def parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate a reply with speculative decoding")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: SmolLM2-135M-Instruct)")
-    gen.add_argument("--drafter", default="ngram", help="none, ngram, self:LAYERS, model:PATH, dspark:DIR (default: ngram)")
-    gen.add_argument("--num-draft", type=int, default=4, help="draft tokens verified per round (gamma)")
+    gen.add_argument("--drafter", default="auto",
+                     help="auto (the shipped DSpark drafter for the default model, else ngram), none, ngram, "
+                          "self:LAYERS, model:PATH, dspark:DIR")
+    gen.add_argument("--num-draft", type=int, default=None,
+                     help="draft tokens per round, gamma (default: the DSpark drafter's block, 4 for the others); "
+                          "a DSpark drafter's prefix scheduler verifies a prefix of them")
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-k", type=int, default=0)
@@ -98,8 +118,9 @@ def run_generate(args) -> int:
         prompt = list(prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
-    max_seq_len = len(prompt) + args.max_tokens + args.num_draft + 8
-    drafter = make_drafter(args.drafter, model, args.num_draft, dtype, args.device)
+    drafter = make_drafter(args.drafter, model, args.num_draft, dtype, args.device, args.model)
+    num_draft = getattr(drafter, "num_draft", 0)
+    max_seq_len = len(prompt) + args.max_tokens + num_draft + 8
     engine = Engine(model, tokenizer, drafter, max_batch=1, max_seq_len=max_seq_len)
     shown = ""
     generated: list[int] = []
@@ -117,7 +138,8 @@ def run_generate(args) -> int:
     print()
     summary = engine.stats.summary([request])
     acceptance = ", ".join(f"{a:.2f}" for a in summary["acceptance_by_depth"])
-    print(f"\n[{args.drafter}, gamma {args.num_draft}, {str(dtype).removeprefix('torch.')}] "
+    name = type(drafter).__name__ if drafter is not None else "none"
+    print(f"\n[{name}, gamma {num_draft}, {type(engine.policy).__name__}, {str(dtype).removeprefix('torch.')}] "
           f"{summary['generated_tokens']} tokens in {summary['wall_s']:.2f}s: {summary['tokens_per_s']:.1f} tokens/s, "
           f"tau {summary['tau']:.2f}, acceptance by depth [{acceptance}]")
     if drafter is not None and not args.no_baseline:
