@@ -91,29 +91,37 @@ def test_dataset_and_anchors(tmp_path):
         load_sequences(str(path), 10)
 
 
-@pytest.mark.parametrize("variant", [[], ["--eagle"], ["--head", "rnn"]])
+@pytest.mark.parametrize("variant", [[], ["--eagle"], ["--head", "rnn"], ["subset"]])
 def test_a_few_steps_lower_the_loss(setup, variant):
     root, target = setup
-    args = args_for(root, *variant)
+    args = args_for(root, *([] if variant == ["subset"] else variant))
+    subset = None
+    if variant == ["subset"]:  # the data's 30 most frequent reply tokens, half the vocabulary
+        from dspark.train.data import frequent_tokens
+
+        subset = torch.tensor(frequent_tokens(load_sequences(args.data, VOCAB), 30)[0])
     torch.manual_seed(0)
     model = build(args, target).attach(target).train()
     seqs = load_sequences(args.data, VOCAB)[:4]
     teachers = teacher_pass(target, [s.ids for s in seqs], tuple(model.config.target_layers))
     anchors = [anchor_positions(s, 16, torch.Generator().manual_seed(i)) for i, s in enumerate(seqs)]
 
-    def batch_loss():
-        losses = [sequence_loss(model, t, s, a, 4.0)[0] for s, t, a in zip(seqs, teachers, anchors)]
-        return torch.stack(losses).mean()
+    def batch_loss(term=None):
+        out = [sequence_loss(model, t, s, a, 4.0, subset) for s, t, a in zip(seqs, teachers, anchors)]
+        return torch.stack([loss for loss, _ in out]).mean() if term is None else sum(m[term] for _, m in out)
 
+    # Over a subset, L1 keeps the target's mass outside it as a floor: the CE over in-subset targets
+    # is the part that must fall.
+    term = "ce" if subset is not None else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     with torch.no_grad():
-        before = float(batch_loss())
+        before = float(batch_loss(term))
     for _ in range(8):
         optimizer.zero_grad()
         batch_loss().backward()
         optimizer.step()
     with torch.no_grad():
-        assert float(batch_loss()) < 0.9 * before
+        assert float(batch_loss(term)) < (0.95 if subset is not None else 0.9) * before
 
 
 def test_cli_trains_resumes_and_loads(setup):
@@ -215,3 +223,43 @@ def test_auto_drafter_is_the_shipped_one_for_the_default_target(setup, tmp_path,
     assert isinstance(shipped, DSparkDrafter) and shipped.num_draft == 4  # its trained gamma
     other = cli.make_drafter("auto", target, 3, torch.float32, "cpu", model_arg="some/other/model.gguf")
     assert isinstance(other, NgramDrafter) and other.num_draft == 3
+
+
+def test_loss_over_a_draft_vocabulary_equals_the_masked_full_loss():
+    gen = torch.Generator().manual_seed(5)
+    subset = torch.tensor([1, 4, 6, 9])
+    draft = torch.randn(3, 4, 4, generator=gen)
+    target = torch.randn(3, 4, 11, generator=gen)
+    tokens = torch.tensor([[1, 4, 6, 9], [9, 6, 4, 1], [4, 4, 2, 9]])  # 2: outside the subset
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    conf = torch.randn(3, 4, generator=gen)
+    full = torch.full((3, 4, 11), float("-inf"))
+    full[..., subset] = draft  # the same drafter with zero mass outside the subset
+    _, sub = block_loss(draft, conf, target, tokens, valid, vocab_ids=subset)
+    _, ref = block_loss(full, conf, target, tokens, valid)
+    assert sub["l1"] == pytest.approx(ref["l1"], rel=1e-5) and sub["bce"] == pytest.approx(ref["bce"], rel=1e-5)
+    assert sub["accept_by_pos"] == pytest.approx(ref["accept_by_pos"], rel=1e-5)
+    inside = tokens != 2
+    ce = -torch.log_softmax(draft, -1).gather(-1, (tokens[..., None] == subset).float().argmax(-1, keepdim=True))[..., 0]
+    w = torch.exp(-torch.arange(4) / 4.0)[None].expand(3, 4) * inside
+    assert sub["ce"] == pytest.approx(float((ce * w).sum() / w.sum()), rel=1e-5)
+
+
+def test_cli_trains_over_a_draft_vocabulary(setup):
+    from dspark.cli import main
+
+    root, target = setup
+    out = root / "vocab-trained"
+    assert main(["train-drafter", "--data", str(root / "data.jsonl"), "--out", str(out), "--model", str(root / "target"),
+                 "--layers", "0,1", "--gamma", "3", "--rank", "8", "--batch", "4", "--anchors", "8", "--steps", "3",
+                 "--holdout", "4", "--draft-vocab", "20"]) == 0
+    vocab = json.load(open(out / "draft_vocab.json"))
+    assert 20 <= vocab["size"] <= 21 and 0 < vocab["coverage_of_data"] <= 1
+    assert json.load(open(out / "config.json"))["training"]["holdout"]["tau_est"] > 1
+    drafter = DSparkDrafter.from_pretrained(str(out), target)
+    assert drafter.vocab_ids.tolist() == vocab["token_ids"]
+    prompts = [[5, 6, 7], [9, 10, 11, 12]]
+    greedy = SamplingParams(max_tokens=12, ignore_eos=True)
+    plain = [r.generated for r in Engine(target, max_seq_len=64).generate(prompts, greedy)]
+    spec = Engine(target, drafter=drafter, max_batch=2, max_seq_len=64).generate(prompts, greedy)
+    assert [r.generated for r in spec] == plain

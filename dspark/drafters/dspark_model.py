@@ -80,8 +80,10 @@ class DSparkModel(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.embedding(tokens, self.embed_weight).to(self.dtype)
 
-    def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h.to(self.lm_head_weight.dtype), self.lm_head_weight).float()
+    def lm_logits(self, h: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """U = LM head(h), over the whole vocabulary or only the draft vocabulary `vocab_ids`."""
+        weight = self.lm_head_weight if vocab_ids is None else self.lm_head_weight[vocab_ids]
+        return F.linear(h.to(weight.dtype), weight).float()
 
     def context(self, features: torch.Tensor) -> torch.Tensor:
         """Captured target hidden states [..., width] -> context features H_ctx [..., d]."""
@@ -139,31 +141,34 @@ class DSparkModel(nn.Module):
         return [(z, z)] * c.num_layers
 
     # -- teacher-forced training pass -------------------------------------------------------------------
-    def train_forward(self, features: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor):
+    def train_forward(self, features: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor,
+                      vocab_ids: torch.Tensor | None = None):
         """One sequence: features [N, width] (target layers at every position), tokens [N], anchors [A]
-        (positions >= 1). Returns draft logits [A, gamma, V] for x_k = t_{a+k} and confidence logits
-        [A, gamma]; positions past the sequence end are garbage for the caller to mask."""
+        (positions >= 1). Returns draft logits [A, gamma, V] (or [A, gamma, |S|] over a draft
+        vocabulary S = vocab_ids) for x_k = t_{a+k} and confidence logits [A, gamma]; positions past
+        the sequence end are garbage for the caller to mask."""
         c, N = self.config, tokens.shape[0]
         steps = torch.arange(c.gamma, device=tokens.device)
         prev = tokens[(anchors[:, None] + steps).clamp(max=N - 1)]  # x_{k-1} = t_{a+k-1}, teacher forced
         ctx = self.context(features)
         positions = torch.arange(N, device=tokens.device)
         if c.kind == "eagle":
-            return self._eagle_train(ctx, tokens, anchors, prev)
+            return self._eagle_train(ctx, tokens, anchors, prev, vocab_ids)
         kv = self.context_kv(ctx[None], positions)
         valid = positions[None] < anchors[:, None]
         h = self.block(tokens[anchors], anchors, kv, valid, c.gamma)
-        logits, confs, state = self.lm_logits(h), [], None
+        logits, confs, state = self.lm_logits(h, vocab_ids), [], None
+        w2_rows = None if vocab_ids is None or c.head == "none" else self.w2.weight[vocab_ids]
         biases = []
         for k in range(c.gamma):
-            bias, conf, state = self.head_step(h[:, k], prev[:, k], state)
+            bias, conf, state = self.head_step(h[:, k], prev[:, k], state, w2_rows)
             biases.append(bias)
             confs.append(conf)
         if c.head != "none":
             logits = logits + torch.stack(biases, dim=1)
         return logits, torch.stack(confs, dim=1)
 
-    def _eagle_train(self, ctx, tokens, anchors, prev):
+    def _eagle_train(self, ctx, tokens, anchors, prev, vocab_ids=None):
         """Teacher-forced causal pass over the sequence, then gamma - 1 steps that feed the drafter's
         own hidden states back (training-time test), re-running the short drafted block each step."""
         c, N, A = self.config, tokens.shape[0], anchors.shape[0]
@@ -181,7 +186,7 @@ class DSparkModel(nn.Module):
             y, _ = self.eagle_run(x, pos, tf_kv, valid)
             feats.append(y[:, -1])
         h = rms_norm(torch.stack(feats, dim=1), self.norm, c.rms_norm_eps)
-        return self.lm_logits(h), self.conf(h).squeeze(-1)
+        return self.lm_logits(h, vocab_ids), self.conf(h).squeeze(-1)
 
 
 # -- Hugging Face style folder: config.json + model.safetensors (+ calibration inside config) ---------

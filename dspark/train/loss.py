@@ -16,19 +16,33 @@ WEIGHTS = (0.1, 0.9, 1.0)
 
 
 def block_loss(draft_logits, conf_logits, target_logits, target_tokens, valid, decay: float = 4.0,
-               weights=WEIGHTS) -> tuple[torch.Tensor, dict]:
+               weights=WEIGHTS, vocab_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """draft_logits, target_logits [A, g, V]; conf_logits [A, g]; target_tokens [A, g]; valid [A, g] bool.
+    With a draft vocabulary S (vocab_ids), draft_logits are [A, g, |S|]: the drafter puts no mass
+    outside S, so the target's mass there counts in full in L1, and CE skips targets outside S.
     Returns (loss, metrics); metrics hold the terms and the per-position acceptance 1 - TV."""
     g = draft_logits.shape[1]
     log_pd = torch.log_softmax(draft_logits.float(), dim=-1)
     p_t = torch.softmax(target_logits.float(), dim=-1)
+    ce_valid = valid
+    if vocab_ids is not None:
+        p_t = p_t[..., vocab_ids]
+        index = torch.full((target_logits.shape[-1],), -1, dtype=torch.long, device=target_tokens.device)
+        index[vocab_ids] = torch.arange(vocab_ids.numel(), device=target_tokens.device)
+        target_tokens = index[target_tokens]
+        ce_valid = valid & (target_tokens >= 0)
+        target_tokens = target_tokens.clamp(min=0)
     ce = -log_pd.gather(-1, target_tokens[..., None]).squeeze(-1)
     l1 = (log_pd.exp() - p_t).abs().sum(-1)
+    if vocab_ids is not None:
+        l1 = l1 + (1 - p_t.sum(-1)).clamp(min=0)
     accept = (1 - 0.5 * l1).detach().clamp(0, 1)
     bce = F.binary_cross_entropy_with_logits(conf_logits.float(), accept, reduction="none")
     w = torch.exp(-torch.arange(g, device=draft_logits.device, dtype=torch.float32) / decay)[None] * valid
     norm = w.sum().clamp_min(1e-9)
-    terms = {name: (value * w).sum() / norm for name, value in (("ce", ce), ("l1", l1), ("bce", bce))}
+    terms = {name: (value * w).sum() / norm for name, value in (("l1", l1), ("bce", bce))}
+    w_ce = w * ce_valid
+    terms["ce"] = (ce * w_ce).sum() / w_ce.sum().clamp_min(1e-9)
     loss = weights[0] * terms["ce"] + weights[1] * terms["l1"] + weights[2] * terms["bce"]
     counts = valid.sum(0).clamp_min(1)
     # Expected accepted length under teacher forcing: bonus + sum_k prod_{i<=k} acceptance.

@@ -25,7 +25,8 @@ import torch
 
 from dspark.drafters.dspark_layers import DSparkConfig
 from dspark.drafters.dspark_model import DSparkModel, load_drafter_model, save_drafter
-from dspark.train.data import anchor_positions, load_sequences
+from dspark.drafters.dspark import DRAFT_VOCAB_FILE
+from dspark.train.data import anchor_positions, frequent_tokens, load_sequences
 from dspark.train.feature_cache import FeatureCache
 from dspark.train.loss import block_loss
 from dspark.train.teacher import teacher_pass
@@ -58,6 +59,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (on a shared 2-core box 1 thread is often far faster: idle threads spin)")
     ap.add_argument("--resume", action="store_true", help="continue from --out's trainer_state.pt")
+    ap.add_argument("--draft-vocab", type=int, default=0,
+                    help="train (and draft) over the K most frequent response tokens of the data (FR-Spec "
+                         "style; written to draft_vocab.json); 0: the whole vocabulary")
     ap.add_argument("--feature-cache", default=None,
                     help="folder for the target's features of every training sequence, built once (resumably) "
                          "and reused every epoch: the teacher prefill is most of a CPU step")
@@ -70,17 +74,19 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def sequence_loss(model: DSparkModel, teacher, seq, anchors: torch.Tensor, decay: float):
-    """Loss and metrics of one sequence's blocks (anchors [A] on the drafter's device)."""
+def sequence_loss(model: DSparkModel, teacher, seq, anchors: torch.Tensor, decay: float,
+                  vocab_ids: torch.Tensor | None = None):
+    """Loss and metrics of one sequence's blocks (anchors [A] on the drafter's device), over the
+    whole vocabulary or the draft vocabulary vocab_ids."""
     gamma, n = model.config.gamma, seq.ids.shape[0]
     device = anchors.device
     ids = seq.ids.to(device)
-    logits, conf = model.train_forward(teacher.features.to(device), ids, anchors)
+    logits, conf = model.train_forward(teacher.features.to(device), ids, anchors, vocab_ids)
     positions = anchors[:, None] + torch.arange(1, gamma + 1, device=device)  # x_k = t_{a+k}
     valid = positions < n
     positions = positions.clamp(max=n - 1)
     target_logits = teacher.logits_at((positions - 1).to(teacher.features.device)).to(device)
-    return block_loss(logits, conf, target_logits, ids[positions], valid, decay)
+    return block_loss(logits, conf, target_logits, ids[positions], valid, decay, vocab_ids=vocab_ids)
 
 
 def build(args, target) -> DSparkModel:
@@ -118,6 +124,17 @@ class Cursor:
         self._order = self._shuffle()
 
 
+def draft_vocabulary(args, target, train_set, device) -> torch.Tensor | None:
+    if not args.draft_vocab:
+        return None
+    ids, covered = frequent_tokens(train_set, args.draft_vocab, tuple(target.config.eos_token_ids))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, DRAFT_VOCAB_FILE), "w") as f:
+        json.dump({"size": len(ids), "coverage_of_data": covered, "data": os.path.abspath(args.data),
+                   "token_ids": ids}, f)
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
 def save(args, model, optimizer, scheduler, cursor, step, generator, extra) -> None:
     save_drafter(model, args.out, extra)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -135,7 +152,7 @@ def progress(total: int, initial: int):
 
 
 @torch.no_grad()
-def evaluate(model, target, sequences, args, generator) -> dict:
+def evaluate(model, target, sequences, args, generator, vocab_ids=None) -> dict:
     """Held-out loss, acceptance per position (1 - TV, teacher forced) and the expected tau."""
     model.eval()
     totals, count = {}, 0
@@ -144,7 +161,7 @@ def evaluate(model, target, sequences, args, generator) -> dict:
         for seq, teacher in zip(chunk, teacher_pass(target, [s.ids.to(target.device) for s in chunk],
                                                     tuple(model.config.target_layers))):
             anchors = anchor_positions(seq, args.anchors, generator).to(model.norm.device)
-            _, m = sequence_loss(model, teacher, seq, anchors, args.decay)
+            _, m = sequence_loss(model, teacher, seq, anchors, args.decay, vocab_ids)
             for key, value in m.items():
                 if isinstance(value, list):
                     totals[key] = [a + b for a, b in zip(totals.get(key, [0.0] * len(value)), value)]
@@ -185,15 +202,18 @@ def train(args) -> dict:
     data_info = {"data": os.path.abspath(args.data), "sequences": len(train_set), "holdout_sequences": len(eval_set),
                  "tokens": int(sum(s.ids.numel() for s in train_set)),
                  "response_tokens": int(sum(s.ids.numel() - s.prompt_len for s in train_set))}
-    history = run_steps(args, model, target, train_set, optimizer, scheduler, cursor, generator, step, total, data_info)
+    vocab_ids = draft_vocabulary(args, target, train_set, device)
+    history = run_steps(args, model, target, train_set, optimizer, scheduler, cursor, generator, step, total, data_info,
+                        vocab_ids)
     result = {**data_info, "steps": total, "final_train": history[-1] if history else None}
     if eval_set:
-        result["holdout"] = evaluate(model, target, eval_set, args, torch.Generator().manual_seed(args.seed + 1))
+        result["holdout"] = evaluate(model, target, eval_set, args, torch.Generator().manual_seed(args.seed + 1),
+                                     vocab_ids)
     save(args, model, optimizer, scheduler, cursor, total, generator, {"training": result})
     return result
 
 
-def train_step(args, model, target, batch, generator, teachers=None) -> dict:
+def train_step(args, model, target, batch, generator, teachers=None, vocab_ids=None) -> dict:
     """One step over `batch` [(index, Sequence)]; teachers: a FeatureCache, else a fresh teacher pass."""
     device = model.norm.device
     layers = tuple(model.config.target_layers)
@@ -204,7 +224,7 @@ def train_step(args, model, target, batch, generator, teachers=None) -> dict:
         outputs = teacher_pass(target, [s.ids.to(target.device) for _, s in batch], layers)
     for (_, seq), teacher in zip(batch, outputs):
         anchors = anchor_positions(seq, args.anchors, generator).to(device)
-        loss, m = sequence_loss(model, teacher, seq, anchors, args.decay)
+        loss, m = sequence_loss(model, teacher, seq, anchors, args.decay, vocab_ids)
         (loss / len(batch)).backward()
         for key in ("loss", "ce", "l1", "bce", "tau_est"):
             sums[key] = sums.get(key, 0.0) + m[key] / len(batch)
@@ -222,7 +242,8 @@ def feature_cache(args, model, target, train_set):
     return cache
 
 
-def run_steps(args, model, target, train_set, optimizer, scheduler, cursor, generator, step, total, data_info):
+def run_steps(args, model, target, train_set, optimizer, scheduler, cursor, generator, step, total, data_info,
+              vocab_ids=None):
     os.makedirs(args.out, exist_ok=True)
     teachers = feature_cache(args, model, target, train_set)
     bar = progress(total, step)
@@ -231,7 +252,7 @@ def run_steps(args, model, target, train_set, optimizer, scheduler, cursor, gene
         while step < total:
             batch = [(i, train_set[i]) for i in cursor.take(args.batch)]
             optimizer.zero_grad(set_to_none=True)
-            metrics = train_step(args, model, target, batch, generator, teachers)
+            metrics = train_step(args, model, target, batch, generator, teachers, vocab_ids)
             optimizer.step()
             scheduler.step()
             step += 1
