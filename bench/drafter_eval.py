@@ -83,7 +83,8 @@ def per_position(survived: torch.Tensor, valid: torch.Tensor) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--drafter", action="append", default=[], help="NAME=DIR, a trained drafter (repeatable)")
+    ap.add_argument("--drafter", action="append", default=[],
+                    help="NAME=DIR, a trained drafter (repeatable); DIR#full ignores its draft vocabulary")
     ap.add_argument("--ngram", action="store_true", help="also the n-gram drafter at the same gamma")
     ap.add_argument("--gamma", type=int, default=7)
     ap.add_argument("--per-domain", type=int, default=4)
@@ -95,7 +96,8 @@ def main() -> None:
     dtype = default_dtype("cpu")
     tokenizer, model = load_tokenizer(None), load_model(None, dtype)
     prompts = load_prompts(pathlib.Path(args.datasets), args.per_domain, tokenizer)
-    drafters = {name: (lambda path=path: DSparkDrafter.from_pretrained(path, model, args.gamma, dtype=dtype))
+    drafters = {name: (lambda path=path: DSparkDrafter.from_pretrained(
+                    path.removesuffix("#full"), model, args.gamma, dtype=dtype, use_draft_vocab=not path.endswith("#full")))
                 for name, path in (spec.split("=", 1) for spec in args.drafter)}
     if args.ngram:
         drafters["ngram"] = lambda: NgramDrafter(args.gamma)
