@@ -38,6 +38,10 @@ class Recording:
     def __init__(self, inner):
         self.inner, self.lengths = inner, []
 
+    def should_draft(self, requests):
+        gate = getattr(self.inner, "should_draft", None)
+        return gate(requests) if gate else [True] * len(requests)
+
     def choose(self, requests, proposals):
         lengths = self.inner.choose(requests, proposals)
         self.lengths += [min(n, len(p)) for n, p in zip(lengths, proposals)]

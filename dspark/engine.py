@@ -170,8 +170,7 @@ class Engine:
     def _decode_round(self) -> list[Event]:
         requests = list(self.running)
         start = time.perf_counter()
-        proposals = self.drafter.propose(requests, self.max_draft_for(requests)) if self.drafter else \
-            [Proposal([]) for _ in requests]
+        proposals = self._propose(requests)
         lengths = self.policy.choose(requests, proposals)
         proposals = [p.truncated(min(n, r.params.max_tokens - len(r.generated) - 1))
                      for r, p, n in zip(requests, proposals, lengths)]
@@ -208,6 +207,15 @@ class Engine:
             self.drafter.accept(requests, paths, self._accepted_hidden(requests, paths))
         self._retire_finished()
         return events
+
+    def _propose(self, requests: list[Request]) -> list[Proposal]:
+        """Drafts of the requests the policy wants drafted (all, unless it has should_draft)."""
+        if self.drafter is None:
+            return [Proposal([]) for _ in requests]
+        wanted = self.policy.should_draft(requests) if hasattr(self.policy, "should_draft") else [True] * len(requests)
+        drafting = [r for r, w in zip(requests, wanted) if w]
+        drafted = iter(self.drafter.propose(drafting, self.max_draft_for(drafting)) if drafting else [])
+        return [next(drafted) if w else Proposal([]) for w in wanted]
 
     def max_draft_for(self, requests: list[Request]) -> int:
         """Drafts never outgrow any request's cache row; each request's token budget is applied to

@@ -77,15 +77,52 @@ class ConfidenceThreshold:
         return lengths
 
 
+class DraftGate:
+    """Whether a request drafts at all this round. Drafting costs time even when the scheduler then
+    verifies nothing, so a request whose last first-draft survival a_1 would not pay for one verified
+    token at the current batch size skips drafting, probing again every `probe_every` rounds to
+    refresh a_1. Lossless: the decision reads only earlier rounds."""
+
+    def __init__(self, sps, probe_every: int = 8):
+        self.sps, self.probe_every = sps, probe_every
+        self.first: dict[int, float] = {}  # request id -> a_1 of its last proposal
+        self.idle: dict[int, int] = {}     # request id -> rounds since it last drafted
+
+    def should_draft(self, requests: list) -> list[bool]:
+        r = len(requests)
+        ids = {q.id for q in requests}
+        self.first = {k: v for k, v in self.first.items() if k in ids}
+        decisions = []
+        for q in requests:
+            a, idle = self.first.get(q.id), self.idle.get(q.id, 0)
+            draft = a is None or (r + a) * self.sps(r + 1) > r * self.sps(r) or idle + 1 >= self.probe_every
+            self.idle[q.id] = 0 if draft else idle + 1
+            decisions.append(draft)
+        self.idle = {k: v for k, v in self.idle.items() if k in ids}
+        return decisions
+
+    def observe(self, requests: list, survivals: list[list[float]]) -> None:
+        for q, a in zip(requests, survivals):
+            if a:
+                self.first[q.id] = a[0]
+
+
 class PrefixScheduler:
     """The hardware-aware prefix scheduler: admit candidates best first while the expected
-    throughput tau * SPS(B) improves, and stop at the first one that does not."""
+    throughput tau * SPS(B) improves, and stop at the first one that does not. With `gate`, requests
+    whose recent confidences would not pay skip drafting (DraftGate)."""
 
-    def __init__(self, sps, max_draft: int | None = None):
+    def __init__(self, sps, max_draft: int | None = None, gate: bool = True):
         self.sps, self.max_draft = sps, max_draft
+        self.gate = DraftGate(sps) if gate else None
+
+    def should_draft(self, requests: list) -> list[bool]:
+        return self.gate.should_draft(requests) if self.gate else [True] * len(requests)
 
     def choose(self, requests: list, proposals: list[Proposal]) -> list[int]:
         survivals = [survival(p)[: self.max_draft] for p in proposals]
+        if self.gate:
+            self.gate.observe(requests, survivals)
         lengths = [0] * len(proposals)
         tokens = tau = float(len(proposals))
         best = tau * self.sps(tokens)
@@ -115,13 +152,19 @@ class AsyncScheduler:
     current survival, with no early stop. Until two rounds of history exist it acts as the prefix
     scheduler."""
 
-    def __init__(self, sps, max_draft: int | None = None, lag: int = 2):
+    def __init__(self, sps, max_draft: int | None = None, lag: int = 2, gate: bool = True):
         self.sps, self.max_draft, self.lag = sps, max_draft, lag
         self.history: deque[dict[int, list[float]]] = deque(maxlen=lag)
-        self.fallback = PrefixScheduler(sps, max_draft)
+        self.fallback = PrefixScheduler(sps, max_draft, gate=False)
+        self.gate = DraftGate(sps) if gate else None
+
+    def should_draft(self, requests: list) -> list[bool]:
+        return self.gate.should_draft(requests) if self.gate else [True] * len(requests)
 
     def choose(self, requests: list, proposals: list[Proposal]) -> list[int]:
         survivals = [survival(p)[: self.max_draft] for p in proposals]
+        if self.gate:
+            self.gate.observe(requests, survivals)
         old = self.history[0] if len(self.history) == self.lag else None
         self.history.append({r.id: a for r, a in zip(requests, survivals)})
         if old is None:

@@ -107,6 +107,22 @@ def test_greedy_is_token_identical_under_every_policy(tiny, plain, policy):
         assert isinstance(engine.policy, PrefixScheduler)
 
 
+def test_gated_scheduler_drafts_rarely_when_drafts_cannot_pay(tiny, plain):
+    """Verification that costs as much per token as decoding: no draft can pay, so requests draft only
+    on probe rounds (every 8th), and the output is still the target's."""
+    drafter = DSparkDrafter(bigram_oracle(tiny, plain))
+    calls = []
+    propose = drafter.propose
+    drafter.propose = lambda requests, max_draft: calls.append(len(requests)) or propose(requests, max_draft)
+    engine = Engine(tiny, drafter=drafter, policy=PrefixScheduler(SPSCurve([1, 2], [20.0, 10.0])), max_batch=4,
+                    max_seq_len=128)
+    requests = engine.generate(PROMPTS, GREEDY)
+    assert [r.generated for r in requests] == plain
+    rounds = sum(r.stats.rounds for r in requests)  # per request; the first token comes from the prefill
+    assert rounds == sum(len(t) for t in plain) - len(PROMPTS)  # nothing verified: plain decoding
+    assert 0 < sum(calls) <= rounds // 8 + 2 * len(PROMPTS)  # a first draft each, then probes
+
+
 class Req:
     def __init__(self, tokens, params, row=0):
         self.id, self.row, self.tokens, self.params, self.finish_reason = row, row, list(tokens), params, None

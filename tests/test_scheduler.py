@@ -175,3 +175,16 @@ def test_profile_cli_prints_and_plots(tmp_path, monkeypatch, capsys):
     assert "steps/s" in capsys.readouterr().out
     assert json.load(open(tmp_path / "sps.json"))["tokens"] == [1, 2, 3, 4, 5, 6]
     assert (tmp_path / "sps.png").stat().st_size > 1000
+
+
+def test_draft_gate_skips_drafting_that_cannot_pay_and_probes():
+    from dspark.scheduler import DraftGate
+
+    steep = SPSCurve([1, 2], [17.5, 10.5])  # one verified draft pays only if a_1 > 0.67
+    for a, expected in ((0.9, [True] * 8), (0.2, [False, False, False, True] * 2)):
+        gate = DraftGate(steep, probe_every=4)
+        assert gate.should_draft([Req(0)]) == [True]  # nothing known yet
+        gate.observe([Req(0)], [[a, a / 2]])
+        # a confident request keeps drafting; the other probes every 4th round
+        assert [gate.should_draft([Req(0)])[0] for _ in range(8)] == expected
+    assert PrefixScheduler(steep, gate=False).should_draft([Req(0), Req(1)]) == [True, True]
