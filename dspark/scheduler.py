@@ -107,10 +107,8 @@ class DraftGate:
                 self.first[q.id] = a[0]
 
 
-class PrefixScheduler:
-    """The hardware-aware prefix scheduler: admit candidates best first while the expected
-    throughput tau * SPS(B) improves, and stop at the first one that does not. With `gate`, requests
-    whose recent confidences would not pay skip drafting (DraftGate)."""
+class SPSPolicy:
+    """What the hardware-aware policies share: the SPS curve, a cap on drafts, the draft gate."""
 
     def __init__(self, sps, max_draft: int | None = None, gate: bool = True):
         self.sps, self.max_draft = sps, max_draft
@@ -119,10 +117,20 @@ class PrefixScheduler:
     def should_draft(self, requests: list) -> list[bool]:
         return self.gate.should_draft(requests) if self.gate else [True] * len(requests)
 
-    def choose(self, requests: list, proposals: list[Proposal]) -> list[int]:
-        survivals = [survival(p)[: self.max_draft] for p in proposals]
+    def survivals(self, requests: list, proposals: list[Proposal]) -> list[list[float]]:
+        out = [survival(p)[: self.max_draft] for p in proposals]
         if self.gate:
-            self.gate.observe(requests, survivals)
+            self.gate.observe(requests, out)
+        return out
+
+
+class PrefixScheduler(SPSPolicy):
+    """The hardware-aware prefix scheduler: admit candidates best first while the expected
+    throughput tau * SPS(B) improves, and stop at the first one that does not. With `gate`, requests
+    whose recent confidences would not pay skip drafting (DraftGate)."""
+
+    def choose(self, requests: list, proposals: list[Proposal]) -> list[int]:
+        survivals = self.survivals(requests, proposals)
         lengths = [0] * len(proposals)
         tokens = tau = float(len(proposals))
         best = tau * self.sps(tokens)
@@ -146,25 +154,20 @@ def best_capacity(sps, values: list[float], requests: int) -> int:
     return best_k
 
 
-class AsyncScheduler:
+class AsyncScheduler(SPSPolicy):
     """The production variant: the capacity K comes from the survivals of two rounds ago (so it cannot
     depend on this round's tokens), then this round's candidates are admitted as a top-K by their
     current survival, with no early stop. Until two rounds of history exist it acts as the prefix
     scheduler."""
 
     def __init__(self, sps, max_draft: int | None = None, lag: int = 2, gate: bool = True):
-        self.sps, self.max_draft, self.lag = sps, max_draft, lag
+        super().__init__(sps, max_draft, gate)
+        self.lag = lag
         self.history: deque[dict[int, list[float]]] = deque(maxlen=lag)
         self.fallback = PrefixScheduler(sps, max_draft, gate=False)
-        self.gate = DraftGate(sps) if gate else None
-
-    def should_draft(self, requests: list) -> list[bool]:
-        return self.gate.should_draft(requests) if self.gate else [True] * len(requests)
 
     def choose(self, requests: list, proposals: list[Proposal]) -> list[int]:
-        survivals = [survival(p)[: self.max_draft] for p in proposals]
-        if self.gate:
-            self.gate.observe(requests, survivals)
+        survivals = self.survivals(requests, proposals)
         old = self.history[0] if len(self.history) == self.lag else None
         self.history.append({r.id: a for r, a in zip(requests, survivals)})
         if old is None:
