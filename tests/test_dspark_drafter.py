@@ -166,21 +166,28 @@ def test_draft_probs_are_the_distributions_the_tokens_were_drawn_from(tiny, kind
     assert deterministic.tokens[0] == int(torch.argmax(logits[0, 0]))
 
 
+def tiny_target_and_law(path, vocab: int, prompt: list[int], depth: int, temperature: float):
+    """A sharp tiny target and the exact law of its first `depth` sampled tokens after `prompt`
+    (enumerated with transformers), flattened in lexicographic order of the token tuples."""
+    target = tiny_target(path, vocab=vocab, hidden=32, layers=2, sharpen=6.0, seed=1)
+    hf = transformers.LlamaForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        seqs = torch.cartesian_prod(*[torch.arange(vocab)] * depth)
+        law = torch.ones(len(seqs), dtype=torch.float64)
+        for d in range(depth):
+            ctx = torch.cat([torch.tensor([prompt]).expand(len(seqs), -1), seqs[:, :d]], 1)
+            probs = torch.softmax(hf(ctx).logits[:, -1] / temperature, -1).double()
+            law *= probs.gather(1, seqs[:, d: d + 1]).squeeze(1)
+    return target, law
+
+
 def test_sampled_output_follows_the_target_distribution(tmp_path):
     """Joint law of the first three emitted tokens (8-token vocabulary) vs the target's exact law: the
     first round verifies 3 drafts, so the Markov head's dependence on x_{k-1} is in play."""
     from test_rejection_sample_distribution import chi_square_p_value
 
     vocab, trials, temperature, prompt = 8, 3000, 0.8, [3, 5, 4]
-    target = tiny_target(tmp_path, vocab=vocab, hidden=32, layers=2, sharpen=6.0, seed=1)
-    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        seqs = torch.cartesian_prod(*[torch.arange(vocab)] * 3)
-        law = torch.ones(len(seqs), dtype=torch.float64)
-        for depth in range(3):
-            ctx = torch.cat([torch.tensor([prompt]).expand(len(seqs), -1), seqs[:, :depth]], 1)
-            probs = torch.softmax(hf(ctx).logits[:, -1] / temperature, -1).double()
-            law *= probs.gather(1, seqs[:, depth: depth + 1]).squeeze(1)
+    target, law = tiny_target_and_law(tmp_path, vocab, prompt, 3, temperature)
     model = make_model(target, "dspark", "markov", gamma=3, rank=8)
     engine = Engine(target, drafter=DSparkDrafter(model), policy=FixedLength(3), max_batch=64, max_seq_len=16)
     params = [SamplingParams(max_tokens=5, temperature=temperature, seed=s, ignore_eos=True) for s in range(trials)]
@@ -234,14 +241,7 @@ def test_draft_vocabulary_subset_greedy_and_sampled_stay_lossless(tiny, plain, t
     from test_rejection_sample_distribution import chi_square_p_value
 
     vocab, trials, prompt = 8, 3000, [3, 5, 4]
-    target = tiny_target(tmp_path, vocab=vocab, hidden=32, layers=2, sharpen=6.0, seed=1)
-    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        seqs = torch.cartesian_prod(*[torch.arange(vocab)] * 2)
-        law = torch.ones(len(seqs), dtype=torch.float64)
-        for depth in range(2):
-            ctx = torch.cat([torch.tensor([prompt]).expand(len(seqs), -1), seqs[:, :depth]], 1)
-            law *= torch.softmax(hf(ctx).logits[:, -1], -1).double().gather(1, seqs[:, depth: depth + 1]).squeeze(1)
+    target, law = tiny_target_and_law(tmp_path, vocab, prompt, 2, 1.0)
     model = make_model(target, "dspark", "markov", gamma=3, rank=8)
     drafter = DSparkDrafter(model, draft_vocab=torch.tensor([1, 2, 4, 6]))  # half the vocabulary
     engine = Engine(target, drafter=drafter, policy=FixedLength(3), max_batch=64, max_seq_len=16)
