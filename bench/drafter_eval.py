@@ -75,12 +75,6 @@ def counterfactuals(logits: torch.Tensor, survived: torch.Tensor, valid: torch.T
     return out
 
 
-def per_position(survived: torch.Tensor, valid: torch.Tensor) -> list[float]:
-    reached = torch.cat([torch.ones_like(survived[:, :1]), survived[:, :-1]], 1) * valid
-    return [float((survived[:, k] * valid[:, k]).sum() / reached[:, k].sum().clamp(min=1))
-            for k in range(survived.shape[1])]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--drafter", action="append", default=[],
@@ -123,7 +117,6 @@ def main() -> None:
                     record["identical_to_plain"] = out == plain_out
                 if isinstance(policy, RecordingPolicy) and policy.rounds:
                     logits, survived, valid = policy.samples()
-                    record["acceptance_by_position"] = per_position(survived, valid)
                     record.update(counterfactuals(logits, survived, valid, args.gamma))
                 results["runs"].append(record)
                 print(f"T={temperature:g} {domain:5s} {name:16s} tau {record['tau']:.2f} "

@@ -40,17 +40,14 @@ class RecordingPolicy:
     def samples(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits [N, gamma], survived [N, gamma] float, valid [N, gamma] bool) over the rounds."""
         gamma = self.inner.num_draft
-        after: dict[int, list[int]] = {}
-        for r, before, _, _ in self.rounds:
-            after.setdefault(id(r), []).append(before)
+        # A round emits accepted + 1 tokens: up to the request's next round, or to its final count.
+        accepted_counts, next_before = [0] * len(self.rounds), {}
+        for i in range(len(self.rounds) - 1, -1, -1):
+            r, before = self.rounds[i][:2]
+            accepted_counts[i] = next_before.get(id(r), r.stats.emitted) - before - 1
+            next_before[id(r)] = before
         logits, survived, valid = [], [], []
-        seen: dict[int, int] = {}
-        for r, before, conf, drafted in self.rounds:
-            i = seen.get(id(r), 0)
-            seen[id(r)] = i + 1
-            history = after[id(r)]
-            end = history[i + 1] if i + 1 < len(history) else r.stats.emitted
-            accepted = end - before - 1
+        for (_, _, conf, drafted), accepted in zip(self.rounds, accepted_counts):
             c = torch.tensor(conf[:gamma] + [0.5] * (gamma - len(conf[:gamma]))).clamp(1e-7, 1 - 1e-7)
             logits.append(torch.log(c) - torch.log1p(-c))
             k = torch.arange(1, gamma + 1)

@@ -154,10 +154,7 @@ def run_generate(args) -> int:
 
 
 def run_draft_vocab(args) -> int:
-    import json
-    import os
-
-    from dspark.drafters.dspark import DRAFT_VOCAB_FILE
+    from dspark.drafters.dspark import save_draft_vocab
     from dspark.train.data import frequent_tokens, load_sequences
 
     if args.size < 1:
@@ -165,9 +162,7 @@ def run_draft_vocab(args) -> int:
     config = load_model(args.model, torch.float32).config
     sequences = load_sequences(args.data, config.vocab_size, max_len=1 << 30)
     ids, covered = frequent_tokens(sequences, args.size, tuple(config.eos_token_ids))
-    with open(os.path.join(args.drafter, DRAFT_VOCAB_FILE), "w") as f:
-        json.dump({"size": len(ids), "coverage_of_data": covered, "data": os.path.abspath(args.data),
-                   "token_ids": ids}, f)
+    save_draft_vocab(args.drafter, ids, covered, args.data)
     print(f"{len(ids)} draft tokens cover {covered:.2%} of the data's response tokens")
     return 0
 

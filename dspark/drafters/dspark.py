@@ -33,6 +33,14 @@ from dspark.drafters.dspark_model import DSparkModel, load_drafter_model
 DRAFT_VOCAB_FILE = "draft_vocab.json"
 
 
+def save_draft_vocab(folder: str, token_ids: list[int], coverage: float, data: str) -> None:
+    """Write a drafter folder's draft vocabulary (read back by DSparkDrafter.from_pretrained)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, DRAFT_VOCAB_FILE), "w") as f:
+        json.dump({"size": len(token_ids), "coverage_of_data": coverage, "data": os.path.abspath(data),
+                   "token_ids": token_ids}, f)
+
+
 class DSparkDrafter:
     gives_confidences = True  # the engine's default policy is then the prefix scheduler
 

@@ -25,7 +25,7 @@ import torch
 
 from dspark.drafters.dspark_layers import DSparkConfig
 from dspark.drafters.dspark_model import DSparkModel, load_drafter_model, save_drafter
-from dspark.drafters.dspark import DRAFT_VOCAB_FILE
+from dspark.drafters.dspark import save_draft_vocab
 from dspark.train.data import anchor_positions, frequent_tokens, load_sequences
 from dspark.train.feature_cache import FeatureCache
 from dspark.train.loss import block_loss
@@ -128,10 +128,7 @@ def draft_vocabulary(args, target, train_set, device) -> torch.Tensor | None:
     if not args.draft_vocab:
         return None
     ids, covered = frequent_tokens(train_set, args.draft_vocab, tuple(target.config.eos_token_ids))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, DRAFT_VOCAB_FILE), "w") as f:
-        json.dump({"size": len(ids), "coverage_of_data": covered, "data": os.path.abspath(args.data),
-                   "token_ids": ids}, f)
+    save_draft_vocab(args.out, ids, covered, args.data)
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
