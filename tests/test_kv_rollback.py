@@ -102,7 +102,7 @@ def test_long_path_and_strided_caches(backend):
     seqlens = torch.tensor(committed, dtype=torch.int32, device=device)
     if backend in ("cpu", "cuda"):  # the C++ and CUDA kernels read by pointer and ask for contiguous caches
         with pytest.raises(ValueError, match="must be contiguous"):
-            ops.kv_rollback(k, v, seqlens, accepted, counts, backend=backend)
+            ops.kv_rollback(k, v, seqlens, accepted.to(device), counts.to(device), backend=backend)
         return
     ops.kv_rollback(k, v, seqlens, accepted.to(device), counts.to(device), backend=backend)
     assert torch.equal(k.cpu(), expected_k) and torch.equal(v.cpu(), expected_v)

@@ -17,13 +17,14 @@ import pytest
 import torch
 
 import dspark.reference.rejection_sample as reference_sampler
-from conftest import INTERPRETED, device_of
+from conftest import CUDA_KERNELS, INTERPRETED, device_of
 from dspark import ops
 
 VOCAB = 12
 ANCHOR = 0
 TRIALS = 120_000
 REFERENCE_TRIALS = 10_000  # the Python reference is slow; its mutants fail at p < 1e-20 already
+MODES = ["stochastic_chain", "deterministic_chain", "deterministic_tree", "stochastic_tree"]
 TRITON_TRIALS = 60 if INTERPRETED else TRIALS  # the interpreter runs ~5 sampled top-k/top-p trials a second
 # Interpreted: the two modes that between them cover chain and tree, stochastic and deterministic.
 TRITON_MODES = ["stochastic_tree", "deterministic_chain"] if INTERPRETED else MODES
@@ -37,7 +38,6 @@ SETTINGS = {  # temperature, top_k, top_p
     "top_p": (1.0, 0, 0.7),
     "all": (1.3, 5, 0.8),
 }
-MODES = ["stochastic_chain", "deterministic_chain", "deterministic_tree", "stochastic_tree"]
 
 
 def bigram_logits(seed: int) -> torch.Tensor:
@@ -131,6 +131,17 @@ def test_triton_is_lossless_and_matches_cpu(mode):
     cpu_first, cpu_second = emitted_pairs(mode, "all", TRITON_TRIALS, backend="cpu", seed=7)
     assert torch.equal(first, cpu_first) and torch.equal(second, cpu_second)
     assert_lossless(first, second, "all")
+
+
+@pytest.mark.skipif(not CUDA_KERNELS, reason="needs a GPU and dspark._C built with the CUDA kernels")
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_is_lossless_and_matches_cpu(mode, setting):
+    # Philox is keyed as in the other backends, so the tokens must also agree trial for trial.
+    first, second = emitted_pairs(mode, setting, TRIALS, backend="cuda", seed=11)
+    cpu_first, cpu_second = emitted_pairs(mode, setting, TRIALS, backend="cpu", seed=11)
+    assert_lossless(first, second, setting)
+    assert torch.equal(first, cpu_first) and torch.equal(second, cpu_second)
 
 
 @pytest.mark.parametrize("mode", ["stochastic_chain", "deterministic_tree"])

@@ -324,6 +324,7 @@ def tree_attention(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block
     table = block_table if paged else qo_indptr
     grid = (items.shape[1], num_kv_heads, splits)
     extra = {} if not _INTERPRETED else {"BLOCK_N": 64}
+    # BLOCK_D >= 16: tl.dot needs K >= 16 on a GPU (the interpreter does not), padded dims are masked.
     _attention[grid](
         q, k_cache, v_cache, dest, lse, qo_indptr, cache_seqlens, words, table, items,
         sm_scale * 1.4426950408889634, items.shape[1], num_words, chunk,
@@ -331,7 +332,7 @@ def tree_attention(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block
         table.stride(0) if paged else 0,
         dest.stride(0), dest.stride(1), dest.stride(2), lse.stride(0) if splits > 1 else 0,
         lse.stride(1) if splits > 1 else 0,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(triton.next_power_of_2(head_dim), 16), BLOCK_M=block_m,
         BLOCK_SIZE=block_size, PAGED=paged, TREE=tree, SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
         UPCAST=_INTERPRETED and q.dtype != torch.float32, **extra,
     )
