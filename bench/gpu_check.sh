@@ -33,7 +33,7 @@ files="tests/test_tree_attention.py tests/test_rejection_sample.py tests/test_re
 for backend in ${BACKENDS:-triton cuda}; do
   for f in $files; do
     name=$(basename "$f" .py)
-    PYTHONUNBUFFERED=1 timeout "${TEST_TIMEOUT:-90}" python3 -m pytest -q -p no:cacheprovider --tb=short \
+    DSPARK_TRITON_AUTOTUNE=0 PYTHONUNBUFFERED=1 timeout "${TEST_TIMEOUT:-90}" python3 -m pytest -q -p no:cacheprovider --tb=short \
       -k "$backend" "$f" >"$OUT/$backend-$name.log" 2>&1
     echo "$backend $name rc=$? $(tail -1 "$OUT/$backend-$name.log")"
   done

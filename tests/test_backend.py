@@ -53,3 +53,26 @@ def test_cuda_build_joins_after_triton_on_cuda_tensors(monkeypatch):
     assert ops.choose_backend(None, cuda) == "triton" and ops.choose_backend("cuda", cuda) == "cuda"
     monkeypatch.setattr(_backend, "triton_installed", False)
     assert ops.choose_backend(None, cuda) == "cuda"
+
+
+def test_sampling_prefers_the_cuda_kernel_only_when_filters_are_on_and_known(monkeypatch):
+    # Measured on an H100: the CUDA sampler is 6.5-8.5x faster with top-k/top-p, Triton faster without.
+    from dspark.ops.rejection_sample import _filters_on
+
+    monkeypatch.delenv("DSPARK_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "cuda_extension_built", True)
+    gpu = torch.device("cuda")
+    assert _backend.preferred_backend("rejection_sample", gpu, filtered=True) == "cuda"
+    assert _backend.preferred_backend("rejection_sample", gpu, filtered=False) is None
+    assert _backend.preferred_backend("rejection_sample", gpu, filtered=None) is None  # unknown: default order
+    assert _backend.preferred_backend("tree_attention", gpu, filtered=True) is None
+    assert _backend.preferred_backend("rejection_sample", torch.device("cpu"), filtered=True) is None
+    monkeypatch.setenv("DSPARK_BACKEND", "triton")  # the user's choice wins
+    assert _backend.preferred_backend("rejection_sample", gpu, filtered=True) is None
+    monkeypatch.setattr(_backend, "cuda_extension_built", False)
+    monkeypatch.delenv("DSPARK_BACKEND")
+    assert _backend.preferred_backend("rejection_sample", gpu, filtered=True) is None
+    assert _filters_on(None, None) is False and _filters_on(0, 1.0) is False
+    assert _filters_on(5, None) is True and _filters_on(None, 0.9) is True
+    assert _filters_on(torch.tensor([0, 3], dtype=torch.int32), torch.ones(2)) is True
+    assert _filters_on(torch.zeros(2, dtype=torch.int32), torch.ones(2)) is False

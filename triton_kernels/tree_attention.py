@@ -212,8 +212,12 @@ def _gpu_configs():
 
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Under the interpreter each config would be "benchmarked" in Python: one fixed tile instead.
-_attention = _tree_attention_kernel if _INTERPRETED else triton.autotune(
+# Under the interpreter each config would be "benchmarked" in Python: one fixed tile instead. On a GPU,
+# DSPARK_TRITON_AUTOTUNE=0 also takes one fixed tile: autotuning compiles all 12 configs for every new
+# shape key (~1-2 min each on an H100), which the GPU tests, sweeping shapes, cannot afford.
+_AUTOTUNE = not _INTERPRETED and os.environ.get("DSPARK_TRITON_AUTOTUNE", "1") != "0"
+_FIXED_TILE = {"BLOCK_N": 64} if _INTERPRETED else {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+_attention = _tree_attention_kernel if not _AUTOTUNE else triton.autotune(
     _gpu_configs(), key=["GROUP", "HEAD_DIM", "BLOCK_M", "PAGED", "TREE", "SPLIT", "IEEE", "UPCAST"])(_tree_attention_kernel)
 # Tests turn this off to run, on CPU, the shape-only plan (with spare work items) that CUDA tensors get.
 EXACT_PLAN_ON_HOST = True
@@ -323,7 +327,7 @@ def tree_attention(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block
         dest, lse = out.unsqueeze(0), out
     table = block_table if paged else qo_indptr
     grid = (items.shape[1], num_kv_heads, splits)
-    extra = {} if not _INTERPRETED else {"BLOCK_N": 64}
+    extra = {} if _AUTOTUNE else _FIXED_TILE
     # BLOCK_D >= 16: tl.dot needs K >= 16 on a GPU (the interpreter does not), padded dims are masked.
     _attention[grid](
         q, k_cache, v_cache, dest, lse, qo_indptr, cache_seqlens, words, table, items,

@@ -3,8 +3,11 @@ reference on GPU, the C++ extension > reference on CPU), overridden per call by 
 DSPARK_BACKEND.
 
 The "cuda" backend (csrc/cuda) exists when dspark._C was built with CUDA (`dspark._C.with_cuda`) and
-runs on CUDA tensors only. It ranks after Triton until the GPU suite (bench/gpu_suite.py) has timed
-both on a GPU: the CUDA kernels are compile-checked but not yet measured (docs/ops.md).
+runs on CUDA tensors only. The order between the two GPU backends comes from the GPU suite on an H100
+(bench/results/gpu-nvidia-h100-80gb-hbm3-2026-11-23.md): Triton is faster for tree_attention (3.3x at
+the headline shape), kv_rollback (1.07-1.35x) and unfiltered sampling (1.1-1.3x), so it ranks first;
+the CUDA sampler is 6.5-8.5x faster once top-k or top-p is on, so rejection_sample prefers it when the
+caller's filters are known on the host (`preferred_backend`).
 
 The Triton backend also runs on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set
 before the first Triton kernel is imported); it is then chosen only when asked for by name.
@@ -64,6 +67,14 @@ def _why_unavailable(requested: str, device: torch.device) -> str:
     if requested == "triton" and triton_interpreted():
         return " (TRITON_INTERPRET=1 is set: the interpreter runs on CPU tensors only)"
     return ""
+
+
+def preferred_backend(op: str, device: torch.device, filtered: bool | None = None) -> str | None:
+    """A measured exception to the default order, or None: the CUDA sampler when top-k/top-p is on."""
+    if (op == "rejection_sample" and filtered and device.type == "cuda" and cuda_extension_built
+            and not os.environ.get("DSPARK_BACKEND")):
+        return "cuda"
+    return None
 
 
 def choose_backend(requested: str | None, device: torch.device) -> str:

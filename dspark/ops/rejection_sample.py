@@ -11,7 +11,7 @@ import torch
 
 from dspark.reference.rejection_sample import rejection_sample as reference_rejection_sample
 from dspark.ops import _validation as v
-from dspark.ops._backend import choose_backend, cpu_extension
+from dspark.ops._backend import choose_backend, cpu_extension, preferred_backend
 
 
 def _check_shapes(target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature, top_k, top_p,
@@ -149,6 +149,20 @@ def _per_request(name: str, value, num_requests: int, dtype: torch.dtype, defaul
     return torch.full((num_requests,), value, dtype=dtype, device=device)
 
 
+def _filters_on(top_k, top_p) -> bool | None:
+    """Whether any request uses top-k or top-p, when that is known without reading the GPU."""
+    def on_host(x):
+        return x is None or not isinstance(x, torch.Tensor) or x.device.type == "cpu"
+    if not (on_host(top_k) and on_host(top_p)):
+        return None
+    try:
+        k = top_k if isinstance(top_k, torch.Tensor) else torch.tensor(0 if top_k is None else top_k)
+        p = top_p if isinstance(top_p, torch.Tensor) else torch.tensor(1.0 if top_p is None else top_p)
+        return bool((k > 0).any()) or bool((p < 1).any())
+    except (TypeError, RuntimeError):  # a malformed value: _per_request names it
+        return None
+
+
 def rejection_sample(
     target_logits: torch.Tensor,
     draft_tokens: torch.Tensor,
@@ -180,6 +194,8 @@ def rejection_sample(
     num_requests = qo_indptr.shape[0] - 1 if qo_indptr.dim() == 1 else -1
     if num_requests < 1:
         v.fail(f"qo_indptr must be a 1-D tensor of R + 1 >= 2 offsets, got shape {tuple(qo_indptr.shape)}")
+    if backend is None:
+        backend = preferred_backend("rejection_sample", device, _filters_on(top_k, top_p))
     temperature = _per_request("temperature", temperature, num_requests, torch.float32, 1.0, device)
     top_k = _per_request("top_k", top_k, num_requests, torch.int32, 0, device)
     top_p = _per_request("top_p", top_p, num_requests, torch.float32, 1.0, device)
