@@ -39,6 +39,12 @@ def attention_cases():
         consts = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=32, BLOCK_N=64, BLOCK_SIZE=16 if paged else 1,
                       PAGED=paged, TREE=tree, SPLIT=split, IEEE=dtype == "fp32", UPCAST=False)
         yield tree_attention._tree_attention_kernel, pointers, consts
+    # A head_dim below 16, padded to BLOCK_D = 16 and masked: Triton 3.6 (the GPU machine's) requires
+    # tl.dot's K >= 16; the interpreter, and Triton 3.9's compiler here, accept less.
+    small = dict(GROUP=2, HEAD_DIM=8, BLOCK_D=16, BLOCK_M=16, BLOCK_N=32, BLOCK_SIZE=1, PAGED=False, TREE=True,
+                 SPLIT=False, IEEE=True, UPCAST=False)
+    yield tree_attention._tree_attention_kernel, {"q_ptr": "*fp32", "k_ptr": "*fp32", "v_ptr": "*fp32",
+                                                  "lse_ptr": "*fp32", "out_ptr": "*fp32"}, small
     yield tree_attention._ancestor_words_kernel, {}, dict(BLOCK_NODES=16, BLOCK_WORDS=2)
     yield (tree_attention._merge_splits_kernel, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"},
            dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=4, UPCAST=False))
@@ -54,9 +60,11 @@ def rollback_cases():
 def sampling_cases():
     pointers = {"logits_ptr": "*bf16", "tokens_ptr": "*i64", "q_ptr": "*fp32", "temperature_ptr": "*fp32",
                 "top_p_ptr": "*fp32", "uniforms_ptr": "*fp64", "seed_ptr": "*i64", "offset_ptr": "*i64",
-                "zbuf_ptr": "*fp64", "nodes_out": "*i32", "count_out": "*i32", "tokens_out": "*i64"}
+                "zbuf_ptr": "*fp64", "nodes_out": "*i32", "count_out": "*i32", "tokens_out": "*i64",
+                "stats_ptr": "*fp64"}
+    yield rejection_sampling._row_stats_kernel, pointers, dict(BLOCK=512, RADIX_BITS=4)
     for tree, has_q, has_uniforms in ((True, True, False), (False, False, True), (False, True, False)):
-        consts = dict(BLOCK=512, W_BLOCK=8, RADIX_BITS=4, HAS_PARENTS=tree, HAS_Q=has_q,
+        consts = dict(BLOCK=512, W_BLOCK=8, HAS_PARENTS=tree, HAS_Q=has_q,
                       HAS_UNIFORMS=has_uniforms, HAS_SEED=not has_uniforms)
         yield rejection_sampling._rejection_sample_kernel, pointers, consts
 

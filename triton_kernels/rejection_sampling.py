@@ -1,9 +1,12 @@
-"""rejection_sample in Triton: one launch per round, one program per request (DESIGN.md, op 2).
+"""rejection_sample in Triton: two launches per round (DESIGN.md, op 2).
 
 The executable spec is dspark/reference/rejection_sample.py; csrc/cpu/rejection_sample.cpp is the same
-algorithm in C++. Each program walks its request's chain or tree from the anchor and computes the
-target distribution p only for the nodes it visits, streaming that node's logits row in tiles
-(sampling_distribution.py: softmax, top-k and top-p as a few scalars per row, without a sort).
+algorithm in C++. First one program per node row reduces that row to what the walk needs: its argmax
+for a greedy request, else the scalars of its target distribution p (sampling_distribution.py:
+softmax, top-k and top-p without a sort, in ~20 streamed passes). Rows are independent, so this runs
+at T-way parallelism instead of inside the walk; it also reduces rows the walk will not reach, which
+costs idle SMs rather than time. Then one program per request walks its chain or tree from the anchor
+with those scalars, streaming a row again only to judge against or sample from a residual.
 
 Decisions are made in float64 with the reference's comparisons (a * sum < r(x), a * q(x) < r(x),
 cumulative > u * total), so they agree with the reference and the C++ backend except when a uniform
@@ -26,6 +29,7 @@ from dspark.triton_kernels.sampling_distribution import _argmax, _load_row, _pro
 # same whatever its width: whole rows up to 8192 wide and 8 bits per pass (4 passes).
 MAX_BLOCK = None
 RADIX_BITS = None
+_STATS = tl.constexpr(8)  # float64 scalars per node row (see _row_stats_kernel)
 
 
 @triton.jit
@@ -208,14 +212,14 @@ def _emit(nodes_out, tokens_out, r, W, step, node, token):
 
 
 @triton.jit
-def _walk_greedy(logits_ptr, tokens_ptr, parents_ptr, nodes_out, tokens_out, r, start, n, V, W,
-                 BLOCK: tl.constexpr, HAS_PARENTS: tl.constexpr):
+def _walk_greedy(stats_ptr, tokens_ptr, parents_ptr, nodes_out, tokens_out, r, start, n, W,
+                 HAS_PARENTS: tl.constexpr):
     """Follow the first child carrying the argmax; emit the argmax where none does."""
     node = tl.full([], 0, tl.int64)
     steps = tl.full([], 0, tl.int64)
     going = n > 0
     while going:
-        best = _argmax(logits_ptr + (start + node) * V, V, BLOCK)
+        best = tl.load(stats_ptr + (start + node) * _STATS).to(tl.int64)
         end = _children_end(n, node, HAS_PARENTS)
         accepted = tl.full([], -1, tl.int64)
         c = node + 1
@@ -234,10 +238,9 @@ def _walk_greedy(logits_ptr, tokens_ptr, parents_ptr, nodes_out, tokens_out, r, 
 
 
 @triton.jit
-def _walk_sampled(logits_ptr, q_ptr, tokens_ptr, parents_ptr, zbuf_ptr, uniforms_ptr, nodes_out, tokens_out, r,
-                  start, n, V, W, temperature, top_k, top_p, seed, offset, BLOCK: tl.constexpr,
-                  RADIX_BITS: tl.constexpr, HAS_PARENTS: tl.constexpr, HAS_Q: tl.constexpr,
-                  HAS_UNIFORMS: tl.constexpr):
+def _walk_sampled(logits_ptr, q_ptr, stats_ptr, tokens_ptr, parents_ptr, zbuf_ptr, uniforms_ptr, nodes_out,
+                  tokens_out, r, start, n, V, W, temperature, seed, offset, BLOCK: tl.constexpr,
+                  HAS_PARENTS: tl.constexpr, HAS_Q: tl.constexpr, HAS_UNIFORMS: tl.constexpr):
     """Judge the children of each visited node; sample the correction (or bonus) where none is accepted."""
     node = tl.full([], 0, tl.int64)
     steps = tl.full([], 0, tl.int64)
@@ -245,8 +248,10 @@ def _walk_sampled(logits_ptr, q_ptr, tokens_ptr, parents_ptr, zbuf_ptr, uniforms
     while going:
         row = logits_ptr + (start + node) * V
         q_row = q_ptr + (start + node) * V  # only read when HAS_Q
-        mx, inv, t1, tie1, k1, t2, tie2, k2 = _target_distribution(row, V, temperature, top_k, top_p, BLOCK,
-                                                                   RADIX_BITS)
+        stats = stats_ptr + (start + node) * _STATS
+        mx, inv = tl.load(stats), tl.load(stats + 1)
+        t1, tie1, k1 = tl.load(stats + 2), tl.load(stats + 3).to(tl.int64), tl.load(stats + 4)
+        t2, tie2, k2 = tl.load(stats + 5), tl.load(stats + 6).to(tl.int64), tl.load(stats + 7)
         end = _children_end(n, node, HAS_PARENTS)
         accepted = _judge(row, q_row, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr, parents_ptr,
                           zbuf_ptr, uniforms_ptr, start, node, end, seed, offset, BLOCK, HAS_PARENTS, HAS_Q,
@@ -265,10 +270,43 @@ def _walk_sampled(logits_ptr, q_ptr, tokens_ptr, parents_ptr, zbuf_ptr, uniforms
 
 
 @triton.jit
-def _rejection_sample_kernel(logits_ptr, tokens_ptr, indptr_ptr, parents_ptr, q_ptr, temperature_ptr, top_k_ptr,
-                             top_p_ptr, uniforms_ptr, seed_ptr, offset_ptr, zbuf_ptr, nodes_out, count_out,
+def _row_stats_kernel(logits_ptr, indptr_ptr, temperature_ptr, top_k_ptr, top_p_ptr, stats_ptr, R, V,
+                      BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """One program per node row: stats[t] = (argmax, 0, ...) for a greedy request, else the eight
+    scalars of p (mx, 1 / sum, t1, tie1, k1, t2, tie2, k2; the tie ids are exact in float64)."""
+    t = tl.program_id(0).to(tl.int64)
+    lo = tl.full([], 0, tl.int64)  # the request r with indptr[r] <= t < indptr[r + 1]
+    hi = tl.full([], 0, tl.int64) + R
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        below = tl.load(indptr_ptr + mid).to(tl.int64) <= t
+        lo = tl.where(below, mid, lo)
+        hi = tl.where(below, hi, mid)
+    row = logits_ptr + t * V
+    stats = stats_ptr + t * _STATS
+    temperature = tl.load(temperature_ptr + lo).to(tl.float64)
+    if temperature == 0.0:
+        tl.store(stats, _argmax(row, V, BLOCK).to(tl.float64))
+    else:
+        top_k = tl.load(top_k_ptr + lo)
+        top_p = tl.load(top_p_ptr + lo).to(tl.float64)
+        mx, inv, t1, tie1, k1, t2, tie2, k2 = _target_distribution(row, V, temperature, top_k, top_p, BLOCK,
+                                                                   RADIX_BITS)
+        tl.store(stats, mx)
+        tl.store(stats + 1, inv)
+        tl.store(stats + 2, t1)
+        tl.store(stats + 3, tie1.to(tl.float64))
+        tl.store(stats + 4, k1)
+        tl.store(stats + 5, t2)
+        tl.store(stats + 6, tie2.to(tl.float64))
+        tl.store(stats + 7, k2)
+
+
+@triton.jit
+def _rejection_sample_kernel(logits_ptr, stats_ptr, tokens_ptr, indptr_ptr, parents_ptr, q_ptr, temperature_ptr,
+                             uniforms_ptr, seed_ptr, offset_ptr, zbuf_ptr, nodes_out, count_out,
                              tokens_out, V, W, BLOCK: tl.constexpr, W_BLOCK: tl.constexpr,
-                             RADIX_BITS: tl.constexpr, HAS_PARENTS: tl.constexpr, HAS_Q: tl.constexpr,
+                             HAS_PARENTS: tl.constexpr, HAS_Q: tl.constexpr,
                              HAS_UNIFORMS: tl.constexpr, HAS_SEED: tl.constexpr):
     """One program per request: its walk, then the -1 padding of its output rows."""
     r = tl.program_id(0).to(tl.int64)
@@ -276,7 +314,7 @@ def _rejection_sample_kernel(logits_ptr, tokens_ptr, indptr_ptr, parents_ptr, q_
     n = tl.load(indptr_ptr + r + 1).to(tl.int64) - start
     temperature = tl.load(temperature_ptr + r).to(tl.float64)
     if temperature == 0.0:
-        steps = _walk_greedy(logits_ptr, tokens_ptr, parents_ptr, nodes_out, tokens_out, r, start, n, V, W, BLOCK,
+        steps = _walk_greedy(stats_ptr, tokens_ptr, parents_ptr, nodes_out, tokens_out, r, start, n, W,
                              HAS_PARENTS)
     else:
         seed = tl.full([], 0, tl.int64)
@@ -284,11 +322,9 @@ def _rejection_sample_kernel(logits_ptr, tokens_ptr, indptr_ptr, parents_ptr, q_
         if HAS_SEED:
             seed = tl.load(seed_ptr + r)
             offset = tl.load(offset_ptr + r)
-        top_k = tl.load(top_k_ptr + r)
-        top_p = tl.load(top_p_ptr + r).to(tl.float64)
-        steps = _walk_sampled(logits_ptr, q_ptr, tokens_ptr, parents_ptr, zbuf_ptr, uniforms_ptr, nodes_out,
-                              tokens_out, r, start, n, V, W, temperature, top_k, top_p, seed, offset, BLOCK,
-                              RADIX_BITS, HAS_PARENTS, HAS_Q, HAS_UNIFORMS)
+        steps = _walk_sampled(logits_ptr, q_ptr, stats_ptr, tokens_ptr, parents_ptr, zbuf_ptr, uniforms_ptr,
+                              nodes_out, tokens_out, r, start, n, V, W, temperature, seed, offset, BLOCK,
+                              HAS_PARENTS, HAS_Q, HAS_UNIFORMS)
     steps = tl.minimum(steps, W)
     cols = tl.arange(0, W_BLOCK)
     pad = (cols >= steps) & (cols < W)
@@ -319,12 +355,18 @@ def rejection_sample(target_logits, draft_tokens, qo_indptr, parents, draft_prob
     interpreted = device.type == "cpu"
     block = min(triton.next_power_of_2(vocab), MAX_BLOCK or (8192 if interpreted else 512))
     radix_bits = RADIX_BITS or (8 if interpreted else 4)
+    logits, indptr, temperature = target_logits.contiguous(), qo_indptr.contiguous(), temperature.contiguous()
+    stats = torch.empty(max(num_tokens, 1), _STATS.value, dtype=torch.float64, device=device)
+    if num_tokens:
+        _row_stats_kernel[(num_tokens,)](
+            logits, indptr, temperature, top_k.contiguous(), top_p.contiguous(), stats, num_requests, vocab,
+            BLOCK=block, RADIX_BITS=radix_bits, num_warps=8, enable_fp_fusion=False)
     _rejection_sample_kernel[(num_requests,)](
-        target_logits.contiguous(), draft_tokens.contiguous(), qo_indptr.contiguous(), given(parents, torch.int32),
-        given(draft_probs, torch.float32), temperature.contiguous(), top_k.contiguous(), top_p.contiguous(),
+        logits, stats, draft_tokens.contiguous(), indptr, given(parents, torch.int32),
+        given(draft_probs, torch.float32), temperature,
         given(uniforms, torch.float64), given(seed, torch.int64), given(offset, torch.int64), zbuf,
         nodes, count, tokens, vocab, max_nodes,
-        BLOCK=block, W_BLOCK=triton.next_power_of_2(max_nodes), RADIX_BITS=radix_bits,
+        BLOCK=block, W_BLOCK=triton.next_power_of_2(max_nodes),
         HAS_PARENTS=parents is not None, HAS_Q=draft_probs is not None, HAS_UNIFORMS=uniforms is not None,
         HAS_SEED=seed is not None, num_warps=8, enable_fp_fusion=False,  # no FMA: the reference rounds a * b + c twice
     )

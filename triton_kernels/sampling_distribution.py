@@ -75,16 +75,18 @@ def _softmax_stats(row, V, temperature, BLOCK: tl.constexpr):
 
 @triton.jit
 def _argmax(row, V, BLOCK: tl.constexpr):
-    """torch.argmax of the raw logits: the lowest id among the maxima."""
-    best = tl.full([], 0, tl.int64)
-    best_value = tl.full([], float("-inf"), tl.float32)
+    """torch.argmax of the raw logits: the lowest id among the maxima. Each lane keeps its own best
+    (strictly greater: its earlier id wins ties), so the loop carries no scalar dependence."""
+    lanes = tl.arange(0, BLOCK)
+    best_value = tl.full([BLOCK], float("-inf"), tl.float32)
+    best = lanes.to(tl.int64)  # a row of -inf returns id 0, as torch.argmax does
     for t in range(0, V, BLOCK):
         x, key, ids, mask = _load_row(row, t, V, BLOCK)
-        tile_max = tl.max(x, 0)
-        if tile_max > best_value:  # strictly: an earlier tile wins ties
-            best_value = tile_max
-            best = t + tl.argmax(x, 0).to(tl.int64)
-    return best
+        better = x > best_value
+        best_value = tl.where(better, x, best_value)
+        best = tl.where(better, ids.to(tl.int64), best)
+    top = tl.max(best_value, 0)
+    return tl.min(tl.where(best_value == top, best, V), 0).to(tl.int64)
 
 
 @triton.jit
