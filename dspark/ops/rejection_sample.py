@@ -194,7 +194,7 @@ def rejection_sample(
     num_requests = qo_indptr.shape[0] - 1 if qo_indptr.dim() == 1 else -1
     if num_requests < 1:
         v.fail(f"qo_indptr must be a 1-D tensor of R + 1 >= 2 offsets, got shape {tuple(qo_indptr.shape)}")
-    if backend is None:
+    if backend is None and device.type == "cuda":  # the host check costs a CPU round for nothing
         backend = preferred_backend("rejection_sample", device, _filters_on(top_k, top_p))
     temperature = _per_request("temperature", temperature, num_requests, torch.float32, 1.0, device)
     top_k = _per_request("top_k", top_k, num_requests, torch.int32, 0, device)
