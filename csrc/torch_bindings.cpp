@@ -6,6 +6,7 @@
 
 #include "cpu/kv_rollback.h"
 #include "cpu/rejection_sample.h"
+#include "cpu/small_batch_linear.h"
 #include "cpu/tree_attention.h"
 
 namespace {
@@ -153,6 +154,30 @@ void kv_rollback(at::Tensor& k_cache, const std::optional<at::Tensor>& v_cache, 
   dspark::cpu::kv_rollback(p);
 }
 
+void small_batch_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        at::Tensor& out) {
+  expect_float(x, "x");
+  expect_float(weight, "weight");
+  expect(out, x.scalar_type(), "out");
+  TORCH_CHECK_VALUE(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "x [rows, in] and weight [out, in] expected");
+  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == weight.size(0), "out must be [rows, out]");
+  dspark::cpu::SmallBatchLinearParams p{};
+  p.x_dtype = element_type(x, "x");
+  p.weight_dtype = element_type(weight, "weight");
+  if (bias.has_value()) {
+    expect(*bias, weight.scalar_type(), "bias");
+    TORCH_CHECK_VALUE(bias->numel() == weight.size(0), "bias must have out_features elements");
+    p.bias = bias->data_ptr();
+  }
+  p.x = x.data_ptr();
+  p.weight = weight.data_ptr();
+  p.y = out.data_ptr();
+  p.rows = x.size(0);
+  p.in_features = x.size(1);
+  p.out_features = weight.size(0);
+  dspark::cpu::small_batch_linear(p);
+}
+
 }  // namespace
 
 #ifdef DSPARK_WITH_CUDA
@@ -166,6 +191,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tree_attention", &tree_attention);
   m.def("rejection_sample", &rejection_sample);
   m.def("kv_rollback", &kv_rollback);
+  m.def("small_batch_linear", &small_batch_linear);
 #ifdef DSPARK_WITH_CUDA
   dspark::register_cuda_kernels(m);  // *_cuda entry points for CUDA tensors
   m.attr("with_cuda") = true;

@@ -18,23 +18,24 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def default_dtype(device: str) -> torch.dtype:
-    """bf16 on accelerators. On CPUs it depends on the instruction set: with AVX512-BF16/AMX bf16
-    matrix work is ~3x faster than fp32, on AVX2-only machines bf16 GEMMs of a few rows run up to 5x
-    slower (measured here: [8, 576] x [576, 1536] takes 0.86 ms in bf16, 0.34 ms in fp32). So time
-    the verification-sized matmul once in both and take the faster."""
+    """bf16 on accelerators. On CPUs, time a verification-sized matmul through the model's own linear
+    layer in both and take the faster. Its weight (32,768 x 576) outgrows the caches as a model's do, so
+    the timing sees what decoding sees, memory streaming: with dspark._C's small-batch kernel bf16 wins
+    on AVX2 too (half the bytes), while F.linear runs bf16 GEMMs of a few rows up to 5x slower than fp32
+    on AVX2-only machines."""
     if device != "cpu":
         return torch.bfloat16
     import time
 
-    import torch.nn.functional as F
+    from dspark.models.linear import linear
 
     best, best_time = torch.float32, float("inf")
     for dtype in (torch.float32, torch.bfloat16):
-        x, w = torch.randn(8, 576).to(dtype), torch.randn(1536, 576).to(dtype)
-        F.linear(x, w)
+        x, w = torch.randn(8, 576).to(dtype), torch.randn(32768, 576).to(dtype)
+        linear(x, w)
         start = time.perf_counter()
-        for _ in range(20):
-            F.linear(x, w)
+        for _ in range(5):
+            linear(x, w)
         elapsed = time.perf_counter() - start
         if elapsed < best_time:
             best, best_time = dtype, elapsed

@@ -17,6 +17,8 @@ from dspark.batch import Round
 from dspark.cache import KVCache
 from dspark.models import flash_prefill
 from dspark.models.config import ModelConfig, rope_type
+from dspark.models.linear import linear
+from dspark.ops.tree_attention import tree_attention_same_round
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -46,12 +48,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin over the full head dim, [T, 1, D] fp32, so that rotating is x * cos + swap(x) * sin
+    with swap exchanging the two halves (rotate-half convention)."""
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], -1)[:, None, :], torch.cat([-sin, sin], -1)[:, None, :]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D]; cos, sin [T, D/2] in fp32 (rotate-half convention)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    c, s = cos[:, None, :], sin[:, None, :]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+    """x [T, H, D]; cos, sin from rope_tables."""
+    x32 = x.float()
+    swapped = x32.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    return torch.addcmul(x32 * cos, swapped, sin).to(x.dtype)
 
 
 class LlamaModel:
@@ -59,11 +68,12 @@ class LlamaModel:
         """weights: Hugging Face names without the `model.` prefix (embed_tokens.weight,
         layers.{i}.self_attn.q_proj.weight, ..., norm.weight, lm_head.weight)."""
         self.config = config
-        self.weights = weights
+        self.weights = weights = dict(weights)  # fused projections are added, the caller's dict is left alone
         self.inv_freq = rope_inverse_frequencies(config).float().to(weights["embed_tokens.weight"].device)
         # Tied checkpoints may still carry a (stale or identical) lm_head; transformers uses the embedding.
         if config.tie_word_embeddings or "lm_head.weight" not in weights:
             weights["lm_head.weight"] = weights["embed_tokens.weight"]
+        self._fuse_projections()
 
     def check_context(self, max_seq_len: int) -> None:
         """Refuse caches longer than the sliding window: tree_attention has no window, and positions
@@ -88,31 +98,49 @@ class LlamaModel:
     def device(self) -> torch.device:
         return self.weights["embed_tokens.weight"].device
 
+    def _fuse_projections(self) -> None:
+        """q/k/v and gate/up become one matrix each: one pass over x instead of three and two (the
+        originals are dropped, so memory does not grow)."""
+        w = self.weights
+        for i in range(self.config.num_layers):
+            for fused, parts in ((f"layers.{i}.self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                                 (f"layers.{i}.mlp.gate_up_proj", ("gate_proj", "up_proj"))):
+                if fused + ".weight" in w:
+                    continue
+                prefix = fused.rsplit(".", 1)[0] + "."
+                for kind in ("weight", "bias"):
+                    names = [f"{prefix}{part}.{kind}" for part in parts]
+                    if all(n in w for n in names):
+                        w[f"{fused}.{kind}"] = torch.cat([w.pop(n) for n in names])
+                    elif any(n in w for n in names):
+                        raise ValueError(f"layer {i}: {kind} present for some of {parts} only")
+
     def _attention(self, i: int, x: torch.Tensor, cos, sin, cache: KVCache, rnd: Round) -> torch.Tensor:
         c, w = self.config, self.weights
         prefix = f"layers.{i}.self_attn."
-        q = F.linear(x, w[prefix + "q_proj.weight"], w.get(prefix + "q_proj.bias")).view(-1, c.num_heads, c.head_dim)
-        k = F.linear(x, w[prefix + "k_proj.weight"], w.get(prefix + "k_proj.bias")).view(-1, c.num_kv_heads, c.head_dim)
-        v = F.linear(x, w[prefix + "v_proj.weight"], w.get(prefix + "v_proj.bias")).view(-1, c.num_kv_heads, c.head_dim)
+        qkv = linear(x, w[prefix + "qkv_proj.weight"], w.get(prefix + "qkv_proj.bias"))
+        qkv = qkv.view(-1, c.num_heads + 2 * c.num_kv_heads, c.head_dim)
+        q, k, v = qkv.split([c.num_heads, c.num_kv_heads, c.num_kv_heads], dim=1)
         if c.qk_norm:
-            q = rms_norm(q, w[prefix + "q_norm.weight"], c.rms_norm_eps)
-            k = rms_norm(k, w[prefix + "k_norm.weight"], c.rms_norm_eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = apply_rope(rms_norm(q, w[prefix + "q_norm.weight"], c.rms_norm_eps), cos, sin)
+            k = apply_rope(rms_norm(k, w[prefix + "k_norm.weight"], c.rms_norm_eps), cos, sin)
+        else:  # q and k are adjacent in qkv: rotate them in one go
+            q, k = apply_rope(qkv[:, :c.num_heads + c.num_kv_heads], cos, sin).split([c.num_heads, c.num_kv_heads], 1)
         cache.write(i, rnd.write_rows, rnd.write_slots, k, v)
         if flash_prefill.applies(q, rnd):
             out = flash_prefill.attention(q, k, v, rnd, 1.0 / math.sqrt(c.head_dim))
         else:
-            out = ops.tree_attention(q, cache.k[i], cache.v[i], rnd.qo_indptr, cache.seqlens, rnd.parents,
-                                     cache.block_table)
-        return F.linear(out.reshape(x.shape[0], -1), w[prefix + "o_proj.weight"], w.get(prefix + "o_proj.bias"))
+            # The round's metadata is validated once, by the first layer's call.
+            attend = ops.tree_attention if i == 0 else tree_attention_same_round
+            out = attend(q, cache.k[i], cache.v[i], rnd.qo_indptr, cache.seqlens, rnd.parents, cache.block_table)
+        return linear(out.reshape(x.shape[0], -1), w[prefix + "o_proj.weight"], w.get(prefix + "o_proj.bias"))
 
     def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
         w = self.weights
         prefix = f"layers.{i}.mlp."
         # Biases exist only in Llama checkpoints with mlp_bias=True; absent ones read as None.
-        gate = F.linear(x, w[prefix + "gate_proj.weight"], w.get(prefix + "gate_proj.bias"))
-        up = F.linear(x, w[prefix + "up_proj.weight"], w.get(prefix + "up_proj.bias"))
-        return F.linear(F.silu(gate) * up, w[prefix + "down_proj.weight"], w.get(prefix + "down_proj.bias"))
+        gate, up = linear(x, w[prefix + "gate_up_proj.weight"], w.get(prefix + "gate_up_proj.bias")).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, w[prefix + "down_proj.weight"], w.get(prefix + "down_proj.bias"))
 
     @torch.inference_mode()
     def forward(self, cache: KVCache, rnd: Round,
@@ -121,8 +149,7 @@ class LlamaModel:
         capture_layers (for drafters conditioned on the target's hidden states)."""
         c, w = self.config, self.weights
         self.check_context(cache.max_seq_len)
-        angles = rnd.positions.float()[:, None] * self.inv_freq[None, :]
-        cos, sin = angles.cos(), angles.sin()
+        cos, sin = rope_tables(rnd.positions, self.inv_freq)
         h = F.embedding(rnd.tokens, w["embed_tokens.weight"])
         captured = []
         for i in range(c.num_layers):
@@ -134,4 +161,4 @@ class LlamaModel:
         return rms_norm(h, w["norm.weight"], c.rms_norm_eps), captured
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weights["lm_head.weight"]).float()
+        return linear(hidden, self.weights["lm_head.weight"]).float()
