@@ -28,6 +28,7 @@ from dspark.cache import KVCache, SideCache
 from dspark.drafters.base import Proposal
 from dspark.drafters.draft_model import processed_probs
 from dspark.drafters.dspark_layers import rms_norm
+from dspark.models.linear import linear
 from dspark.drafters.dspark_model import DSparkModel, load_drafter_model
 
 DRAFT_VOCAB_FILE = "draft_vocab.json"
@@ -95,7 +96,7 @@ class DSparkDrafter:
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.head_rows is None:
             return self.model.lm_logits(h)
-        return torch.nn.functional.linear(h.to(self.head_rows.dtype), self.head_rows).float()
+        return linear(h.to(self.head_rows.dtype), self.head_rows).float()
 
     @property
     def device(self) -> torch.device:

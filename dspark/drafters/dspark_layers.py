@@ -18,8 +18,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dspark.models.linear import linear
+
 KINDS = ("dspark", "eagle")
 HEADS = ("markov", "rnn", "none")
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose inference calls (no autograd) take the CPU small-batch kernel of the model code."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 @dataclasses.dataclass
@@ -121,14 +130,14 @@ class DraftLayer(nn.Module):
         self.c = c
         d, hd = c.hidden_size, c.head_dim
         self.input_norm = nn.Parameter(torch.ones(d))
-        self.q_proj = nn.Linear(d, c.num_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, c.num_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, c.num_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(c.num_heads * hd, d, bias=False)
+        self.q_proj = Linear(d, c.num_heads * hd, bias=False)
+        self.k_proj = Linear(d, c.num_kv_heads * hd, bias=False)
+        self.v_proj = Linear(d, c.num_kv_heads * hd, bias=False)
+        self.o_proj = Linear(c.num_heads * hd, d, bias=False)
         self.post_norm = nn.Parameter(torch.ones(d))
-        self.gate_proj = nn.Linear(d, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(d, c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, d, bias=False)
+        self.gate_proj = Linear(d, c.intermediate_size, bias=False)
+        self.up_proj = Linear(d, c.intermediate_size, bias=False)
+        self.down_proj = Linear(c.intermediate_size, d, bias=False)
 
     def kv(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, normed: bool = False):
         """Keys (with RoPE) and values of x [..., T, d]; normed: x already went through a norm."""

@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dspark.drafters.dspark_layers import DraftLayer, DSparkConfig, rms_norm
+from dspark.drafters.dspark_layers import DraftLayer, DSparkConfig, Linear, rms_norm
+from dspark.models.linear import linear
 
 FORMAT_VERSION = 1
 
@@ -42,22 +43,22 @@ class DSparkModel(nn.Module):
         super().__init__()
         c = self.config = config
         d, r = c.hidden_size, c.rank
-        self.fc = nn.Linear(len(c.target_layers) * c.target_hidden_size, d, bias=False)
+        self.fc = Linear(len(c.target_layers) * c.target_hidden_size, d, bias=False)
         self.ctx_norm = nn.Parameter(torch.ones(d))
         self.layers = nn.ModuleList(DraftLayer(c) for _ in range(c.num_layers))
         self.norm = nn.Parameter(torch.ones(d))
         if c.kind == "dspark":
             self.mask_embedding = nn.Parameter(torch.randn(d) * 0.02)
         else:
-            self.fc_in = nn.Linear(2 * d, d, bias=False)
+            self.fc_in = Linear(2 * d, d, bias=False)
         if c.head != "none":
             self.w1 = nn.Embedding(c.vocab_size, r)
             nn.init.normal_(self.w1.weight, std=0.02)
-            self.w2 = nn.Linear(r, c.vocab_size, bias=False)
+            self.w2 = Linear(r, c.vocab_size, bias=False)
             nn.init.zeros_(self.w2.weight)  # B = 0 at first: training starts from the parallel drafter
         if c.head == "rnn":
-            self.rnn_gate, self.rnn_cand, self.rnn_out = (nn.Linear(2 * r + d, r) for _ in range(3))
-        self.conf = nn.Linear(d + (r if c.head != "none" else 0), 1)
+            self.rnn_gate, self.rnn_cand, self.rnn_out = (Linear(2 * r + d, r) for _ in range(3))
+        self.conf = Linear(d + (r if c.head != "none" else 0), 1)
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.embed_weight: torch.Tensor | None = None
@@ -83,7 +84,7 @@ class DSparkModel(nn.Module):
     def lm_logits(self, h: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
         """U = LM head(h), over the whole vocabulary or only the draft vocabulary `vocab_ids`."""
         weight = self.lm_head_weight if vocab_ids is None else self.lm_head_weight[vocab_ids]
-        return F.linear(h.to(weight.dtype), weight).float()
+        return linear(h.to(weight.dtype), weight).float()
 
     def context(self, features: torch.Tensor) -> torch.Tensor:
         """Captured target hidden states [..., width] -> context features H_ctx [..., d]."""
@@ -113,12 +114,12 @@ class DSparkModel(nn.Module):
         e = self.w1(prev).to(h_k.dtype)
         w2 = self.w2.weight if w2_rows is None else w2_rows
         if c.head == "markov":
-            bias = F.linear(e, w2)
+            bias = linear(e, w2)
         else:
             s = torch.zeros(h_k.shape[0], c.rank, dtype=h_k.dtype, device=h_k.device) if state is None else state
             z = torch.cat([s, e, h_k], dim=-1)
             gate = torch.sigmoid(self.rnn_gate(z))
-            bias = F.linear(torch.tanh(self.rnn_out(z)), w2)
+            bias = linear(torch.tanh(self.rnn_out(z)), w2)
             state = gate * s + (1 - gate) * torch.tanh(self.rnn_cand(z))
         return bias.float(), self.conf(torch.cat([h_k, e], dim=-1)).squeeze(-1), state
 
