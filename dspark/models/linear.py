@@ -29,7 +29,9 @@ except (ImportError, AttributeError):  # the C++ extension is not built: F.linea
 
 
 def uses_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if x.dim() == 0 or x.shape[-1] == 0:
+        return False
+    rows = x.numel() // x.shape[-1]
     return (_kernel is not None and x.device.type == "cpu" and weight.device.type == "cpu"
             and x.dtype in _FLOATS and weight.dtype in _FLOATS and weight.dim() == 2
             and (weight.dtype != torch.float32 or rows <= FP32_MAX_ROWS)
