@@ -59,23 +59,23 @@ def _tree_attention_op(
 ) -> torch.Tensor:
     _check_shapes(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table)
     _check_values(q, k_cache, qo_indptr, cache_seqlens, block_table)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     chosen = choose_backend(None if backend == "auto" else backend, q.device)
-    if chosen not in ("reference", "triton"):
-        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            v.check_contiguous(name, cache)
-        if chosen == "cuda" and q.shape[-1] > 256:
-            v.fail(f"the cuda backend supports head_dim <= 256, got {q.shape[-1]}")
-    return _run(chosen, q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table, scale)
+    return _run(chosen, q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table, sm_scale)
 
 
-def _run(chosen, q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table, scale):
+def _run(chosen, q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table, sm_scale):
+    """The chosen backend on validated round metadata; checks what only this backend requires."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if chosen == "reference":
         return reference_tree_attention(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table, scale)
     if chosen == "triton":
         from dspark.triton_kernels.tree_attention import tree_attention as triton_tree_attention
 
         return triton_tree_attention(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table, scale)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        v.check_contiguous(name, cache)
+    if chosen == "cuda" and q.shape[-1] > 256:
+        v.fail(f"the cuda backend supports head_dim <= 256, got {q.shape[-1]}")
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     kernel = cpu_extension.tree_attention_cuda if chosen == "cuda" else cpu_extension.tree_attention
     kernel(
@@ -133,9 +133,5 @@ def tree_attention_same_round(
     if q.device.type != k_cache.device.type or q.dtype != k_cache.dtype or k_cache.shape != v_cache.shape:
         v.fail(f"q {q.dtype} on {q.device} and k_cache/v_cache {k_cache.dtype} on {k_cache.device} with equal "
                f"shapes expected, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    chosen = choose_backend(None, q.device)
-    if chosen not in ("reference", "triton"):
-        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            v.check_contiguous(name, cache)
-    return _run(chosen, q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table, scale)
+    return _run(choose_backend(None, q.device), q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table,
+                sm_scale)
