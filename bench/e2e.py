@@ -20,7 +20,7 @@ import time
 import torch
 
 from dspark.cli import default_dtype
-from dspark.drafters import DraftModelDrafter, DSparkDrafter, NgramDrafter
+from dspark.drafters import DraftModelDrafter, DSparkDrafter, HybridDrafter, NgramDrafter
 from dspark.engine import Engine
 from dspark.models import default_model_path, load_model, load_tokenizer
 from dspark.sampling_params import SamplingParams
@@ -47,6 +47,8 @@ def drafters(model, trained: list[str], only: str | None) -> dict:
                 lambda gamma=gamma: FixedLength(gamma))
         makers[f"{pathlib.Path(folder).name} gamma=7 prefix scheduler"] = (
             lambda folder=folder: DSparkDrafter.from_pretrained(folder, model, 7), None)  # the engine's default
+        makers[f"{pathlib.Path(folder).name} + n-gram gamma=7 prefix scheduler"] = (
+            lambda folder=folder: HybridDrafter.from_pretrained(folder, model, 7), None)  # `--drafter auto`
     return {name: pair for name, pair in makers.items() if only is None or re.search(only, name)}
 
 

@@ -22,7 +22,7 @@ import time
 import torch
 
 from dspark.cli import default_dtype
-from dspark.drafters import DSparkDrafter
+from dspark.drafters import DSparkDrafter, HybridDrafter
 from dspark.engine import Engine
 from dspark.models import load_model, load_tokenizer
 from dspark.profiling import load_or_measure_sps
@@ -97,6 +97,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--gamma", type=int, default=7, help="drafted block (the schedulers choose within it)")
     ap.add_argument("--threshold", type=float, default=0.5)
+    ap.add_argument("--hybrid", action="store_true", help="n-gram lookup where the context repeats, the DSpark "
+                    "drafter elsewhere (what `dspark generate --drafter auto` runs)")
     ap.add_argument("--only", default=None, help="run only the policies whose name contains this")
     ap.add_argument("--datasets", default=str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "datasets"))
     ap.add_argument("--out", default="bench/results/load-cpu")
@@ -107,8 +109,10 @@ def main() -> None:
     results = {"device": f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
                "dtype": str(dtype), "drafter": args.drafter, "max_tokens": args.max_tokens,
                "temperature": args.temperature, "gamma": args.gamma, "runs": []}
+    kind = HybridDrafter if args.hybrid else DSparkDrafter
+    results["hybrid"] = args.hybrid
     warm = mixed_prompts(pathlib.Path(args.datasets), 1, tokenizer)
-    run(model, tokenizer, DSparkDrafter.from_pretrained(args.drafter, model, args.gamma, dtype=dtype), None, warm,
+    run(model, tokenizer, kind.from_pretrained(args.drafter, model, args.gamma, dtype=dtype), None, warm,
         SamplingParams(max_tokens=8))  # first calls pay one-time costs (allocator, thread pools)
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
         prompts = mixed_prompts(pathlib.Path(args.datasets), concurrency, tokenizer)
@@ -116,7 +120,7 @@ def main() -> None:
         for name, (speculative, make_policy) in policies(model, args.gamma, concurrency, args.threshold).items():
             if args.only and args.only not in name and name != "no speculation":
                 continue
-            drafter = DSparkDrafter.from_pretrained(args.drafter, model, args.gamma, dtype=dtype) if speculative else None
+            drafter = kind.from_pretrained(args.drafter, model, args.gamma, dtype=dtype) if speculative else None
             record = run(model, tokenizer, drafter, make_policy(), prompts, params)
             outputs = record.pop("outputs")
             if baseline is None:  # "no speculation" runs first: every ratio is against it

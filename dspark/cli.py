@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from dspark.drafters import DraftModelDrafter, DSparkDrafter, NgramDrafter
+from dspark.drafters import DraftModelDrafter, DSparkDrafter, HybridDrafter, NgramDrafter
 from dspark.engine import Engine
 from dspark.models import load_model, load_tokenizer
 from dspark.sampling_params import SamplingParams
@@ -56,11 +56,13 @@ def make_drafter(spec: str, target, num_draft: int | None, dtype, device, model_
     """num_draft None: the drafter's own default (a DSpark drafter's gamma, else 4)."""
     if spec == "none":
         return None
-    if spec == "auto":  # the shipped DSpark drafter for the default target, n-gram lookup otherwise
+    if spec == "auto":  # the shipped DSpark drafter (with n-gram lookup) for the default target, else n-gram
         folder = shipped_drafter(model_arg)
-        spec = f"dspark:{folder}" if folder else "ngram"
+        spec = f"hybrid:{folder}" if folder else "ngram"
     if spec.startswith("dspark:"):  # a folder written by `dspark train-drafter`
         return DSparkDrafter.from_pretrained(spec.split(":", 1)[1], target, num_draft, dtype=dtype)
+    if spec.startswith("hybrid:"):  # n-gram lookup when the context repeats, that DSpark drafter otherwise
+        return HybridDrafter.from_pretrained(spec.split(":", 1)[1], target, num_draft, dtype=dtype)
     num_draft = num_draft or 4
     if spec == "ngram":
         return NgramDrafter(num_draft)
@@ -68,7 +70,7 @@ def make_drafter(spec: str, target, num_draft: int | None, dtype, device, model_
         return DraftModelDrafter.self_draft(target, int(spec.split(":", 1)[1]), num_draft)
     if spec.startswith("model:"):
         return DraftModelDrafter(load_model(spec.split(":", 1)[1], dtype, device), num_draft)
-    raise ValueError(f"--drafter must be auto, none, ngram, self:LAYERS, model:PATH or dspark:DIR, got {spec!r}")
+    raise ValueError(f"--drafter must be auto, none, ngram, self:LAYERS, model:PATH dspark:DIR or hybrid:DIR, got {spec!r}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -78,8 +80,8 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: SmolLM2-135M-Instruct)")
     gen.add_argument("--drafter", default="auto",
-                     help="auto (the shipped DSpark drafter for the default model, else ngram), none, ngram, "
-                          "self:LAYERS, model:PATH, dspark:DIR")
+                     help="auto (the shipped DSpark drafter with n-gram lookup, hybrid:SHIPPED, for the default "
+                          "model; else ngram), none, ngram, self:LAYERS, model:PATH, dspark:DIR, hybrid:DIR")
     gen.add_argument("--num-draft", type=int, default=None,
                      help="draft tokens per round, gamma (default: the DSpark drafter's block, 4 for the others); "
                           "a DSpark drafter's prefix scheduler verifies a prefix of them")
@@ -100,6 +102,10 @@ def parser() -> argparse.ArgumentParser:
     vocab.add_argument("--data", required=True, help="the training jsonl")
     vocab.add_argument("--size", type=int, default=16384)
     vocab.add_argument("--model", default=None, help="target (for its vocabulary and EOS ids)")
+    export = sub.add_parser("export-drafter", help="copy a trained drafter for shipping (weights in bf16)")
+    export.add_argument("source", help="the drafter folder written by train-drafter (and calibrate)")
+    export.add_argument("destination", help="e.g. dspark/drafters/pretrained/smollm2-135m-instruct")
+    export.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     from dspark import calibration, profiling
 
     calibration.add_arguments(sub.add_parser("calibrate", help="fit a drafter's confidence temperatures (STS)"))
@@ -182,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         from dspark.calibration import main as calibrate_main
 
         return calibrate_main(args)
+    if args.command == "export-drafter":
+        from dspark.drafters.dspark_model import export_drafter
+
+        sizes = export_drafter(args.source, args.destination, DTYPES[args.dtype])
+        print("\n".join(f"{name}: {size / 1e6:.1f} MB" for name, size in sorted(sizes.items())))
+        return 0
     if args.command == "profile":
         from dspark.profiling import main as profile_main
 

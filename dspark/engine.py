@@ -46,6 +46,7 @@ class Request:
     finish_reason: str | None = None
     text: str = ""
     rounds: int = 0
+    verified: int = 0  # draft nodes verified in the last round (what the policy admitted, within max_tokens)
     stats: RequestStats = dataclasses.field(default_factory=RequestStats)
 
 
@@ -201,6 +202,7 @@ class Engine:
             m = int(counts[i])
             paths.append(path_nodes[i, :m].tolist())
             r.rounds += 1
+            r.verified = len(proposals[i].tokens)
             r.stats.record_round(len(proposals[i].tokens), m - 1, parents[i])
             events.append(self._emit(r, emitted[i, :m].tolist()))
         if self.drafter is not None:

@@ -312,3 +312,29 @@ def test_save_load_round_trips(tiny, tmp_path, kind, head):
     assert a.tokens == b.tokens
     torch.testing.assert_close(a.draft_probs, b.draft_probs)
     torch.testing.assert_close(a.confidences, b.confidences)
+
+
+def test_export_ships_bf16_weights_and_only_the_drafter_files(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    from dspark.cli import main as cli_main
+    from dspark.drafters.dspark import save_draft_vocab
+
+    model = make_model(tiny, "dspark", "markov")
+    model.config.calibration = [1.0, 1.3, 1.6, 2.0]
+    trained, shipped = tmp_path / "run", tmp_path / "shipped"
+    save_drafter(model, str(trained), {"training": {"note": "test"}})
+    save_draft_vocab(str(trained), SUBSET.tolist(), 0.9, "data.jsonl")
+    (trained / "trainer_state.pt").write_bytes(b"optimizer state")
+    assert cli_main(["export-drafter", str(trained), str(shipped)]) == 0
+    assert sorted(p.name for p in shipped.iterdir()) == ["config.json", "draft_vocab.json", "model.safetensors"]
+    weights = load_file(shipped / "model.safetensors")
+    assert all(w.dtype == torch.bfloat16 for w in weights.values())
+    for name, w in model.state_dict().items():
+        torch.testing.assert_close(weights[name], w.to(torch.bfloat16), rtol=0, atol=0)
+    loaded = DSparkDrafter.from_pretrained(str(shipped), tiny)
+    assert loaded.model.config == model.config and loaded.vocab_ids.tolist() == sorted(SUBSET.tolist())
+    with pytest.raises(ValueError, match="not a DSpark drafter"):
+        (tmp_path / "other").mkdir()
+        (tmp_path / "other" / "config.json").write_text('{"architecture": "LlamaForCausalLM"}')
+        cli_main(["export-drafter", str(tmp_path / "other"), str(tmp_path / "out")])

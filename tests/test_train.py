@@ -212,7 +212,7 @@ def test_auto_drafter_is_the_shipped_one_for_the_default_target(setup, tmp_path,
     import shutil
 
     from dspark import cli
-    from dspark.drafters import NgramDrafter
+    from dspark.drafters import HybridDrafter, NgramDrafter
 
     root, target = setup
     monkeypatch.setattr(cli, "SHIPPED_DRAFTERS", str(tmp_path))
@@ -220,7 +220,8 @@ def test_auto_drafter_is_the_shipped_one_for_the_default_target(setup, tmp_path,
     assert isinstance(fallback, NgramDrafter) and fallback.num_draft == 4  # nothing shipped here
     shutil.copytree(root / "cli", tmp_path / "smollm2-135m-instruct")  # the drafter test_cli_trains... wrote
     shipped = cli.make_drafter("auto", target, None, torch.float32, "cpu", model_arg=None)
-    assert isinstance(shipped, DSparkDrafter) and shipped.num_draft == 4  # its trained gamma
+    assert isinstance(shipped, HybridDrafter) and isinstance(shipped.dspark, DSparkDrafter)
+    assert shipped.num_draft == 4  # its trained gamma
     other = cli.make_drafter("auto", target, 3, torch.float32, "cpu", model_arg="some/other/model.gguf")
     assert isinstance(other, NgramDrafter) and other.num_draft == 3
 

@@ -39,7 +39,8 @@ class Proposal:
 
 class Drafter(Protocol):
     """Proposers plug into the Engine through these four calls. `request` objects expose `row`
-    (cache row), `tokens` (prompt + emitted so far; the last one is the anchor), `params`."""
+    (cache row), `tokens` (prompt + emitted so far; the last one is the anchor), `params` and, in
+    accept(), `verified` (how many of its drafted nodes the policy let the target verify)."""
 
     def start(self, request, target_hidden: torch.Tensor | None = None) -> None:
         """A request joined (after its prefill); target_hidden [prompt length, width] when the

@@ -217,3 +217,27 @@ def load_drafter_model(path: str, target=None, device=None, dtype: torch.dtype =
         device = shared_weights(target)[0].device
     model = model.to(device=device or "cpu", dtype=dtype).eval()
     return model.attach(target) if target is not None else model
+
+
+DRAFTER_FILES = ("config.json", "draft_vocab.json", "reliability.png")
+
+
+def export_drafter(source: str, destination: str, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Copy a trained drafter folder for shipping: its config, draft vocabulary and reliability
+    diagram, and its weights cast to `dtype` (bf16 halves the file; loading casts back to the
+    compute dtype). Trainer state, logs and snapshots stay behind. Returns the size in bytes."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    with open(os.path.join(source, "config.json")) as f:
+        if json.load(f).get("architecture") != "DSparkDrafter":
+            raise ValueError(f"{source} is not a DSpark drafter folder")
+    os.makedirs(destination, exist_ok=True)
+    for name in DRAFTER_FILES:
+        if os.path.exists(os.path.join(source, name)):
+            shutil.copyfile(os.path.join(source, name), os.path.join(destination, name))
+    state = load_file(os.path.join(source, "model.safetensors"))
+    save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
+              os.path.join(destination, "model.safetensors"))
+    return {name: os.path.getsize(os.path.join(destination, name)) for name in os.listdir(destination)}
