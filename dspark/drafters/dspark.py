@@ -123,9 +123,29 @@ class DSparkDrafter:
         self.generators.pop(request.row, None)
 
     def accept(self, requests, paths, target_hidden) -> None:
-        for request, hidden in zip(requests, target_hidden):
-            if request.finish_reason is None:  # a finished request may not hold all accepted tokens
-                self._commit(request.row, request.tokens, hidden)
+        live = [(r, h) for r, h in zip(requests, target_hidden) if r.finish_reason is None]  # a finished request
+        if self.model.config.kind == "dspark" and len(live) > 1:  # may not hold all its accepted tokens
+            self._commit_many([r.row for r, _ in live], [h for _, h in live])
+            return
+        for request, hidden in live:
+            self._commit(request.row, request.tokens, hidden)
+
+    @torch.inference_mode()
+    def _commit_many(self, rows: list[int], hidden: list[torch.Tensor]) -> None:
+        """_commit of several rows at once (DSpark kind: context K/V depend on each token alone), one
+        projection for the round instead of one per request."""
+        device = self.device
+        counts = [h.shape[0] for h in hidden]
+        starts = [int(self.features.seqlens[row]) for row in rows]
+        positions = torch.cat([torch.arange(s, s + m) for s, m in zip(starts, counts)]).to(device)
+        row_index = torch.repeat_interleave(torch.tensor(rows), torch.tensor(counts)).to(device)
+        ctx = self.model.context(torch.cat(hidden).to(device))
+        self.features.write(row_index, positions, ctx)
+        for i, (k, v) in enumerate(self.model.context_kv(ctx, positions)):
+            self.kv.write(i, row_index, positions, k, v)
+        for row, m in zip(rows, counts):
+            self.features.seqlens[row] += m
+            self.kv.seqlens[row] += m
 
     @torch.inference_mode()
     def _commit(self, row: int, tokens: list[int], hidden: torch.Tensor) -> None:
