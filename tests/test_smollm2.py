@@ -54,6 +54,21 @@ def test_speculative_greedy_is_token_identical_on_smollm2(smollm2, drafter):
     assert [r.generated for r in engine.generate(prompts, params)] == plain
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_speculative_greedy_is_token_identical_with_long_outputs_and_large_rounds(smollm2, dtype):
+    """64 tokens in each dtype, four requests verifying up to 7 nodes each (28 rows: past the fp32
+    kernel's 16-row GEMV range): a token's logits must not depend on what shares its round."""
+    _, tokenizer, prompts = smollm2
+    model = load_model(None, dtype)
+    prompts = prompts + [tokenizer(q).input_ids for q in ("def fibonacci(n):", "List three prime numbers:")]
+    params = SamplingParams(max_tokens=64)
+    plain = [r.generated for r in Engine(model, tokenizer, max_batch=4, max_seq_len=256).generate(prompts, params)]
+    engine = Engine(model, tokenizer, NgramDrafter(6, min_ngram=1), max_batch=4, max_seq_len=256)
+    requests = engine.generate(prompts, params)
+    assert [r.generated for r in requests] == plain
+    assert engine.stats.summary(requests)["tau"] > 1.2  # drafts were verified and accepted
+
+
 def test_stop_strings_cut_the_text(smollm2):
     model, tokenizer, prompts = smollm2
     [full] = Engine(model, tokenizer, max_seq_len=256).generate(prompts[:1], SamplingParams(max_tokens=40))

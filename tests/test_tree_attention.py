@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from dspark import ops
 from dspark.reference.tree_attention import tree_attention as reference_tree_attention
-from builders import random_cache, random_round
+from builders import random_cache, random_parents, random_round
 from conftest import INTERPRETED, device_of
 
 
@@ -167,3 +167,44 @@ def test_triton_work_items_cover_every_node_tile_once():
     expected = [(r, first) for r, n in enumerate(counts) for first in range(0, n, 4)]
     got = [(r, first) for r, first in items.t().tolist() if r >= 0]
     assert got == expected and (items[0, len(expected):] == -1).all()
+
+
+@pytest.mark.parametrize("dtype,block_size,group", [(torch.float32, None, 3), (torch.bfloat16, 16, 3),
+                                                    (torch.float16, None, 1), (torch.bfloat16, None, 8)])
+def test_cpu_rows_are_batch_invariant(dtype, block_size, group):
+    """A row's output is bit for bit the same however many draft nodes and other requests share its
+    round: the first k nodes of a request verified alone equal the same nodes inside a longer chain or
+    tree, next to other requests, across tile (32) and chunk (512) boundaries. Greedy speculative
+    decoding is token-identical to plain decoding only because of this."""
+    gen = torch.Generator().manual_seed(int(dtype.itemsize) * 10 + group)
+    head_dim, num_kv_heads, n = 64, 2, 9
+    committed = [0, 5, 31, 32, 62, 509, 511, 512, 700, 1030]
+    for chain in (True, False):
+        parent_lists = [random_parents(n, gen, chain) for _ in committed]
+        cache = random_cache(gen, [c + n for c in committed], num_kv_heads, head_dim, dtype, block_size)
+        q = torch.randn(len(committed) * n, num_kv_heads * group, head_dim, generator=gen).to(dtype)
+
+        def attend(counts):
+            indptr = torch.tensor([0] + list(torch.tensor(counts).cumsum(0)), dtype=torch.int32)
+            rows = torch.cat([torch.arange(r * n, r * n + c) for r, c in enumerate(counts)])
+            parents = None if chain else torch.tensor([p for ps, c in zip(parent_lists, counts) for p in ps[:c]],
+                                                      dtype=torch.int32)
+            out = ops.tree_attention(q[rows], cache.k, cache.v, indptr, torch.tensor(committed, dtype=torch.int32),
+                                     parents, cache.block_table, backend="cpu")
+            return out.split(counts)
+
+        full = attend([n] * len(committed))
+        for k in (1, 2, 3, 4, 8):
+            alone = attend([k] * len(committed))  # every request verifies its first k nodes only
+            mixed = attend([k if r % 2 else n for r in range(len(committed))])
+            for r in range(len(committed)):
+                assert torch.equal(alone[r], full[r][:k]), (chain, k, committed[r])
+                assert torch.equal(mixed[r], full[r][: mixed[r].shape[0]]), (chain, k, committed[r])
+        for r in range(len(committed)):  # one request alone in the round: the shape of plain decoding
+            if cache.block_table is None:
+                k_cache, v_cache, table = cache.k[r: r + 1], cache.v[r: r + 1], None
+            else:
+                k_cache, v_cache, table = cache.k, cache.v, cache.block_table[r: r + 1]
+            single = ops.tree_attention(q[r * n: r * n + 1], k_cache, v_cache, torch.tensor([0, 1], dtype=torch.int32),
+                                        torch.tensor([committed[r]], dtype=torch.int32), None, table, backend="cpu")
+            assert torch.equal(single, full[r][:1]), (chain, committed[r])

@@ -77,25 +77,10 @@ inline float exp_nonpositive(float x) {
 }
 
 
-// horizontal reductions.
-template <int NR>
-inline void tile_scores(const float* __restrict q, const float* __restrict kt, int64_t dim, float* __restrict s) {
-  DSPARK_ASSUME(dim >= 1);  // no zero-trip guard in the inner loop: lets the compiler vectorise the outer one
-#pragma omp simd
-  for (int64_t j = 0; j < kTile; ++j) {
-    float a[NR];
-    for (int i = 0; i < NR; ++i) a[i] = 0.0f;
-    for (int64_t d = 0; d < dim; ++d) {
-      const float k = kt[d * kTile + j];
-      for (int i = 0; i < NR; ++i) a[i] += q[i * dim + d] * k;
-    }
-    for (int i = 0; i < NR; ++i) s[i * kTile + j] = a[i];
-  }
-}
-
-// Scores of items with fewer than eight rows, where transposing the tile would cost more than it
-// saves: keys stay rows ([tk, dim]) and the scores are dot products, four keys per pass over q
-// (and two rows per pass over the keys).
+// Scores of one row against a whole tile: s[j] = q . k[j] for j < kTile, keys kept as rows ([kTile,
+// dim]), four keys per pass over q. Every row of every item goes through this one function over whole
+// tiles (slots past a short tile are scored, then masked), so a row's scores never depend on how
+// many rows or keys share its item: the batch invariance of tree_attention.cpp rests on it.
 inline void dot_1x4(const float* __restrict q, const float* __restrict k, int64_t dim, float* __restrict out) {
   const float *__restrict k0 = k, *__restrict k1 = k + dim, *__restrict k2 = k + 2 * dim, *__restrict k3 = k + 3 * dim;
   float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
@@ -113,60 +98,9 @@ inline void dot_1x4(const float* __restrict q, const float* __restrict k, int64_
   out[3] = a3;
 }
 
-inline void dot_2x4(const float* __restrict q0, const float* __restrict q1, const float* __restrict k, int64_t dim,
-                    float* __restrict out0, float* __restrict out1) {
-  const float *__restrict k0 = k, *__restrict k1 = k + dim, *__restrict k2 = k + 2 * dim, *__restrict k3 = k + 3 * dim;
-  float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f, b0 = 0.0f, b1 = 0.0f, b2 = 0.0f, b3 = 0.0f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
-  for (int64_t d = 0; d < dim; ++d) {
-    const float x = q0[d], y = q1[d];
-    const float c0 = k0[d], c1 = k1[d], c2 = k2[d], c3 = k3[d];
-    a0 += x * c0;
-    a1 += x * c1;
-    a2 += x * c2;
-    a3 += x * c3;
-    b0 += y * c0;
-    b1 += y * c1;
-    b2 += y * c2;
-    b3 += y * c3;
-  }
-  out0[0] = a0;
-  out0[1] = a1;
-  out0[2] = a2;
-  out0[3] = a3;
-  out1[0] = b0;
-  out1[1] = b1;
-  out1[2] = b2;
-  out1[3] = b3;
-}
-
-inline float dot_1x1(const float* __restrict q, const float* __restrict k, int64_t dim) {
-  float a = 0.0f;
-#pragma omp simd reduction(+ : a)
-  for (int64_t d = 0; d < dim; ++d) a += q[d] * k[d];
-  return a;
-}
-
-// s[i][j] = q[i] . k[j] for all rows and the tk keys of a tile kept as rows.
-inline void tile_scores_dot(const float* q, int64_t rows, const float* k, int64_t tk, int64_t dim, float* s) {
-  int64_t i = 0;
-  for (; i + 2 <= rows; i += 2) {
-    const float* q0 = q + i * dim;
-    float* s0 = s + i * kTile;
-    int64_t j = 0;
-    for (; j + 4 <= tk; j += 4) dot_2x4(q0, q0 + dim, k + j * dim, dim, s0 + j, s0 + kTile + j);
-    for (; j < tk; ++j) {
-      s0[j] = dot_1x1(q0, k + j * dim, dim);
-      s0[kTile + j] = dot_1x1(q0 + dim, k + j * dim, dim);
-    }
-  }
-  for (; i < rows; ++i) {
-    const float* q0 = q + i * dim;
-    float* s0 = s + i * kTile;
-    int64_t j = 0;
-    for (; j + 4 <= tk; j += 4) dot_1x4(q0, k + j * dim, dim, s0 + j);
-    for (; j < tk; ++j) s0[j] = dot_1x1(q0, k + j * dim, dim);
-  }
+inline void tile_scores_row(const float* __restrict q, const float* __restrict k, int64_t dim, float* __restrict s) {
+  static_assert(kTile % 4 == 0, "whole groups of four keys");
+  for (int64_t j = 0; j < kTile; j += 4) dot_1x4(q, k + j * dim, dim, s + j);
 }
 
 // Online-softmax statistics of one row for one tile: turns the scores s[0, tk) (masked ones are -inf)

@@ -3,13 +3,20 @@
 // Work decomposition. A work item is (request r, block of the request's tokens, KV head g, chunk of
 // the key range). The rows of an item are the block's tokens times the `group` query heads that
 // share KV head g (GQA), so every K/V element converted to fp32 serves all of them. Keys are walked
-// in tiles of kTile slots: each tile is converted once into float scratch buffers (K transposed, V
-// as rows), the scores of all rows are computed eight rows at a time, then every row updates its
-// online softmax (running max, running sum, rescaled accumulator) and the accumulators take the
-// tile's values, again eight rows at a time. A token block needs keys [0, L_r + its last token], so
-// causal prefill skips the tiles above the diagonal. When there are too few (request, block, head) items to occupy every thread, or
-// their key ranges are uneven, long key ranges are split into chunks whose partial (max, sum, acc)
+// in tiles of kTile slots: each tile is converted once into float scratch buffers, every row takes
+// its scores of the tile, updates its online softmax (running max, running sum, rescaled
+// accumulator), and the accumulators take the tile's values eight rows at a time. A token block needs
+// keys [0, L_r + its last token], so causal prefill skips the tiles above the diagonal. Key ranges
+// longer than kChunk are split at fixed multiples of kChunk into chunks whose partial (max, sum, acc)
 // are merged afterwards (flash-decoding).
+//
+// Batch invariance. A row's output depends only on its own query and the keys it sees, never on how
+// many other tokens or requests share the round: every row is computed by the same arithmetic (one
+// score function over whole tiles, slots past the range or hidden from the row masked to -inf, a
+// softmax over whole tiles, values eight rows at a time) and chunk boundaries do not depend on the
+// work. So verifying a draft gives its first token bit for bit what plain decoding gives it, and
+// greedy speculative decoding stays token-identical to target-only decoding. A chunk a row cannot
+// see contributes exactly nothing to the merge (a single visible chunk merges to its own value).
 //
 // Round slots L_r + j are visible to token i when j is i or an ancestor of i: a per-request bit
 // matrix built from parents (a chain needs none: j <= i).
@@ -32,7 +39,8 @@ namespace {
 using namespace attention_tiles;
 
 constexpr int64_t kRowsPerBlock = 64;  // target rows (tokens x group) per work item
-constexpr int64_t kMinChunk = 256;     // never split a key range into chunks shorter than this
+constexpr int64_t kChunk = 512;        // key ranges are split at multiples of this (a multiple of kTile)
+static_assert(kChunk % kTile == 0, "chunks must hold whole tiles");
 
 struct Item {
   int32_t request;
@@ -54,7 +62,7 @@ struct Scratch {
   std::vector<float> acc;  // [rows rounded up to 8, dim]
   std::vector<float> m, l;  // [rows] running max and sum
   std::vector<float> alpha;  // [rows rounded up to 8] rescaling of the accumulators in one tile
-  std::vector<float> kt;   // [dim, kTile] keys of the tile, transposed (or [kTile, dim] rows)
+  std::vector<float> kt;   // [kTile, dim] keys of the tile (rows past a short tile: stale but finite)
   std::vector<float> v;    // [kTile, dim] values of the tile (zero past the end of a short tile)
   std::vector<float> s;    // [rows rounded up to 8, kTile] scores, then probabilities
   std::vector<uint8_t> vis;  // [kTile] visibility of the tile's slots to one token
@@ -82,9 +90,8 @@ inline int64_t slot_offset(const TreeAttentionParams& p, int64_t r, int64_t slot
   return (row * p.num_kv_heads + g) * p.head_dim;
 }
 
-// Scores of NR query rows against one tile: s[i][j] = sum_d q[i][d] * kt[d][j], with the tile's keys
-// transposed (kt is [dim, kTile]). Vectorised across keys: each key vector load serves NR rows, and
-// the NR accumulators are independent chains, so eight rows keep the FMA units busy without any
+// One work item: its rows' online softmax over the item's key range, then the output (or, for a
+// chunk of a split range, the partial (m, l, acc) that merge_group combines).
 template <typename T>
 void run_item(Context& ctx, const Item& it, Scratch& sc) {
   const TreeAttentionParams& p = *ctx.p;
@@ -93,12 +100,7 @@ void run_item(Context& ctx, const Item& it, Scratch& sc) {
   const int64_t committed = p.cache_seqlens[r];
   const int64_t tokens = it.token_end - it.token_begin;
   const int64_t rows = tokens * group;
-  // Rows are processed in blocks of eight; a last block of three or more rows is padded to eight.
-  const int64_t full_rows = rows / 8 * 8;
-  const int64_t rest = rows - full_rows;
-  const int64_t padded_rows = rest >= 3 ? full_rows + 8 : rows;
-  // Transposing a tile pays off from eight rows on; smaller items compute dot products on key rows.
-  const bool transpose_k = rows >= 8;
+  const int64_t padded_rows = (rows + 7) / 8 * 8;  // values are taken eight rows at a time
   const T* q = static_cast<const T*>(p.q);
   const T* k_cache = static_cast<const T*>(p.k_cache);
   const T* v_cache = static_cast<const T*>(p.v_cache);
@@ -132,19 +134,12 @@ void run_item(Context& ctx, const Item& it, Scratch& sc) {
 
   for (int64_t t0 = it.key_begin; t0 < it.key_end; t0 += kTile) {
     const int64_t tk = std::min<int64_t>(kTile, it.key_end - t0);
-    // Convert the tile once: K transposed to [dim, kTile] (as rows [tk, dim] for small items), V as
-    // rows [tk, dim].
     for (int64_t j = 0; j < tk; ++j) {
       const int64_t off = slot_offset(p, r, t0 + j, g);
-      const T* ks = k_cache + off;
-      if (transpose_k) {
-        for (int64_t d = 0; d < dim; ++d) kt[d * kTile + j] = load_float(ks + d);
-      } else {
-        convert_row(ks, kt + j * dim, dim);
-      }
+      convert_row(k_cache + off, kt + j * dim, dim);
       convert_row(v_cache + off, vf + j * dim, dim);
     }
-    // Ask for the next tile while this one is computed (rows of one head are strided in the cache).
+    if (tk < kTile) std::fill(vf + tk * dim, vf + kTile * dim, 0.0f);  // K rows past tk stay finite: masked below
     const int64_t next_end = std::min<int64_t>(it.key_end, t0 + 2 * kTile);
     for (int64_t slot = t0 + kTile; slot < next_end; ++slot) {
       const int64_t off = slot_offset(p, r, slot, g);
@@ -155,57 +150,31 @@ void run_item(Context& ctx, const Item& it, Scratch& sc) {
         DSPARK_PREFETCH(vb + b);
       }
     }
-    // Scores of every row, eight rows at a time.
-    for (int64_t row = 0; row < full_rows; row += 8) tile_scores<8>(qf + row * dim, kt, dim, s + row * kTile);
-    if (!transpose_k) {
-      tile_scores_dot(qf, rows, kt, tk, dim, s);
-    } else if (rest >= 3) {
-      tile_scores<8>(qf + full_rows * dim, kt, dim, s + full_rows * kTile);
-    } else if (rest == 2) {
-      tile_scores<2>(qf + full_rows * dim, kt, dim, s + full_rows * kTile);
-    } else if (rest == 1) {
-      tile_scores<1>(qf + full_rows * dim, kt, dim, s + full_rows * kTile);
-    }
-    // Round slots in this tile: hide those that are not ancestors-or-self of the row's token.
+    // Whole tiles for every row, whatever tk and the row count: see "Batch invariance" above.
+    for (int64_t rw = 0; rw < rows; ++rw) tile_scores_row(qf + rw * dim, kt, dim, s + rw * kTile);
     const bool has_round = t0 + tk > committed;
     for (int64_t t = 0; t < tokens; ++t) {
       const int64_t i = it.token_begin + t;
-      if (has_round) {
-        for (int64_t j = 0; j < tk; ++j) {
-          const int64_t slot = t0 + j;
-          bool visible = true;
-          if (slot >= committed) {
-            const int64_t jj = slot - committed;
-            visible = jj <= i && (chain || ((mask[i * words + (jj >> 6)] >> (jj & 63)) & 1u));
-          }
-          vis[j] = visible;
+      for (int64_t j = 0; j < kTile; ++j) {
+        const int64_t slot = t0 + j;
+        bool visible = j < tk;
+        if (visible && has_round && slot >= committed) {
+          const int64_t jj = slot - committed;
+          visible = jj <= i && (chain || ((mask[i * words + (jj >> 6)] >> (jj & 63)) & 1u));
         }
-        for (int64_t h = 0; h < group; ++h) {
-          float* sr = s + (t * group + h) * kTile;
-          for (int64_t j = 0; j < tk; ++j)
-            if (!vis[j]) sr[j] = kNegInf;
-        }
+        vis[j] = visible;
       }
       for (int64_t h = 0; h < group; ++h) {
         const int64_t rw = t * group + h;
-        alpha[rw] = softmax_row(s + rw * kTile, tk, m[rw], l[rw]);
+        float* sr = s + rw * kTile;
+        for (int64_t j = 0; j < kTile; ++j)
+          if (!vis[j]) sr[j] = kNegInf;
+        alpha[rw] = softmax_row(sr, kTile, m[rw], l[rw]);
       }
     }
-    // Padding rows and the slots past the end of a short tile get zero probabilities.
-    for (int64_t rw = rows; rw < padded_rows; ++rw) std::fill(s + rw * kTile, s + rw * kTile + tk, 0.0f);
-    if (tk < kTile) {
-      for (int64_t rw = 0; rw < padded_rows; ++rw) std::fill(s + rw * kTile + tk, s + (rw + 1) * kTile, 0.0f);
-      std::fill(vf + tk * dim, vf + kTile * dim, 0.0f);
-    }
-    for (int64_t row = 0; row < full_rows; row += 8)
+    for (int64_t rw = rows; rw < padded_rows; ++rw) std::fill(s + rw * kTile, s + (rw + 1) * kTile, 0.0f);
+    for (int64_t row = 0; row < padded_rows; row += 8)
       tile_values<8>(s + row * kTile, alpha + row, vf, dim, acc + row * dim);
-    if (rest >= 3) {
-      tile_values<8>(s + full_rows * kTile, alpha + full_rows, vf, dim, acc + full_rows * dim);
-    } else if (rest == 2) {
-      tile_values<2>(s + full_rows * kTile, alpha + full_rows, vf, dim, acc + full_rows * dim);
-    } else if (rest == 1) {
-      tile_values<1>(s + full_rows * kTile, alpha + full_rows, vf, dim, acc + full_rows * dim);
-    }
   }
 
   if (it.split < 0) {
@@ -301,7 +270,6 @@ void run(const TreeAttentionParams& p) {
     int32_t request, token_begin, token_end, keys;
   };
   std::vector<Base> bases;
-  double total_work = 0.0;
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = p.qo_indptr[r + 1] - p.qo_indptr[r];
     const int64_t committed = p.cache_seqlens[r];
@@ -310,28 +278,18 @@ void run(const TreeAttentionParams& p) {
       const int64_t keys = committed + e;
       bases.push_back({static_cast<int32_t>(r), static_cast<int32_t>(b), static_cast<int32_t>(e),
                        static_cast<int32_t>(keys)});
-      total_work += static_cast<double>(keys) * static_cast<double>((e - b) * group) * p.num_kv_heads;
     }
   }
   if (bases.empty()) return;
 
   const int threads = omp_get_max_threads();
-  // Aim for about four pieces of work per thread; chunks no shorter than kMinChunk keys.
-  const double target = threads > 1 ? total_work / (4.0 * threads) : 0.0;
   std::vector<Item> items;
   std::vector<MergeGroup> merges;
   int64_t partial_floats = 0;
   for (const Base& b : bases) {
     const int64_t rows = static_cast<int64_t>(b.token_end - b.token_begin) * group;
-    int64_t splits = 1;
-    if (target > 0.0 && static_cast<double>(b.keys) * rows > target && b.keys > 2 * kMinChunk) {
-      const int64_t chunk = std::max<int64_t>(kMinChunk, static_cast<int64_t>(target / rows));
-      splits = std::min<int64_t>((b.keys + chunk - 1) / chunk, b.keys / kMinChunk);
-      splits = std::max<int64_t>(splits, 1);
-    }
-    int64_t chunk_len = (b.keys + splits - 1) / splits;
-    chunk_len = (chunk_len + kTile - 1) / kTile * kTile;
-    splits = (b.keys + chunk_len - 1) / chunk_len;
+    const int64_t chunk_len = kChunk;  // fixed, never from the round's total work: batch invariance
+    const int64_t splits = (b.keys + chunk_len - 1) / chunk_len;
     for (int64_t g = 0; g < p.num_kv_heads; ++g) {
       if (splits == 1) {
         items.push_back({b.request, static_cast<int32_t>(g), b.token_begin, b.token_end, 0, b.keys, -1, 0});

@@ -28,13 +28,13 @@ except (ImportError, AttributeError):  # the C++ extension is not built: F.linea
     _kernel = None
 
 
-def uses_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def uses_kernel(x: torch.Tensor, weight: torch.Tensor, batch_invariant: bool = False) -> bool:
     if x.dim() == 0 or x.shape[-1] == 0:
         return False
     rows = x.numel() // x.shape[-1]
     return (_kernel is not None and x.device.type == "cpu" and weight.device.type == "cpu"
             and x.dtype in _FLOATS and weight.dtype in _FLOATS and weight.dim() == 2
-            and (weight.dtype != torch.float32 or rows <= FP32_MAX_ROWS)
+            and (weight.dtype != torch.float32 or rows <= FP32_MAX_ROWS or batch_invariant)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
@@ -55,7 +55,10 @@ def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if uses_kernel(x, weight):
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           batch_invariant: bool = False) -> torch.Tensor:
+    """batch_invariant: keep fp32 weights on the kernel past FP32_MAX_ROWS too, so that a row's result
+    never depends on how many rows share the call (MKL's GEMM blocks by the row count)."""
+    if uses_kernel(x, weight, batch_invariant):
         return small_batch_linear(x, weight, bias)
     return F.linear(x, weight, bias)

@@ -68,6 +68,7 @@ class LlamaModel:
         """weights: Hugging Face names without the `model.` prefix (embed_tokens.weight,
         layers.{i}.self_attn.q_proj.weight, ..., norm.weight, lm_head.weight)."""
         self.config = config
+        self._invariant = True  # set per round by forward()
         self.weights = weights = dict(weights)  # fused projections are added, the caller's dict is left alone
         self.inv_freq = rope_inverse_frequencies(config).float().to(weights["embed_tokens.weight"].device)
         # Tied checkpoints may still carry a (stale or identical) lm_head; transformers uses the embedding.
@@ -118,7 +119,7 @@ class LlamaModel:
     def _attention(self, i: int, x: torch.Tensor, cos, sin, cache: KVCache, rnd: Round) -> torch.Tensor:
         c, w = self.config, self.weights
         prefix = f"layers.{i}.self_attn."
-        qkv = linear(x, w[prefix + "qkv_proj.weight"], w.get(prefix + "qkv_proj.bias"))
+        qkv = linear(x, w[prefix + "qkv_proj.weight"], w.get(prefix + "qkv_proj.bias"), self._invariant)
         qkv = qkv.view(-1, c.num_heads + 2 * c.num_kv_heads, c.head_dim)
         q, k, v = qkv.split([c.num_heads, c.num_kv_heads, c.num_kv_heads], dim=1)
         if c.qk_norm:
@@ -133,14 +134,17 @@ class LlamaModel:
             # The round's metadata is validated once, by the first layer's call.
             attend = ops.tree_attention if i == 0 else tree_attention_same_round
             out = attend(q, cache.k[i], cache.v[i], rnd.qo_indptr, cache.seqlens, rnd.parents, cache.block_table)
-        return linear(out.reshape(x.shape[0], -1), w[prefix + "o_proj.weight"], w.get(prefix + "o_proj.bias"))
+        return linear(out.reshape(x.shape[0], -1), w[prefix + "o_proj.weight"], w.get(prefix + "o_proj.bias"),
+                      self._invariant)
 
     def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
         w = self.weights
         prefix = f"layers.{i}.mlp."
         # Biases exist only in Llama checkpoints with mlp_bias=True; absent ones read as None.
-        gate, up = linear(x, w[prefix + "gate_up_proj.weight"], w.get(prefix + "gate_up_proj.bias")).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, w[prefix + "down_proj.weight"], w.get(prefix + "down_proj.bias"))
+        gate, up = linear(x, w[prefix + "gate_up_proj.weight"], w.get(prefix + "gate_up_proj.bias"),
+                          self._invariant).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, w[prefix + "down_proj.weight"], w.get(prefix + "down_proj.bias"),
+                      self._invariant)
 
     @torch.inference_mode()
     def forward(self, cache: KVCache, rnd: Round,
@@ -149,6 +153,10 @@ class LlamaModel:
         capture_layers (for drafters conditioned on the target's hidden states)."""
         c, w = self.config, self.weights
         self.check_context(cache.max_seq_len)
+        # Decoding and verification rounds must give a token the same result whatever else shares the
+        # round (greedy speculative decoding = plain decoding); only fresh prefills may take MKL's
+        # faster fp32 GEMM for many rows.
+        self._invariant = rnd.fresh_prefill_len == 0
         cos, sin = rope_tables(rnd.positions, self.inv_freq)
         h = F.embedding(rnd.tokens, w["embed_tokens.weight"])
         captured = []
@@ -161,4 +169,4 @@ class LlamaModel:
         return rms_norm(h, w["norm.weight"], c.rms_norm_eps), captured
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.weights["lm_head.weight"]).float()
+        return linear(hidden, self.weights["lm_head.weight"], batch_invariant=True).float()
