@@ -70,7 +70,7 @@ def make_drafter(spec: str, target, num_draft: int | None, dtype, device, model_
         return DraftModelDrafter.self_draft(target, int(spec.split(":", 1)[1]), num_draft)
     if spec.startswith("model:"):
         return DraftModelDrafter(load_model(spec.split(":", 1)[1], dtype, device), num_draft)
-    raise ValueError(f"--drafter must be auto, none, ngram, self:LAYERS, model:PATH dspark:DIR or hybrid:DIR, got {spec!r}")
+    raise ValueError(f"--drafter must be auto, none, ngram, self:LAYERS, model:PATH, dspark:DIR or hybrid:DIR, got {spec!r}")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -123,52 +123,55 @@ class DSparkDrafter:
         self.generators.pop(request.row, None)
 
     def accept(self, requests, paths, target_hidden) -> None:
-        live = [(r, h) for r, h in zip(requests, target_hidden) if r.finish_reason is None]  # a finished request
-        if self.model.config.kind == "dspark" and len(live) > 1:  # may not hold all its accepted tokens
-            self._commit_many([r.row for r, _ in live], [h for _, h in live])
+        # A finished request may not hold all its accepted tokens; it leaves anyway.
+        live = [(r, h) for r, h in zip(requests, target_hidden) if r.finish_reason is None]
+        if self.model.config.kind == "dspark":  # context K/V depend on each token alone: one batched pass
+            if live:
+                self._commit_rows([r.row for r, _ in live], [h for _, h in live])
             return
         for request, hidden in live:
             self._commit(request.row, request.tokens, hidden)
 
-    @torch.inference_mode()
-    def _commit_many(self, rows: list[int], hidden: list[torch.Tensor]) -> None:
-        """_commit of several rows at once (DSpark kind: context K/V depend on each token alone), one
-        projection for the round instead of one per request."""
-        device = self.device
-        counts = [h.shape[0] for h in hidden]
-        starts = [int(self.features.seqlens[row]) for row in rows]
-        positions = torch.cat([torch.arange(s, s + m) for s, m in zip(starts, counts)]).to(device)
-        row_index = torch.repeat_interleave(torch.tensor(rows), torch.tensor(counts)).to(device)
-        ctx = self.model.context(torch.cat(hidden).to(device))
-        self.features.write(row_index, positions, ctx)
-        for i, (k, v) in enumerate(self.model.context_kv(ctx, positions)):
-            self.kv.write(i, row_index, positions, k, v)
-        for row, m in zip(rows, counts):
-            self.features.seqlens[row] += m
-            self.kv.seqlens[row] += m
+    def _commit(self, row: int, tokens: list[int], hidden: torch.Tensor) -> None:
+        """Append committed positions L..L+m-1 of one row (target features `hidden` [m, width])."""
+        if self.model.config.kind == "dspark":
+            self._commit_rows([row], [hidden])
+        else:
+            self._commit_eagle(row, tokens, hidden)
 
     @torch.inference_mode()
-    def _commit(self, row: int, tokens: list[int], hidden: torch.Tensor) -> None:
-        """Append committed positions L..L+m-1 (target features `hidden` [m, width])."""
+    def _commit_rows(self, rows: list[int], hidden: list[torch.Tensor]) -> None:
+        """DSpark kind: the context features and each layer's context K/V of every row's new
+        positions, one projection for all of them."""
+        counts = [h.shape[0] for h in hidden]
+        starts = [int(self.features.seqlens[row]) for row in rows]
+        positions = torch.cat([torch.arange(s, s + m) for s, m in zip(starts, counts)]).to(self.device)
+        row_index = torch.repeat_interleave(torch.tensor(rows), torch.tensor(counts)).to(self.device)
+        ctx = self.model.context(torch.cat(hidden).to(self.device))
+        self._store(rows, counts, row_index, positions, ctx, self.model.context_kv(ctx, positions))
+
+    @torch.inference_mode()
+    def _commit_eagle(self, row: int, tokens: list[int], hidden: torch.Tensor) -> None:
+        """EAGLE kind: committed positions run through the causal layers, inputs teacher forced."""
         m, start = hidden.shape[0], int(self.features.seqlens[row])
         model, device = self.model, self.device
         ctx = model.context(hidden.to(device))
         positions = torch.arange(start, start + m, device=device)
+        before = self.features.data[row, start - 1: start, 0] if start else torch.zeros_like(ctx[:1])
+        x = model.eagle_input(torch.tensor(tokens[start: start + m], device=device), torch.cat([before, ctx[:-1]]))
+        ctx_kv = [(self.kv.k[i, row: row + 1, :start], self.kv.v[i, row: row + 1, :start])
+                  for i in range(model.config.num_layers)]
+        _, block = model.eagle_run(x[None], positions[None], ctx_kv, None)
         rows = torch.full((m,), row, dtype=torch.long, device=device)
-        if model.config.kind == "dspark":
-            kvs = model.context_kv(ctx, positions)
-        else:  # EAGLE: committed positions run through the causal layers, inputs teacher forced
-            before = self.features.data[row, start - 1: start, 0] if start else torch.zeros_like(ctx[:1])
-            x = model.eagle_input(torch.tensor(tokens[start: start + m], device=device), torch.cat([before, ctx[:-1]]))
-            ctx_kv = [(self.kv.k[i, row: row + 1, :start], self.kv.v[i, row: row + 1, :start])
-                      for i in range(model.config.num_layers)]
-            _, block = model.eagle_run(x[None], positions[None], ctx_kv, None)
-            kvs = [(k[0], v[0]) for k, v in block]
-        self.features.write(rows, positions, ctx)
+        self._store([row], [m], rows, positions, ctx, [(k[0], v[0]) for k, v in block])
+
+    def _store(self, rows: list[int], counts: list[int], row_index, positions, ctx, kvs) -> None:
+        self.features.write(row_index, positions, ctx)
         for i, (k, v) in enumerate(kvs):
-            self.kv.write(i, rows, positions, k, v)
-        self.features.seqlens[row] += m
-        self.kv.seqlens[row] += m
+            self.kv.write(i, row_index, positions, k, v)
+        for row, m in zip(rows, counts):
+            self.features.seqlens[row] += m
+            self.kv.seqlens[row] += m
 
     def _context(self, requests):
         """Per layer the committed context K/V of the requests' rows [R, Lmax, Hkv, D], a validity
