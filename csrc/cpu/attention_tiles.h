@@ -15,16 +15,10 @@ constexpr int64_t kTile = 32;  // key slots per tile
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 
-// Compiler hints. They only affect speed: without them the loops below stay correct but may not be
-// vectorised the intended way.
+// Prefetch hint. It only affects speed.
 #if defined(__GNUC__)
-#define DSPARK_ASSUME(cond) \
-  do {                      \
-    if (!(cond)) __builtin_unreachable(); \
-  } while (0)
 #define DSPARK_PREFETCH(addr) __builtin_prefetch(addr)
 #else
-#define DSPARK_ASSUME(cond) ((void)0)
 #define DSPARK_PREFETCH(addr) ((void)0)
 #endif
 

@@ -68,7 +68,6 @@ class LlamaModel:
         """weights: Hugging Face names without the `model.` prefix (embed_tokens.weight,
         layers.{i}.self_attn.q_proj.weight, ..., norm.weight, lm_head.weight)."""
         self.config = config
-        self._invariant = True  # set per round by forward()
         self.weights = weights = dict(weights)  # fused projections are added, the caller's dict is left alone
         self.inv_freq = rope_inverse_frequencies(config).float().to(weights["embed_tokens.weight"].device)
         # Tied checkpoints may still carry a (stale or identical) lm_head; transformers uses the embedding.
@@ -116,10 +115,11 @@ class LlamaModel:
                     elif any(n in w for n in names):
                         raise ValueError(f"layer {i}: {kind} present for some of {parts} only")
 
-    def _attention(self, i: int, x: torch.Tensor, cos, sin, cache: KVCache, rnd: Round) -> torch.Tensor:
+    def _attention(self, i: int, x: torch.Tensor, cos, sin, cache: KVCache, rnd: Round,
+                   invariant: bool) -> torch.Tensor:
         c, w = self.config, self.weights
         prefix = f"layers.{i}.self_attn."
-        qkv = linear(x, w[prefix + "qkv_proj.weight"], w.get(prefix + "qkv_proj.bias"), self._invariant)
+        qkv = linear(x, w[prefix + "qkv_proj.weight"], w.get(prefix + "qkv_proj.bias"), invariant)
         qkv = qkv.view(-1, c.num_heads + 2 * c.num_kv_heads, c.head_dim)
         q, k, v = qkv.split([c.num_heads, c.num_kv_heads, c.num_kv_heads], dim=1)
         if c.qk_norm:
@@ -135,16 +135,16 @@ class LlamaModel:
             attend = ops.tree_attention if i == 0 else tree_attention_same_round
             out = attend(q, cache.k[i], cache.v[i], rnd.qo_indptr, cache.seqlens, rnd.parents, cache.block_table)
         return linear(out.reshape(x.shape[0], -1), w[prefix + "o_proj.weight"], w.get(prefix + "o_proj.bias"),
-                      self._invariant)
+                      invariant)
 
-    def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, i: int, x: torch.Tensor, invariant: bool) -> torch.Tensor:
         w = self.weights
         prefix = f"layers.{i}.mlp."
         # Biases exist only in Llama checkpoints with mlp_bias=True; absent ones read as None.
         gate, up = linear(x, w[prefix + "gate_up_proj.weight"], w.get(prefix + "gate_up_proj.bias"),
-                          self._invariant).chunk(2, dim=-1)
+                          invariant).chunk(2, dim=-1)
         return linear(F.silu(gate) * up, w[prefix + "down_proj.weight"], w.get(prefix + "down_proj.bias"),
-                      self._invariant)
+                      invariant)
 
     @torch.inference_mode()
     def forward(self, cache: KVCache, rnd: Round,
@@ -156,14 +156,15 @@ class LlamaModel:
         # Decoding and verification rounds must give a token the same result whatever else shares the
         # round (greedy speculative decoding = plain decoding); only fresh prefills may take MKL's
         # faster fp32 GEMM for many rows.
-        self._invariant = rnd.fresh_prefill_len == 0
+        invariant = rnd.fresh_prefill_len == 0
         cos, sin = rope_tables(rnd.positions, self.inv_freq)
         h = F.embedding(rnd.tokens, w["embed_tokens.weight"])
         captured = []
         for i in range(c.num_layers):
             h = h + self._attention(i, rms_norm(h, w[f"layers.{i}.input_layernorm.weight"], c.rms_norm_eps), cos, sin,
-                                    cache, rnd)
-            h = h + self._mlp(i, rms_norm(h, w[f"layers.{i}.post_attention_layernorm.weight"], c.rms_norm_eps))
+                                    cache, rnd, invariant)
+            h = h + self._mlp(i, rms_norm(h, w[f"layers.{i}.post_attention_layernorm.weight"], c.rms_norm_eps),
+                              invariant)
             if i in capture_layers:
                 captured.append(h)
         return rms_norm(h, w["norm.weight"], c.rms_norm_eps), captured
