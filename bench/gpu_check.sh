@@ -2,7 +2,7 @@
 # On a GPU machine: build dspark._C with the CUDA kernels, then run the GPU tests one file and one
 # backend per process (an illegal memory access poisons the CUDA context of the whole process, so a
 # crash in one kernel must not fail the others). Logs go to ${OUT:-/tmp/gpu-check}.
-#   bench/gpu_check.sh [build|tests|all|sanitize]   (DSPARK_CUDA_ARCHS=90a builds for the H100/H200 only)
+#   bench/gpu_check.sh [build|tests|all|sanitize|fuzz]   (DSPARK_CUDA_ARCHS=90a builds for the H100/H200 only)
 #   BACKENDS="cuda" restricts the tests; `sanitize` runs compute-sanitizer memcheck and racecheck over
 #   the CUDA backend's kernel tests, with torch's caching allocator off so out-of-bounds accesses are seen.
 set -u
@@ -19,6 +19,21 @@ if [ "$what" = build ] || [ "$what" = all ]; then
   echo "build: $(( $(date +%s) - start )) s; with_cuda=$(python3 -c 'import dspark._C as c; print(c.with_cuda)')"
 fi
 [ "$what" = build ] && exit 0
+if [ "$what" = fuzz ]; then
+  # The op fuzzer on CUDA tensors (tests/opfuzz): FUZZ_CASES per op for Triton and CUDA, then the CUDA
+  # backend again under compute-sanitizer memcheck at a smaller budget. Summaries: fuzz-*.json.
+  for backend in triton cuda; do
+    DSPARK_TRITON_AUTOTUNE=0 timeout "${FUZZ_TIMEOUT:-300}" python3 tests/opfuzz/runner.py --device cuda \
+      --backends $backend --cases "${FUZZ_CASES:-300}" --jobs 2 --slices 2 --json "$OUT/fuzz-$backend.json" \
+      >"$OUT/fuzz-$backend.log" 2>&1
+    echo "fuzz $backend rc=$? $(tr -d '\n ' < "$OUT/fuzz-$backend.json" 2>/dev/null | grep -o '"outcomes":{[^}]*}[^}]*}[^}]*}')"
+  done
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool memcheck \
+    --error-exitcode 9 python3 tests/opfuzz/runner.py --device cuda --backends cuda --cases "${SANITIZE_CASES:-60}" \
+    --jobs 1 --timeout 120 --json "$OUT/fuzz-cuda-memcheck.json" >"$OUT/fuzz-cuda-memcheck.log" 2>&1
+  echo "fuzz cuda memcheck rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/fuzz-cuda-memcheck.log" | sort | uniq -c | tr '\n' ' ')"
+  exit 0
+fi
 if [ "$what" = sanitize ]; then
   for tool in memcheck racecheck; do
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool $tool \
@@ -29,7 +44,7 @@ if [ "$what" = sanitize ]; then
   exit 0
 fi
 files="tests/test_tree_attention.py tests/test_rejection_sample.py tests/test_rejection_sample_distribution.py
-       tests/test_kv_rollback.py tests/test_custom_ops.py"
+       tests/test_kv_rollback.py tests/test_custom_ops.py tests/test_validation.py tests/test_op_regressions.py"
 for backend in ${BACKENDS:-triton cuda}; do
   for f in $files; do
     name=$(basename "$f" .py)

@@ -76,6 +76,11 @@ ATTENTION_CASES = {
     "parent in other request": (_set("parents", torch.tensor([-1, 0, 0, -1, -1], dtype=I32)), "parents"),
     "root parent": (_set("parents", torch.tensor([0, 0, 0, -1, 0], dtype=I32)), "parents"),
     "backend": (_set("backend", "tpu"), "backend"),
+    "zero query heads": (_set("q", lambda x: x["q"][:, :0]), "at least one head"),
+    "zero head_dim": (lambda x: x.update(q=x["q"][..., :0], k_cache=x["k_cache"][..., :0],
+                                         v_cache=x["v_cache"][..., :0]), "head_dim >= 1"),
+    "q as a list": (_set("q", lambda x: x["q"].tolist()), "q must be a torch.Tensor"),
+    "sm_scale a string": (_set("sm_scale", "0.5"), "sm_scale"),
 }
 
 PAGED_CASES = {
@@ -107,6 +112,9 @@ SAMPLING_CASES = {
     "uniforms range": (lambda x: x.update(seed=None, uniforms=torch.full((5, 2), 1.0, dtype=torch.float64)),
                        "uniforms"),
     "max_nodes too small": (_set("max_nodes", 1), "max_nodes"),
+    "offset without seed": (lambda x: x.update(seed=None, offset=3, uniforms=torch.rand(5, 2, dtype=torch.float64)),
+                            "offset needs a seed"),
+    "logits as a list": (_set("target_logits", lambda x: x["target_logits"].tolist()), "target_logits must be"),
 }
 
 ROLLBACK_CASES = {
@@ -120,7 +128,30 @@ ROLLBACK_CASES = {
     "seqlens dtype": (_set("cache_seqlens", lambda x: x["cache_seqlens"].long()), "cache_seqlens"),
     "seqlens negative": (_set("cache_seqlens", torch.tensor([-3, 9], dtype=I32)), "cache_seqlens"),
     "rows": (_set("cache_seqlens", torch.tensor([4, 9, 1], dtype=I32)), "accepted_nodes"),
+    "v is k": (_set("v_cache", lambda x: x["k_cache"]), "v_cache shares memory with k_cache"),
+    "v overlaps k": (lambda x: _overlapping(x, shift=16), "v_cache shares memory"),
+    "lengths are the counts": (_set("num_accepted", lambda x: x["cache_seqlens"]), "shares memory"),
+    "broadcast cache": (_set("k_cache", lambda x: x["k_cache"][:, :1].expand(x["k_cache"].shape)), "k_cache has"),
+    "lengths as a list": (_set("cache_seqlens", [4, 9]), "cache_seqlens must be a torch.Tensor"),
 }
+
+
+def _overlapping(inputs, shift):
+    """k and v as two windows of one buffer, `shift` elements apart."""
+    shape, numel = inputs["k_cache"].shape, inputs["k_cache"].numel()
+    buffer = torch.randn(numel + shift)
+    inputs.update(k_cache=buffer[:numel].view(shape), v_cache=buffer[shift:].view(shape))
+
+
+def test_kv_rollback_takes_k_and_v_from_one_buffer(backend):
+    """Disjoint halves of one allocation (one [2, ...] KV tensor) share no element: allowed."""
+    inputs = rollback_inputs()
+    expected = {k: v.clone() for k, v in inputs.items()}
+    ops.kv_rollback(**expected, backend="reference")
+    both = torch.stack([inputs["k_cache"], inputs["v_cache"]])
+    inputs.update(k_cache=both[0], v_cache=both[1])
+    ops.kv_rollback(**inputs, backend=backend)
+    assert torch.equal(both[0], expected["k_cache"]) and torch.equal(both[1], expected["v_cache"])
 
 
 def _snapshot(inputs):
@@ -176,3 +207,34 @@ def test_mismatched_devices_are_named():
     inputs["cache_seqlens"] = inputs["cache_seqlens"].to("meta")
     with pytest.raises(ValueError, match="cache_seqlens must be on cpu"):
         ops.tree_attention(**inputs)
+
+
+def _custom_op_sampling_args(**change):
+    x = sampling_inputs()
+    args = dict(target_logits=x["target_logits"], draft_tokens=x["draft_tokens"], qo_indptr=x["qo_indptr"],
+                parents=x["parents"], draft_probs=x["draft_probs"], temperature=torch.ones(2),
+                top_k=torch.zeros(2, dtype=I32), top_p=torch.ones(2), uniforms=None,
+                seed=torch.tensor([7, 8]), offset=torch.zeros(2, dtype=torch.int64), max_nodes=3)
+    args.update(change)
+    return list(args.values())
+
+
+@pytest.mark.parametrize("change, needle", [
+    (dict(uniforms=torch.rand(5, 2, dtype=torch.float64)), "one source of randomness"),  # was: uniforms won
+    (dict(offset=None), "seed and offset go together"),
+])
+def test_custom_op_refuses_ambiguous_randomness(backend, change, needle):
+    with pytest.raises(ValueError, match=needle):
+        torch.ops.dspark.rejection_sample(*_custom_op_sampling_args(**change), backend)
+
+
+def test_meta_tensors_check_the_backend_name_and_need_max_nodes():
+    meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in attention_inputs().items()}
+    assert ops.tree_attention(**meta).shape == (5, 4, 8)
+    with pytest.raises(ValueError, match="backend"):
+        ops.tree_attention(**meta, backend="tpu")
+    x = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in sampling_inputs().items()}
+    with pytest.raises(ValueError, match="max_nodes must be given"):
+        ops.rejection_sample(**x)
+    nodes, count, tokens = ops.rejection_sample(**x, max_nodes=4)
+    assert nodes.shape == tokens.shape == (2, 4) and count.shape == (2,)

@@ -301,6 +301,11 @@ def tree_attention(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block
         return out
     if q.stride(-1) != 1:
         q = q.contiguous()
+    # The kernel reads the index tensors by flat offsets: a strided view (every other element of a
+    # larger tensor) would make it read the gaps. .contiguous() is free for the usual contiguous ones.
+    qo_indptr, cache_seqlens = qo_indptr.contiguous(), cache_seqlens.contiguous()
+    parents = None if parents is None else parents.contiguous()
+    block_table = None if block_table is None else block_table.contiguous()
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if cache.stride(-1) != 1 or cache.stride() != k_cache.stride():
             raise ValueError(f"{name} must have contiguous head_dim and the same strides as k_cache")

@@ -337,7 +337,11 @@ void run(const TreeAttentionParams& p) {
 }  // namespace
 
 void tree_attention(const TreeAttentionParams& params) {
-  if (params.num_tokens <= 0 || params.head_dim <= 0) return;
+  // Validation (dspark/ops) refuses these; the guard keeps a direct call from dividing by a zero group.
+  if (params.num_tokens <= 0 || params.head_dim <= 0 || params.num_kv_heads <= 0 ||
+      params.num_q_heads < params.num_kv_heads || params.num_q_heads % params.num_kv_heads != 0) {
+    return;
+  }
   switch (params.dtype) {
     case DType::kFloat32: run<float>(params); break;
     case DType::kFloat16: run<Half>(params); break;

@@ -77,6 +77,12 @@ def preferred_backend(op: str, device: torch.device, filtered: bool | None = Non
     return None
 
 
+def check_backend_name(requested: str) -> None:
+    """The name alone, for the fake (meta) implementations: a typo fails while tracing too."""
+    if requested != "auto" and requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {requested!r}")
+
+
 def choose_backend(requested: str | None, device: torch.device) -> str:
     requested = requested or os.environ.get("DSPARK_BACKEND") or "auto"
     available = _available(device)
@@ -87,8 +93,7 @@ def choose_backend(requested: str | None, device: torch.device) -> str:
                 warnings.warn(f"dspark._C is not built ({_cpu_extension_error}); using the slow reference backend")
                 _warned_fallback = True
         return available[0]
-    if requested not in BACKENDS:
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {requested!r}")
+    check_backend_name(requested)
     if requested not in available:
         raise ValueError(f"backend {requested!r} cannot run on {device.type} tensors here"
                          f"{_why_unavailable(requested, device)}; available: {available}")

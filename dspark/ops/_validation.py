@@ -53,6 +53,66 @@ def check_tensor(
         fail(f"{name} must be on {device} like the other inputs, got {t.device}")
 
 
+def check_tensors(**tensors) -> None:
+    """The wrappers' first check: every named argument is a tensor (or None where it says so), so that a
+    list or a number gets our ValueError instead of the dispatcher's schema error."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _byte_extent(t: torch.Tensor) -> tuple[int, int]:
+    span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+    low = t.data_ptr() + t.element_size() * sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())
+                                                if stride < 0)
+    return low, low + (span + 1) * t.element_size()
+
+
+def _share_an_element(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b may address a common byte. Exact for two views of one layout (same dtype,
+    shape and strides: k and v halves of one buffer), otherwise by byte extents, which may refuse
+    interleaved views that do not in fact meet."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    (a_low, a_high), (b_low, b_high) = _byte_extent(a), _byte_extent(b)
+    if a_high <= b_low or b_high <= a_low:
+        return False
+    if a.dtype != b.dtype or a.shape != b.shape or a.stride() != b.stride():
+        return True
+    gap = abs(a.data_ptr() - b.data_ptr())
+    if gap % a.element_size():
+        return True
+    gap //= a.element_size()
+    dims = sorted((stride, size) for stride, size in zip(a.stride(), a.shape) if size > 1 and stride > 0)
+    reach = 0
+    for stride, size in dims:  # nested strides: each exceeds everything the smaller ones can reach
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    for stride, size in reversed(dims):  # then the greedy decomposition is the only one
+        gap -= min(gap // stride, size - 1) * stride
+    return gap == 0
+
+
+def check_no_aliasing(mutated: dict, others: dict) -> None:
+    """An op that writes in place refuses inputs that share memory with what it writes: its kernels
+    would read half-written data, and no two backends would agree on the result."""
+    named = {**mutated, **others}
+    present = {name: t for name, t in named.items() if isinstance(t, torch.Tensor)}
+    if any(t.device.type == "meta" or isinstance(t, FakeTensor) for t in present.values()):
+        return
+    for name, t in mutated.items():
+        if t is not None and t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
+            fail(f"{name} has elements that share memory (a broadcast or expanded view); the op writes it in place")
+    names = list(present)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            if (first in mutated or second in mutated) and _share_an_element(present[first], present[second]):
+                fail(f"{second} shares memory with {first}, which the op writes in place; pass separate tensors"
+                     + (" (v_cache=None compacts a single cache)" if {first, second} == {"k_cache", "v_cache"}
+                        else ""))
+
+
 def _shape_text(shape: tuple[int | None, ...]) -> str:
     return "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
 

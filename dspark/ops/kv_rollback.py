@@ -9,7 +9,7 @@ import torch
 
 from dspark.reference.kv_rollback import kv_rollback as reference_kv_rollback
 from dspark.ops import _validation as v
-from dspark.ops._backend import choose_backend, cpu_extension
+from dspark.ops._backend import check_backend_name, choose_backend, cpu_extension
 
 
 def _check_shapes(k_cache, v_cache, cache_seqlens, accepted_nodes, num_accepted, block_table) -> None:
@@ -26,6 +26,8 @@ def _check_shapes(k_cache, v_cache, cache_seqlens, accepted_nodes, num_accepted,
                    device=device)
     v.check_tensor("num_accepted", num_accepted, dtypes=(torch.int32,), ndim=1, shape=(num_requests,), device=device)
     v.check_block_table(block_table, num_requests, device)
+    v.check_no_aliasing(dict(k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens),
+                        dict(accepted_nodes=accepted_nodes, num_accepted=num_accepted, block_table=block_table))
     if block_table is None and k_cache.shape[-4] != num_requests:
         v.fail(f"contiguous k_cache must have one row per request ({num_requests}) in dim -4, got shape "
                f"{tuple(k_cache.shape)}")
@@ -80,6 +82,7 @@ def _kv_rollback_op(
 
 @_kv_rollback_op.register_fake
 def _(k_cache, v_cache, cache_seqlens, accepted_nodes, num_accepted, block_table=None, backend="auto"):
+    check_backend_name(backend)
     _check_shapes(k_cache, v_cache, cache_seqlens, accepted_nodes, num_accepted, block_table)
 
 
@@ -98,5 +101,8 @@ def kv_rollback(
     block_table [R, max_blocks]; leading dims are compacted in the same call. v_cache may be None, so
     that any per-token side cache (such as hidden states viewed as [R, S, 1, hidden]) compacts too.
     """
+    v.check_tensors(k_cache=k_cache, cache_seqlens=cache_seqlens, accepted_nodes=accepted_nodes,
+                    num_accepted=num_accepted, **({} if v_cache is None else {"v_cache": v_cache}),
+                    **({} if block_table is None else {"block_table": block_table}))
     torch.ops.dspark.kv_rollback(k_cache, v_cache, cache_seqlens, accepted_nodes, num_accepted, block_table,
                                  backend or "auto")

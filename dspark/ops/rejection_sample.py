@@ -8,10 +8,11 @@ explicit uniforms for the randomness).
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from dspark.reference.rejection_sample import rejection_sample as reference_rejection_sample
 from dspark.ops import _validation as v
-from dspark.ops._backend import choose_backend, cpu_extension, preferred_backend
+from dspark.ops._backend import check_backend_name, choose_backend, cpu_extension, preferred_backend
 
 
 def _check_shapes(target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature, top_k, top_p,
@@ -35,6 +36,10 @@ def _check_shapes(target_logits, draft_tokens, qo_indptr, parents, draft_probs, 
     if uniforms is not None:
         v.check_tensor("uniforms", uniforms, dtypes=(torch.float64, torch.float32), ndim=2, shape=(num_tokens, 2),
                        device=device)
+    if uniforms is not None and (seed is not None or offset is not None):
+        v.fail("pass one source of randomness: uniforms, or seed with offset, not both")
+    if (seed is None) != (offset is None):
+        v.fail(f"seed and offset go together; got only {'seed' if offset is None else 'offset'}")
     for name, t in (("seed", seed), ("offset", offset)):
         if t is not None:
             v.check_tensor(name, t, dtypes=(torch.int64,), ndim=1, shape=(num_requests,), device=device)
@@ -122,6 +127,7 @@ def _rejection_sample_op(
 @_rejection_sample_op.register_fake
 def _(target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature, top_k, top_p, uniforms, seed,
       offset, max_nodes, backend="auto"):
+    check_backend_name(backend)
     _check_shapes(target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature, top_k, top_p, uniforms,
                   seed, offset, max_nodes)
     num_requests = qo_indptr.shape[0] - 1
@@ -188,8 +194,9 @@ def rejection_sample(
     `generator` from which the uniforms are drawn. max_nodes: the output width, at least the
     deepest path + 1; None reads the largest n_r from qo_indptr (a host read on GPU).
     """
-    if not isinstance(target_logits, torch.Tensor) or not isinstance(qo_indptr, torch.Tensor):
-        v.fail("target_logits and qo_indptr must be tensors")
+    v.check_tensors(target_logits=target_logits, draft_tokens=draft_tokens, qo_indptr=qo_indptr,
+                    **{name: t for name, t in (("parents", parents), ("draft_probs", draft_probs),
+                                               ("uniforms", uniforms)) if t is not None})
     device = target_logits.device
     num_requests = qo_indptr.shape[0] - 1 if qo_indptr.dim() == 1 else -1
     if num_requests < 1:
@@ -202,13 +209,18 @@ def rejection_sample(
     given = [name for name, x in (("generator", generator), ("seed", seed), ("uniforms", uniforms)) if x is not None]
     if len(given) > 1:
         v.fail(f"pass one source of randomness, got {' and '.join(given)}")
+    if offset is not None and seed is None:
+        v.fail("offset needs a seed: the Philox stream is (seed, offset)")
     if generator is not None:
         uniforms = torch.rand(target_logits.shape[0], 2, dtype=torch.float64, generator=generator,
                               device=generator.device).to(device)
     if seed is not None:
         seed = _per_request("seed", seed, num_requests, torch.int64, 0, device)
         offset = _per_request("offset", offset, num_requests, torch.int64, 0, device)
+    v.check_tensor("qo_indptr", qo_indptr, dtypes=(torch.int32,), ndim=1, device=device)
     if max_nodes is None:
+        if qo_indptr.device.type == "meta" or isinstance(qo_indptr, FakeTensor):
+            v.fail("max_nodes must be given when qo_indptr holds no data (meta or fake tensors, tracing)")
         max_nodes = max(int((qo_indptr[1:] - qo_indptr[:-1]).max()), 1)
     return torch.ops.dspark.rejection_sample(target_logits, draft_tokens, qo_indptr, parents, draft_probs,
                                              temperature, top_k, top_p, uniforms, seed, offset, max_nodes,

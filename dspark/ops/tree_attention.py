@@ -11,7 +11,7 @@ import torch
 
 from dspark.reference.tree_attention import tree_attention as reference_tree_attention
 from dspark.ops import _validation as v
-from dspark.ops._backend import choose_backend, cpu_extension
+from dspark.ops._backend import check_backend_name, choose_backend, cpu_extension
 
 
 def _check_shapes(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table) -> None:
@@ -23,6 +23,8 @@ def _check_shapes(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_
     num_kv_heads = k_cache.shape[2]
     if k_cache.shape[3] != head_dim:
         v.fail(f"k_cache head_dim must equal q's {head_dim}, got shape {tuple(k_cache.shape)}")
+    if num_q_heads == 0 or head_dim == 0:
+        v.fail(f"q must have at least one head and head_dim >= 1, got shape {tuple(q.shape)}")
     if num_kv_heads == 0 or num_q_heads % num_kv_heads:
         v.fail(f"q's {num_q_heads} heads must be a multiple of the cache's {num_kv_heads} KV heads")
     v.check_qo_indptr(qo_indptr, num_tokens, device)
@@ -88,6 +90,7 @@ def _run(chosen, q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_t
 
 @_tree_attention_op.register_fake
 def _(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents=None, block_table=None, sm_scale=None, backend="auto"):
+    check_backend_name(backend)
     _check_shapes(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
@@ -110,6 +113,11 @@ def tree_attention(
     already written at slots cache_seqlens[r] + i. Node i sees the committed slots and its
     ancestors-or-self (parents: int32 [T] local indices, None = chain). Returns [T, H_q, D].
     """
+    v.check_tensors(q=q, k_cache=k_cache, v_cache=v_cache, qo_indptr=qo_indptr, cache_seqlens=cache_seqlens,
+                    **({} if parents is None else {"parents": parents}),
+                    **({} if block_table is None else {"block_table": block_table}))
+    if sm_scale is not None and (isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float))):
+        v.fail(f"sm_scale must be a number or None, got {type(sm_scale).__name__}")
     return torch.ops.dspark.tree_attention(
         q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table, sm_scale, backend or "auto"
     )
