@@ -1,5 +1,5 @@
 """The op fuzzer (tests/opfuzz) at a bounded budget: random valid and broken inputs for the three ops
-through the wrappers, torch.ops.dspark.* and the same-round path, on every backend here, each case in
+through the wrappers, torch.ops.dspark.* and the plan/run path, on every backend here, each case in
 a crash-isolated worker process. Any crash, hang, mismatch with the reference, write outside what the
 op owns, accepted invalid input or unnamed error fails the test with the seed that replays it.
 

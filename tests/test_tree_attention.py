@@ -208,3 +208,40 @@ def test_cpu_rows_are_batch_invariant(dtype, block_size, group):
             single = ops.tree_attention(q[r * n: r * n + 1], k_cache, v_cache, torch.tensor([0, 1], dtype=torch.int32),
                                         torch.tensor([committed[r]], dtype=torch.int32), None, table, backend="cpu")
             assert torch.equal(single, full[r][:1]), (chain, committed[r])
+
+
+# Plan once per round, run per layer.
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_plan_runs_every_layer_like_the_op(backend, block_size):
+    gen = torch.Generator().manual_seed(31)
+    rnd = random_round(gen, 3, 7, 40, chain=False)
+    needed = [c + n for c, n in zip(rnd.cache_seqlens.tolist(), rnd.counts)]
+    device = device_of(backend)
+    layers = [random_cache(gen, needed, 2, 32, torch.float32, block_size) for _ in range(3)]
+    meta = [None if t is None else t.to(device) for t in (rnd.qo_indptr, rnd.cache_seqlens, rnd.parents,
+                                                          layers[0].block_table)]
+    num_tokens = int(rnd.qo_indptr[-1])
+    plan = ops.plan_tree_attention(*meta, num_tokens=num_tokens, num_q_heads=8, k_cache=layers[0].k.to(device),
+                                   backend=backend)
+    assert plan.backend == backend
+    for cache in layers:  # same metadata, different caches and queries: the layers of one forward
+        q = torch.randn(num_tokens, 8, 32, generator=gen)
+        out = plan.run(q.to(device), cache.k.to(device), cache.v.to(device)).cpu()
+        truth = reference_tree_attention(q.double(), cache.k.double(), cache.v.double(), rnd.qo_indptr,
+                                         rnd.cache_seqlens, rnd.parents, layers[0].block_table)
+        torch.testing.assert_close(out.double(), truth, **TOLERANCE[torch.float32])
+
+
+def test_plan_validates_once_and_run_checks_shapes():
+    k = torch.randn(2, 12, 2, 8)
+    qo_indptr, seqlens = torch.tensor([0, 3, 5], dtype=torch.int32), torch.tensor([4, 9], dtype=torch.int32)
+    with pytest.raises(ValueError, match="parents"):
+        ops.plan_tree_attention(qo_indptr, seqlens, torch.tensor([-1, 0, 2, -1, 0], dtype=torch.int32),
+                                num_tokens=5, num_q_heads=4, k_cache=k)
+    with pytest.raises(ValueError, match="k_cache"):
+        ops.plan_tree_attention(qo_indptr, torch.tensor([4, 11], dtype=torch.int32), num_tokens=5, num_q_heads=4,
+                                k_cache=k)
+    plan = ops.plan_tree_attention(qo_indptr, seqlens, num_tokens=5, num_q_heads=4, k_cache=k)
+    for q, cache in ((torch.randn(5, 2, 8), k), (torch.randn(5, 4, 8).double(), k), (torch.randn(5, 4, 8), k[:1])):
+        with pytest.raises(ValueError, match="the plan is for"):
+            plan.run(q, cache, cache)

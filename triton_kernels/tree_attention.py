@@ -10,8 +10,8 @@ programs (flash-decoding) and merged by their log-sum-exp in `_merge_splits_kern
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import weakref
 
 import torch
 import triton
@@ -221,22 +221,10 @@ _attention = _tree_attention_kernel if not _AUTOTUNE else triton.autotune(
     _gpu_configs(), key=["GROUP", "HEAD_DIM", "BLOCK_M", "PAGED", "TREE", "SPLIT", "IEEE", "UPCAST"])(_tree_attention_kernel)
 # Tests turn this off to run, on CPU, the shape-only plan (with spare work items) that CUDA tensors get.
 EXACT_PLAN_ON_HOST = True
-_round_memo: dict = {}  # name -> (weak refs and versions of the inputs, key, value)
 
 
-def _once_per_round(name: str, inputs: tuple, key, build):
-    """build(), or its last value when called again with the same tensor objects, unchanged since
-    (version counters), and the same key: every layer of a round passes the same round tensors."""
-    entry = _round_memo.get(name)
-    if entry is not None and entry[1] == key and len(entry[0]) == len(inputs) and all(
-            ref() is t and version == t._version for (ref, version), t in zip(entry[0], inputs)):
-        return entry[2]
-    value = build()
-    _round_memo[name] = ([(weakref.ref(t), t._version) for t in inputs], key, value)
-    return value
-
-
-def _build_ancestor_words(parents: torch.Tensor, qo_indptr: torch.Tensor, largest: int | None) -> torch.Tensor:
+def ancestor_words(parents: torch.Tensor, qo_indptr: torch.Tensor, largest: int | None = None) -> torch.Tensor:
+    """Packed ancestor-or-self bits, int32 [T, ceil(T / 32)]: one small kernel, once per round (plan)."""
     num_tokens = parents.shape[0]
     num_words = max(triton.cdiv(num_tokens, WORD_BITS), 1)
     words = torch.empty(num_tokens, num_words, dtype=torch.int32, device=parents.device)
@@ -247,13 +235,9 @@ def _build_ancestor_words(parents: torch.Tensor, qo_indptr: torch.Tensor, larges
     return words
 
 
-def ancestor_words(parents: torch.Tensor, qo_indptr: torch.Tensor, largest: int | None = None) -> torch.Tensor:
-    """Packed ancestor-or-self bits, int32 [T, ceil(T / 32)], built once per round."""
-    return _once_per_round("ancestor_words", (parents, qo_indptr), largest,
-                           lambda: _build_ancestor_words(parents, qo_indptr, largest))
-
-
-def _build_work_items(qo_indptr: torch.Tensor, nodes_per_tile: int, num_items: int) -> torch.Tensor:
+def work_items(qo_indptr: torch.Tensor, nodes_per_tile: int, num_items: int) -> torch.Tensor:
+    """int32 [2, num_items]: each item's request (-1 for spares) and first node, built on the device
+    (no host sync) once per round. num_items bounds sum_r ceil(n_r / nodes_per_tile)."""
     counts = qo_indptr[1:] - qo_indptr[:-1]
     tiles = (counts + nodes_per_tile - 1) // nodes_per_tile
     ends = torch.cumsum(tiles, 0)
@@ -262,13 +246,6 @@ def _build_work_items(qo_indptr: torch.Tensor, nodes_per_tile: int, num_items: i
     last = counts.shape[0] - 1
     first_node = (item - (ends - tiles)[request.clamp(max=last)]) * nodes_per_tile
     return torch.stack([torch.where(request <= last, request, -1), first_node]).to(torch.int32)
-
-
-def work_items(qo_indptr: torch.Tensor, nodes_per_tile: int, num_items: int) -> torch.Tensor:
-    """int32 [2, num_items]: each item's request (-1 for spares) and first node, built on the device
-    (no host sync) once per round. num_items bounds sum_r ceil(n_r / nodes_per_tile)."""
-    return _once_per_round("work_items", (qo_indptr,), (nodes_per_tile, num_items),
-                           lambda: _build_work_items(qo_indptr, nodes_per_tile, num_items))
 
 
 def _num_processors(device: torch.device) -> int:
@@ -289,30 +266,40 @@ def plan(num_tokens: int, num_requests: int, num_kv_heads: int, group: int, capa
     return block_m, splits, chunk
 
 
-def tree_attention(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table, sm_scale,
-                   num_splits: int | None = None) -> torch.Tensor:
-    """Launcher; inputs validated by dspark.ops. `num_splits` overrides the plan (tests)."""
-    num_tokens, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    group = num_q_heads // num_kv_heads
-    num_requests = qo_indptr.shape[0] - 1
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    if num_tokens == 0:
-        return out
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    # The kernel reads the index tensors by flat offsets: a strided view (every other element of a
-    # larger tensor) would make it read the gaps. .contiguous() is free for the usual contiguous ones.
+@dataclasses.dataclass
+class Prepared:
+    """What one round's layers share: contiguous index tensors, tile plan, work list, ancestor bits."""
+    qo_indptr: torch.Tensor
+    cache_seqlens: torch.Tensor
+    block_table: torch.Tensor | None
+    words: torch.Tensor  # ancestor bits [T, W] for trees, else any int32 tensor (unused)
+    items: torch.Tensor
+    tree: bool
+    block_m: int
+    splits: int
+    chunk: int
+    block_size: int
+
+
+def prepare(num_tokens: int, num_q_heads: int, k_cache_shape: tuple[int, ...], qo_indptr: torch.Tensor,
+            cache_seqlens: torch.Tensor, parents: torch.Tensor | None, block_table: torch.Tensor | None,
+            num_splits: int | None = None) -> Prepared:
+    """The per-round part of the launch (plan once, launch per layer). `num_splits` overrides the plan (tests)."""
+    # The kernels read the index tensors by flat offsets: a strided view (every other element of a
+    # larger tensor) would make them read the gaps. .contiguous() is free for the usual contiguous ones.
     qo_indptr, cache_seqlens = qo_indptr.contiguous(), cache_seqlens.contiguous()
     parents = None if parents is None else parents.contiguous()
     block_table = None if block_table is None else block_table.contiguous()
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if cache.stride(-1) != 1 or cache.stride() != k_cache.stride():
-            raise ValueError(f"{name} must have contiguous head_dim and the same strides as k_cache")
+    num_kv_heads = k_cache_shape[2]
+    group = num_q_heads // num_kv_heads
+    num_requests = qo_indptr.shape[0] - 1
     paged = block_table is not None
-    block_size = k_cache.shape[1] if paged else 1
-    capacity = block_table.shape[1] * block_size if paged else k_cache.shape[1]
-    block_m, splits, chunk = plan(num_tokens, num_requests, num_kv_heads, group, capacity, q.device)
+    block_size = k_cache_shape[1] if paged else 1
+    capacity = block_table.shape[1] * block_size if paged else k_cache_shape[1]
+    if num_tokens == 0:  # an idle round: launch returns before reading any of this
+        return Prepared(qo_indptr, cache_seqlens, block_table, qo_indptr, qo_indptr, parents is not None, 16, 1, 1,
+                        block_size)
+    block_m, splits, chunk = plan(num_tokens, num_requests, num_kv_heads, group, capacity, qo_indptr.device)
     nodes_per_tile = block_m // group
     if qo_indptr.device.type == "cpu" and EXACT_PLAN_ON_HOST:  # host data already: an exact plan costs nothing
         counts = (qo_indptr[1:] - qo_indptr[:-1]).tolist()
@@ -324,25 +311,45 @@ def tree_attention(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block
         splits, chunk = num_splits, triton.cdiv(capacity, num_splits)
     tree = parents is not None
     words = ancestor_words(parents, qo_indptr, largest) if tree else qo_indptr
-    num_words = words.shape[1] if tree else 0
+    return Prepared(qo_indptr, cache_seqlens, block_table, words, items, tree, block_m, splits, chunk, block_size)
+
+
+def launch(prepared: Prepared, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+           sm_scale: float) -> torch.Tensor:
+    """One layer of a prepared round; q, k_cache and v_cache have the shapes the round was prepared for."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.stride(-1) != 1 or cache.stride() != k_cache.stride():
+            raise ValueError(f"{name} must have contiguous head_dim and the same strides as k_cache")
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if num_tokens == 0:
+        return out
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    p = prepared
+    splits = p.splits
+    num_words = p.words.shape[1] if p.tree else 0
     if splits > 1:
         dest = torch.empty(splits, *q.shape, dtype=torch.float32, device=q.device)
         lse = torch.empty(splits, num_tokens, num_q_heads, dtype=torch.float32, device=q.device)
     else:
         dest, lse = out.unsqueeze(0), out
-    table = block_table if paged else qo_indptr
-    grid = (items.shape[1], num_kv_heads, splits)
+    paged = p.block_table is not None
+    table = p.block_table if paged else p.qo_indptr
+    grid = (p.items.shape[1], num_kv_heads, splits)
     extra = {} if _AUTOTUNE else _FIXED_TILE
     # BLOCK_D >= 16: tl.dot needs K >= 16 on a GPU (the interpreter does not), padded dims are masked.
     _attention[grid](
-        q, k_cache, v_cache, dest, lse, qo_indptr, cache_seqlens, words, table, items,
-        sm_scale * 1.4426950408889634, items.shape[1], num_words, chunk,
+        q, k_cache, v_cache, dest, lse, p.qo_indptr, p.cache_seqlens, p.words, table, p.items,
+        sm_scale * 1.4426950408889634, p.items.shape[1], num_words, p.chunk,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         table.stride(0) if paged else 0,
         dest.stride(0), dest.stride(1), dest.stride(2), lse.stride(0) if splits > 1 else 0,
         lse.stride(1) if splits > 1 else 0,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(triton.next_power_of_2(head_dim), 16), BLOCK_M=block_m,
-        BLOCK_SIZE=block_size, PAGED=paged, TREE=tree, SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(triton.next_power_of_2(head_dim), 16), BLOCK_M=p.block_m,
+        BLOCK_SIZE=p.block_size, PAGED=paged, TREE=p.tree, SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
         UPCAST=_INTERPRETED and q.dtype != torch.float32, **extra,
     )
     if splits > 1:
@@ -351,3 +358,11 @@ def tree_attention(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block
             BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_S=triton.next_power_of_2(splits),
             UPCAST=_INTERPRETED)
     return out
+
+
+def tree_attention(q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table, sm_scale,
+                   num_splits: int | None = None) -> torch.Tensor:
+    """One call without a plan: prepare and launch. Inputs validated by dspark.ops."""
+    prepared = prepare(q.shape[0], q.shape[1], tuple(k_cache.shape), qo_indptr, cache_seqlens, parents,
+                       block_table, num_splits)
+    return launch(prepared, q, k_cache, v_cache, sm_scale)

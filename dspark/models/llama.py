@@ -18,7 +18,6 @@ from dspark.cache import KVCache
 from dspark.models import flash_prefill
 from dspark.models.config import ModelConfig, rope_type
 from dspark.models.linear import linear
-from dspark.ops.tree_attention import tree_attention_same_round
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -115,7 +114,7 @@ class LlamaModel:
                     elif any(n in w for n in names):
                         raise ValueError(f"layer {i}: {kind} present for some of {parts} only")
 
-    def _attention(self, i: int, x: torch.Tensor, cos, sin, cache: KVCache, rnd: Round,
+    def _attention(self, i: int, x: torch.Tensor, cos, sin, cache: KVCache, rnd: Round, plan,
                    invariant: bool) -> torch.Tensor:
         c, w = self.config, self.weights
         prefix = f"layers.{i}.self_attn."
@@ -131,9 +130,7 @@ class LlamaModel:
         if flash_prefill.applies(q, rnd):
             out = flash_prefill.attention(q, k, v, rnd, 1.0 / math.sqrt(c.head_dim))
         else:
-            # The round's metadata is validated once, by the first layer's call.
-            attend = ops.tree_attention if i == 0 else tree_attention_same_round
-            out = attend(q, cache.k[i], cache.v[i], rnd.qo_indptr, cache.seqlens, rnd.parents, cache.block_table)
+            out = plan.run(q, cache.k[i], cache.v[i])
         return linear(out.reshape(x.shape[0], -1), w[prefix + "o_proj.weight"], w.get(prefix + "o_proj.bias"),
                       invariant)
 
@@ -158,11 +155,14 @@ class LlamaModel:
         # faster fp32 GEMM for many rows.
         invariant = rnd.fresh_prefill_len == 0
         cos, sin = rope_tables(rnd.positions, self.inv_freq)
+        # The round's metadata is validated and prepared once for every layer.
+        plan = ops.plan_tree_attention(rnd.qo_indptr, cache.seqlens, rnd.parents, cache.block_table,
+                                       num_tokens=rnd.tokens.shape[0], num_q_heads=c.num_heads, k_cache=cache.k[0])
         h = F.embedding(rnd.tokens, w["embed_tokens.weight"])
         captured = []
         for i in range(c.num_layers):
             h = h + self._attention(i, rms_norm(h, w[f"layers.{i}.input_layernorm.weight"], c.rms_norm_eps), cos, sin,
-                                    cache, rnd, invariant)
+                                    cache, rnd, plan, invariant)
             h = h + self._mlp(i, rms_norm(h, w[f"layers.{i}.post_attention_layernorm.weight"], c.rms_norm_eps),
                               invariant)
             if i in capture_layers:

@@ -1,10 +1,13 @@
 """tree_attention: the target verifies every request's draft chain or tree in one pass (DESIGN.md, op 1).
 
 Registered as `torch.ops.dspark.tree_attention`; `dspark.ops.tree_attention` is the friendly wrapper.
+`plan_tree_attention` validates and prepares a round's metadata once; its `run` serves every layer with
+no validation and no host reads (FlashInfer's plan/run split).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -123,23 +126,73 @@ def tree_attention(
     )
 
 
-def tree_attention_same_round(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+@dataclasses.dataclass(frozen=True, eq=False)
+class TreeAttentionPlan:
+    """One round's validated metadata and the chosen backend's per-round preparation. `run` is the
+    per-layer call: it checks only that q and the caches have the shapes, dtype and device planned for
+    (attribute comparisons), so a forward pays validation once, not once per layer."""
+
+    backend: str
+    q_shape: tuple[int, int, int]
+    cache_shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    qo_indptr: torch.Tensor
+    cache_seqlens: torch.Tensor
+    parents: torch.Tensor | None
+    block_table: torch.Tensor | None
+    prepared: object = None  # the Triton launcher's work list and ancestor bits
+
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            sm_scale: float | None = None) -> torch.Tensor:
+        if (q.shape != self.q_shape or k_cache.shape != self.cache_shape or v_cache.shape != self.cache_shape
+                or q.dtype != self.dtype or k_cache.dtype != self.dtype or v_cache.dtype != self.dtype
+                or q.device != self.device or k_cache.device != self.device or v_cache.device != self.device):
+            v.fail(f"the plan is for q {self.q_shape} and caches {self.cache_shape} ({self.dtype} on {self.device}); "
+                   f"got q {tuple(q.shape)} {q.dtype} on {q.device}, k_cache {tuple(k_cache.shape)} {k_cache.dtype} "
+                   f"on {k_cache.device}, v_cache {tuple(v_cache.shape)} {v_cache.dtype}")
+        scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+        if self.backend == "triton":
+            from dspark.triton_kernels.tree_attention import launch
+
+            return launch(self.prepared, q, k_cache, v_cache, scale)
+        return _run(self.backend, q, k_cache, v_cache, self.qo_indptr, self.cache_seqlens, self.parents,
+                    self.block_table, scale)
+
+
+def plan_tree_attention(
     qo_indptr: torch.Tensor,
     cache_seqlens: torch.Tensor,
     parents: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None,
-    sm_scale: float | None = None,
-) -> torch.Tensor:
-    """tree_attention for the second and later layers of one forward pass, whose first layer went through
-    `tree_attention` with the same qo_indptr, cache_seqlens, parents and block_table and caches of the
-    same shape: those were validated then, so only q and the caches are checked here, and the call skips
-    the custom-op dispatch (~0.1 ms a call on a CPU, 3 ms a step for a 30-layer model). Not traceable by
-    torch.compile; use `tree_attention` there."""
-    if q.device.type != k_cache.device.type or q.dtype != k_cache.dtype or k_cache.shape != v_cache.shape:
-        v.fail(f"q {q.dtype} on {q.device} and k_cache/v_cache {k_cache.dtype} on {k_cache.device} with equal "
-               f"shapes expected, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    return _run(choose_backend(None, q.device), q, k_cache, v_cache, qo_indptr, cache_seqlens, parents, block_table,
-                sm_scale)
+    *,
+    num_tokens: int,
+    num_q_heads: int,
+    k_cache: torch.Tensor,
+    backend: str | None = None,
+) -> TreeAttentionPlan:
+    """Validate a round's metadata (qo_indptr, cache_seqlens, parents, block_table) for queries of
+    [num_tokens, num_q_heads, k_cache.shape[-1]] over caches shaped like k_cache, choose the backend and
+    prepare what every layer shares. The metadata must not change until the round's last `run`."""
+    v.check_tensors(qo_indptr=qo_indptr, cache_seqlens=cache_seqlens, k_cache=k_cache,
+                    **({} if parents is None else {"parents": parents}),
+                    **({} if block_table is None else {"block_table": block_table}))
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+        v.fail(f"num_tokens must be an integer >= 0, got {num_tokens!r}")
+    if isinstance(num_q_heads, bool) or not isinstance(num_q_heads, int):
+        v.fail(f"num_q_heads must be an integer, got {num_q_heads!r}")
+    # A stand-in q of the planned shape (one element, broadcast): the op's own checks then apply as is.
+    if k_cache.dim() != 4:
+        v.fail(f"k_cache must have 4 dimensions, got shape {tuple(k_cache.shape)}")
+    q = k_cache.new_empty(1).expand(num_tokens, num_q_heads, k_cache.shape[-1])
+    _check_shapes(q, k_cache, k_cache, qo_indptr, cache_seqlens, parents, block_table)
+    _check_values(q, k_cache, qo_indptr, cache_seqlens, block_table)
+    chosen = choose_backend(backend, k_cache.device)
+    contiguous = [None if t is None else t.contiguous() for t in (qo_indptr, cache_seqlens, parents, block_table)]
+    prepared = None
+    if chosen == "triton":
+        from dspark.triton_kernels.tree_attention import prepare
+
+        prepared = prepare(num_tokens, num_q_heads, tuple(k_cache.shape), *contiguous)
+    return TreeAttentionPlan(chosen, tuple(q.shape), tuple(k_cache.shape), k_cache.dtype, k_cache.device, *contiguous,
+                             prepared=prepared)

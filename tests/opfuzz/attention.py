@@ -126,6 +126,8 @@ def break_tree_attention(rng: random.Random, args: dict, entry: str) -> Broken:
         name = rng.choice([n for n in ("k_cache", "v_cache", "qo_indptr", "cache_seqlens", "parents", "block_table")
                            if args.get(n) is not None])
         args[name] = args[name].to("meta")
+        if entry == "plan" and name == "k_cache":  # a plan takes its device from k_cache: the others differ
+            return Broken(kind, ("k_cache", "qo_indptr", "cache_seqlens", "q"), False)
         return Broken(kind, (name,), False)
     if kind == "backend":
         args["backend"] = rng.choice(["tpu", "CPU", ""]) or "x"

@@ -36,7 +36,7 @@ class Broken:
 class Case:
     op: str
     seed: int
-    entry: str  # "wrapper", "custom_op" or "same_round"
+    entry: str  # "wrapper", "custom_op" or "plan"
     args: dict  # argument name -> value, in the entry's order
     label: str  # what the valid part looks like
     broken: Broken | None = None

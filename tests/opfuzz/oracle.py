@@ -17,7 +17,6 @@ import traceback
 import torch
 
 from dspark import ops
-from dspark.ops.tree_attention import tree_attention_same_round
 from opfuzz.attention import break_tree_attention, tree_attention_case
 from opfuzz.common import Broken, Case, GeneratorSeed, Placer
 from opfuzz.rollback import break_kv_rollback, kv_rollback_case
@@ -37,16 +36,14 @@ TOLERANCE = {torch.float32: (1e-4, 2e-5), torch.float16: (2.0**-9, 2e-3), torch.
 def make_case(op: str, seed: int, backend: str, device: str = "cpu") -> Case:
     rng, gen = random.Random(f"{op}/{seed}"), torch.Generator().manual_seed(seed)
     build, breaker, paired = OPS[op]
-    default_backend = "cpu" if device == "cpu" else "triton"  # what tree_attention_same_round dispatches to
-    same_round = op == "tree_attention" and backend == default_backend
-    entries = ["wrapper", "wrapper", "custom_op"] + (["same_round"] if same_round else [])
+    entries = ["wrapper", "wrapper", "custom_op"] + (["plan"] if op == "tree_attention" else [])
     entry = rng.choice(entries)
     args, label = build(rng, gen, backend, entry)
     case = Case(op, seed, entry, args, label, mutated=MUTATED.get(op, ()))
     _place(case, rng, paired, torch.device(device))
-    if entry != "same_round" and rng.random() < 0.5:
+    if rng.random() < 0.5:
         case.broken = breaker(rng, case.args, entry)
-    shapes_only = case.entry != "same_round" and (case.broken is None or case.broken.label != "device")
+    shapes_only = case.entry != "plan" and (case.broken is None or case.broken.label != "device")
     if rng.random() < 0.08 and shapes_only:  # the same call on meta tensors, as under tracing
         if (case.op == "rejection_sample" and case.args["max_nodes"] is None  # meta holds no n_r to read
                 and isinstance(case.args["qo_indptr"], torch.Tensor)):
@@ -121,11 +118,14 @@ def call(case: Case, args: dict):
         names = ("q", "k_cache", "v_cache", "qo_indptr", "cache_seqlens", "parents", "block_table", "sm_scale")
         if case.entry == "custom_op":
             return torch.ops.dspark.tree_attention(*(a[n] for n in names), a["backend"])
-        out = ops.tree_attention(*(a[n] for n in names), backend=a["backend"])
-        if case.entry == "same_round":  # the later layers of a round: validated metadata, a new q
-            second = tree_attention_same_round(a["q2"], *(a[n] for n in names[1:]))
-            return out, second
-        return out
+        if case.entry == "plan":  # plan once, then two layers with different queries
+            q = a["q"]
+            plan = ops.plan_tree_attention(a["qo_indptr"], a["cache_seqlens"], a["parents"], a["block_table"],
+                                           num_tokens=q.shape[0], num_q_heads=q.shape[1], k_cache=a["k_cache"],
+                                           backend=a["backend"])
+            return (plan.run(q, a["k_cache"], a["v_cache"], a["sm_scale"]),
+                    plan.run(a["q2"], a["k_cache"], a["v_cache"], a["sm_scale"]))
+        return ops.tree_attention(*(a[n] for n in names), backend=a["backend"])
     if case.op == "rejection_sample":
         if case.entry == "custom_op":
             names = ("target_logits", "draft_tokens", "qo_indptr", "parents", "draft_probs", "temperature", "top_k",
@@ -152,8 +152,9 @@ def judge(case: Case, backend: str) -> tuple[str, str]:
     meta = any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in case.args.values())
     if broken is not None and meta and broken.needs_values:
         broken = None  # a value check cannot run on meta tensors: the op must still return shapes
-    if case.entry == "same_round":
-        case.args["q2"] = torch.randn(case.args["q"].shape).to(case.args["q"].dtype).to(case.args["q"].device)
+    if case.entry == "plan":
+        q = case.args["q"]
+        case.args["q2"] = torch.randn(q.shape).to(q.dtype).to(q.device) if q.dtype.is_floating_point else q
     before = {id(b): b.clone() for b in case.buffers.values()}
     expected = None
     if broken is None and not meta:
@@ -185,7 +186,7 @@ def _reference(case: Case):
     out = call(plain, args)
     if case.op == "kv_rollback":
         return {n: args[n] for n in MUTATED["kv_rollback"] if args[n] is not None}
-    if case.entry == "same_round":
+    if case.entry == "plan":
         args["q"] = case.args["q2"].cpu()
         return out, call(plain, args)
     return out
@@ -220,7 +221,7 @@ def _close(out: torch.Tensor, ref: torch.Tensor) -> str | None:
 
 def _compare(case: Case, result, expected, before) -> tuple[str, str]:
     if case.op == "tree_attention":
-        pairs = zip(result, expected) if case.entry == "same_round" else [(result, expected)]
+        pairs = zip(result, expected) if case.entry == "plan" else [(result, expected)]
         for out, ref in pairs:
             problem = _close(out, ref)
             if problem:
