@@ -51,11 +51,11 @@ else:
     extension = CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags}, **common)
 
 setup(
-    packages=["dspark", "dspark.ops", "dspark.reference", "dspark.models", "dspark.drafters", "dspark.train",
-              "dspark.triton_kernels"],
+    packages=["dspark", "dspark.cli", "dspark.ops", "dspark.reference", "dspark.models", "dspark.drafters",
+              "dspark.train", "dspark.triton_kernels"],
     package_dir={"dspark.triton_kernels": "triton_kernels"},
     # Trained drafters shipped for the default target (config.json, model.safetensors, draft_vocab.json).
-    package_data={"dspark.drafters": ["pretrained/*/*.json", "pretrained/*/*.safetensors"]},
+    package_data={"dspark": ["py.typed"], "dspark.drafters": ["pretrained/*/*.json", "pretrained/*/*.safetensors"]},
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension},
 )

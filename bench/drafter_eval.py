@@ -26,7 +26,7 @@ import time
 import torch
 
 from dspark.calibration import RecordingPolicy
-from dspark.cli import default_dtype
+from dspark.models.dtypes import default_dtype
 from dspark.drafters import DSparkDrafter, NgramDrafter
 from dspark.engine import Engine
 from dspark.models import load_model, load_tokenizer
@@ -107,7 +107,7 @@ def main() -> None:
             _, plain_speed, plain_out = decode(model, tokenizer, None, None, domain_prompts, params)
             for name, make in drafters.items():
                 drafter = make()
-                policy = RecordingPolicy(args.gamma) if getattr(drafter, "gives_confidences", False) else \
+                policy = RecordingPolicy(args.gamma) if drafter.gives_confidences else \
                     FixedLength(args.gamma)
                 summary, speed, out = decode(model, tokenizer, drafter, policy, domain_prompts, params)
                 record = {"drafter": name, "temperature": temperature, "domain": domain, "tau": summary["tau"],

@@ -19,12 +19,13 @@ import time
 
 import torch
 
-from dspark.cli import default_dtype
 from dspark.drafters import DraftModelDrafter, DSparkDrafter, HybridDrafter, NgramDrafter
 from dspark.engine import Engine
 from dspark.models import default_model_path, load_model, load_tokenizer
+from dspark.models.dtypes import default_dtype
+from dspark.profiling import load_or_measure_sps
 from dspark.sampling_params import SamplingParams
-from dspark.scheduler import FixedLength
+from dspark.scheduler import FixedLength, PrefixScheduler
 
 DOMAINS = {"code": "humaneval.jsonl", "math": "gsm8k.jsonl", "chat": "mt-bench.jsonl"}
 
@@ -45,10 +46,11 @@ def drafters(model, trained: list[str], only: str | None) -> dict:
             makers[f"{pathlib.Path(folder).name} gamma={gamma}"] = (
                 lambda folder=folder, gamma=gamma: DSparkDrafter.from_pretrained(folder, model, gamma),
                 lambda gamma=gamma: FixedLength(gamma))
+        prefix = lambda: PrefixScheduler(load_or_measure_sps(model, 8))  # noqa: E731 (as `dspark generate`)
         makers[f"{pathlib.Path(folder).name} gamma=7 prefix scheduler"] = (
-            lambda folder=folder: DSparkDrafter.from_pretrained(folder, model, 7), None)  # the engine's default
+            lambda folder=folder: DSparkDrafter.from_pretrained(folder, model, 7), prefix)
         makers[f"{pathlib.Path(folder).name} + n-gram gamma=7 prefix scheduler"] = (
-            lambda folder=folder: HybridDrafter.from_pretrained(folder, model, 7), None)  # `--drafter auto`
+            lambda folder=folder: HybridDrafter.from_pretrained(folder, model, 7), prefix)  # `--drafter auto`
     return {name: pair for name, pair in makers.items() if only is None or re.search(only, name)}
 
 

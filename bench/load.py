@@ -23,26 +23,25 @@ import time
 
 import torch
 
-from dspark.cli import default_dtype
+from dspark.models.dtypes import default_dtype
 from dspark.drafters import DSparkDrafter, HybridDrafter
 from dspark.engine import Engine
 from dspark.models import load_model, load_tokenizer
 from dspark.profiling import load_or_measure_sps
 from dspark.sampling_params import SamplingParams
-from dspark.scheduler import AsyncScheduler, ConfidenceThreshold, FixedLength, PrefixScheduler
+from dspark.scheduler import AsyncScheduler, ConfidenceThreshold, FixedLength, PrefixScheduler, VerificationPolicy
 
 DOMAINS = ("humaneval.jsonl", "gsm8k.jsonl", "mt-bench.jsonl")
 
 
-class Recording:
+class Recording(VerificationPolicy):
     """Wraps a policy; remembers the draft tokens it admitted per request and round."""
 
     def __init__(self, inner):
         self.inner, self.lengths = inner, []
 
     def should_draft(self, requests):
-        gate = getattr(self.inner, "should_draft", None)
-        return gate(requests) if gate else [True] * len(requests)
+        return self.inner.should_draft(requests)
 
     def choose(self, requests, proposals):
         lengths = self.inner.choose(requests, proposals)

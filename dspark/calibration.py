@@ -14,12 +14,12 @@ import math
 
 import torch
 
-from dspark.scheduler import FixedLength
+from dspark.scheduler import FixedLength, VerificationPolicy
 
 TEMPERATURES = [round(math.exp(x / 20), 4) for x in range(-40, 61)]  # 0.135 .. 20, log spaced
 
 
-class RecordingPolicy:
+class RecordingPolicy(VerificationPolicy):
     """FixedLength(gamma) that remembers each round's proposal confidences, and from each request's
     emitted count before and after the round, how many drafts were accepted."""
 
@@ -148,21 +148,6 @@ def reliability_diagram(path: str, logits, survived, valid, temperatures, title:
     plt.close(fig)
 
 
-# -- `dspark calibrate` -----------------------------------------------------------------------------
-def add_arguments(ap) -> None:
-    ap.add_argument("--drafter", required=True, help="drafter folder (written by train-drafter); gets the temperatures")
-    ap.add_argument("--data", required=True, help="the training jsonl: its held-out tail gives the prompts")
-    ap.add_argument("--holdout", type=int, default=32, help="as given to train-drafter (the same tail is held out)")
-    ap.add_argument("--model", default=None, help="target (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--png", default=None, help="reliability diagram (default: DRAFTER/reliability.png)")
-    ap.add_argument("--json", default=None, help="also write the report here")
-    ap.add_argument("--dry-run", action="store_true", help="report only; leave the drafter's temperatures as they are")
-
-
 def heldout_prompts(path: str, vocab_size: int, holdout: int) -> list[list[int]]:
     """The prompts of the sequences train-drafter held out (the last min(holdout, n // 10))."""
     from dspark.train.data import load_sequences
@@ -187,45 +172,3 @@ def collect(target, drafter, prompts, max_tokens: int, temperature: float, batch
     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=i) for i in range(len(prompts))]
     engine.generate(prompts, params)
     return policy.samples()
-
-
-def main(args) -> int:
-    import json
-    import os
-
-    from dspark.cli import default_dtype
-    from dspark.drafters.dspark import DSparkDrafter
-    from dspark.models import load_model
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    target = load_model(args.model, default_dtype("cpu") if not torch.cuda.is_available() else torch.bfloat16,
-                        "cuda" if torch.cuda.is_available() else "cpu")
-    drafter = DSparkDrafter.from_pretrained(args.drafter, target)
-    drafter.model.config.calibration = None  # raw confidences
-    prompts = heldout_prompts(args.data, target.config.vocab_size, args.holdout)
-    logits, survived, valid = collect(target, drafter, prompts, args.max_tokens, args.temperature, args.batch)
-    temps = fit_sts(logits, survived, valid)
-    rows = report(logits, survived, valid, temps)
-    result = {"temperatures": temps, "rounds": int(logits.shape[0]), "prompts": len(prompts),
-              "temperature": args.temperature, "max_tokens": args.max_tokens, "data": os.path.abspath(args.data),
-              "positions": rows}
-    print(f"{result['rounds']} rounds over {len(prompts)} held-out prompts, temperature {args.temperature:g}")
-    print("pos  samples  survival   T_k     ECE before  ECE after   AUC before  AUC after")
-    for r in rows:
-        print(f"{r['position']:>3}  {r['samples']:>7}  {r['survival_rate']:>8.3f}  {r['temperature']:>6.3f}  "
-              f"{r['ece_before']:>10.4f}  {r['ece_after']:>9.4f}   {r['auc_before']:>9.3f}  {r['auc_after']:>9.3f}")
-    png = args.png or os.path.join(args.drafter, "reliability.png")
-    reliability_diagram(png, logits, survived, valid, temps,
-                        f"{os.path.basename(os.path.normpath(args.drafter))}: survival calibration (T={args.temperature:g})")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    if not args.dry_run:
-        config_path = os.path.join(args.drafter, "config.json")
-        with open(config_path) as f:
-            config = json.load(f)
-        config["calibration"], config["calibration_report"] = temps, result
-        with open(config_path, "w") as f:
-            json.dump(config, f, indent=2)
-    return 0

@@ -17,22 +17,11 @@ import torch
 from dspark import ops
 from dspark.batch import build_round
 from dspark.cache import KVCache, SideCache
-from dspark.drafters.base import Proposal
+from dspark.drafters.base import Drafter, Proposal
 from dspark.models.llama import LlamaModel
 from dspark.sampling_params import SamplingParams
-from dspark.scheduler import FixedLength, PrefixScheduler
+from dspark.scheduler import FixedLength, VerificationPolicy
 from dspark.stats import RequestStats, RunStats
-
-
-def default_policy(model, drafter, max_batch: int):
-    """The prefix scheduler for drafters with a confidence head (on the SPS curve of this model and
-    device, measured once and cached), else every drafted node (fixed gamma)."""
-    num_draft = getattr(drafter, "num_draft", 0) if drafter is not None else 0
-    if num_draft and getattr(drafter, "gives_confidences", False):
-        from dspark.profiling import load_or_measure_sps
-
-        return PrefixScheduler(load_or_measure_sps(model, max_batch * (1 + num_draft)))
-    return FixedLength(num_draft)
 
 
 @dataclasses.dataclass
@@ -60,17 +49,24 @@ class Event:
 class Engine:
     def __init__(self, model: LlamaModel, tokenizer=None, drafter=None, policy=None, max_batch: int = 8,
                  max_seq_len: int = 2048, block_size: int | None = None):
+        """policy: how many draft nodes each request verifies; default FixedLength(drafter.num_draft). The
+        DSpark prefix scheduler needs the target's SPS curve: measure it explicitly
+        (`PrefixScheduler(dspark.profiling.load_or_measure_sps(model, tokens))`, cached on disk)."""
         c = model.config
+        if drafter is not None and not isinstance(drafter, Drafter):
+            raise TypeError(f"drafter must be a dspark.drafters.Drafter, got {type(drafter).__name__}")
+        if policy is not None and not isinstance(policy, VerificationPolicy):
+            raise TypeError(f"policy must be a dspark.scheduler.VerificationPolicy, got {type(policy).__name__}")
         self.model, self.tokenizer, self.drafter = model, tokenizer, drafter
-        self.policy = policy or default_policy(model, drafter, max_batch)
+        self.policy = policy or FixedLength(drafter.num_draft if drafter is not None else 0)
         self.max_seq_len = max_seq_len
         self.cache = KVCache(c.num_layers, max_batch, max_seq_len, c.num_kv_heads, c.head_dim, model.dtype,
                              model.device, block_size=block_size)
-        if drafter is not None and hasattr(drafter, "bind"):
+        if drafter is not None:
             drafter.bind(max_batch, max_seq_len, c.vocab_size)
         # Drafters conditioned on the target (DSpark) name the layers whose residual stream they read;
         # those hidden states are kept per committed token in a side cache, rolled back like K/V.
-        self.capture_layers = tuple(getattr(drafter, "capture_layers", ()) or ())
+        self.capture_layers = tuple(drafter.capture_layers) if drafter is not None else ()
         self.hidden_cache = SideCache(max_batch, max_seq_len, c.hidden_size * len(self.capture_layers), model.dtype,
                                       model.device) if self.capture_layers else None
         eos = set(c.eos_token_ids)
@@ -214,7 +210,7 @@ class Engine:
         """Drafts of the requests the policy wants drafted (all, unless it has should_draft)."""
         if self.drafter is None:
             return [Proposal([]) for _ in requests]
-        wanted = self.policy.should_draft(requests) if hasattr(self.policy, "should_draft") else [True] * len(requests)
+        wanted = self.policy.should_draft(requests)
         drafting = [r for r, w in zip(requests, wanted) if w]
         drafted = iter(self.drafter.propose(drafting, self.max_draft_for(drafting)) if drafting else [])
         return [next(drafted) if w else Proposal([]) for w in wanted]

@@ -14,17 +14,26 @@ that looks past a non-improving candidate is not safe: `GlobalSearch` exists onl
 
 from __future__ import annotations
 
+import abc
 from collections import deque
-from typing import Protocol
 
 from dspark.drafters.base import Proposal
 
 
-class VerificationPolicy(Protocol):
-    def choose(self, requests: list, proposals: list[Proposal]) -> list[int]: ...
+class VerificationPolicy(abc.ABC):
+    """How many draft nodes each request verifies this round; which requests draft at all."""
+
+    def should_draft(self, requests: list) -> list[bool]:
+        """Per request, whether to ask the drafter for a proposal this round (default: all). Must read
+        earlier rounds only, never this round's tokens (losslessness)."""
+        return [True] * len(requests)
+
+    @abc.abstractmethod
+    def choose(self, requests: list, proposals: list[Proposal]) -> list[int]:
+        """Per request, how many of its proposal's nodes (a prefix in node order) to verify."""
 
 
-class FixedLength:
+class FixedLength(VerificationPolicy):
     """Verify up to `num_draft` nodes of every proposal (the classic fixed gamma)."""
 
     def __init__(self, num_draft: int):
@@ -61,7 +70,7 @@ def ranked_candidates(survivals: list[list[float]]) -> list[tuple[float, int, in
     return out
 
 
-class ConfidenceThreshold:
+class ConfidenceThreshold(VerificationPolicy):
     """Verify each request's prefix whose survival is at least `threshold` (at most `max_draft`)."""
 
     def __init__(self, threshold: float, max_draft: int | None = None):
@@ -107,7 +116,7 @@ class DraftGate:
                 self.first[q.id] = a[0]
 
 
-class SPSPolicy:
+class SPSPolicy(VerificationPolicy):
     """What the hardware-aware policies share: the SPS curve, a cap on drafts, the draft gate."""
 
     def __init__(self, sps, max_draft: int | None = None, gate: bool = True):
@@ -180,7 +189,7 @@ class AsyncScheduler(SPSPolicy):
         return lengths
 
 
-class GlobalSearch:
+class GlobalSearch(VerificationPolicy):
     """NOT lossless, kept to demonstrate why: per request, the length maximising expected throughput
     over all prefixes, looking past candidates that do not pay. Its choice to verify x_k can depend on
     c_{k+1}, which reads x_k itself (the paper's Appendix A counterexample)."""

@@ -11,6 +11,7 @@ from dspark.drafters import DraftModelDrafter, NgramDrafter
 from dspark.engine import Engine
 from dspark.models import load_model
 from dspark.sampling_params import SamplingParams
+from dspark.scheduler import FixedLength
 from builders import write_tiny_llama
 
 transformers = pytest.importorskip("transformers")
@@ -205,3 +206,20 @@ def test_transformers_model_as_target_and_as_drafter(tiny):
                      PROMPTS) == plain
     with pytest.raises(ValueError, match="contiguous"):
         Engine(adapter, max_seq_len=128, block_size=4).generate(PROMPTS[:1], GREEDY)
+
+
+def test_engine_takes_typed_drafters_and_policies(tiny):
+    _, model = tiny
+
+    class DuckDrafter:  # the four calls, but not the interface: refused, not probed with hasattr
+        num_draft = 2
+
+        def propose(self, requests, max_draft):
+            return []
+
+    with pytest.raises(TypeError, match="drafter must be a dspark.drafters.Drafter"):
+        Engine(model, drafter=DuckDrafter(), max_seq_len=64)
+    with pytest.raises(TypeError, match="policy must be"):
+        Engine(model, drafter=NgramDrafter(2), policy=lambda r, p: [0] * len(r), max_seq_len=64)
+    engine = Engine(model, drafter=NgramDrafter(3), max_seq_len=64)
+    assert isinstance(engine.policy, FixedLength) and engine.policy.num_draft == 3

@@ -211,7 +211,7 @@ def test_draft_vocab_cli(setup):
 def test_auto_drafter_is_the_shipped_one_for_the_default_target(setup, tmp_path, monkeypatch):
     import shutil
 
-    from dspark import cli
+    from dspark.cli import generate as cli
     from dspark.drafters import HybridDrafter, NgramDrafter
 
     root, target = setup

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import abc
 import dataclasses
-from typing import Protocol
 
 import torch
 
@@ -37,17 +37,26 @@ class Proposal:
         )
 
 
-class Drafter(Protocol):
-    """Proposers plug into the Engine through these four calls. `request` objects expose `row`
-    (cache row), `tokens` (prompt + emitted so far; the last one is the anchor), `params` and, in
-    accept(), `verified` (how many of its drafted nodes the policy let the target verify)."""
+class Drafter(abc.ABC):
+    """Proposers plug into the Engine through this interface; every hook but `propose` has a default.
+    `request` objects expose `row` (cache row), `tokens` (prompt + emitted so far; the last one is the
+    anchor), `params` and, in accept(), `verified` (how many of its drafted nodes the policy let the
+    target verify)."""
+
+    num_draft: int = 0  # the most draft nodes a proposal holds (gamma)
+    gives_confidences: bool = False  # proposals carry per-node confidences (a DSpark confidence head)
+    capture_layers: tuple[int, ...] = ()  # target layers whose residual stream the drafter reads
+
+    def bind(self, rows: int, max_seq_len: int, vocab_size: int) -> None:
+        """The engine's shape, once, before any request: allocate per-row state here."""
 
     def start(self, request, target_hidden: torch.Tensor | None = None) -> None:
         """A request joined (after its prefill); target_hidden [prompt length, width] when the
         drafter set `capture_layers` (the residual stream after those target layers, concatenated)."""
 
+    @abc.abstractmethod
     def propose(self, requests: list, max_draft: int) -> list[Proposal]:
-        """Drafts for every running request, at most max_draft nodes each."""
+        """Drafts for the given requests, at most max_draft nodes each."""
 
     def accept(self, requests: list, paths: list[list[int]], target_hidden: list[torch.Tensor] | None) -> None:
         """The verified round: each request's accepted node path (starting with 0) and, when the

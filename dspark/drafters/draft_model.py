@@ -14,7 +14,7 @@ import torch
 from dspark import ops
 from dspark.batch import build_round
 from dspark.cache import KVCache
-from dspark.drafters.base import Proposal
+from dspark.drafters.base import Drafter, Proposal
 from dspark.models.llama import LlamaModel
 
 
@@ -32,7 +32,7 @@ def processed_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p:
     return probs / probs.sum(-1, keepdim=True)
 
 
-class DraftModelDrafter:
+class DraftModelDrafter(Drafter):
     def __init__(self, model: LlamaModel, num_draft: int = 4, branching: tuple[int, ...] | None = None):
         if num_draft < 1:
             raise ValueError(f"num_draft must be >= 1, got {num_draft}")

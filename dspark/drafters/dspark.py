@@ -25,7 +25,7 @@ import os
 import torch
 
 from dspark.cache import KVCache, SideCache
-from dspark.drafters.base import Proposal
+from dspark.drafters.base import Drafter, Proposal
 from dspark.drafters.draft_model import processed_probs
 from dspark.drafters.dspark_layers import rms_norm
 from dspark.models.linear import linear
@@ -42,7 +42,7 @@ def save_draft_vocab(folder: str, token_ids: list[int], coverage: float, data: s
                    "token_ids": token_ids}, f)
 
 
-class DSparkDrafter:
+class DSparkDrafter(Drafter):
     gives_confidences = True  # the engine's default policy is then the prefix scheduler
 
     def __init__(self, model: DSparkModel, num_draft: int | None = None, draft_vocab: torch.Tensor | None = None):

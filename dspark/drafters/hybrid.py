@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import torch
 
-from dspark.drafters.base import Proposal
+from dspark.drafters.base import Drafter, Proposal
 from dspark.drafters.dspark import DSparkDrafter
 from dspark.drafters.ngram import NgramDrafter
 
 
-class HybridDrafter:
+class HybridDrafter(Drafter):
     gives_confidences = True
 
     def __init__(self, dspark: DSparkDrafter, min_match: int = 2, max_match: int = 4, prior: tuple[float, float] = (1.0, 2.0)):

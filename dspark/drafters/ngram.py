@@ -5,10 +5,10 @@ Deterministic either way, so draft_probs is None."""
 
 from __future__ import annotations
 
-from dspark.drafters.base import Proposal
+from dspark.drafters.base import Drafter, Proposal
 
 
-class NgramDrafter:
+class NgramDrafter(Drafter):
     def __init__(self, num_draft: int = 5, max_ngram: int = 3, min_ngram: int = 1, branches: int = 1):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")

@@ -1,0 +1,45 @@
+"""`dspark draft-vocab` and `dspark export-drafter`: preparing a trained drafter for use and shipping."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from dspark.models import load_model
+from dspark.models.dtypes import DTYPES
+
+
+def add_draft_vocab_arguments(vocab: argparse.ArgumentParser) -> None:
+    vocab.add_argument("--drafter", required=True, help="drafter folder (gets draft_vocab.json)")
+    vocab.add_argument("--data", required=True, help="the training jsonl")
+    vocab.add_argument("--size", type=int, default=16384)
+    vocab.add_argument("--model", default=None, help="target (for its vocabulary and EOS ids)")
+
+
+def add_export_arguments(export: argparse.ArgumentParser) -> None:
+    export.add_argument("source", help="the drafter folder written by train-drafter (and calibrate)")
+    export.add_argument("destination", help="e.g. dspark/drafters/pretrained/smollm2-135m-instruct")
+    export.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+
+
+def run_draft_vocab(args) -> int:
+    from dspark.drafters.dspark import save_draft_vocab
+    from dspark.train.data import frequent_tokens, load_sequences
+
+    if args.size < 1:
+        raise ValueError(f"--size must be >= 1, got {args.size}")
+    config = load_model(args.model, torch.float32).config
+    sequences = load_sequences(args.data, config.vocab_size, max_len=1 << 30)
+    ids, covered = frequent_tokens(sequences, args.size, tuple(config.eos_token_ids))
+    save_draft_vocab(args.drafter, ids, covered, args.data)
+    print(f"{len(ids)} draft tokens cover {covered:.2%} of the data's response tokens")
+    return 0
+
+
+def run_export(args) -> int:
+    from dspark.drafters.dspark_model import export_drafter
+
+    sizes = export_drafter(args.source, args.destination, DTYPES[args.dtype])
+    print("\n".join(f"{name}: {size / 1e6:.1f} MB" for name, size in sorted(sizes.items())))
+    return 0
