@@ -4,6 +4,7 @@
 // only guard the assumptions the pointer arithmetic makes (device, dtype, contiguity).
 #include <torch/extension.h>
 
+#include "cpu/decoder_layers.h"
 #include "cpu/kv_rollback.h"
 #include "cpu/rejection_sample.h"
 #include "cpu/small_batch_linear.h"
@@ -178,6 +179,129 @@ void small_batch_linear(const at::Tensor& x, const at::Tensor& weight, const std
   dspark::cpu::small_batch_linear(p);
 }
 
+// Weights per layer, in this order (None where the checkpoint has none): input_norm, qkv, qkv_bias,
+// q_norm, k_norm, o_proj, o_bias, post_norm, gate_up, gate_up_bias, down, down_bias.
+constexpr int kWeightsPerLayer = 12;
+
+const void* weight_ptr(const std::optional<at::Tensor>& t, at::ScalarType dtype, int64_t numel, const char* name,
+                       bool required) {
+  if (!t.has_value() || !t->defined()) {
+    TORCH_CHECK_VALUE(!required, name, " is required");
+    return nullptr;
+  }
+  expect(*t, dtype, name);
+  TORCH_CHECK_VALUE(t->numel() == numel, name, " must have ", numel, " elements, got ", t->numel());
+  return t->data_ptr();
+}
+
+void llama_decoder_layers(at::Tensor& hidden, const std::vector<std::optional<at::Tensor>>& weights,
+                          const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cos,
+                          const at::Tensor& sin, const at::Tensor& write_rows, const at::Tensor& write_slots,
+                          const at::Tensor& qo_indptr, const at::Tensor& cache_seqlens,
+                          const std::optional<at::Tensor>& parents, const std::optional<at::Tensor>& block_table,
+                          const std::optional<at::Tensor>& captured, const std::vector<int64_t>& capture_slot,
+                          int64_t num_heads, int64_t intermediate_size, double eps, double sm_scale) {
+  expect_float(hidden, "hidden");
+  const auto dtype = hidden.scalar_type();
+  TORCH_CHECK_VALUE(hidden.dim() == 2, "hidden must be [rows, hidden_size]");
+  TORCH_CHECK_VALUE(weights.size() % kWeightsPerLayer == 0, "weights must hold 12 entries per layer");
+  const int64_t num_layers = static_cast<int64_t>(weights.size()) / kWeightsPerLayer;
+  expect(k_cache, dtype, "k_cache");
+  expect(v_cache, dtype, "v_cache");
+  TORCH_CHECK_VALUE(k_cache.dim() == 5 && k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == num_layers,
+                    "k_cache and v_cache must be [num_layers, rows or blocks, slots, H_kv, D] alike");
+  const int64_t rows = hidden.size(0), hidden_size = hidden.size(1);
+  const int64_t kv_heads = k_cache.size(3), dim = k_cache.size(4);
+  TORCH_CHECK_VALUE(num_heads >= kv_heads && kv_heads > 0 && num_heads % kv_heads == 0 && dim % 2 == 0,
+                    "num_heads must be a multiple of the cache's KV heads, head_dim even");
+  for (const auto* t : {&cos, &sin}) {
+    expect(*t, at::kFloat, "cos/sin");
+    TORCH_CHECK_VALUE(t->numel() == rows * dim, "cos and sin must be [rows, head_dim]");
+  }
+  expect(write_rows, at::kLong, "write_rows");
+  expect(write_slots, at::kLong, "write_slots");
+  expect(qo_indptr, at::kInt, "qo_indptr");
+  expect(cache_seqlens, at::kInt, "cache_seqlens");
+  const int64_t num_requests = cache_seqlens.numel();
+  TORCH_CHECK_VALUE(write_rows.numel() == rows && write_slots.numel() == rows && qo_indptr.numel() == num_requests + 1,
+                    "write_rows, write_slots: one per row; qo_indptr: R + 1");
+  const bool paged = block_table.has_value();
+  const int64_t slots_per_row = k_cache.size(2);
+  const int64_t capacity = paged ? block_table->size(1) * slots_per_row : slots_per_row;
+  TORCH_CHECK_VALUE(paged || k_cache.size(1) == num_requests, "a contiguous cache has one row per request");
+  const int64_t* wr = write_rows.data_ptr<int64_t>();
+  const int64_t* ws = write_slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < rows; ++t) {  // the plan validated the round; these must agree with it
+    TORCH_CHECK_VALUE(0 <= wr[t] && wr[t] < num_requests && 0 <= ws[t] && ws[t] < capacity,
+                      "write_rows/write_slots out of range at row ", t);
+  }
+  const int64_t qkv_rows = (num_heads + 2 * kv_heads) * dim;
+  const int64_t layer_elems = k_cache.numel() / num_layers;
+  std::vector<dspark::cpu::DecoderLayerWeights> layers(num_layers);
+  for (int64_t i = 0; i < num_layers; ++i) {
+    const auto* w = &weights[i * kWeightsPerLayer];
+    auto& l = layers[i];
+    l.input_norm = weight_ptr(w[0], dtype, hidden_size, "input_norm", true);
+    l.qkv = weight_ptr(w[1], dtype, qkv_rows * hidden_size, "qkv_proj", true);
+    l.qkv_bias = weight_ptr(w[2], dtype, qkv_rows, "qkv_proj bias", false);
+    l.q_norm = weight_ptr(w[3], dtype, dim, "q_norm", false);
+    l.k_norm = weight_ptr(w[4], dtype, dim, "k_norm", false);
+    TORCH_CHECK_VALUE((l.q_norm == nullptr) == (l.k_norm == nullptr), "q_norm and k_norm come together");
+    l.o_proj = weight_ptr(w[5], dtype, hidden_size * num_heads * dim, "o_proj", true);
+    l.o_bias = weight_ptr(w[6], dtype, hidden_size, "o_proj bias", false);
+    l.post_norm = weight_ptr(w[7], dtype, hidden_size, "post_attention_layernorm", true);
+    l.gate_up = weight_ptr(w[8], dtype, 2 * intermediate_size * hidden_size, "gate_up_proj", true);
+    l.gate_up_bias = weight_ptr(w[9], dtype, 2 * intermediate_size, "gate_up_proj bias", false);
+    l.down = weight_ptr(w[10], dtype, hidden_size * intermediate_size, "down_proj", true);
+    l.down_bias = weight_ptr(w[11], dtype, hidden_size, "down_proj bias", false);
+    l.k_cache = static_cast<char*>(k_cache.data_ptr()) + i * layer_elems * k_cache.element_size();
+    l.v_cache = static_cast<char*>(v_cache.data_ptr()) + i * layer_elems * v_cache.element_size();
+  }
+  TORCH_CHECK_VALUE(static_cast<int64_t>(capture_slot.size()) == num_layers, "capture_slot: one per layer");
+  std::vector<int32_t> slots(capture_slot.begin(), capture_slot.end());
+  int64_t num_captured = 0;
+  for (int32_t s : slots) num_captured = std::max<int64_t>(num_captured, s + 1);
+  dspark::cpu::DecoderParams p{};
+  p.dtype = element_type(hidden, "hidden");
+  p.num_layers = num_layers;
+  p.layers = layers.data();
+  p.hidden = hidden.data_ptr();
+  if (num_captured > 0) {
+    TORCH_CHECK_VALUE(captured.has_value(), "captured is required when a layer is captured");
+    expect(*captured, dtype, "captured");
+    TORCH_CHECK_VALUE(captured->numel() == rows * num_captured * hidden_size, "captured must be [rows, n * hidden]");
+    p.captured = captured->data_ptr();
+  }
+  p.capture_slot = slots.data();
+  p.num_captured = num_captured;
+  p.cos = cos.data_ptr<float>();
+  p.sin = sin.data_ptr<float>();
+  p.write_rows = wr;
+  p.write_slots = ws;
+  p.rows = rows;
+  p.hidden_size = hidden_size;
+  p.num_heads = num_heads;
+  p.num_kv_heads = kv_heads;
+  p.head_dim = dim;
+  p.intermediate_size = intermediate_size;
+  p.eps = static_cast<float>(eps);
+  auto& a = p.attention;
+  a.dtype = p.dtype;
+  a.qo_indptr = qo_indptr.data_ptr<int32_t>();
+  a.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
+  a.parents = optional_ptr<int32_t>(parents, at::kInt, "parents");
+  a.block_table = optional_ptr<int32_t>(block_table, at::kInt, "block_table");
+  a.num_requests = num_requests;
+  a.num_tokens = rows;
+  a.num_q_heads = num_heads;
+  a.num_kv_heads = kv_heads;
+  a.head_dim = dim;
+  a.slots_per_row = slots_per_row;
+  a.max_blocks = paged ? block_table->size(1) : 0;
+  a.sm_scale = static_cast<float>(sm_scale);
+  dspark::cpu::llama_decoder_layers(p);
+}
+
 }  // namespace
 
 #ifdef DSPARK_WITH_CUDA
@@ -192,6 +316,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rejection_sample", &rejection_sample);
   m.def("kv_rollback", &kv_rollback);
   m.def("small_batch_linear", &small_batch_linear);
+  m.def("llama_decoder_layers", &llama_decoder_layers);
 #ifdef DSPARK_WITH_CUDA
   dspark::register_cuda_kernels(m);  // *_cuda entry points for CUDA tensors
   m.attr("with_cuda") = true;

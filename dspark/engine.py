@@ -245,6 +245,15 @@ class Engine:
 
     def _rollback(self, requests, path_nodes: torch.Tensor, counts: torch.Tensor) -> None:
         rows = self.cache.rows
+        if all(path_nodes[i, :int(counts[i])].tolist() == list(range(int(counts[i]))) for i in range(len(requests))):
+            # Every accepted path is the prefix 0..m-1 (plain decoding, fully accepted chains): kv_rollback
+            # would move nothing and only advance the lengths.
+            advance = torch.zeros(rows, dtype=torch.int32, device=self.cache.seqlens.device)
+            advance[[r.row for r in requests]] = counts.to(advance.device, torch.int32)
+            self.cache.seqlens += advance
+            if self.hidden_cache is not None:
+                self.hidden_cache.seqlens += advance
+            return
         full_paths = torch.full((rows, path_nodes.shape[1]), -1, dtype=torch.int32)
         full_counts = torch.zeros(rows, dtype=torch.int32)
         for i, r in enumerate(requests):

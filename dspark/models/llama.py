@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from dspark import ops
 from dspark.batch import Round
 from dspark.cache import KVCache
-from dspark.models import flash_prefill
+from dspark.models import cpu_decoder, flash_prefill
 from dspark.models.config import ModelConfig, rope_type
 from dspark.models.linear import linear
 
@@ -159,6 +159,9 @@ class LlamaModel:
         plan = ops.plan_tree_attention(rnd.qo_indptr, cache.seqlens, rnd.parents, cache.block_table,
                                        num_tokens=rnd.tokens.shape[0], num_q_heads=c.num_heads, k_cache=cache.k[0])
         h = F.embedding(rnd.tokens, w["embed_tokens.weight"])
+        if cpu_decoder.applies(self, cache, plan, invariant):  # every layer in one C++ call
+            h, captured = cpu_decoder.run(self, h, cache, rnd, plan, cos, sin, capture_layers)
+            return rms_norm(h, w["norm.weight"], c.rms_norm_eps), captured
         captured = []
         for i in range(c.num_layers):
             h = h + self._attention(i, rms_norm(h, w[f"layers.{i}.input_layernorm.weight"], c.rms_norm_eps), cos, sin,

@@ -1,0 +1,148 @@
+#include "cpu/decoder_layers.h"
+
+#include <cmath>
+#include <vector>
+
+#include "cpu/small_batch_linear.h"
+
+namespace dspark::cpu {
+
+namespace {
+
+template <typename T>
+inline T round_to(float x) {
+  return from_float<T>(x);
+}
+
+// y = round(round(x * rsqrt(mean(x^2) + eps)) * w), per row of `width` elements (as the PyTorch
+// rms_norm: normalise in fp32, cast to the dtype, multiply by the weight in the dtype).
+template <typename T>
+void rms_norm_row(const T* x, const T* w, T* y, int64_t width, float eps) {
+  float sum = 0.0f;
+  for (int64_t e = 0; e < width; ++e) {
+    const float v = to_float(x[e]);
+    sum += v * v;
+  }
+  const float scale = 1.0f / std::sqrt(sum / static_cast<float>(width) + eps);
+  for (int64_t e = 0; e < width; ++e) {
+    const float normed = to_float(round_to<T>(to_float(x[e]) * scale));
+    y[e] = round_to<T>(normed * to_float(w[e]));
+  }
+}
+
+// Rotate-half RoPE of one head: out = x * cos + swap_halves(x) * sin, in fp32, rounded once.
+template <typename T>
+void rope_head(const T* x, const float* cos, const float* sin, T* out, int64_t dim) {
+  const int64_t half = dim / 2;
+  for (int64_t e = 0; e < dim; ++e) {
+    const float swapped = to_float(x[e < half ? e + half : e - half]);
+    out[e] = round_to<T>(to_float(x[e]) * cos[e] + swapped * sin[e]);
+  }
+}
+
+template <typename T>
+void linear(const T* x, const void* weight, const void* bias, T* y, int64_t rows, int64_t in, int64_t out,
+            DType dtype) {
+  SmallBatchLinearParams p{};
+  p.x_dtype = dtype;
+  p.weight_dtype = dtype;
+  p.x = x;
+  p.weight = weight;
+  p.bias = bias;
+  p.y = y;
+  p.rows = rows;
+  p.in_features = in;
+  p.out_features = out;
+  small_batch_linear(p);
+}
+
+template <typename T>
+int64_t slot_offset(const DecoderParams& p, int64_t row, int64_t slot) {
+  const TreeAttentionParams& a = p.attention;
+  const int64_t slot_elems = p.num_kv_heads * p.head_dim;
+  if (a.block_table == nullptr) return (row * a.slots_per_row + slot) * slot_elems;
+  const int64_t block = a.block_table[row * a.max_blocks + slot / a.slots_per_row];
+  return (block * a.slots_per_row + slot % a.slots_per_row) * slot_elems;
+}
+
+template <typename T>
+void run(const DecoderParams& p) {
+  const int64_t rows = p.rows, hidden = p.hidden_size, dim = p.head_dim;
+  const int64_t heads = p.num_heads, kv_heads = p.num_kv_heads, inter = p.intermediate_size;
+  const int64_t qkv_width = (heads + 2 * kv_heads) * dim;
+  std::vector<T> x(rows * hidden), qkv(rows * qkv_width), q(rows * heads * dim), normed(dim),
+      attn(rows * heads * dim), proj(rows * hidden), gate_up(rows * 2 * inter), act(rows * inter);
+  T* h = static_cast<T*>(p.hidden);
+  for (int64_t layer = 0; layer < p.num_layers; ++layer) {
+    const DecoderLayerWeights& w = p.layers[layer];
+    for (int64_t t = 0; t < rows; ++t) {
+      rms_norm_row(h + t * hidden, static_cast<const T*>(w.input_norm), x.data() + t * hidden, hidden, p.eps);
+    }
+    linear(x.data(), w.qkv, w.qkv_bias, qkv.data(), rows, hidden, qkv_width, p.dtype);
+    T* k_cache = static_cast<T*>(w.k_cache);
+    T* v_cache = static_cast<T*>(w.v_cache);
+    for (int64_t t = 0; t < rows; ++t) {
+      const float* cos = p.cos + t * dim;
+      const float* sin = p.sin + t * dim;
+      const T* row = qkv.data() + t * qkv_width;
+      const int64_t cache_at = slot_offset<T>(p, p.write_rows[t], p.write_slots[t]);
+      for (int64_t head = 0; head < heads + kv_heads; ++head) {
+        const T* src = row + head * dim;
+        const bool is_q = head < heads;
+        const void* norm = is_q ? w.q_norm : w.k_norm;
+        if (norm != nullptr) {
+          rms_norm_row(src, static_cast<const T*>(norm), normed.data(), dim, p.eps);
+          src = normed.data();
+        }
+        T* dst = is_q ? q.data() + (t * heads + head) * dim : k_cache + cache_at + (head - heads) * dim;
+        rope_head(src, cos, sin, dst, dim);
+      }
+      const T* v = row + (heads + kv_heads) * dim;
+      for (int64_t e = 0; e < kv_heads * dim; ++e) v_cache[cache_at + e] = v[e];
+    }
+    TreeAttentionParams a = p.attention;
+    a.q = q.data();
+    a.k_cache = k_cache;
+    a.v_cache = v_cache;
+    a.out = attn.data();
+    tree_attention(a);
+    linear(attn.data(), w.o_proj, w.o_bias, proj.data(), rows, heads * dim, hidden, p.dtype);
+    for (int64_t e = 0; e < rows * hidden; ++e) h[e] = round_to<T>(to_float(h[e]) + to_float(proj[e]));
+    for (int64_t t = 0; t < rows; ++t) {
+      rms_norm_row(h + t * hidden, static_cast<const T*>(w.post_norm), x.data() + t * hidden, hidden, p.eps);
+    }
+    linear(x.data(), w.gate_up, w.gate_up_bias, gate_up.data(), rows, hidden, 2 * inter, p.dtype);
+    for (int64_t t = 0; t < rows; ++t) {
+      const T* g = gate_up.data() + t * 2 * inter;
+      const T* u = g + inter;
+      T* a_row = act.data() + t * inter;
+      for (int64_t e = 0; e < inter; ++e) {
+        const float gate = to_float(g[e]);
+        const float silu = to_float(round_to<T>(gate / (1.0f + std::exp(-gate))));
+        a_row[e] = round_to<T>(silu * to_float(u[e]));
+      }
+    }
+    linear(act.data(), w.down, w.down_bias, proj.data(), rows, inter, hidden, p.dtype);
+    for (int64_t e = 0; e < rows * hidden; ++e) h[e] = round_to<T>(to_float(h[e]) + to_float(proj[e]));
+    const int32_t slot = p.capture_slot == nullptr ? -1 : p.capture_slot[layer];
+    if (slot >= 0 && p.captured != nullptr) {
+      T* captured = static_cast<T*>(p.captured);
+      for (int64_t t = 0; t < rows; ++t) {
+        std::memcpy(captured + (t * p.num_captured + slot) * hidden, h + t * hidden, hidden * sizeof(T));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void llama_decoder_layers(const DecoderParams& params) {
+  if (params.rows <= 0 || params.num_layers <= 0) return;
+  switch (params.dtype) {
+    case DType::kFloat32: run<float>(params); break;
+    case DType::kFloat16: run<Half>(params); break;
+    case DType::kBFloat16: run<BFloat16>(params); break;
+  }
+}
+
+}  // namespace dspark::cpu

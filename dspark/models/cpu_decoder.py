@@ -1,0 +1,73 @@
+"""The decoder stack of a CPU decoding or verification round in one C++ call.
+
+`LlamaModel.forward` in PyTorch dispatches ~45 small ops per layer; at batch 1 on a 2-core CPU that
+costs about as much as streaming the weights. `dspark._C.llama_decoder_layers`
+(csrc/cpu/decoder_layers.cpp) runs the same layers with the same roundings around the same kernels
+(small_batch_linear, tree_attention), row by row, so it is batch invariant like them. It serves
+rounds on CPU tensors without autograd whose tree_attention plan chose the C++ backend and whose
+linear layers take the small-batch kernel (all but fresh fp32 prefills); everything else keeps the
+PyTorch path, which remains the reference (tests/test_cpu_decoder.py compares them).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+try:
+    _kernel = importlib.import_module("dspark._C").llama_decoder_layers
+except (ImportError, AttributeError):
+    _kernel = None
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_LAYER_WEIGHTS = ("input_layernorm.weight", "self_attn.qkv_proj.weight", "self_attn.qkv_proj.bias",
+                  "self_attn.q_norm.weight", "self_attn.k_norm.weight", "self_attn.o_proj.weight",
+                  "self_attn.o_proj.bias", "post_attention_layernorm.weight", "mlp.gate_up_proj.weight",
+                  "mlp.gate_up_proj.bias", "mlp.down_proj.weight", "mlp.down_proj.bias")
+
+
+def enabled() -> bool:
+    """DSPARK_FUSED_CPU=0 keeps every round on the PyTorch layers (debugging, comparisons)."""
+    return _kernel is not None and os.environ.get("DSPARK_FUSED_CPU", "1") != "0"
+
+
+def applies(model, cache, plan, invariant: bool) -> bool:
+    dtype = model.dtype
+    return (enabled() and invariant and model.device.type == "cpu" and plan.backend == "cpu"
+            and dtype in _FLOATS and cache.k.dtype == dtype and cache.k.is_contiguous() and cache.v.is_contiguous()
+            and model.config.head_dim % 2 == 0 and not torch.is_grad_enabled() and _weights(model) is not None)
+
+
+def _weights(model) -> list[torch.Tensor | None] | None:
+    """The flat per-layer weight list the kernel takes (None if a weight has another dtype or layout),
+    checked once per model and weight dict: the tensors are the model's own."""
+    key = (id(model.weights), len(model.weights), model.config.num_layers)
+    cached = model.__dict__.get("_fused_cpu_weights")
+    if cached is None or cached[0] != key:
+        w, dtype = model.weights, model.dtype
+        flat = [w.get(f"layers.{i}.{name}") for i in range(model.config.num_layers) for name in _LAYER_WEIGHTS]
+        usable = all(t is None or (t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu") for t in flat)
+        cached = (key, flat if usable else None)
+        model.__dict__["_fused_cpu_weights"] = cached
+    return cached[1]
+
+
+def run(model, h: torch.Tensor, cache, rnd, plan, cos: torch.Tensor, sin: torch.Tensor,
+        capture_layers: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """All layers over the round's embeddings h [T, hidden]; returns the last layer's residual stream
+    and the residual stream after each layer in capture_layers."""
+    c = model.config
+    h = h.contiguous()
+    slots = [-1] * c.num_layers
+    for index, layer in enumerate(sorted(set(capture_layers))):
+        slots[layer] = index
+    num_captured = sum(s >= 0 for s in slots)
+    captured = torch.empty(h.shape[0], num_captured * c.hidden_size, dtype=h.dtype) if num_captured else None
+    _kernel(h, _weights(model), cache.k, cache.v, cos.reshape(h.shape[0], -1).contiguous(),
+            sin.reshape(h.shape[0], -1).contiguous(), rnd.write_rows, rnd.write_slots, plan.qo_indptr,
+            plan.cache_seqlens, plan.parents, plan.block_table, captured, slots, c.num_heads, c.intermediate_size,
+            c.rms_norm_eps, 1.0 / c.head_dim ** 0.5)
+    # In layer order, one per captured layer, as the PyTorch forward collects them.
+    return h, [] if captured is None else list(captured.view(h.shape[0], num_captured, c.hidden_size).unbind(1))

@@ -1,0 +1,81 @@
+"""The fused CPU decoder stack (dspark/models/cpu_decoder.py, csrc/cpu/decoder_layers.cpp) against the
+PyTorch layers it replaces, on tiny random Llama (biases), Qwen2 and Qwen3 (q/k norms, head_dim != hidden /
+heads) checkpoints, in fp32, bf16 and fp16, contiguous and paged caches, chains and trees, with captured
+layers: hidden states, captured states and the K/V written to the cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dspark.batch import build_round
+from dspark.cache import KVCache
+from dspark.models import cpu_decoder, load_model
+from test_model_families import write_checkpoint
+
+pytestmark = pytest.mark.skipif(not cpu_decoder.enabled(), reason="dspark._C is not built")
+
+# Both paths round after every op; they differ in summation order (RMSNorm's mean, FMA contraction),
+# so a bf16 element may land one rounding step apart and carry that through a layer.
+TOLERANCE = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+             torch.float16: dict(rtol=4e-3, atol=4e-3)}
+
+
+@pytest.fixture(scope="module", params=["llama_linear_tied_biases", "qwen2_untied", "qwen3"])
+def checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    write_checkpoint(path, request.param)
+    return str(path)
+
+
+def _round_pair(model, block_size):
+    """Two identical caches after a prefill of three prompts, and a tree round over them."""
+    c = model.config
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 150, (n,), generator=gen).tolist() for n in (9, 17, 4)]
+    cache = KVCache(c.num_layers, 3, 64, c.num_kv_heads, c.head_dim, model.dtype, block_size=block_size)
+    for row, p in enumerate(prompts):
+        cache.reserve(row, 64)
+    model.forward(cache, build_round(3, [(r, p, None) for r, p in enumerate(prompts)], [0, 0, 0]))
+    cache.seqlens.copy_(torch.tensor([len(p) for p in prompts], dtype=torch.int32))
+    entries = [(0, [5, 6, 7, 8, 9], [-1, 0, 0, 1, 2]), (1, [11], None), (2, [12, 13, 14], None)]
+    rnd = build_round(3, entries, cache.seqlens.tolist())
+    twin = KVCache(c.num_layers, 3, 64, c.num_kv_heads, c.head_dim, model.dtype, block_size=block_size)
+    for name in ("k", "v", "seqlens"):
+        getattr(twin, name).copy_(getattr(cache, name))
+    if block_size is not None:
+        twin.block_table.copy_(cache.block_table)
+    return cache, twin, rnd
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_fused_layers_match_the_pytorch_layers(checkpoint, dtype, block_size, monkeypatch):
+    model = load_model(checkpoint, dtype)
+    capture = (0, model.config.num_layers - 1)
+    fused_cache, eager_cache, rnd = _round_pair(model, block_size)
+    calls = []
+    run = cpu_decoder.run
+    monkeypatch.setattr(cpu_decoder, "run", lambda *a: calls.append(1) or run(*a))
+    fused, fused_captured = model.forward(fused_cache, rnd, capture)
+    assert calls, "the round did not take the fused path"
+    monkeypatch.setenv("DSPARK_FUSED_CPU", "0")
+    eager, eager_captured = model.forward(eager_cache, rnd, capture)
+    assert len(calls) == 1
+    torch.testing.assert_close(fused, eager, **TOLERANCE[dtype])
+    assert len(fused_captured) == len(eager_captured) == 2
+    for a, b in zip(fused_captured, eager_captured):
+        torch.testing.assert_close(a, b, **TOLERANCE[dtype])
+    torch.testing.assert_close(fused_cache.k, eager_cache.k, **TOLERANCE[dtype])
+    torch.testing.assert_close(fused_cache.v, eager_cache.v, **TOLERANCE[dtype])
+
+
+def test_fused_rows_are_batch_invariant(checkpoint):
+    """A row's hidden state does not depend on the other rows of its round (greedy speculative decoding
+    stays token-identical to plain decoding through the fused path)."""
+    model = load_model(checkpoint, torch.bfloat16)
+    cache, twin, rnd = _round_pair(model, None)
+    together, _ = model.forward(cache, rnd)
+    alone_round = build_round(3, [(1, [11], None)], twin.seqlens.tolist())
+    alone, _ = model.forward(twin, alone_round)
+    assert torch.equal(together[5], alone[0])  # request 1's single token is flat index 5
