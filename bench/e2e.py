@@ -1,6 +1,9 @@
 """End-to-end speculative decoding on SmolLM2 over the paper's prompt sets, side by side in one run:
-our plain decoding (the baseline of every ratio), our drafters, and transformers' own `generate`
-(plain, and prompt-lookup decoding) on the same model, prompts and dtype. Batch 1, chat template.
+our plain decoding (the baseline of every ratio), our drafters, transformers' own `generate` (plain, and
+prompt-lookup decoding) on the same model, prompts and dtype, and llama.cpp through llama-cpp-python (plain,
+and its prompt-lookup draft model) on the same GGUF with its own quantized weights, when installed
+(`pip install llama-cpp-python`, a ~5 minute source build: bench environments only, not CI). Batch 1,
+chat template, the same prompt ids and token budget everywhere; times include the prefill.
 
     python bench/e2e.py --per-domain 3 --max-tokens 128 --out bench/results/e2e-cpu
 
@@ -88,6 +91,42 @@ def run_transformers(hf, prompts, params, lookup: int | None):
     return {"generated_tokens": tokens, "wall_s": elapsed, "tokens_per_s": tokens / elapsed}
 
 
+def load_llama_cpp(path: str, lookup: int | None):
+    """llama.cpp (llama-cpp-python) on the same GGUF file, its own quantized weights, this machine's
+    threads; `lookup`: its prompt-lookup draft model with that many tokens. None when not installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    extra = {}
+    if lookup:
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        extra["draft_model"] = LlamaPromptLookupDecoding(num_pred_tokens=lookup)
+    return llama_cpp.Llama(model_path=path, n_ctx=2048, n_batch=512, n_threads=torch.get_num_threads(),
+                           verbose=False, **extra)
+
+
+def run_llama_cpp(llm, prompts, params, eos: set[int]):
+    """Same prompt ids, same token budget, stop at EOS; timed from the prompt to the last token."""
+    tokens, elapsed = 0, 0.0
+    for prompt in prompts:
+        llm.reset()
+        start = time.perf_counter()
+        count = 0
+        sampling = dict(temp=params.temperature, top_k=1 if params.temperature == 0 else 0, top_p=1.0, min_p=0.0,
+                        repeat_penalty=1.0)
+        for token in llm.generate(prompt, reset=True, **sampling):
+            if token in eos:
+                break
+            count += 1
+            if count >= params.max_tokens:
+                break
+        elapsed += time.perf_counter() - start
+        tokens += count
+    return {"generated_tokens": tokens, "wall_s": elapsed, "tokens_per_s": tokens / elapsed}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--per-domain", type=int, default=3, help="prompts per domain (CPU: 3 keeps a run ~15 min)")
@@ -96,6 +135,7 @@ def main() -> None:
     ap.add_argument("--datasets", default=str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "datasets"))
     ap.add_argument("--out", default="bench/results/e2e-cpu")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when llama-cpp-python is here")
     ap.add_argument("--dspark", action="append", default=[], help="a trained drafter folder (repeatable)")
     ap.add_argument("--only", default=None, help="regular expression: run only the drafters it matches")
     args = ap.parse_args()
@@ -110,6 +150,13 @@ def main() -> None:
         path = default_model_path()
         hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                                dtype=dtype).eval()
+    llama_cpp_runs = {}
+    if not args.no_llama_cpp:
+        for name, lookup in (("llama.cpp plain", None), ("llama.cpp prompt lookup 5", 5)):
+            llm = load_llama_cpp(default_model_path(), lookup)
+            if llm is not None:
+                llama_cpp_runs[name] = llm
+    eos = set(model.config.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
     results = {"device": f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
                "dtype": str(dtype), "max_tokens": args.max_tokens, "per_domain": args.per_domain, "runs": []}
     for temperature in [float(t) for t in args.temperatures.split(",")]:
@@ -124,6 +171,8 @@ def main() -> None:
             if hf is not None:
                 rows.append(("transformers plain", run_transformers(hf, domain_prompts, params, None), None))
                 rows.append(("transformers prompt lookup 5", run_transformers(hf, domain_prompts, params, 5), None))
+            for name, llm in llama_cpp_runs.items():
+                rows.append((name, run_llama_cpp(llm, domain_prompts, params, eos), None))
             for name, summary, identical in rows:
                 record = {"temperature": temperature, "domain": domain, "method": name,
                           "speedup_vs_dspark_plain": summary["tokens_per_s"] / base["tokens_per_s"],

@@ -2,7 +2,7 @@
 # On a GPU machine: build dspark._C with the CUDA kernels, then run the GPU tests one file and one
 # backend per process (an illegal memory access poisons the CUDA context of the whole process, so a
 # crash in one kernel must not fail the others). Logs go to ${OUT:-/tmp/gpu-check}.
-#   bench/gpu_check.sh [build|tests|all|sanitize|fuzz]   (DSPARK_CUDA_ARCHS=90a builds for the H100/H200 only)
+#   bench/gpu_check.sh [build|tests|all|sanitize|fuzz|engine]   (DSPARK_CUDA_ARCHS=90a builds for the H100/H200 only)
 #   BACKENDS="cuda" restricts the tests; `sanitize` runs compute-sanitizer memcheck and racecheck over
 #   the CUDA backend's kernel tests, with torch's caching allocator off so out-of-bounds accesses are seen.
 set -u
@@ -19,6 +19,13 @@ if [ "$what" = build ] || [ "$what" = all ]; then
   echo "build: $(( $(date +%s) - start )) s; with_cuda=$(python3 -c 'import dspark._C as c; print(c.with_cuda)')"
 fi
 [ "$what" = build ] && exit 0
+if [ "$what" = engine ]; then
+  # The Engine on the GPU (bench/engine_check.py): greedy identity, a sampled smoke test, tokens/s.
+  timeout "${ENGINE_TIMEOUT:-420}" python3 bench/engine_check.py --device cuda --out "$OUT/engine-check.json" \
+    >"$OUT/engine-check.log" 2>&1
+  echo "engine rc=$? $(tail -3 "$OUT/engine-check.log" | tr '\n' ' ')"
+  exit 0
+fi
 if [ "$what" = fuzz ]; then
   # The op fuzzer on CUDA tensors (tests/opfuzz): FUZZ_CASES per op for Triton and CUDA, then the CUDA
   # backend again under compute-sanitizer memcheck at a smaller budget. Summaries: fuzz-*.json.

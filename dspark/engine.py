@@ -115,17 +115,26 @@ class Engine:
         return events
 
     def _sample(self, logits: torch.Tensor, nodes: list[list[int]], parents, draft_probs, requests: list[Request]):
+        """rejection_sample over the requests' nodes, every input on the model's device; the outputs
+        come back to the host once per round."""
         counts = [len(n) for n in nodes]
-        indptr = torch.tensor([0] + list(torch.tensor(counts).cumsum(0).tolist()), dtype=torch.int32)
+        offsets = [0]
+        for c in counts:
+            offsets.append(offsets[-1] + c)
         params = [r.params for r in requests]
-        return ops.rejection_sample(
-            logits, torch.tensor([t for n in nodes for t in n]), indptr, parents, draft_probs,
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int32),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
-            seed=torch.tensor([p.seed for p in params]), offset=torch.tensor([r.rounds for r in requests]),
-            max_nodes=max(counts),
-        )
+
+        def on_device(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=logits.device)
+
+        path_nodes, num_accepted, tokens = ops.rejection_sample(
+            logits, on_device([t for n in nodes for t in n], torch.int64), on_device(offsets, torch.int32),
+            None if parents is None else parents.to(logits.device), draft_probs,
+            temperature=on_device([p.temperature for p in params], torch.float32),
+            top_k=on_device([p.top_k for p in params], torch.int32),
+            top_p=on_device([p.top_p for p in params], torch.float32),
+            seed=on_device([p.seed for p in params], torch.int64),
+            offset=on_device([r.rounds for r in requests], torch.int64), max_nodes=max(counts))
+        return path_nodes.cpu(), num_accepted.cpu(), tokens.cpu()
 
     def _prefill_waiting(self) -> list[Event]:
         admitted = []
@@ -180,8 +189,9 @@ class Engine:
         hidden, captured = self.model.forward(self.cache, rnd, self.capture_layers)
         if self.hidden_cache is not None:
             self.hidden_cache.write(rnd.write_rows, rnd.write_slots, torch.cat(captured, dim=-1))
-        active_index = torch.cat([torch.arange(int(rnd.qo_indptr[r.row]), int(rnd.qo_indptr[r.row + 1]))
-                                  for r in requests])
+        offsets = rnd.qo_indptr.tolist()
+        active_index = torch.tensor([i for r in requests for i in range(offsets[r.row], offsets[r.row + 1])],
+                                    device=hidden.device)
         logits = self.model.logits(hidden[active_index])
         any_tree = any(pa is not None for pa in parents)
         flat_parents = torch.tensor([x for n, pa in zip(nodes, parents) for x in (pa or range(-1, len(n) - 1))],
@@ -259,6 +269,8 @@ class Engine:
         for i, r in enumerate(requests):
             full_paths[r.row] = path_nodes[i]
             full_counts[r.row] = counts[i]
+        device = self.cache.seqlens.device
+        full_paths, full_counts = full_paths.to(device), full_counts.to(device)
         self.cache.rollback(full_paths, full_counts)
         if self.hidden_cache is not None:
             self.hidden_cache.rollback(full_paths, full_counts)

@@ -66,7 +66,7 @@ class DraftModelDrafter(Drafter):
 
     def start(self, request, target_hidden=None) -> None:
         self.lengths[request.row] = 0
-        self.generators[request.row] = torch.Generator().manual_seed(request.params.seed + 0x5EED)
+        self.generators[request.row] = torch.Generator(self.model.device).manual_seed(request.params.seed + 0x5EED)
 
     def finish(self, request) -> None:
         self.lengths[request.row] = 0

@@ -1,0 +1,134 @@
+"""The engine on one device, end to end: greedy identity of speculative and plain decoding (SmolLM2 and a
+tiny random Qwen3, batch 1 and 16), a sampled smoke test (speculative vs plain sampling of the first two
+tokens, two-sample chi-square), and plain / `--drafter auto` tokens/s at batch 1, 8 and 32.
+
+    python bench/engine_check.py --device cuda --out bench/results/engine-check-<gpu>-<date>.json
+    python bench/engine_check.py --device cpu --quick        # the same checks, small, on this machine
+
+bench/gpu_check.sh engine runs it on a GPU machine. CUDA graphs are not implemented yet: every number is
+eager mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import tempfile
+import time
+
+import torch
+
+from dspark.cli.generate import make_drafter
+from dspark.drafters import DraftModelDrafter, NgramDrafter
+from dspark.engine import Engine
+from dspark.models import load_model, load_tokenizer
+from dspark.sampling_params import SamplingParams
+
+DATASETS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def prompts_of(tokenizer, count: int) -> list[list[int]]:
+    turns = []
+    for name in ("humaneval.jsonl", "gsm8k.jsonl", "mt-bench.jsonl"):
+        turns += [json.loads(line)["turns"][0] for line in (DATASETS / name).read_text().splitlines()[:count]]
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
+             for t in turns]
+    return [tokenizer(c).input_ids for c in chats]
+
+
+def decode(model, tokenizer, drafter, prompts, params, batch: int):
+    longest = max(len(p) for p in prompts) + params.max_tokens + 16
+    engine = Engine(model, tokenizer, drafter, max_batch=batch, max_seq_len=longest)
+    start = time.perf_counter()
+    requests = engine.generate(prompts, params)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(r.generated) for r in requests)
+    return [r.generated for r in requests], tokens / elapsed, engine.stats.summary(requests).get("tau")
+
+
+def tiny_qwen3(device: str, dtype):
+    import transformers
+
+    path = tempfile.mkdtemp(prefix="dspark-qwen3-")
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                      max_position_embeddings=1024, tie_word_embeddings=False,
+                                      bos_token_id=1, eos_token_id=2, initializer_range=0.15)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(path)
+    return load_model(path, dtype, device)
+
+
+def chi_square_two_sample(a: list, b: list) -> float:
+    """p-value that two equal-size samples of cells come from one law (cells seen fewer than 5 times in
+    both together are pooled into one)."""
+    cells = sorted(set(a) | set(b))
+    counts = torch.tensor([[a.count(c) for c in cells], [b.count(c) for c in cells]], dtype=torch.float64)
+    keep = counts.sum(0) >= 5
+    table = torch.cat([counts[:, keep], counts[:, ~keep].sum(1, keepdim=True)], 1)
+    table = table[:, table.sum(0) > 0]
+    expected = table.sum(1, keepdim=True) * table.sum(0, keepdim=True) / table.sum()
+    statistic = float(((table - expected) ** 2 / expected).sum())
+    dof = table.shape[1] - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(statistic / 2, dtype=torch.float64))) if dof > 0 else 1.0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true", help="few prompts and tokens (a CPU dry run)")
+    args = ap.parse_args()
+    dtype = torch.bfloat16
+    tokens = 24 if args.quick else 64
+    report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "dtype": str(dtype),
+              "cuda_graphs": "not implemented (eager)", "identity": [], "sampled": None, "throughput": []}
+    tokenizer, smollm = load_tokenizer(None), load_model(None, dtype, args.device)
+    prompts = prompts_of(tokenizer, 2 if args.quick else 6)
+    greedy = SamplingParams(max_tokens=tokens)
+    qwen3 = tiny_qwen3(args.device, dtype)
+    for name, model, drafters, texts in (
+            ("SmolLM2-135M", smollm, {"auto": lambda: make_drafter("auto", smollm, None, dtype, args.device),
+                                      "ngram": lambda: NgramDrafter(4)}, prompts),
+            ("tiny Qwen3", qwen3, {"self-draft 2/4": lambda: DraftModelDrafter.self_draft(qwen3, 2, 3),
+                                   "ngram": lambda: NgramDrafter(4)}, [[3 + (7 * i + j) % 500 for j in range(20)]
+                                                                       for i in range(16)])):
+        for batch in (1, 16):
+            chosen = texts[:batch] if batch == 1 else (texts * 16)[:16]
+            plain, _, _ = decode(model, tokenizer, None, chosen, greedy, batch)
+            for drafter_name, make in drafters.items():
+                out, _, tau = decode(model, tokenizer, make(), chosen, greedy, batch)
+                report["identity"].append({"model": name, "batch": batch, "drafter": drafter_name,
+                                           "identical": out == plain, "tau": tau})
+                print(report["identity"][-1], flush=True)
+    samples = 300 if args.quick else 3000
+    sampled = SamplingParams(max_tokens=2, temperature=1.0, ignore_eos=True)
+    per = [SamplingParams(**{**sampled.__dict__, "seed": s}) for s in range(samples)]
+    short = [[5, 6, 7, 5, 6]] * samples
+    plain_engine = Engine(qwen3, None, None, max_batch=64, max_seq_len=32)
+    spec_engine = Engine(qwen3, None, DraftModelDrafter.self_draft(qwen3, 2, 2), max_batch=64, max_seq_len=32)
+    first = [tuple(r.generated) for r in plain_engine.generate(short, per)]
+    per_shifted = [SamplingParams(**{**sampled.__dict__, "seed": samples + s}) for s in range(samples)]
+    second = [tuple(r.generated) for r in spec_engine.generate(short, per_shifted)]
+    report["sampled"] = {"samples": samples, "p_value": chi_square_two_sample(first, second)}
+    print(report["sampled"], flush=True)
+    for batch in (1, 8, 32):
+        chosen = (prompts * 32)[:batch]
+        for drafter_name in ("none", "auto"):
+            drafter = None if drafter_name == "none" else make_drafter("auto", smollm, None, dtype, args.device)
+            _, speed, tau = decode(smollm, tokenizer, drafter, chosen, greedy, batch)
+            report["throughput"].append({"batch": batch, "drafter": drafter_name, "tokens_per_s": speed, "tau": tau})
+            print(report["throughput"][-1], flush=True)
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(report, indent=1))
+    failed = [r for r in report["identity"] if not r["identical"]] + (
+        [report["sampled"]] if report["sampled"]["p_value"] < 1e-3 else [])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
