@@ -51,7 +51,7 @@ else:
     extension = CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags}, **common)
 
 setup(
-    packages=["dspark", "dspark.cli", "dspark.ops", "dspark.reference", "dspark.models", "dspark.drafters",
+    packages=["dspark", "dspark.cli", "dspark.serve", "dspark.ops", "dspark.reference", "dspark.models", "dspark.drafters",
               "dspark.train", "dspark.triton_kernels"],
     package_dir={"dspark.triton_kernels": "triton_kernels"},
     # Trained drafters shipped for the default target (config.json, model.safetensors, draft_vocab.json).

@@ -104,6 +104,22 @@ class Engine:
         self.waiting.append(request)
         return request.id
 
+    def abort(self, request_id: int) -> bool:
+        """Drop a waiting or running request between rounds (a client went away): its cache row and
+        drafter state are freed, it is finished with finish_reason "abort". False if it is not here."""
+        for r in self.waiting:
+            if r.id == request_id:
+                self.waiting.remove(r)
+                r.finish_reason = "abort"
+                self.finished[r.id] = r
+                return True
+        for r in self.running:
+            if r.id == request_id:
+                r.finish_reason = "abort"
+                self._retire_finished()
+                return True
+        return False
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 

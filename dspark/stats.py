@@ -16,8 +16,11 @@ class RequestStats:
     attempts: list[int] = dataclasses.field(default_factory=list)
     accepted: list[int] = dataclasses.field(default_factory=list)
 
+    verified: int = 0  # draft nodes the target verified, over all rounds (the verification budget spent)
+
     def record_round(self, num_drafted: int, num_accepted_drafts: int, parents: list[int] | None) -> None:
         self.rounds += 1
+        self.verified += num_drafted
         self.emitted += num_accepted_drafts + 1
         depth = num_drafted if parents is None else max(tree.depths(parents), default=0)
         while len(self.attempts) < depth:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dspark.cli import calibrate, drafter_tools, generate, profile
+from dspark.cli import calibrate, drafter_tools, generate, profile, serve
 from dspark.cli.generate import make_drafter, shipped_drafter
 
 
@@ -22,6 +22,7 @@ def parser() -> argparse.ArgumentParser:
         sub.add_parser("export-drafter", help="copy a trained drafter for shipping (weights in bf16)"))
     calibrate.add_arguments(sub.add_parser("calibrate", help="fit a drafter's confidence temperatures (STS)"))
     profile.add_arguments(sub.add_parser("profile", help="measure SPS(B), the target's steps/s per step size"))
+    serve.add_arguments(sub.add_parser("serve", help="an OpenAI-compatible HTTP server with speculative decoding"))
     return ap
 
 
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return train_main(args)
     commands = {"generate": generate.run, "draft-vocab": drafter_tools.run_draft_vocab,
-                "export-drafter": drafter_tools.run_export, "calibrate": calibrate.run, "profile": profile.run}
+                "export-drafter": drafter_tools.run_export, "calibrate": calibrate.run, "profile": profile.run,
+                "serve": serve.run}
     return commands[args.command](args)
 
 
