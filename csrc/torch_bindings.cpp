@@ -312,11 +312,13 @@ void register_cuda_kernels(pybind11::module_& m);  // csrc/cuda/torch_cuda_bindi
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "DSpark C++ kernels (raw; call them through dspark.ops, which validates inputs)";
-  m.def("tree_attention", &tree_attention);
-  m.def("rejection_sample", &rejection_sample);
-  m.def("kv_rollback", &kv_rollback);
-  m.def("small_batch_linear", &small_batch_linear);
-  m.def("llama_decoder_layers", &llama_decoder_layers);
+  // The kernels release the GIL: a server's HTTP thread (dspark serve) runs while a round computes.
+  const auto release = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("tree_attention", &tree_attention, release);
+  m.def("rejection_sample", &rejection_sample, release);
+  m.def("kv_rollback", &kv_rollback, release);
+  m.def("small_batch_linear", &small_batch_linear, release);
+  m.def("llama_decoder_layers", &llama_decoder_layers, release);
 #ifdef DSPARK_WITH_CUDA
   dspark::register_cuda_kernels(m);  // *_cuda entry points for CUDA tensors
   m.attr("with_cuda") = true;
