@@ -194,24 +194,24 @@ class DSparkDrafter(Drafter):
         return kv, valid, starts
 
     def _choose(self, requests, logits: torch.Tensor):
-        """Per request: the next draft token and the distribution it was drawn from (None if greedy),
-        over the full vocabulary; logits [R, V or |S|]."""
-        tokens, rows = [], []
+        """Per request: the next draft token (a [R] tensor on the device, full-vocabulary ids) and the
+        distribution it was drawn from (None if greedy); logits [R, V or |S|]. Greedy rows take one
+        batched argmax (ties: lowest id); sampled rows draw from their request's own generator."""
+        picked = torch.argmax(logits, dim=-1)
+        rows = [None] * len(requests)
         for i, r in enumerate(requests):
             p = r.params
             if p.temperature == 0:
-                tokens.append(int(torch.argmax(logits[i])))
-                rows.append(None)
-            else:
-                q = processed_probs(logits[i], p.temperature, p.top_k, p.top_p)
-                tokens.append(int(torch.multinomial(q, 1, generator=self.generators[r.row])))
-                if self.vocab_ids is not None:
-                    q = torch.zeros(self.model.config.vocab_size, dtype=q.dtype, device=q.device).index_copy_(
-                        0, self.vocab_ids, q)
-                rows.append(q)
+                continue
+            q = processed_probs(logits[i], p.temperature, p.top_k, p.top_p)
+            picked[i] = torch.multinomial(q, 1, generator=self.generators[r.row])[0]
+            if self.vocab_ids is not None:
+                q = torch.zeros(self.model.config.vocab_size, dtype=q.dtype, device=q.device).index_copy_(
+                    0, self.vocab_ids, q)
+            rows[i] = q
         if self.vocab_ids is not None:
-            tokens = self.vocab_ids[torch.tensor(tokens, device=self.device)].tolist()
-        return tokens, rows
+            picked = self.vocab_ids[picked]
+        return picked, rows
 
     def _confidence(self, logit: torch.Tensor, k: int) -> torch.Tensor:
         temps = self.model.config.calibration
@@ -232,13 +232,14 @@ class DSparkDrafter(Drafter):
             drafts = self._draft_block(requests, steps, kv, valid, starts, anchors)
         tokens, probs, confs = drafts
         vocab = self.model.config.vocab_size
+        token_rows = torch.stack(tokens, dim=1).tolist()  # the one host read of the drafted tokens
+        confidences = torch.stack(confs, dim=1)
         out = []
         for i, r in enumerate(requests):
             draft_probs = None
             if r.params.temperature > 0:  # the last node has no children: a zero row, as DraftModelDrafter
                 draft_probs = torch.stack([q[i] for q in probs] + [torch.zeros(vocab, device=self.device)])
-            out.append(Proposal([t[i] for t in tokens], draft_probs=draft_probs,
-                                confidences=torch.stack([c[i] for c in confs])))
+            out.append(Proposal(token_rows[i], draft_probs=draft_probs, confidences=confidences[i]))
         return out
 
     def _draft_block(self, requests, steps, kv, valid, starts, anchors):
@@ -253,7 +254,7 @@ class DSparkDrafter(Drafter):
             tokens.append(picked)
             probs.append(rows)
             confs.append(self._confidence(conf, k))
-            prev = torch.tensor(picked, device=self.device)
+            prev = picked
         return tokens, probs, confs
 
     def _draft_eagle(self, requests, steps, kv, valid, starts, anchors):
@@ -272,5 +273,5 @@ class DSparkDrafter(Drafter):
             tokens.append(picked)
             probs.append(rows_q)
             confs.append(self._confidence(model.conf(h).squeeze(-1), k))
-            inputs.append(model.eagle_input(torch.tensor(picked, device=self.device), y[:, -1]))
+            inputs.append(model.eagle_input(picked, y[:, -1]))
         return tokens, probs, confs

@@ -5,6 +5,8 @@ Deterministic either way, so draft_probs is None."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from dspark.drafters.base import Drafter, Proposal
 
 
@@ -26,16 +28,25 @@ class NgramDrafter(Drafter):
         pass
 
     def continuations(self, tokens: list[int], limit: int) -> list[list[int]]:
-        """Up to `branches` distinct continuations of the longest matching suffix, latest first."""
-        for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
-            suffix, found = tokens[-n:], []
-            for start in range(len(tokens) - n - 1, -1, -1):
-                if tokens[start: start + n] == suffix:
-                    follow = tokens[start + n: start + n + limit]
-                    if follow and follow not in found:
-                        found.append(follow)
-                        if len(found) == self.branches:
-                            break
+        """Up to `branches` distinct continuations of the longest matching suffix, latest first. The
+        occurrences of each suffix length are found by one vectorised comparison over the context
+        (numpy), not a Python scan: a round with many long requests stays cheap."""
+        length = len(tokens)
+        if length < 2 or limit < 1:
+            return []
+        context = np.asarray(tokens, dtype=np.int64)
+        for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
+            starts = length - n  # candidate starts 0 .. length - n - 1 (the suffix itself excluded)
+            match = context[0:starts] == context[length - n]
+            for j in range(1, n):
+                match &= context[j: starts + j] == context[length - n + j]
+            found: list[list[int]] = []
+            for start in np.flatnonzero(match)[::-1].tolist():
+                follow = tokens[start + n: start + n + limit]
+                if follow not in found:
+                    found.append(follow)
+                    if len(found) == self.branches:
+                        break
             if found:
                 return found
         return []
