@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from dspark.cli.generate import warm_up
 from dspark.drafters import DraftModelDrafter, DSparkDrafter, HybridDrafter, NgramDrafter
 from dspark.engine import Engine
 from dspark.models import default_model_path, load_model, load_tokenizer
@@ -70,6 +71,7 @@ def load_prompts(directory: pathlib.Path, per_domain: int, tokenizer) -> dict[st
 def run_ours(model, tokenizer, drafter, prompts, params, policy=None):
     engine = Engine(model, tokenizer, drafter, policy=policy, max_batch=1,
                     max_seq_len=max(map(len, prompts)) + params.max_tokens + 16)
+    warm_up(engine, prompts[0], params)  # as `dspark generate`: every method is timed warm
     requests = [engine.generate([p], params)[0] for p in prompts]  # batch 1, one prompt after another
     summary = engine.stats.summary(requests)
     return summary, [r.generated for r in requests]
