@@ -125,13 +125,13 @@ def file_stats(path: pathlib.Path) -> dict:
     return {"per_domain": per, "total": total}
 
 
-def load_target(dtype_name: str = "fp32"):
+def load_target(dtype_name: str = "fp32", device: str = "cpu"):
     import torch
 
     from dspark.models import load_model, load_tokenizer
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    return load_tokenizer(None), load_model(None, dtype, "cpu")
+    return load_tokenizer(None), load_model(None, dtype, device)
 
 
 def bench(batches: list[int], items: list[dict], model, tokenizer, max_new_tokens: int) -> list[dict]:
@@ -189,6 +189,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--greedy-fraction", type=float, default=0.25)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--device", default="cpu", help="where the target runs (cuda on a GPU machine)")
     # One thread: on this shared 2-core machine, with other jobs running, two OpenMP threads spin on
     # each other and an [8, 576] x [576, 1536] GEMM took 23.7 ms against 0.74 ms with one thread.
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
@@ -211,7 +212,7 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    tokenizer, model = load_target(args.dtype)
+    tokenizer, model = load_target(args.dtype, args.device)
     items = tokenize_prompts(items, tokenizer, args.max_prompt_tokens)
     print(f"[selfgen] {len(items)} instructions after tokenisation", flush=True)
     if args.bench:
