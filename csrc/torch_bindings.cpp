@@ -231,9 +231,20 @@ void llama_decoder_layers(at::Tensor& hidden, const std::vector<std::optional<at
   TORCH_CHECK_VALUE(paged || k_cache.size(1) == num_requests, "a contiguous cache has one row per request");
   const int64_t* wr = write_rows.data_ptr<int64_t>();
   const int64_t* ws = write_slots.data_ptr<int64_t>();
+  const int32_t* table = nullptr;
+  if (paged) {
+    expect(*block_table, at::kInt, "block_table");
+    TORCH_CHECK_VALUE(block_table->dim() == 2 && block_table->size(0) == num_requests, "block_table must be [R, max_blocks]");
+    table = block_table->data_ptr<int32_t>();
+  }
   for (int64_t t = 0; t < rows; ++t) {  // the plan validated the round; these must agree with it
     TORCH_CHECK_VALUE(0 <= wr[t] && wr[t] < num_requests && 0 <= ws[t] && ws[t] < capacity,
                       "write_rows/write_slots out of range at row ", t);
+    if (paged) {
+      const int32_t block = table[wr[t] * block_table->size(1) + ws[t] / slots_per_row];
+      TORCH_CHECK_VALUE(0 <= block && block < k_cache.size(1), "block_table maps row ", t, "'s slot to block ", block,
+                        " outside the cache");
+    }
   }
   const int64_t qkv_rows = (num_heads + 2 * kv_heads) * dim;
   const int64_t layer_elems = k_cache.numel() / num_layers;

@@ -158,10 +158,27 @@ class Engine:
             request = self.waiting.pop(0)
             request.row = self.free_rows.pop()
             request.tokens = list(request.prompt)
-            self.cache.reserve(request.row, len(request.prompt) + request.params.max_tokens)
             admitted.append(request)
         if not admitted:
             return []
+        try:
+            return self._prefill(admitted)
+        except BaseException:
+            # Nothing of these requests may stay half-admitted: their rows (and blocks) go back, they end as
+            # "error" (in `finished`), and the caller sees the exception.
+            for r in admitted:
+                if r not in self.running:
+                    r.finish_reason = "error"
+                    self.cache.free(r.row)
+                    if self.hidden_cache is not None:
+                        self.hidden_cache.seqlens[r.row] = 0
+                    self.free_rows.append(r.row)
+                    self.finished[r.id] = r
+            raise
+
+    def _prefill(self, admitted: list[Request]) -> list[Event]:
+        for request in admitted:
+            self.cache.reserve(request.row, len(request.prompt) + request.params.max_tokens)
         start = time.perf_counter()
         seqlens = [0] * self.cache.rows
         rnd = build_round(self.cache.rows, [(r.row, r.prompt, None) for r in admitted], seqlens, self.model.device)

@@ -250,3 +250,40 @@ def test_stop_strings_end_the_reply_and_never_stream(server):
     streamed = server.client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=24, temperature=0,
                                                 stop=stop, stream=True)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == cut.choices[0].text
+
+
+def test_an_engine_error_fails_its_requests_and_the_server_goes_on(tiny, tokenizer, monkeypatch):
+    s = Server(tiny, tokenizer, None, max_batch=2)
+    try:
+        forward = type(tiny).forward
+        calls = {"n": 0}
+
+        def failing(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("injected failure")
+            return forward(self, *args, **kwargs)
+
+        monkeypatch.setattr(type(tiny), "forward", failing)
+        response = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4},
+                              timeout=60)
+        assert response.status_code == 500 and "injected failure" in response.json()["error"]["message"]
+        assert sorted(s.engine.free_rows) == [0, 1] and not s.engine.waiting and not s.engine.running
+        ok = s.client.completions.create(model=MODEL, prompt="y", max_tokens=4, temperature=0)
+        assert ok.choices[0].finish_reason in ("length", "stop")
+        assert httpx.get(s.url + "/health", timeout=30).status_code == 200
+    finally:
+        s.close()
+
+
+def test_a_non_streaming_client_that_leaves_aborts_its_request(tiny, tokenizer):
+    s = Server(tiny, tokenizer, None, max_batch=1, round_delay=0.05)
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 120}, timeout=0.5)
+        deadline = time.time() + 20
+        while s.loop.ended["abort"] == 0 and time.time() < deadline:
+            time.sleep(0.1)
+        assert s.loop.ended["abort"] == 1 and not s.engine.running and s.engine.free_rows == [0]
+    finally:
+        s.close()

@@ -37,7 +37,9 @@ def applies(model, cache, plan, invariant: bool) -> bool:
     dtype = model.dtype
     return (enabled() and invariant and model.device.type == "cpu" and plan.backend == "cpu"
             and dtype in _FLOATS and cache.k.dtype == dtype and cache.k.is_contiguous() and cache.v.is_contiguous()
-            and model.config.head_dim % 2 == 0 and not torch.is_grad_enabled() and _weights(model) is not None)
+            and model.config.head_dim % 2 == 0 and not torch.is_grad_enabled() and _weights(model) is not None
+            # q/k norms exactly when the config has them, as the PyTorch layers read them
+            and (model.weights.get("layers.0.self_attn.q_norm.weight") is not None) == bool(model.config.qk_norm))
 
 
 def _weights(model) -> list[torch.Tensor | None] | None:
@@ -61,7 +63,8 @@ def run(model, h: torch.Tensor, cache, rnd, plan, cos: torch.Tensor, sin: torch.
     c = model.config
     h = h.contiguous()
     slots = [-1] * c.num_layers
-    for index, layer in enumerate(sorted(set(capture_layers))):
+    # Layers outside the model capture nothing, as in the PyTorch forward (`if i in capture_layers`).
+    for index, layer in enumerate(sorted({i for i in capture_layers if 0 <= i < c.num_layers})):
         slots[layer] = index
     num_captured = sum(s >= 0 for s in slots)
     captured = torch.empty(h.shape[0], num_captured * c.hidden_size, dtype=h.dtype) if num_captured else None

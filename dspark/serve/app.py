@@ -3,13 +3,16 @@ as server-sent events or not), /v1/models, /health, /metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import time
 import uuid
 import weakref
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dspark.engine import Event
@@ -33,7 +36,8 @@ class TextStream:
         text = self.tokenizer.decode(self.tokens)
         if text.endswith("\ufffd"):
             return ""
-        text = text[: len(text) - self.holdback]
+        # Trailing whitespace waits too: a tokenizer's clean-up may drop it once the next token arrives.
+        text = text[: len(text) - self.holdback].rstrip()
         if len(text) <= len(self.sent) or not text.startswith(self.sent):
             return ""
         new, self.sent = text[len(self.sent):], text
@@ -51,6 +55,8 @@ def create_app(loop: EngineLoop, tokenizer, limits: Limits, request_timeout_s: f
 
     @app.get("/health")
     async def health():
+        if not loop.alive():
+            return JSONResponse({"status": "engine thread stopped"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -72,15 +78,37 @@ def create_app(loop: EngineLoop, tokenizer, limits: Limits, request_timeout_s: f
             return error(RequestError(str(e), None, 429, "rate_limit_error"), endpoint)
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": limits.model_name}
+        # After the response, whatever ended it (a finished request: a no-op; a client that left before
+        # the stream started: frees the request's row).
+        cleanup = BackgroundTask(loop.abort, handle)
         if parsed.stream:
-            return StreamingResponse(stream(http, handle, parsed, meta, endpoint, chat), media_type="text/event-stream")
-        return await complete(http, handle, parsed, meta, endpoint, chat)
+            return StreamingResponse(stream(http, handle, parsed, meta, endpoint, chat), media_type="text/event-stream",
+                                     background=cleanup)
+        response = await complete(http, handle, parsed, meta, endpoint, chat)
+        response.background = cleanup
+        return response
 
-    async def drain(handle: Handle) -> Final:
-        while True:
-            item = await handle.events.get()
-            if isinstance(item, Final):
-                return item
+    async def drain(http: Request, handle: Handle) -> Final:
+        """Waits for the request's end. Starlette does not cancel a plain handler when its client goes
+        away, so the handler also listens for the connection's disconnect message and aborts on it."""
+        watch = asyncio.ensure_future(http.receive())
+        try:
+            while True:
+                get = asyncio.ensure_future(handle.events.get())
+                done, _ = await asyncio.wait({get, watch}, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()  # a cancelled Queue.get loses no item
+                    if watch.result().get("type") == "http.disconnect":
+                        loop.abort(handle)
+                        watch = asyncio.ensure_future(asyncio.Event().wait())  # the Final comes next
+                    else:
+                        watch = asyncio.ensure_future(http.receive())
+                    continue
+                item = get.result()
+                if isinstance(item, Final):
+                    return item
+        finally:
+            watch.cancel()
 
     def usage(handle: Handle) -> dict:
         r = handle.result
@@ -99,7 +127,7 @@ def create_app(loop: EngineLoop, tokenizer, limits: Limits, request_timeout_s: f
 
     async def complete(http, handle, parsed, meta, endpoint, chat):
         try:
-            final = await drain(handle)
+            final = await drain(http, handle)
         except BaseException:  # the client went away (the handler is cancelled): free its rows
             loop.abort(handle)
             raise
@@ -151,7 +179,7 @@ def create_app(loop: EngineLoop, tokenizer, limits: Limits, request_timeout_s: f
                 yield f"data: {json.dumps(err)}\n\n"
                 return
             r = handle.result
-            rest = r.text[len(text.sent):] if r.text.startswith(text.sent) else ""
+            rest = r.text[len(os.path.commonprefix([text.sent, r.text])):]
             yield chunk(rest if rest else (None if chat else ""), FINISH[item.reason])
             if parsed.include_usage:
                 yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [], 'usage': usage(handle), 'dspark': dspark_stats(handle)})}\n\n"

@@ -84,7 +84,13 @@ class EngineLoop:
 
     # -- the engine thread --------------------------------------------------------------------------
     def _send(self, handle: Handle, item) -> None:
-        handle.loop.call_soon_threadsafe(handle.events.put_nowait, item)
+        try:
+            handle.loop.call_soon_threadsafe(handle.events.put_nowait, item)
+        except RuntimeError:  # the handler's event loop is gone: nobody listens any more
+            pass
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def _admit(self) -> None:
         while True:
@@ -92,6 +98,12 @@ class EngineLoop:
                 handle = self._incoming.get_nowait()
             except queue.Empty:
                 return
+            with self._lock:
+                cancelled = handle in self._aborts
+                self._aborts.discard(handle)
+            if cancelled:  # the client left before the request reached the engine
+                self._send(handle, Final("abort"))
+                continue
             try:
                 handle.request_id = self.engine.add_request(handle.prompt_ids, handle.params)
             except ValueError as error:  # validated already; anything left is the engine's word
@@ -108,8 +120,9 @@ class EngineLoop:
             self._send(handle, Final(reason, message))
 
     def _expire(self) -> None:
-        with self._lock:
-            aborts, self._aborts = self._aborts, set()
+        with self._lock:  # aborts of handles not admitted yet stay for _admit to skip
+            aborts = {h for h in self._aborts if h.request_id >= 0}
+            self._aborts -= aborts
         now = time.perf_counter()
         for handle in aborts:
             self._drop(handle, "abort")
@@ -143,18 +156,24 @@ class EngineLoop:
 
     def _run(self) -> None:
         while not self._stop:
-            self._admit()
-            self._expire()
-            if not self.engine.has_work():
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
             try:
-                events = self.engine.step()
+                self._round()
             except Exception as error:  # noqa: BLE001 - fail the requests in flight, keep serving
+                message = f"{type(error).__name__}: {error}"
                 for handle in list(self._handles.values()):
-                    self._drop(handle, "error", f"{type(error).__name__}: {error}")
-                continue
-            self._deliver(events)
-            if self.on_round is not None:
-                self.on_round(self)
+                    try:
+                        self._drop(handle, "error", message)
+                    except Exception:  # noqa: BLE001 - the engine refuses even that: forget the request
+                        self._handles.pop(handle.request_id, None)
+                        self._send(handle, Final("error", message))
+
+    def _round(self) -> None:
+        self._admit()
+        self._expire()
+        if not self.engine.has_work():
+            self._wake.wait(timeout=0.5)
+            self._wake.clear()
+            return
+        self._deliver(self.engine.step())
+        if self.on_round is not None:
+            self.on_round(self)
