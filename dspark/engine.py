@@ -169,10 +169,7 @@ class Engine:
             for r in admitted:
                 if r not in self.running:
                     r.finish_reason = "error"
-                    self.cache.free(r.row)
-                    if self.hidden_cache is not None:
-                        self.hidden_cache.seqlens[r.row] = 0
-                    self.free_rows.append(r.row)
+                    self._release_row(r)
                     self.finished[r.id] = r
             raise
 
@@ -335,15 +332,19 @@ class Engine:
                 return True
         return False
 
+    def _release_row(self, r: Request) -> None:
+        """The request's cache row (and blocks, and side-cache length) back to the free list."""
+        self.cache.free(r.row)
+        if self.hidden_cache is not None:
+            self.hidden_cache.seqlens[r.row] = 0
+        self.free_rows.append(r.row)
+
     def _retire_finished(self) -> None:
         for r in [r for r in self.running if r.finish_reason is not None]:
             self.running.remove(r)
-            self.cache.free(r.row)
-            if self.hidden_cache is not None:
-                self.hidden_cache.seqlens[r.row] = 0
             if self.drafter is not None:
                 self.drafter.finish(r)
-            self.free_rows.append(r.row)
+            self._release_row(r)
             if self.tokenizer is not None and not r.text:
                 r.text = self.tokenizer.decode(r.generated)
             self.finished[r.id] = r
