@@ -19,7 +19,7 @@ def parser() -> argparse.ArgumentParser:
     drafter_tools.add_draft_vocab_arguments(
         sub.add_parser("draft-vocab", help="write a drafter's draft vocabulary: its data's frequent tokens"))
     drafter_tools.add_export_arguments(
-        sub.add_parser("export-drafter", help="copy a trained drafter for shipping (weights in bf16)"))
+        sub.add_parser("export-drafter", help="copy a trained drafter for shipping (weights in bf16), or write it in DeepSpec's format"))
     calibrate.add_arguments(sub.add_parser("calibrate", help="fit a drafter's confidence temperatures (STS)"))
     profile.add_arguments(sub.add_parser("profile", help="measure SPS(B), the target's steps/s per step size"))
     serve.add_arguments(sub.add_parser("serve", help="an OpenAI-compatible HTTP server with speculative decoding"))

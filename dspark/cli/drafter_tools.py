@@ -21,6 +21,13 @@ def add_export_arguments(export: argparse.ArgumentParser) -> None:
     export.add_argument("source", help="the drafter folder written by train-drafter (and calibrate)")
     export.add_argument("destination", help="e.g. dspark/drafters/pretrained/smollm2-135m-instruct")
     export.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    export.add_argument("--format", choices=("dspark", "deepspec"), default="dspark",
+                        help="deepspec: the authors' checkpoint format (Qwen3DSparkModel), which vLLM, SGLang and "
+                             "llama.cpp load; needs a drafter trained with --qk-norm, --model and --mask-token-id")
+    export.add_argument("--model", default=None, help="the target (deepspec: its embedding and LM head are stored)")
+    export.add_argument("--mask-token-id", type=int, default=None,
+                        help="deepspec: the token id whose embedding row holds the mask embedding; pick one the "
+                             "target never emits (a reserved or padding token)")
 
 
 def run_draft_vocab(args) -> int:
@@ -38,8 +45,18 @@ def run_draft_vocab(args) -> int:
 
 
 def run_export(args) -> int:
-    from dspark.drafters.dspark_model import export_drafter
+    from dspark.drafters.dspark_model import export_drafter, load_drafter_model
 
-    sizes = export_drafter(args.source, args.destination, DTYPES[args.dtype])
+    if args.format == "deepspec":
+        from dspark.drafters.deepspec_format import export_deepspec
+
+        if args.model is None or args.mask_token_id is None:
+            raise ValueError("--format deepspec needs --model (the target) and --mask-token-id")
+        target = load_model(args.model, torch.float32)
+        drafter = load_drafter_model(args.source, target)
+        sizes = export_deepspec(drafter, args.destination, args.mask_token_id, target.config.num_layers,
+                                DTYPES[args.dtype])
+    else:
+        sizes = export_drafter(args.source, args.destination, DTYPES[args.dtype])
     print("\n".join(f"{name}: {size / 1e6:.1f} MB" for name, size in sorted(sizes.items())))
     return 0

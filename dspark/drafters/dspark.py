@@ -213,7 +213,12 @@ class DSparkDrafter(Drafter):
             picked = self.vocab_ids[picked]
         return picked, rows
 
-    def _confidence(self, logit: torch.Tensor, k: int) -> torch.Tensor:
+    def _confidence(self, logit: torch.Tensor | None, k: int, logits: torch.Tensor, picked: torch.Tensor):
+        """sigmoid of the confidence head's logit (STS-scaled), or without a confidence head (DFlash
+        checkpoints) the drafter's own probability of each drafted token."""
+        if logit is None:
+            local = picked if self.vocab_ids is None else torch.searchsorted(self.vocab_ids, picked)
+            return torch.softmax(logits.float(), dim=-1).gather(-1, local[:, None]).squeeze(-1)
         temps = self.model.config.calibration
         if temps:  # Sequential Temperature Scaling: one temperature per block position
             logit = logit / temps[min(k, len(temps) - 1)]
@@ -250,10 +255,11 @@ class DSparkDrafter(Drafter):
         tokens, probs, confs, prev, state = [], [], [], anchors, None
         for k in range(steps):
             bias, conf, state = model.head_step(h[:, k], prev, state, self.w2_rows)
-            picked, rows = self._choose(requests, base[:, k] if bias is None else base[:, k] + bias)
+            logits = base[:, k] if bias is None else base[:, k] + bias
+            picked, rows = self._choose(requests, logits)
             tokens.append(picked)
             probs.append(rows)
-            confs.append(self._confidence(conf, k))
+            confs.append(self._confidence(conf, k, logits, picked))
             prev = picked
         return tokens, probs, confs
 
@@ -269,9 +275,10 @@ class DSparkDrafter(Drafter):
             positions = starts[:, None] + torch.arange(k + 1, device=self.device)
             y, _ = model.eagle_run(torch.stack(inputs, dim=1), positions, kv, valid)
             h = rms_norm(y[:, -1], model.norm, model.config.rms_norm_eps)
-            picked, rows_q = self._choose(requests, self._logits(h))
+            logits = self._logits(h)
+            picked, rows_q = self._choose(requests, logits)
             tokens.append(picked)
             probs.append(rows_q)
-            confs.append(self._confidence(model.conf(h).squeeze(-1), k))
+            confs.append(self._confidence(model.confidence_logit(h, None), k, logits, picked))
             inputs.append(model.eagle_input(picked, y[:, -1]))
         return tokens, probs, confs

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from dspark.models.linear import linear
 
 KINDS = ("dspark", "eagle")
-HEADS = ("markov", "rnn", "none")
+HEADS = ("markov", "gated", "rnn", "none")
 
 
 class Linear(nn.Linear):
@@ -44,11 +44,14 @@ class DSparkConfig:
     kind: str = "dspark"        # "dspark": parallel block + sequential head; "eagle": step by step
     num_layers: int = 1         # draft transformer layers (1-5)
     gamma: int = 7              # block size: anchor + gamma - 1 masks, gamma draft tokens
-    head: str = "markov"        # sequential head: markov, rnn, or none (DFlash-style ablation)
+    head: str = "markov"        # sequential head: markov, gated (Markov with a gate), rnn, or none (DFlash-style)
     rank: int = 256             # Markov / RNN width r
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     calibration: list[float] | None = None  # STS temperature per block position (confidence logits)
+    qk_norm: bool = False       # Qwen3-style RMSNorm on each head of q and of every key, context keys too
+    confidence: bool = True     # a confidence head; without one, a draft's confidence is its own draft probability
+    confidence_with_head: bool = True  # the confidence head also reads W1[x_{k-1}] (when there is a head)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -134,6 +137,9 @@ class DraftLayer(nn.Module):
         self.k_proj = Linear(d, c.num_kv_heads * hd, bias=False)
         self.v_proj = Linear(d, c.num_kv_heads * hd, bias=False)
         self.o_proj = Linear(c.num_heads * hd, d, bias=False)
+        if c.qk_norm:
+            self.q_norm = nn.Parameter(torch.ones(hd))
+            self.k_norm = nn.Parameter(torch.ones(hd))
         self.post_norm = nn.Parameter(torch.ones(d))
         self.gate_proj = Linear(d, c.intermediate_size, bias=False)
         self.up_proj = Linear(d, c.intermediate_size, bias=False)
@@ -145,13 +151,18 @@ class DraftLayer(nn.Module):
         h = x if normed else rms_norm(x, self.input_norm, c.rms_norm_eps)
         k = self.k_proj(h).unflatten(-1, (c.num_kv_heads, c.head_dim))
         v = self.v_proj(h).unflatten(-1, (c.num_kv_heads, c.head_dim))
+        if c.qk_norm:
+            k = rms_norm(k, self.k_norm, c.rms_norm_eps)
         return rope(k, positions, inv_freq), v
 
     def forward(self, x, positions, inv_freq, k_ctx, v_ctx, ctx_valid, causal: bool):
         """x [B, n, d] at positions [B, n]; returns (new x, the block's own (k, v))."""
         c = self.c
         h = rms_norm(x, self.input_norm, c.rms_norm_eps)
-        q = rope(self.q_proj(h).unflatten(-1, (c.num_heads, c.head_dim)), positions, inv_freq)
+        q = self.q_proj(h).unflatten(-1, (c.num_heads, c.head_dim))
+        if c.qk_norm:
+            q = rms_norm(q, self.q_norm, c.rms_norm_eps)
+        q = rope(q, positions, inv_freq)
         k, v = self.kv(h, positions, inv_freq, normed=True)
         x = x + self.o_proj(attend(q, k_ctx, v_ctx, ctx_valid, k, v, causal))
         h = rms_norm(x, self.post_norm, c.rms_norm_eps)

@@ -58,7 +58,10 @@ class DSparkModel(nn.Module):
             nn.init.zeros_(self.w2.weight)  # B = 0 at first: training starts from the parallel drafter
         if c.head == "rnn":
             self.rnn_gate, self.rnn_cand, self.rnn_out = (Linear(2 * r + d, r) for _ in range(3))
-        self.conf = Linear(d + (r if c.head != "none" else 0), 1)
+        if c.head == "gated":
+            self.markov_gate = Linear(d + r, r)
+        self.conf_reads_head = c.head != "none" and c.confidence_with_head
+        self.conf = Linear(d + (r if self.conf_reads_head else 0), 1) if c.confidence else None
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.embed_weight: torch.Tensor | None = None
@@ -66,7 +69,10 @@ class DSparkModel(nn.Module):
 
     # -- shared, frozen target pieces ---------------------------------------------------------------
     def attach(self, target) -> "DSparkModel":
-        embed, head = shared_weights(target)
+        return self.attach_weights(*shared_weights(target))
+
+    def attach_weights(self, embed: torch.Tensor, head: torch.Tensor) -> "DSparkModel":
+        """The frozen embedding [V, d] and LM head [V, d] (the target's, or a checkpoint's own copies)."""
         c = self.config
         if embed.shape != (c.vocab_size, c.hidden_size) or head.shape != (c.vocab_size, c.hidden_size):
             raise ValueError(f"the target's embedding {tuple(embed.shape)} / LM head {tuple(head.shape)} do not match "
@@ -105,23 +111,30 @@ class DSparkModel(nn.Module):
         return rms_norm(x, self.norm, self.config.rms_norm_eps)
 
     def head_step(self, h_k: torch.Tensor, prev: torch.Tensor, state, w2_rows: torch.Tensor | None = None):
-        """Block position k: (B_k [B, V] or None, confidence logit [B], new state) from h_k [B, d] and
-        the previous token x_{k-1} [B] (the anchor for k = 1). w2_rows: W2's rows of a draft
+        """Block position k: (B_k [B, V] or None, confidence logit [B] or None, new state) from h_k [B, d]
+        and the previous token x_{k-1} [B] (the anchor for k = 1). w2_rows: W2's rows of a draft
         vocabulary subset, for B_k over that subset only."""
         c = self.config
         if c.head == "none":
-            return None, self.conf(h_k).squeeze(-1), None
+            return None, self.confidence_logit(h_k, None), None
         e = self.w1(prev).to(h_k.dtype)
         w2 = self.w2.weight if w2_rows is None else w2_rows
         if c.head == "markov":
             bias = linear(e, w2)
+        elif c.head == "gated":
+            bias = linear(torch.sigmoid(self.markov_gate(torch.cat([h_k, e], dim=-1))) * e, w2)
         else:
             s = torch.zeros(h_k.shape[0], c.rank, dtype=h_k.dtype, device=h_k.device) if state is None else state
             z = torch.cat([s, e, h_k], dim=-1)
             gate = torch.sigmoid(self.rnn_gate(z))
             bias = linear(torch.tanh(self.rnn_out(z)), w2)
             state = gate * s + (1 - gate) * torch.tanh(self.rnn_cand(z))
-        return bias.float(), self.conf(torch.cat([h_k, e], dim=-1)).squeeze(-1), state
+        return bias.float(), self.confidence_logit(h_k, e), state
+
+    def confidence_logit(self, h_k: torch.Tensor, e: torch.Tensor | None) -> torch.Tensor | None:
+        if self.conf is None:
+            return None
+        return self.conf(torch.cat([h_k, e], dim=-1) if self.conf_reads_head else h_k).squeeze(-1)
 
     # -- EAGLE: autoregressive baseline ---------------------------------------------------------------
     def eagle_input(self, tokens: torch.Tensor, prev_features: torch.Tensor) -> torch.Tensor:
@@ -167,7 +180,7 @@ class DSparkModel(nn.Module):
             confs.append(conf)
         if c.head != "none":
             logits = logits + torch.stack(biases, dim=1)
-        return logits, torch.stack(confs, dim=1)
+        return logits, None if self.conf is None else torch.stack(confs, dim=1)
 
     def _eagle_train(self, ctx, tokens, anchors, prev, vocab_ids=None):
         """Teacher-forced causal pass over the sequence, then gamma - 1 steps that feed the drafter's
@@ -187,7 +200,7 @@ class DSparkModel(nn.Module):
             y, _ = self.eagle_run(x, pos, tf_kv, valid)
             feats.append(y[:, -1])
         h = rms_norm(torch.stack(feats, dim=1), self.norm, c.rms_norm_eps)
-        return self.lm_logits(h, vocab_ids), self.conf(h).squeeze(-1)
+        return self.lm_logits(h, vocab_ids), self.confidence_logit(h, None)
 
 
 # -- Hugging Face style folder: config.json + model.safetensors (+ calibration inside config) ---------
@@ -204,19 +217,32 @@ def save_drafter(model: DSparkModel, path: str, extra: dict | None = None) -> No
 
 
 def load_drafter_model(path: str, target=None, device=None, dtype: torch.dtype = torch.float32) -> DSparkModel:
+    """A drafter folder in our format or in DeepSpec's (detected from config.json). Without a target,
+    a DeepSpec drafter uses the frozen embedding and LM head stored in its own checkpoint."""
     from safetensors.torch import load_file
+
+    from dspark.drafters import deepspec_format
 
     with open(os.path.join(path, "config.json")) as f:
         raw = json.load(f)
-    if raw.get("architecture") != "DSparkDrafter":
-        raise ValueError(f"{path} is not a DSpark drafter folder (architecture {raw.get('architecture')!r})")
-    fields = {f.name for f in dataclasses.fields(DSparkConfig)}
-    model = DSparkModel(DSparkConfig(**{k: v for k, v in raw.items() if k in fields}))
-    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    stored = None
+    if deepspec_format.is_deepspec_config(raw):
+        model, *stored = deepspec_format.load_deepspec(path, raw)
+    elif raw.get("architecture") == "DSparkDrafter":
+        fields = {f.name for f in dataclasses.fields(DSparkConfig)}
+        model = DSparkModel(DSparkConfig(**{k: v for k, v in raw.items() if k in fields}))
+        model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    else:
+        raise ValueError(f"{path} is not a drafter folder: config.json has neither our architecture "
+                         f"'DSparkDrafter' nor DeepSpec's architectures (got {raw.get('architecture')!r})")
     if device is None and target is not None:
         device = shared_weights(target)[0].device
     model = model.to(device=device or "cpu", dtype=dtype).eval()
-    return model.attach(target) if target is not None else model
+    if target is not None:
+        return model.attach(target)
+    if stored is not None:
+        return model.attach_weights(*(w.to(device=device or "cpu", dtype=dtype) for w in stored))
+    return model
 
 
 DRAFTER_FILES = ("config.json", "draft_vocab.json", "reliability.png")

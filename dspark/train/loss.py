@@ -17,7 +17,7 @@ WEIGHTS = (0.1, 0.9, 1.0)
 
 def block_loss(draft_logits, conf_logits, target_logits, target_tokens, valid, decay: float = 4.0,
                weights=WEIGHTS, vocab_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """draft_logits, target_logits [A, g, V]; conf_logits [A, g]; target_tokens [A, g]; valid [A, g] bool.
+    """draft_logits, target_logits [A, g, V]; conf_logits [A, g] (None: no confidence head); target_tokens [A, g]; valid [A, g] bool.
     With a draft vocabulary S (vocab_ids), draft_logits are [A, g, |S|]: the drafter puts no mass
     outside S, so the target's mass there counts in full in L1, and CE skips targets outside S.
     Returns (loss, metrics); metrics hold the terms and the per-position acceptance 1 - TV."""
@@ -37,7 +37,8 @@ def block_loss(draft_logits, conf_logits, target_logits, target_tokens, valid, d
     if vocab_ids is not None:
         l1 = l1 + (1 - p_t.sum(-1)).clamp(min=0)
     accept = (1 - 0.5 * l1).detach().clamp(0, 1)
-    bce = F.binary_cross_entropy_with_logits(conf_logits.float(), accept, reduction="none")
+    bce = (torch.zeros_like(accept) if conf_logits is None
+           else F.binary_cross_entropy_with_logits(conf_logits.float(), accept, reduction="none"))
     w = torch.exp(-torch.arange(g, device=draft_logits.device, dtype=torch.float32) / decay)[None] * valid
     norm = w.sum().clamp_min(1e-9)
     terms = {name: (value * w).sum() / norm for name, value in (("l1", l1), ("bce", bce))}

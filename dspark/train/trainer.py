@@ -39,7 +39,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--layers", default=None, help="comma-separated 0-based target layers (default: 5 spread)")
     ap.add_argument("--gamma", type=int, default=7)
     ap.add_argument("--draft-layers", type=int, default=1)
-    ap.add_argument("--head", choices=("markov", "rnn", "none"), default="markov")
+    ap.add_argument("--head", choices=("markov", "gated", "rnn", "none"), default="markov")
+    ap.add_argument("--qk-norm", action="store_true",
+                    help="Qwen3-style q/k-norm in the draft layers (the authors' layer; needed to export to their "
+                         "DeepSpec format)")
     ap.add_argument("--rank", type=int, default=256, help="Markov/RNN head rank r")
     ap.add_argument("--eagle", action="store_true", help="the EAGLE-style autoregressive baseline instead")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
@@ -92,7 +95,8 @@ def sequence_loss(model: DSparkModel, teacher, seq, anchors: torch.Tensor, decay
 def build(args, target) -> DSparkModel:
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     config = DSparkConfig.for_target(target.config, layers, kind="eagle" if args.eagle else "dspark",
-                                     head=args.head, num_layers=args.draft_layers, gamma=args.gamma, rank=args.rank)
+                                     head=args.head, num_layers=args.draft_layers, gamma=args.gamma, rank=args.rank,
+                                     qk_norm=args.qk_norm)
     return DSparkModel(config)
 
 
