@@ -18,6 +18,7 @@ _LAZY = {
     "NgramDrafter": "dspark.drafters",
     "DraftModelDrafter": "dspark.drafters",
     "DSparkDrafter": "dspark.drafters",
+    "Eagle3Drafter": "dspark.drafters",
     "HybridDrafter": "dspark.drafters",
     "VerificationPolicy": "dspark.scheduler",
     "FixedLength": "dspark.scheduler",

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from dspark.drafters import DraftModelDrafter, DSparkDrafter, HybridDrafter, NgramDrafter
+from dspark.drafters import DraftModelDrafter, DSparkDrafter, Eagle3Drafter, HybridDrafter, NgramDrafter
 from dspark.engine import Engine
 from dspark.models import load_model, load_tokenizer
 from dspark.models.dtypes import DTYPES, default_dtype
@@ -36,8 +36,10 @@ def make_drafter(spec: str, target, num_draft: int | None, dtype, device, model_
     if spec == "auto":  # the shipped DSpark drafter (with n-gram lookup) for the default target, else n-gram
         folder = shipped_drafter(model_arg)
         spec = f"hybrid:{folder}" if folder else "ngram"
-    if spec.startswith("dspark:"):  # a folder written by `dspark train-drafter`
+    if spec.startswith("dspark:"):  # a folder written by `dspark train-drafter`, or a DeepSpec DSpark/DFlash one
         return DSparkDrafter.from_pretrained(spec.split(":", 1)[1], target, num_draft, dtype=dtype)
+    if spec.startswith("eagle3:"):  # an EAGLE-3 drafter in DeepSpec's format
+        return Eagle3Drafter.from_pretrained(spec.split(":", 1)[1], target, num_draft, dtype=dtype)
     if spec.startswith("hybrid:"):  # n-gram lookup when the context repeats, that DSpark drafter otherwise
         return HybridDrafter.from_pretrained(spec.split(":", 1)[1], target, num_draft, dtype=dtype)
     num_draft = num_draft or 4
@@ -47,7 +49,7 @@ def make_drafter(spec: str, target, num_draft: int | None, dtype, device, model_
         return DraftModelDrafter.self_draft(target, int(spec.split(":", 1)[1]), num_draft)
     if spec.startswith("model:"):
         return DraftModelDrafter(load_model(spec.split(":", 1)[1], dtype, device), num_draft)
-    raise ValueError(f"--drafter must be auto, none, ngram, self:LAYERS, model:PATH, dspark:DIR or hybrid:DIR, got {spec!r}")
+    raise ValueError(f"--drafter must be auto, none, ngram, self:LAYERS, model:PATH, dspark:DIR, eagle3:DIR or hybrid:DIR, got {spec!r}")
 
 
 def warm_up(engine: Engine, prompt: list[int], params: SamplingParams) -> None:
@@ -62,7 +64,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--drafter", default="auto",
                      help="auto (the shipped DSpark drafter with n-gram lookup, hybrid:SHIPPED, for the default "
-                          "model; else ngram), none, ngram, self:LAYERS, model:PATH, dspark:DIR, hybrid:DIR")
+                          "model; else ngram), none, ngram, self:LAYERS, model:PATH, dspark:DIR (ours or a DeepSpec "
+                          "DSpark/DFlash folder), eagle3:DIR (a DeepSpec EAGLE-3 folder), hybrid:DIR")
     ap.add_argument("--num-draft", type=int, default=None,
                      help="draft tokens per round, gamma (default: the DSpark drafter's block, 4 for the others); "
                           "a DSpark drafter's prefix scheduler verifies a prefix of them")

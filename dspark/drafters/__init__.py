@@ -1,11 +1,13 @@
 """Proposers: independent draft model or self-draft (DraftModelDrafter), n-gram prompt lookup, and the
 target-conditioned DSpark drafter (DSparkDrafter; also its DFlash-style and EAGLE-style baselines), and
-HybridDrafter (n-gram lookup where the context repeats, a DSpark drafter elsewhere)."""
+HybridDrafter (n-gram lookup where the context repeats, a DSpark drafter elsewhere). DSparkDrafter also
+reads the authors' DeepSpec DSpark/DFlash folders; Eagle3Drafter runs their EAGLE-3 ones."""
 
 from dspark.drafters.base import Drafter, Proposal
 from dspark.drafters.draft_model import DraftModelDrafter
 from dspark.drafters.dspark import DSparkDrafter
+from dspark.drafters.eagle3 import Eagle3Drafter
 from dspark.drafters.hybrid import HybridDrafter
 from dspark.drafters.ngram import NgramDrafter
 
-__all__ = ["Drafter", "Proposal", "DraftModelDrafter", "DSparkDrafter", "HybridDrafter", "NgramDrafter"]
+__all__ = ["Drafter", "Proposal", "DraftModelDrafter", "DSparkDrafter", "Eagle3Drafter", "HybridDrafter", "NgramDrafter"]

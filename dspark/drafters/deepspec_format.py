@@ -44,6 +44,9 @@ def _rope_theta(raw: dict, path: str) -> float:
 
 def config_from_deepspec(raw: dict, path: str) -> DSparkConfig:
     architecture = (raw.get("architectures") or [None])[0]
+    if architecture == "Qwen3Eagle3Model":
+        raise ValueError(f"{path} holds an EAGLE-3 drafter: load it with dspark.drafters.Eagle3Drafter "
+                         "(CLI: --drafter eagle3:DIR)")
     if architecture != ARCHITECTURE:
         raise ValueError(f"{path}: DeepSpec architecture {architecture!r} is not supported; supported: "
                          f"{ARCHITECTURE} (DSpark and DFlash drafters of Qwen3-style targets) and Qwen3Eagle3Model")

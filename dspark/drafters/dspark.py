@@ -42,6 +42,48 @@ def save_draft_vocab(folder: str, token_ids: list[int], coverage: float, data: s
                    "token_ids": token_ids}, f)
 
 
+def committed_context(kv: KVCache, requests, num_layers: int):
+    """Per layer the committed context K/V of the requests' rows [R, Lmax, Hkv, D], a validity mask
+    (None when every row is full length) and the anchors' positions; every row must hold exactly the
+    positions before its anchor."""
+    rows = [r.row for r in requests]
+    lengths = [int(kv.seqlens[row]) for row in rows]
+    for r, n in zip(requests, lengths):
+        if n != len(r.tokens) - 1:
+            raise RuntimeError(f"drafter context of request {r.id} holds {n} tokens, expected {len(r.tokens) - 1}")
+    longest = max(lengths)
+    device = kv.k.device
+    if len(rows) == 1:  # a slice is a view: no copy of the context
+        layers = [(kv.k[i, rows[0]: rows[0] + 1, :longest], kv.v[i, rows[0]: rows[0] + 1, :longest])
+                  for i in range(num_layers)]
+    else:
+        index = torch.tensor(rows, device=device)
+        layers = [(kv.k[i, index, :longest], kv.v[i, index, :longest]) for i in range(num_layers)]
+    starts = torch.tensor(lengths, device=device)
+    valid = None if min(lengths) == longest else torch.arange(longest, device=device)[None] < starts[:, None]
+    return layers, valid, starts
+
+
+def choose_drafts(requests, logits: torch.Tensor, generators: dict, vocab_ids: torch.Tensor | None, vocab: int):
+    """Per request: the next draft token (a [R] tensor on the device, full-vocabulary ids) and the
+    distribution it was drawn from (None if greedy); logits [R, V or |S| = len(vocab_ids)]. Greedy rows
+    take one batched argmax (ties: lowest id); sampled rows draw from their request's own generator."""
+    picked = torch.argmax(logits, dim=-1)
+    rows = [None] * len(requests)
+    for i, r in enumerate(requests):
+        p = r.params
+        if p.temperature == 0:
+            continue
+        q = processed_probs(logits[i], p.temperature, p.top_k, p.top_p)
+        picked[i] = torch.multinomial(q, 1, generator=generators[r.row])[0]
+        if vocab_ids is not None:
+            q = torch.zeros(vocab, dtype=q.dtype, device=q.device).index_copy_(0, vocab_ids, q)
+        rows[i] = q
+    if vocab_ids is not None:
+        picked = vocab_ids[picked]
+    return picked, rows
+
+
 class DSparkDrafter(Drafter):
     gives_confidences = True  # the engine's default policy is then the prefix scheduler
 
@@ -174,44 +216,10 @@ class DSparkDrafter(Drafter):
             self.kv.seqlens[row] += m
 
     def _context(self, requests):
-        """Per layer the committed context K/V of the requests' rows [R, Lmax, Hkv, D], a validity
-        mask (None when every row is full length) and the anchors' positions."""
-        rows = [r.row for r in requests]
-        lengths = [int(self.kv.seqlens[row]) for row in rows]
-        for r, n in zip(requests, lengths):
-            if n != len(r.tokens) - 1:
-                raise RuntimeError(f"drafter context of request {r.id} holds {n} tokens, expected {len(r.tokens) - 1}")
-        longest = max(lengths)
-        if len(rows) == 1:  # a slice is a view: no copy of the context
-            kv = [(self.kv.k[i, rows[0]: rows[0] + 1, :longest], self.kv.v[i, rows[0]: rows[0] + 1, :longest])
-                  for i in range(self.model.config.num_layers)]
-        else:
-            index = torch.tensor(rows, device=self.device)
-            kv = [(self.kv.k[i, index, :longest], self.kv.v[i, index, :longest])
-                  for i in range(self.model.config.num_layers)]
-        starts = torch.tensor(lengths, device=self.device)
-        valid = None if min(lengths) == longest else torch.arange(longest, device=self.device)[None] < starts[:, None]
-        return kv, valid, starts
+        return committed_context(self.kv, requests, self.model.config.num_layers)
 
     def _choose(self, requests, logits: torch.Tensor):
-        """Per request: the next draft token (a [R] tensor on the device, full-vocabulary ids) and the
-        distribution it was drawn from (None if greedy); logits [R, V or |S|]. Greedy rows take one
-        batched argmax (ties: lowest id); sampled rows draw from their request's own generator."""
-        picked = torch.argmax(logits, dim=-1)
-        rows = [None] * len(requests)
-        for i, r in enumerate(requests):
-            p = r.params
-            if p.temperature == 0:
-                continue
-            q = processed_probs(logits[i], p.temperature, p.top_k, p.top_p)
-            picked[i] = torch.multinomial(q, 1, generator=self.generators[r.row])[0]
-            if self.vocab_ids is not None:
-                q = torch.zeros(self.model.config.vocab_size, dtype=q.dtype, device=q.device).index_copy_(
-                    0, self.vocab_ids, q)
-            rows[i] = q
-        if self.vocab_ids is not None:
-            picked = self.vocab_ids[picked]
-        return picked, rows
+        return choose_drafts(requests, logits, self.generators, self.vocab_ids, self.model.config.vocab_size)
 
     def _confidence(self, logit: torch.Tensor | None, k: int, logits: torch.Tensor, picked: torch.Tensor):
         """sigmoid of the confidence head's logit (STS-scaled), or without a confidence head (DFlash
