@@ -6,6 +6,7 @@
 
 #include "cpu/decoder_layers.h"
 #include "cpu/kv_rollback.h"
+#include "cpu/quantized_linear.h"
 #include "cpu/rejection_sample.h"
 #include "cpu/small_batch_linear.h"
 #include "cpu/tree_attention.h"
@@ -179,6 +180,42 @@ void small_batch_linear(const at::Tensor& x, const at::Tensor& weight, const std
   dspark::cpu::small_batch_linear(p);
 }
 
+dspark::cpu::BlockFormat block_format(int64_t format) {
+  TORCH_CHECK_VALUE(format == 2 || format == 3 || format == 8, "format must be a GGML type id: 2 (Q4_0), 3 (Q4_1) or "
+                    "8 (Q8_0), got ", format);
+  return static_cast<dspark::cpu::BlockFormat>(format);
+}
+
+void quantized_linear(const at::Tensor& x, const at::Tensor& weight, int64_t format,
+                      const std::optional<at::Tensor>& bias, at::Tensor& out) {
+  expect_float(x, "x");
+  expect(weight, at::kByte, "weight");
+  expect(out, x.scalar_type(), "out");
+  const auto f = block_format(format);
+  TORCH_CHECK_VALUE(x.dim() == 2 && weight.dim() == 2 && out.dim() == 2, "x [rows, in], weight [out, blocks * bytes] "
+                    "and out [rows, out] expected");
+  const int64_t in = x.size(1), blocks = in / dspark::cpu::kBlockWeights;
+  TORCH_CHECK_VALUE(in % dspark::cpu::kBlockWeights == 0, "in_features must be a multiple of 32, got ", in);
+  TORCH_CHECK_VALUE(weight.size(1) == blocks * dspark::cpu::block_bytes(f), "weight rows must hold ", blocks,
+                    " blocks of ", dspark::cpu::block_bytes(f), " bytes, got ", weight.size(1), " bytes");
+  TORCH_CHECK_VALUE(out.size(0) == x.size(0) && out.size(1) == weight.size(0), "out must be [rows, out_features]");
+  dspark::cpu::QuantizedLinearParams p{};
+  p.x_dtype = element_type(x, "x");
+  if (bias.has_value()) {
+    expect(*bias, x.scalar_type(), "bias");
+    TORCH_CHECK_VALUE(bias->numel() == weight.size(0), "bias must have out_features elements");
+    p.bias = bias->data_ptr();
+  }
+  p.x = x.data_ptr();
+  p.format = f;
+  p.weight = weight.data_ptr<uint8_t>();
+  p.y = out.data_ptr();
+  p.rows = x.size(0);
+  p.in_features = in;
+  p.out_features = weight.size(0);
+  dspark::cpu::quantized_linear(p);
+}
+
 // Weights per layer, in this order (None where the checkpoint has none): input_norm, qkv, qkv_bias,
 // q_norm, k_norm, o_proj, o_bias, post_norm, gate_up, gate_up_bias, down, down_bias.
 constexpr int kWeightsPerLayer = 12;
@@ -194,7 +231,17 @@ const void* weight_ptr(const std::optional<at::Tensor>& t, at::ScalarType dtype,
   return t->data_ptr();
 }
 
+// A projection's weight: dense in the activation dtype (format 0) or GGML blocks as uint8 [out, in / 32 * bytes].
+const void* projection_ptr(const std::optional<at::Tensor>& t, int64_t format, at::ScalarType dtype, int64_t out,
+                           int64_t in, const char* name) {
+  if (format == 0) return weight_ptr(t, dtype, out * in, name, true);
+  const auto f = block_format(format);
+  TORCH_CHECK_VALUE(in % dspark::cpu::kBlockWeights == 0, name, ": in_features must be a multiple of 32");
+  return weight_ptr(t, at::kByte, out * in / dspark::cpu::kBlockWeights * dspark::cpu::block_bytes(f), name, true);
+}
+
 void llama_decoder_layers(at::Tensor& hidden, const std::vector<std::optional<at::Tensor>>& weights,
+                          const std::vector<int64_t>& weight_formats,
                           const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cos,
                           const at::Tensor& sin, const at::Tensor& write_rows, const at::Tensor& write_slots,
                           const at::Tensor& qo_indptr, const at::Tensor& cache_seqlens,
@@ -205,6 +252,7 @@ void llama_decoder_layers(at::Tensor& hidden, const std::vector<std::optional<at
   const auto dtype = hidden.scalar_type();
   TORCH_CHECK_VALUE(hidden.dim() == 2, "hidden must be [rows, hidden_size]");
   TORCH_CHECK_VALUE(weights.size() % kWeightsPerLayer == 0, "weights must hold 12 entries per layer");
+  TORCH_CHECK_VALUE(weight_formats.size() == weights.size(), "weight_formats must hold one entry per weight");
   const int64_t num_layers = static_cast<int64_t>(weights.size()) / kWeightsPerLayer;
   expect(k_cache, dtype, "k_cache");
   expect(v_cache, dtype, "v_cache");
@@ -253,17 +301,26 @@ void llama_decoder_layers(at::Tensor& hidden, const std::vector<std::optional<at
     const auto* w = &weights[i * kWeightsPerLayer];
     auto& l = layers[i];
     l.input_norm = weight_ptr(w[0], dtype, hidden_size, "input_norm", true);
-    l.qkv = weight_ptr(w[1], dtype, qkv_rows * hidden_size, "qkv_proj", true);
+    const int64_t* formats = &weight_formats[i * kWeightsPerLayer];
+    for (int j = 0; j < kWeightsPerLayer; ++j) {
+      TORCH_CHECK_VALUE(formats[j] == 0 || j == 1 || j == 5 || j == 8 || j == 10,
+                        "only the qkv, o, gate_up and down projections may be block-quantized");
+    }
+    l.qkv_format = static_cast<int>(formats[1]);
+    l.o_format = static_cast<int>(formats[5]);
+    l.gate_up_format = static_cast<int>(formats[8]);
+    l.down_format = static_cast<int>(formats[10]);
+    l.qkv = projection_ptr(w[1], formats[1], dtype, qkv_rows, hidden_size, "qkv_proj");
     l.qkv_bias = weight_ptr(w[2], dtype, qkv_rows, "qkv_proj bias", false);
     l.q_norm = weight_ptr(w[3], dtype, dim, "q_norm", false);
     l.k_norm = weight_ptr(w[4], dtype, dim, "k_norm", false);
     TORCH_CHECK_VALUE((l.q_norm == nullptr) == (l.k_norm == nullptr), "q_norm and k_norm come together");
-    l.o_proj = weight_ptr(w[5], dtype, hidden_size * num_heads * dim, "o_proj", true);
+    l.o_proj = projection_ptr(w[5], formats[5], dtype, hidden_size, num_heads * dim, "o_proj");
     l.o_bias = weight_ptr(w[6], dtype, hidden_size, "o_proj bias", false);
     l.post_norm = weight_ptr(w[7], dtype, hidden_size, "post_attention_layernorm", true);
-    l.gate_up = weight_ptr(w[8], dtype, 2 * intermediate_size * hidden_size, "gate_up_proj", true);
+    l.gate_up = projection_ptr(w[8], formats[8], dtype, 2 * intermediate_size, hidden_size, "gate_up_proj");
     l.gate_up_bias = weight_ptr(w[9], dtype, 2 * intermediate_size, "gate_up_proj bias", false);
-    l.down = weight_ptr(w[10], dtype, hidden_size * intermediate_size, "down_proj", true);
+    l.down = projection_ptr(w[10], formats[10], dtype, hidden_size, intermediate_size, "down_proj");
     l.down_bias = weight_ptr(w[11], dtype, hidden_size, "down_proj bias", false);
     l.k_cache = static_cast<char*>(k_cache.data_ptr()) + i * layer_elems * k_cache.element_size();
     l.v_cache = static_cast<char*>(v_cache.data_ptr()) + i * layer_elems * v_cache.element_size();
@@ -329,6 +386,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rejection_sample", &rejection_sample, release);
   m.def("kv_rollback", &kv_rollback, release);
   m.def("small_batch_linear", &small_batch_linear, release);
+  m.def("quantized_linear", &quantized_linear, release);
   m.def("llama_decoder_layers", &llama_decoder_layers, release);
 #ifdef DSPARK_WITH_CUDA
   dspark::register_cuda_kernels(m);  // *_cuda entry points for CUDA tensors

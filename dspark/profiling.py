@@ -113,7 +113,16 @@ def measure_sps(model, max_tokens: int, context: int = 256, per_request: int = 8
         if progress is not None:
             progress(b, sps[-1])
     return SPSCurve(grid, sps, {"context": context, "per_request": per_request, "repeats": repeats,
-                                "device": _device_name(model.device), "dtype": str(model.dtype)})
+                                "device": _device_name(model.device), "dtype": str(model.dtype),
+                                "weights": weight_formats(model)})
+
+
+def weight_formats(model) -> str:
+    """"dense", or the block formats of a model's quantized matrices (their cost curve differs)."""
+    from dspark.models.quantized import QuantizedWeight
+
+    formats = sorted({t.format for t in model.weights.values() if isinstance(t, QuantizedWeight)})
+    return "+".join(formats) if formats else "dense"
 
 
 def profile_key(model, max_tokens: int, context: int, per_request: int) -> str:
@@ -121,6 +130,8 @@ def profile_key(model, max_tokens: int, context: int, per_request: int) -> str:
     fields = [c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim,
               c.vocab_size, str(model.dtype), _device_name(model.device), torch.__version__, max_tokens, context,
               per_request, FORMAT]
+    if weight_formats(model) != "dense":  # dense keys stay as they were: cached curves remain valid
+        fields.append(weight_formats(model))
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
 
 

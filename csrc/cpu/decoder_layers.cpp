@@ -41,8 +41,22 @@ void rope_head(const T* x, const float* cos, const float* sin, T* out, int64_t d
 }
 
 template <typename T>
-void linear(const T* x, const void* weight, const void* bias, T* y, int64_t rows, int64_t in, int64_t out,
-            DType dtype) {
+void linear(const T* x, const void* weight, int format, const void* bias, T* y, int64_t rows, int64_t in,
+            int64_t out, DType dtype) {
+  if (format != 0) {
+    QuantizedLinearParams q{};
+    q.x_dtype = dtype;
+    q.x = x;
+    q.format = static_cast<BlockFormat>(format);
+    q.weight = static_cast<const uint8_t*>(weight);
+    q.bias = bias;
+    q.y = y;
+    q.rows = rows;
+    q.in_features = in;
+    q.out_features = out;
+    quantized_linear(q);
+    return;
+  }
   SmallBatchLinearParams p{};
   p.x_dtype = dtype;
   p.weight_dtype = dtype;
@@ -78,7 +92,7 @@ void run(const DecoderParams& p) {
     for (int64_t t = 0; t < rows; ++t) {
       rms_norm_row(h + t * hidden, static_cast<const T*>(w.input_norm), x.data() + t * hidden, hidden, p.eps);
     }
-    linear(x.data(), w.qkv, w.qkv_bias, qkv.data(), rows, hidden, qkv_width, p.dtype);
+    linear(x.data(), w.qkv, w.qkv_format, w.qkv_bias, qkv.data(), rows, hidden, qkv_width, p.dtype);
     T* k_cache = static_cast<T*>(w.k_cache);
     T* v_cache = static_cast<T*>(w.v_cache);
     for (int64_t t = 0; t < rows; ++t) {
@@ -106,12 +120,12 @@ void run(const DecoderParams& p) {
     a.v_cache = v_cache;
     a.out = attn.data();
     tree_attention(a);
-    linear(attn.data(), w.o_proj, w.o_bias, proj.data(), rows, heads * dim, hidden, p.dtype);
+    linear(attn.data(), w.o_proj, w.o_format, w.o_bias, proj.data(), rows, heads * dim, hidden, p.dtype);
     for (int64_t e = 0; e < rows * hidden; ++e) h[e] = round_to<T>(to_float(h[e]) + to_float(proj[e]));
     for (int64_t t = 0; t < rows; ++t) {
       rms_norm_row(h + t * hidden, static_cast<const T*>(w.post_norm), x.data() + t * hidden, hidden, p.eps);
     }
-    linear(x.data(), w.gate_up, w.gate_up_bias, gate_up.data(), rows, hidden, 2 * inter, p.dtype);
+    linear(x.data(), w.gate_up, w.gate_up_format, w.gate_up_bias, gate_up.data(), rows, hidden, 2 * inter, p.dtype);
     for (int64_t t = 0; t < rows; ++t) {
       const T* g = gate_up.data() + t * 2 * inter;
       const T* u = g + inter;
@@ -122,7 +136,7 @@ void run(const DecoderParams& p) {
         a_row[e] = round_to<T>(silu * to_float(u[e]));
       }
     }
-    linear(act.data(), w.down, w.down_bias, proj.data(), rows, inter, hidden, p.dtype);
+    linear(act.data(), w.down, w.down_format, w.down_bias, proj.data(), rows, inter, hidden, p.dtype);
     for (int64_t e = 0; e < rows * hidden; ++e) h[e] = round_to<T>(to_float(h[e]) + to_float(proj[e]));
     const int32_t slot = p.capture_slot == nullptr ? -1 : p.capture_slot[layer];
     if (slot >= 0 && p.captured != nullptr) {

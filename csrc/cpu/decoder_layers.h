@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "cpu/common.h"
+#include "cpu/quantized_linear.h"
 #include "cpu/tree_attention.h"
 
 namespace dspark::cpu {
@@ -32,6 +33,9 @@ struct DecoderLayerWeights {
   const void* down_bias;     // or nullptr
   void* k_cache;             // this layer's cache, layout as tree_attention's
   void* v_cache;
+  // The four projections' formats: 0 = dense in the activation dtype, else a GGML block format whose
+  // weight is [out rows, in / 32 blocks] bytes (quantized_linear.h); biases stay dense.
+  int qkv_format = 0, o_format = 0, gate_up_format = 0, down_format = 0;
 };
 
 struct DecoderParams {

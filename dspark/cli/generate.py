@@ -13,7 +13,7 @@ import torch
 from dspark.drafters import DraftModelDrafter, DSparkDrafter, Eagle3Drafter, HybridDrafter, NgramDrafter
 from dspark.engine import Engine
 from dspark.models import load_model, load_tokenizer
-from dspark.models.dtypes import DTYPES, default_dtype
+from dspark.models.dtypes import DTYPES, WEIGHTS, resolve_weights
 from dspark.profiling import load_or_measure_sps
 from dspark.sampling_params import SamplingParams
 from dspark.scheduler import PrefixScheduler
@@ -74,16 +74,20 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                    help="compute dtype (default: the fastest here; bf16 with --weights native)")
+    ap.add_argument("--weights", choices=WEIGHTS, default=None,
+                    help="native: a GGUF file's Q4_0/Q4_1/Q8_0 matrices stay as blocks (the default for GGUF on CPU); "
+                         "bf16/fp16/fp32: dequantised to that dtype")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--raw", action="store_true", help="do not apply the chat template")
     ap.add_argument("--no-baseline", action="store_true", help="skip the plain-decoding comparison")
 
 
 def run(args) -> int:
-    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(args.device)
+    dtype, native = resolve_weights(args.weights, args.dtype, args.model, args.device)
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, dtype, args.device)
+    model = load_model(args.model, dtype, args.device, native=native)
     if args.raw:
         prompt = tokenizer(args.prompt).input_ids
     else:

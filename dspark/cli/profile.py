@@ -8,13 +8,17 @@ import json
 import torch
 
 from dspark.models import load_model
-from dspark.models.dtypes import DTYPES, default_dtype
+from dspark.models.dtypes import WEIGHTS, resolve_weights
 from dspark.profiling import load_or_measure_sps
 
 
 def add_arguments(ap) -> None:
     ap.add_argument("--model", default=None, help="target (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default: the fastest here")
+    ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                    help="compute dtype (default: the fastest here; bf16 with --weights native)")
+    ap.add_argument("--weights", choices=WEIGHTS, default=None,
+                    help="native: a GGUF file's Q4_0/Q4_1/Q8_0 matrices stay as blocks (the default for GGUF on CPU); "
+                         "bf16/fp16/fp32: dequantised to that dtype")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-tokens", type=int, default=64, help="largest step: max batch x (1 + gamma)")
     ap.add_argument("--context", type=int, default=256, help="committed tokens per request")
@@ -27,8 +31,8 @@ def add_arguments(ap) -> None:
 def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(args.device)
-    model = load_model(args.model, dtype, args.device)
+    dtype, native = resolve_weights(args.weights, args.dtype, args.model, args.device)
+    model = load_model(args.model, dtype, args.device, native=native)
     curve = load_or_measure_sps(model, args.max_tokens, args.context, refresh=args.refresh,
                                 progress=lambda b, s: print(f"  B={b:<4} {s:8.2f} steps/s", flush=True))
     print(f"SPS(B) on {curve.meta.get('device')} ({curve.meta.get('dtype')}), context {args.context}")

@@ -6,7 +6,7 @@ import argparse
 
 from dspark.cli.generate import make_drafter
 from dspark.models import load_model, load_tokenizer
-from dspark.models.dtypes import DTYPES, default_dtype
+from dspark.models.dtypes import DTYPES, WEIGHTS, resolve_weights
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -20,7 +20,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-model-len", type=int, default=2048, help="prompt + completion tokens per request")
     ap.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond the batch; more get 429")
     ap.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (0: none)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                    help="compute dtype (default: the fastest here; bf16 with --weights native)")
+    ap.add_argument("--weights", choices=WEIGHTS, default=None,
+                    help="native: a GGUF file's Q4_0/Q4_1/Q8_0 matrices stay as blocks (the default for GGUF on CPU); "
+                         "bf16/fp16/fp32: dequantised to that dtype")
     ap.add_argument("--device", default="cpu")
 
 
@@ -31,9 +35,9 @@ def build(args):
     from dspark.scheduler import PrefixScheduler
     from dspark.serve import EngineLoop, Limits, create_app
 
-    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(args.device)
+    dtype, native = resolve_weights(args.weights, args.dtype, args.model, args.device)
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, dtype, args.device)
+    model = load_model(args.model, dtype, args.device, native=native)
     drafter = make_drafter(args.drafter, model, args.num_draft, dtype, args.device, args.model)
     num_draft = drafter.num_draft if drafter is not None else 0
     policy = None

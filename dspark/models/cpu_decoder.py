@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from dspark.models.quantized import TYPE_IDS, QuantizedWeight
+
 try:
     _kernel = importlib.import_module("dspark._C").llama_decoder_layers
 except (ImportError, AttributeError):
@@ -42,16 +44,24 @@ def applies(model, cache, plan, invariant: bool) -> bool:
             and (model.weights.get("layers.0.self_attn.q_norm.weight") is not None) == bool(model.config.qk_norm))
 
 
-def _weights(model) -> list[torch.Tensor | None] | None:
-    """The flat per-layer weight list the kernel takes (None if a weight has another dtype or layout),
-    checked once per model and weight dict: the tensors are the model's own."""
+def _weights(model) -> tuple[list[torch.Tensor | None], list[int]] | None:
+    """The flat per-layer weight list the kernel takes and each entry's format (0: dense in the compute
+    dtype, else the GGML type id of a block-quantized projection), or None if a weight has another dtype
+    or layout; checked once per model and weight dict: the tensors are the model's own."""
     key = (id(model.weights), len(model.weights), model.config.num_layers)
     cached = model.__dict__.get("_fused_cpu_weights")
     if cached is None or cached[0] != key:
         w, dtype = model.weights, model.dtype
-        flat = [w.get(f"layers.{i}.{name}") for i in range(model.config.num_layers) for name in _LAYER_WEIGHTS]
-        usable = all(t is None or (t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu") for t in flat)
-        cached = (key, flat if usable else None)
+        entries = [w.get(f"layers.{i}.{name}") for i in range(model.config.num_layers) for name in _LAYER_WEIGHTS]
+        flat, formats = [], []
+        for t in entries:
+            quantized = isinstance(t, QuantizedWeight)
+            flat.append(t.data if quantized else t)
+            formats.append(TYPE_IDS[t.format] if quantized else 0)
+        usable = all(t is None or (isinstance(t, QuantizedWeight) and t.device.type == "cpu")
+                     or (isinstance(t, torch.Tensor) and t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu")
+                     for t in entries)
+        cached = (key, (flat, formats) if usable else None)
         model.__dict__["_fused_cpu_weights"] = cached
     return cached[1]
 
@@ -68,7 +78,8 @@ def run(model, h: torch.Tensor, cache, rnd, plan, cos: torch.Tensor, sin: torch.
         slots[layer] = index
     num_captured = sum(s >= 0 for s in slots)
     captured = torch.empty(h.shape[0], num_captured * c.hidden_size, dtype=h.dtype) if num_captured else None
-    _kernel(h, _weights(model), cache.k, cache.v, cos.reshape(h.shape[0], -1).contiguous(),
+    weights, formats = _weights(model)
+    _kernel(h, weights, formats, cache.k, cache.v, cos.reshape(h.shape[0], -1).contiguous(),
             sin.reshape(h.shape[0], -1).contiguous(), rnd.write_rows, rnd.write_slots, plan.qo_indptr,
             plan.cache_seqlens, plan.parents, plan.block_table, captured, slots, c.num_heads, c.intermediate_size,
             c.rms_norm_eps, 1.0 / c.head_dim ** 0.5)

@@ -1,4 +1,5 @@
-"""Weight dtypes by name, and the fastest one for decoding on this machine."""
+"""Weight dtypes by name, the fastest one for decoding on this machine, and whether a GGUF file's
+quantized matrices stay in their blocks."""
 
 from __future__ import annotations
 
@@ -30,3 +31,28 @@ def default_dtype(device: str) -> torch.dtype:
         if elapsed < best_time:
             best, best_time = dtype, elapsed
     return best
+
+
+WEIGHTS = ("native", "bf16", "fp16", "fp32")
+
+
+def resolve_weights(weights: str | None, dtype_name: str | None, path: str | None, device: str) -> tuple[torch.dtype, bool]:
+    """(compute dtype, native) from the CLI's --weights and --dtype. native keeps a GGUF file's Q4_0 / Q4_1
+    / Q8_0 matrices as blocks, computing in --dtype (default bf16); the default for GGUF files on a
+    CPU (the default model is one). bf16 / fp16 / fp32 dequantise every matrix to that dtype."""
+    if weights is not None and weights not in WEIGHTS:
+        raise ValueError(f"--weights must be one of {WEIGHTS}, got {weights!r}")
+    gguf = path is None or path.endswith(".gguf")
+    if weights is None:
+        weights = "native" if gguf and device == "cpu" else None
+    if weights == "native":
+        if not gguf:
+            raise ValueError("--weights native needs a GGUF file (a Hugging Face folder loads dense)")
+        if device != "cpu":
+            raise ValueError(f"--weights native runs on the CPU only, not on {device}")
+        return DTYPES[dtype_name or "bf16"], True
+    if weights is not None:
+        if dtype_name is not None and dtype_name != weights:
+            raise ValueError(f"--weights {weights} and --dtype {dtype_name} disagree")
+        return DTYPES[weights], False
+    return (DTYPES[dtype_name] if dtype_name else default_dtype(device)), False

@@ -19,6 +19,8 @@ import importlib
 import torch
 import torch.nn.functional as F
 
+from dspark.models.quantized import QuantizedWeight, quantized_linear
+
 FP32_MAX_ROWS = 16
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -55,10 +57,13 @@ def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
            batch_invariant: bool = False) -> torch.Tensor:
     """batch_invariant: keep fp32 weights on the kernel past FP32_MAX_ROWS too, so that a row's result
-    never depends on how many rows share the call (MKL's GEMM blocks by the row count)."""
+    never depends on how many rows share the call (MKL's GEMM blocks by the row count). A
+    QuantizedWeight (GGUF blocks) takes quantized_linear, batch invariant at any row count."""
+    if isinstance(weight, QuantizedWeight):
+        return quantized_linear(x, weight, bias)
     if uses_kernel(x, weight, batch_invariant):
         return small_batch_linear(x, weight, bias)
     return F.linear(x, weight, bias)

@@ -18,6 +18,7 @@ from dspark.cache import KVCache
 from dspark.models import cpu_decoder, flash_prefill
 from dspark.models.config import ModelConfig, rope_type
 from dspark.models.linear import linear
+from dspark.models.quantized import QuantizedWeight
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -63,11 +64,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class LlamaModel:
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor]):
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor | QuantizedWeight]):
         """weights: Hugging Face names without the `model.` prefix (embed_tokens.weight,
-        layers.{i}.self_attn.q_proj.weight, ..., norm.weight, lm_head.weight)."""
+        layers.{i}.self_attn.q_proj.weight, ..., norm.weight, lm_head.weight). Matrices may be
+        QuantizedWeight (GGUF blocks, CPU); the compute dtype is then that of the dense weights (norms)."""
         self.config = config
         self.weights = weights = dict(weights)  # fused projections are added, the caller's dict is left alone
+        dense = [t for t in weights.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        self._dtype = weights["embed_tokens.weight"].dtype if isinstance(weights["embed_tokens.weight"], torch.Tensor) \
+            else (dense[0].dtype if dense else torch.float32)
+        self._dense_cache: dict[str, torch.Tensor] = {}
         self.inv_freq = rope_inverse_frequencies(config).float().to(weights["embed_tokens.weight"].device)
         # Tied checkpoints may still carry a (stale or identical) lm_head; transformers uses the embedding.
         if config.tie_word_embeddings or "lm_head.weight" not in weights:
@@ -91,7 +97,21 @@ class LlamaModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.weights["embed_tokens.weight"].dtype
+        return self._dtype
+
+    @property
+    def quantized(self) -> bool:
+        return any(isinstance(t, QuantizedWeight) for t in self.weights.values())
+
+    def dense_weight(self, name: str) -> torch.Tensor:
+        """A weight as a dense tensor of the compute dtype (a block-quantized one decoded once and kept),
+        for code that needs plain matrices: the drafters sharing the embedding and LM head."""
+        weight = self.weights[name]
+        if isinstance(weight, torch.Tensor):
+            return weight
+        if name not in self._dense_cache:
+            self._dense_cache[name] = weight.dequantize(self.dtype)
+        return self._dense_cache[name]
 
     @property
     def device(self) -> torch.device:
@@ -110,7 +130,9 @@ class LlamaModel:
                 for kind in ("weight", "bias"):
                     names = [f"{prefix}{part}.{kind}" for part in parts]
                     if all(n in w for n in names):
-                        w[f"{fused}.{kind}"] = torch.cat([w.pop(n) for n in names])
+                        parts = [w.pop(n) for n in names]
+                        w[f"{fused}.{kind}"] = QuantizedWeight.cat(parts) if isinstance(parts[0], QuantizedWeight) \
+                            else torch.cat(parts)
                     elif any(n in w for n in names):
                         raise ValueError(f"layer {i}: {kind} present for some of {parts} only")
 
@@ -158,7 +180,7 @@ class LlamaModel:
         # The round's metadata is validated and prepared once for every layer.
         plan = ops.plan_tree_attention(rnd.qo_indptr, cache.seqlens, rnd.parents, cache.block_table,
                                        num_tokens=rnd.tokens.shape[0], num_q_heads=c.num_heads, k_cache=cache.k[0])
-        h = F.embedding(rnd.tokens, w["embed_tokens.weight"])
+        h = self.embed(rnd.tokens)
         if cpu_decoder.applies(self, cache, plan, invariant):  # every layer in one C++ call
             h, captured = cpu_decoder.run(self, h, cache, rnd, plan, cos, sin, capture_layers)
             return rms_norm(h, w["norm.weight"], c.rms_norm_eps), captured
@@ -171,6 +193,12 @@ class LlamaModel:
             if i in capture_layers:
                 captured.append(h)
         return rms_norm(h, w["norm.weight"], c.rms_norm_eps), captured
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        table = self.weights["embed_tokens.weight"]
+        if isinstance(table, QuantizedWeight):
+            return table.embedding(tokens, self.dtype)
+        return F.embedding(tokens, table)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.weights["lm_head.weight"], batch_invariant=True).float()

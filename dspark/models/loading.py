@@ -1,7 +1,9 @@
 """Load a Llama-family model from a GGUF file or a Hugging Face directory, and its tokenizer.
 
-GGUF tensors are dequantised with the `gguf` package to the compute dtype; llama.cpp's q/k row
-permutation is undone so that every model runs with Hugging Face's rotate-half RoPE.
+GGUF tensors are dequantised with the `gguf` package to the compute dtype, or, with native weights,
+matrices in Q4_0 / Q4_1 / Q8_0 stay in their blocks (QuantizedWeight; other types are dequantised);
+llama.cpp's q/k row permutation is undone (on rows, so blocks move whole) so that every model runs
+with Hugging Face's rotate-half RoPE.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from dspark.models.config import ModelConfig
 from dspark.models.llama import LlamaModel
+from dspark.models.quantized import TYPE_IDS, QuantizedWeight
 
 SMOLLM2_WHEEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -99,30 +102,49 @@ def _unpermute_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def load_gguf(path: str, dtype: torch.dtype, device: str | torch.device = "cpu") -> LlamaModel:
+def _native_block(tensor) -> QuantizedWeight | None:
+    """A 2-D Q4_0 / Q4_1 / Q8_0 tensor as its blocks (a copy: the reader's arrays map the file)."""
+    fmt = tensor.tensor_type.name.lower()
+    if fmt not in TYPE_IDS or len(tensor.shape) != 2:
+        return None
+    in_features = int(tensor.shape[0])
+    data = torch.from_numpy(np.array(tensor.data, dtype=np.uint8, copy=True)).reshape(int(tensor.shape[1]), -1)
+    return QuantizedWeight(data, fmt, in_features)
+
+
+def load_gguf(path: str, dtype: torch.dtype, device: str | torch.device = "cpu", native: bool = False) -> LlamaModel:
+    """native: keep Q4_0 / Q4_1 / Q8_0 matrices as blocks (CPU only); `dtype` is then the compute dtype
+    of the activations and of the dense weights."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
+    if native and torch.device(device).type != "cpu":
+        raise ValueError(f"native (block-quantized) weights run on the CPU only, not on {device}")
     reader = GGUFReader(path)
     fields = {name: _gguf_value(field) for name, field in reader.fields.items()}
     config = _gguf_config(fields)
     permuted = fields["general.architecture"] in ("llama", "mistral")  # llama.cpp permutes q/k rows for these
     weights = {}
     for tensor in reader.tensors:
-        array = dequantize(tensor.data, tensor.tensor_type)
-        value = torch.from_numpy(np.array(array, dtype=np.float32)).reshape(
-            [int(d) for d in reversed(tensor.shape)])
+        value = _native_block(tensor) if native else None
+        if value is None:
+            array = dequantize(tensor.data, tensor.tensor_type)
+            value = torch.from_numpy(np.array(array, dtype=np.float32)).reshape(
+                [int(d) for d in reversed(tensor.shape)])
         name = _GGUF_NAMES.get(tensor.name)
         if tensor.name == "rope_freqs.weight":  # llama.cpp's form of llama3 rope scaling
             raise ValueError("GGUF with per-frequency rope factors (rope_freqs, llama3 scaling) is not supported")
         if name is None:
             _, layer, kind, suffix = tensor.name.split(".", 3)
             name = f"layers.{layer}.{_GGUF_LAYER_NAMES[kind]}.{suffix}"
-        if permuted and ".q_proj." in name:
-            value = _unpermute_rope_rows(value, config.num_heads)
-        if permuted and ".k_proj." in name:
-            value = _unpermute_rope_rows(value, config.num_kv_heads)
-        weights[name] = value.to(device=device, dtype=dtype)
+        for part, heads in ((".q_proj.", config.num_heads), (".k_proj.", config.num_kv_heads)):
+            if permuted and part in name:
+                if isinstance(value, QuantizedWeight):
+                    order = _unpermute_rope_rows(torch.arange(value.shape[0]), heads)
+                    value = value.rows(order)
+                else:
+                    value = _unpermute_rope_rows(value, heads)
+        weights[name] = value if isinstance(value, QuantizedWeight) else value.to(device=device, dtype=dtype)
     vocab = weights["embed_tokens.weight"].shape[0]
     tied = "lm_head.weight" not in weights
     config = ModelConfig(**{**config.__dict__, "vocab_size": vocab, "tie_word_embeddings": tied})
@@ -145,12 +167,16 @@ def load_hf_directory(path: str, dtype: torch.dtype, device: str | torch.device 
     return LlamaModel(config, weights)
 
 
-def load_model(path: str | None, dtype: torch.dtype, device: str | torch.device = "cpu") -> LlamaModel:
+def load_model(path: str | None, dtype: torch.dtype, device: str | torch.device = "cpu",
+               native: bool = False) -> LlamaModel:
+    """native: keep a GGUF file's Q4_0 / Q4_1 / Q8_0 matrices as blocks (CPU; see load_gguf)."""
     path = path or default_model_path()
     if os.path.isdir(path):
+        if native:
+            raise ValueError("native (block-quantized) weights need a GGUF file; a Hugging Face folder loads dense")
         return load_hf_directory(path, dtype, device)
     if path.endswith(".gguf"):
-        return load_gguf(path, dtype, device)
+        return load_gguf(path, dtype, device, native)
     raise ValueError(f"model path must be a Hugging Face directory or a .gguf file, got {path!r}")
 
 

@@ -1,0 +1,248 @@
+#include "cpu/quantized_linear.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define DSPARK_QL_AVX2 1
+#endif
+
+namespace dspark::cpu {
+namespace {
+
+constexpr int kLanes = 8;
+constexpr int kRowsPerTile = 4;  // x rows per pass over one W row: 4 accumulators + the unpacked block
+
+// The rows of x, quantised per 32-block.
+struct QuantizedX {
+  std::vector<int8_t> q;     // [rows, in]
+  std::vector<float> scale;  // [rows, blocks]: max|x| / 127 (NaN when the block holds a NaN or inf)
+  std::vector<float> sum;    // [rows, blocks]: scale * (sum of the block's codes), the quantised x's sum (Q4_1's m term)
+};
+
+template <typename X>
+void quantize_x(const X* x, int64_t rows, int64_t in, QuantizedX& out) {
+  const int64_t blocks = in / kBlockWeights;
+  out.q.resize(rows * in);
+  out.scale.resize(rows * blocks);
+  out.sum.resize(rows * blocks);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const X* src = x + r * in + b * kBlockWeights;
+      int8_t* q = out.q.data() + r * in + b * kBlockWeights;
+      float v[kBlockWeights];
+      float amax = 0.f;
+      bool finite = true;
+      for (int i = 0; i < kBlockWeights; ++i) {
+        v[i] = to_float(src[i]);
+        amax = std::max(amax, std::fabs(v[i]));
+        finite = finite && std::isfinite(v[i]);
+      }
+      if (!finite) {  // a NaN or inf in the block: every output it touches becomes NaN
+        std::fill(q, q + kBlockWeights, int8_t{0});
+        out.scale[r * blocks + b] = out.sum[r * blocks + b] = std::nanf("");
+        continue;
+      }
+      const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+      int32_t codes = 0;
+      for (int i = 0; i < kBlockWeights; ++i) {
+        const float scaled = std::nearbyint(v[i] * inverse);  // ties to even, as torch.round
+        q[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, scaled)));
+        codes += q[i];
+      }
+      const float scale = amax / 127.f;
+      out.scale[r * blocks + b] = scale;
+      // The quantised x's sum, not x's: then every term is w_i * xhat_i, whose rounding errors meet the
+      // centred w = d q + m rather than the all-positive d q (measured on SmolLM2: 0.7% against 1.8%
+      // relative error of a projection with the exact sum).
+      out.sum[r * blocks + b] = scale * static_cast<float>(codes);
+    }
+  }
+}
+
+inline float half_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, sizeof(bits));
+#ifdef DSPARK_QL_AVX2
+  return _cvtsh_ss(bits);  // exact, as to_float(Half)
+#else
+  return to_float(Half{bits});
+#endif
+}
+
+#ifdef DSPARK_QL_AVX2
+using Acc = __m256;
+inline Acc acc_zero() { return _mm256_setzero_ps(); }
+inline float acc_sum(Acc v) {
+  alignas(32) float l[kLanes];
+  _mm256_store_ps(l, v);
+  return ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+}
+// 16 bytes of nibbles -> 32 unsigned bytes in weight order (low nibbles: weights 0-15, high: 16-31).
+inline __m256i unpack_nibbles(const uint8_t* p) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(0x0f);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), _mm_and_si128(bytes, mask));
+}
+// Lane j = sum of u_i * s_i over i = 4j..4j+3 (exact: |u_i s_i + u_i+1 s_i+1| <= 2 * 128 * 127 < 2^15).
+inline __m256i lane_dots(__m256i u, __m256i s) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+inline Acc scaled_add(__m256i lanes, float scale, Acc acc) {
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), _mm256_set1_ps(scale), acc);
+}
+inline void prefetch_ahead(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p) + 2048, _MM_HINT_T0); }
+
+// One block's weights, ready for every row: unsigned (Q4_1) or |w| with w kept for the signs.
+template <BlockFormat F>
+struct Block {
+  __m256i magnitude, sign;
+  explicit Block(const uint8_t* quants) {
+    if constexpr (F == BlockFormat::kQ4_1) {
+      magnitude = unpack_nibbles(quants);
+    } else {
+      const __m256i w = F == BlockFormat::kQ8_0
+                            ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants))
+                            : _mm256_sub_epi8(unpack_nibbles(quants), _mm256_set1_epi8(8));
+      magnitude = _mm256_sign_epi8(w, w);
+      sign = w;
+    }
+  }
+  __m256i dots(const int8_t* xq) const {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+    if constexpr (F == BlockFormat::kQ4_1) return lane_dots(magnitude, x);
+    return lane_dots(magnitude, _mm256_sign_epi8(x, sign));
+  }
+};
+#else
+// The same lanes in portable code (builds without AVX2): integer lane sums are exact, the fp32 steps
+// are the same operations in the same order.
+struct Acc {
+  float l[kLanes];
+};
+inline Acc acc_zero() { return Acc{}; }
+inline float acc_sum(Acc v) {
+  const float* l = v.l;
+  return ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+}
+struct Lanes {
+  int32_t l[kLanes];
+};
+inline Acc scaled_add(Lanes lanes, float scale, Acc acc) {
+  for (int j = 0; j < kLanes; ++j) acc.l[j] = std::fmaf(static_cast<float>(lanes.l[j]), scale, acc.l[j]);
+  return acc;
+}
+inline void prefetch_ahead(const uint8_t*) {}
+
+template <BlockFormat F>
+struct Block {
+  int32_t w[kBlockWeights];
+  explicit Block(const uint8_t* quants) {
+    for (int i = 0; i < kBlockWeights; ++i) {
+      if constexpr (F == BlockFormat::kQ8_0) {
+        w[i] = static_cast<int8_t>(quants[i]);
+      } else {
+        const int nibble = i < 16 ? quants[i] & 0x0f : quants[i - 16] >> 4;
+        w[i] = F == BlockFormat::kQ4_0 ? nibble - 8 : nibble;
+      }
+    }
+  }
+  Lanes dots(const int8_t* xq) const {
+    Lanes out;
+    for (int j = 0; j < kLanes; ++j) {
+      int32_t s = 0;
+      for (int i = 4 * j; i < 4 * j + 4; ++i) s += w[i] * xq[i];
+      out.l[j] = s;
+    }
+    return out;
+  }
+};
+#endif
+
+// dots[m] = x_m . w for MR rows of x against one W row of `blocks` blocks. Even and odd blocks feed
+// separate accumulators (two dependency chains), added at the end: the same order for every row.
+template <BlockFormat F, int MR>
+void row_dots(const uint8_t* row, int64_t blocks, const QuantizedX& qx, int64_t first_row, int64_t in,
+              float* dots) {
+  constexpr int64_t bytes = F == BlockFormat::kQ4_0 ? 18 : F == BlockFormat::kQ4_1 ? 20 : 34;
+  constexpr int64_t header = F == BlockFormat::kQ4_1 ? 4 : 2;
+  Acc acc[MR][2];
+  float mins[MR][2];
+  for (int m = 0; m < MR; ++m) {
+    acc[m][0] = acc[m][1] = acc_zero();
+    mins[m][0] = mins[m][1] = 0.f;
+  }
+  const float* scales = qx.scale.data() + first_row * blocks;
+  const float* sums = qx.sum.data() + first_row * blocks;
+  const int8_t* xq = qx.q.data() + first_row * in;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int parity = static_cast<int>(b & 1);
+    const uint8_t* block = row + b * bytes;
+    prefetch_ahead(block);
+    const float d = half_at(block);
+    const Block<F> w(block + header);
+    for (int m = 0; m < MR; ++m) {
+      const float scale = d * scales[m * blocks + b];
+      acc[m][parity] = scaled_add(w.dots(xq + m * in + b * kBlockWeights), scale, acc[m][parity]);
+    }
+    if constexpr (F == BlockFormat::kQ4_1) {
+      const float min = half_at(block + 2);
+      for (int m = 0; m < MR; ++m) mins[m][parity] = std::fmaf(min, sums[m * blocks + b], mins[m][parity]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) dots[m] = (acc_sum(acc[m][0]) + acc_sum(acc[m][1])) + (mins[m][0] + mins[m][1]);
+}
+
+template <typename X, BlockFormat F>
+void run(const QuantizedLinearParams& p, const QuantizedX& qx) {
+  const int64_t rows = p.rows, in = p.in_features, n_out = p.out_features;
+  const int64_t blocks = in / kBlockWeights, row_bytes = blocks * block_bytes(F);
+  const X* bias = static_cast<const X*>(p.bias);
+  X* y = static_cast<X*>(p.y);
+  // Each thread streams one contiguous run of W rows (static schedule), which the prefetcher follows.
+#pragma omp parallel for schedule(static) if (n_out * in * rows >= 16384)
+  for (int64_t o = 0; o < n_out; ++o) {
+    const uint8_t* row = p.weight + o * row_bytes;
+    const float b = bias ? to_float(bias[o]) : 0.f;
+    float dots[kRowsPerTile];
+    for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerTile) {
+      const int64_t mr = std::min<int64_t>(kRowsPerTile, rows - m0);
+      switch (mr) {
+        case 4: row_dots<F, 4>(row, blocks, qx, m0, in, dots); break;
+        case 3: row_dots<F, 3>(row, blocks, qx, m0, in, dots); break;
+        case 2: row_dots<F, 2>(row, blocks, qx, m0, in, dots); break;
+        default: row_dots<F, 1>(row, blocks, qx, m0, in, dots); break;
+      }
+      for (int64_t m = 0; m < mr; ++m) y[(m0 + m) * n_out + o] = from_float<X>(dots[m] + b);
+    }
+  }
+}
+
+template <typename X>
+void dispatch(const QuantizedLinearParams& p) {
+  // Thread-local: decoding calls this ~200 times a token; the buffers stay warm and never reallocate.
+  thread_local QuantizedX qx;
+  quantize_x(static_cast<const X*>(p.x), p.rows, p.in_features, qx);
+  switch (p.format) {
+    case BlockFormat::kQ4_0: return run<X, BlockFormat::kQ4_0>(p, qx);
+    case BlockFormat::kQ4_1: return run<X, BlockFormat::kQ4_1>(p, qx);
+    case BlockFormat::kQ8_0: return run<X, BlockFormat::kQ8_0>(p, qx);
+  }
+}
+
+}  // namespace
+
+void quantized_linear(const QuantizedLinearParams& p) {
+  if (p.rows == 0 || p.out_features == 0) return;
+  switch (p.x_dtype) {
+    case DType::kFloat32: return dispatch<float>(p);
+    case DType::kFloat16: return dispatch<Half>(p);
+    case DType::kBFloat16: return dispatch<BFloat16>(p);
+  }
+}
+
+}  // namespace dspark::cpu

@@ -1,0 +1,56 @@
+// y = x W^T (+ bias) for the few rows of a CPU decoding or verification round, with W in one of GGUF's
+// 32-weight block formats, read in place (never dequantised to memory):
+//   Q4_0: fp16 d, 16 bytes of nibbles                w = d * (q - 8)
+//   Q4_1: fp16 d, fp16 m, 16 bytes of nibbles        w = d * q + m
+//   Q8_0: fp16 d, 32 int8                           w = d * q
+// (nibble j of a block's byte i: low nibble = weight i, high nibble = weight i + 16).
+//
+// Decoding reads every weight once per token, so bytes are the cost: Q4_1 is 5 bits a weight against
+// bf16's 16. As llama.cpp does, each row of x is quantised per 32-block to int8 with an fp32 scale
+// (dx = max|x| / 127, q = round-to-even(x * 127 / max|x|)) and the block dot products run in integers
+// (AVX2 maddubs/madd; a portable build does the same lane by lane), scaled by d * dx into 8 fp32 lanes;
+// Q4_1's m term takes the quantised block's sum dx * sum(q). So y is W . xhat, xhat the quantised x,
+// up to fp32 rounding, and its distance from dequantise-then-matmul in fp32 is bounded by the sum over
+// blocks of (dx / 2) * sum |w|. Each W block is unpacked once per group of up to 4 rows while it sits
+// in L1.
+//
+// Every row is quantised and accumulated by the same instruction sequence whatever the number of rows
+// and the row's place among them: results are batch invariant, so greedy speculative decoding of a
+// quantized model is token-identical to its plain decoding.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/common.h"
+
+namespace dspark::cpu {
+
+// GGML's type ids.
+enum class BlockFormat : int { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8 };
+
+constexpr int64_t kBlockWeights = 32;
+
+inline int64_t block_bytes(BlockFormat format) {
+  switch (format) {
+    case BlockFormat::kQ4_0: return 18;
+    case BlockFormat::kQ4_1: return 20;
+    case BlockFormat::kQ8_0: return 34;
+  }
+  return 0;
+}
+
+struct QuantizedLinearParams {
+  DType x_dtype;          // x, y and bias
+  const void* x;          // [rows, in_features], contiguous
+  BlockFormat format;
+  const uint8_t* weight;  // [out_features, in_features / 32 blocks], contiguous
+  const void* bias;       // [out_features] or nullptr
+  void* y;                // [rows, out_features], contiguous
+  int64_t rows;
+  int64_t in_features;    // a multiple of 32
+  int64_t out_features;
+};
+
+void quantized_linear(const QuantizedLinearParams& params);
+
+}  // namespace dspark::cpu

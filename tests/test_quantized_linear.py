@@ -1,0 +1,151 @@
+"""quantized_linear (GGUF Q4_0 / Q4_1 / Q8_0 blocks read in place) against its references, on fresh
+random blocks: the block decoding against the gguf package's; the kernel against the PyTorch
+reference of its own arithmetic (activations quantised per block, integer dots) to fp32 rounding; and
+against dequantise-then-matmul in fp32 within the bound the activation rounding implies. Batch
+invariance bit for bit, NaN isolation, and errors naming the argument."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from dspark.models.linear import linear
+from dspark.models.quantized import TYPE_IDS, QuantizedWeight, quantized_linear
+from dspark.reference import quantized_linear as ref
+
+_C = pytest.importorskip("dspark._C")
+FORMATS = ("q4_0", "q4_1", "q8_0")
+X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def random_blocks(fmt: str, out: int, in_features: int, seed: int) -> torch.Tensor:
+    """uint8 [out, blocks * bytes] with random codes and fp16 scales (and mins) of both signs."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = in_features // 32
+    d = (torch.rand(out, blocks, generator=g) * 0.02 + 0.001) * (torch.randint(0, 2, (out, blocks), generator=g) * 2 - 1)
+    parts = [d.half().view(torch.uint8).view(out, blocks, 2)]
+    if fmt == "q4_1":
+        m = torch.randn(out, blocks, generator=g) * 0.05
+        parts.append(m.half().view(torch.uint8).view(out, blocks, 2))
+    if fmt == "q8_0":
+        parts.append(torch.randint(-128, 128, (out, blocks, 32), generator=g, dtype=torch.int8).view(torch.uint8))
+    else:
+        parts.append(torch.randint(0, 256, (out, blocks, 16), generator=g, dtype=torch.int32).to(torch.uint8))
+    return torch.cat(parts, dim=-1).reshape(out, -1).contiguous()
+
+
+def random_x(rows: int, in_features: int, dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(rows, 1, generator=g) * 3 + 0.1
+    return (torch.randn(rows, in_features, generator=g) * scale).to(dtype)
+
+
+def kernel(x, data, fmt, bias=None):
+    return quantized_linear(x, QuantizedWeight(data, fmt, x.shape[-1]), bias)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_block_decoding_matches_the_gguf_package(fmt):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    data = random_blocks(fmt, 9, 96, seed=1)
+    theirs = dequantize(data.numpy(), GGMLQuantizationType[fmt.upper()])
+    ours = ref.dequantize(data, fmt, 96)
+    assert torch.equal(ours, torch.from_numpy(np.asarray(theirs, dtype=np.float32)).reshape(9, 96))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", X_DTYPES)
+@pytest.mark.parametrize("rows, in_features, out", [(1, 32, 1), (1, 576, 64), (3, 96, 7), (5, 1536, 33),
+                                                    (8, 576, 50), (16, 64, 9), (17, 128, 12)])
+def test_kernel_matches_its_reference(fmt, dtype, rows, in_features, out):
+    seed = zlib.crc32(repr((fmt, rows, in_features, out)).encode()) % 10_000
+    data = random_blocks(fmt, out, in_features, seed)
+    x = random_x(rows, in_features, dtype, seed + 1)
+    bias = torch.randn(out, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    got = kernel(x, data, fmt, bias).double()
+    want = ref.quantized_linear(x, data, fmt, bias).double()
+    # fp32 lane sums against float64: a few ulps of the sum of |terms| (at most 48 blocks here), then one
+    # rounding to the output dtype.
+    xq, scale, sums = ref.quantize_activations(x)
+    codes, d, m = ref.decode(data, fmt, in_features)
+    blocks = in_features // 32
+    terms = torch.einsum("rbi,obi->rob", xq.double().abs().view(rows, blocks, 32),
+                         codes.double().abs().view(out, blocks, 32)) * (d.double().abs()[None] * scale.double()[:, None])
+    magnitude = terms.sum(-1) + (0 if m is None else (m.double().abs()[None] * sums.double().abs()[:, None]).sum(-1))
+    ulp = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}[dtype]
+    assert ((got - want).abs() <= magnitude * 4e-6 + want.abs() * ulp + 1e-30).all()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rows", [1, 4, 11])
+def test_kernel_within_the_activation_rounding_bound_of_fp32_matmul(fmt, rows):
+    in_features, out = 576, 40
+    data = random_blocks(fmt, out, in_features, seed=rows)
+    x = random_x(rows, in_features, torch.float32, seed=rows + 7)
+    exact = x.double() @ ref.dequantize(data, fmt, in_features).double().T
+    got = kernel(x, data, fmt).double()
+    bound = ref.error_bound(x, data, fmt)
+    assert ((got - exact).abs() <= bound * 1.0001 + exact.abs() * 1e-5 + 1e-5).all()
+    assert (got - exact).abs().max() > 0  # the activations were quantised: not a dense matmul in disguise
+    # The bound is tight enough to mean something: the typical error is a fair fraction of it.
+    assert float(((got - exact).abs() / bound).max()) > 0.05
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_invariance(fmt, dtype):
+    data = random_blocks(fmt, 70, 576, seed=3)
+    x = random_x(16, 576, dtype, seed=4)
+    alone = torch.cat([kernel(x[i:i + 1], data, fmt) for i in range(16)])
+    for rows in (2, 3, 5, 8, 13, 16):
+        together = kernel(x[:rows], data, fmt)
+        assert torch.equal(together, alone[:rows]), rows
+    shuffled = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(kernel(x[shuffled], data, fmt), alone[shuffled])
+
+
+def test_a_nan_row_poisons_only_itself():
+    data = random_blocks("q4_1", 20, 96, seed=5)
+    x = random_x(4, 96, torch.float32, seed=6)
+    clean = kernel(x, data, "q4_1")
+    x[2, 40] = float("nan")
+    dirty = kernel(x, data, "q4_1")
+    assert torch.isnan(dirty[2]).all()
+    assert torch.equal(dirty[[0, 1, 3]], clean[[0, 1, 3]])
+
+
+def test_linear_dispatches_and_weight_helpers():
+    data = random_blocks("q8_0", 12, 64, seed=8)
+    weight = QuantizedWeight(data, "q8_0", 64)
+    x = random_x(3, 64, torch.float32, seed=9)
+    assert torch.equal(linear(x, weight), kernel(x, data, "q8_0"))
+    order = torch.tensor([3, 1, 0, 2, 11, 10, 9, 8, 7, 6, 5, 4])
+    assert torch.equal(weight.rows(order).dequantize(), weight.dequantize()[order])
+    both = QuantizedWeight.cat([weight, weight.rows(order[:5])])
+    assert both.shape == (17, 64) and torch.equal(both.dequantize()[12:], weight.dequantize()[order[:5]])
+    tokens = torch.tensor([[4, 0], [11, 4]])
+    assert torch.equal(weight.embedding(tokens, torch.float32), weight.dequantize()[tokens])
+
+
+def test_bad_arguments_name_themselves():
+    data = random_blocks("q4_0", 4, 64, seed=2)
+    with pytest.raises(ValueError, match="format"):
+        QuantizedWeight(data, "q5_k", 64)
+    with pytest.raises(ValueError, match="data must be uint8"):
+        QuantizedWeight(data[:, :-1], "q4_0", 64)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        QuantizedWeight(data, "q4_0", 48)
+    weight = QuantizedWeight(data, "q4_0", 64)
+    with pytest.raises(ValueError, match=r"x \[\.\.\., 64\]"):
+        quantized_linear(torch.randn(2, 32), weight)
+    with pytest.raises(ValueError, match="bias"):
+        quantized_linear(torch.randn(2, 64), weight, torch.randn(3))
+    with pytest.raises(ValueError, match="format"):
+        _C.quantized_linear(torch.randn(2, 64), data, 7, None, torch.empty(2, 4))
+    with pytest.raises(ValueError, match="blocks"):
+        _C.quantized_linear(torch.randn(2, 64), data, TYPE_IDS["q4_1"], None, torch.empty(2, 4))
