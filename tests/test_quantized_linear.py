@@ -6,6 +6,9 @@ invariance bit for bit, NaN isolation, and errors naming the argument."""
 
 from __future__ import annotations
 
+import pathlib
+import shutil
+import subprocess
 import zlib
 
 import numpy as np
@@ -149,3 +152,27 @@ def test_bad_arguments_name_themselves():
         _C.quantized_linear(torch.randn(2, 64), data, 7, None, torch.empty(2, 4))
     with pytest.raises(ValueError, match="blocks"):
         _C.quantized_linear(torch.randn(2, 64), data, TYPE_IDS["q4_1"], None, torch.empty(2, 4))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")
+def test_portable_build_matches_the_avx2_build_bit_for_bit(tmp_path):
+    """Without AVX2 the kernel runs the same lanes in plain C++: same results, bit for bit."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    binary = tmp_path / "quantized_linear_cli"
+    compile_ = subprocess.run(["g++", "-std=c++17", "-O2", "-fopenmp", "-ffp-contract=fast", "-march=x86-64-v2",
+                               f"-I{root / 'csrc'}", str(root / "csrc/cpu/tests/quantized_linear_cli.cpp"),
+                               str(root / "csrc/cpu/quantized_linear.cpp"), "-o", str(binary)],
+                              capture_output=True, text=True)
+    assert compile_.returncode == 0, compile_.stderr
+    for fmt in FORMATS:
+        rows, in_features, out = 5, 96, 13
+        data = random_blocks(fmt, out, in_features, seed=11)
+        x = random_x(rows, in_features, torch.float32, seed=12)
+        x.numpy().tofile(tmp_path / "x.f32")
+        data.numpy().tofile(tmp_path / "w.u8")
+        run = subprocess.run([str(binary), str(TYPE_IDS[fmt]), str(rows), str(in_features), str(out),
+                              str(tmp_path / "x.f32"), str(tmp_path / "w.u8"), str(tmp_path / "y.f32")],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        portable = torch.from_numpy(np.fromfile(tmp_path / "y.f32", dtype=np.float32)).view(rows, out)
+        assert torch.equal(portable, kernel(x, data, fmt)), fmt
