@@ -26,7 +26,7 @@ from dspark.cli.generate import warm_up
 from dspark.drafters import DraftModelDrafter, DSparkDrafter, HybridDrafter, NgramDrafter
 from dspark.engine import Engine
 from dspark.models import default_model_path, load_model, load_tokenizer
-from dspark.models.dtypes import default_dtype
+from dspark.models.dtypes import WEIGHTS, resolve_weights
 from dspark.profiling import load_or_measure_sps
 from dspark.sampling_params import SamplingParams
 from dspark.scheduler import FixedLength, PrefixScheduler
@@ -50,7 +50,7 @@ def drafters(model, trained: list[str], only: str | None) -> dict:
             makers[f"{pathlib.Path(folder).name} gamma={gamma}"] = (
                 lambda folder=folder, gamma=gamma: DSparkDrafter.from_pretrained(folder, model, gamma),
                 lambda gamma=gamma: FixedLength(gamma))
-        prefix = lambda: PrefixScheduler(load_or_measure_sps(model, 8))  # noqa: E731 (as `dspark generate`)
+        prefix = lambda: PrefixScheduler(load_or_measure_sps(model, 8), throughput_gate=True)  # noqa: E731 (as `dspark generate`)
         makers[f"{pathlib.Path(folder).name} gamma=7 prefix scheduler"] = (
             lambda folder=folder: DSparkDrafter.from_pretrained(folder, model, 7), prefix)
         makers[f"{pathlib.Path(folder).name} + n-gram gamma=7 prefix scheduler"] = (
@@ -140,10 +140,15 @@ def main() -> None:
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when llama-cpp-python is here")
     ap.add_argument("--dspark", action="append", default=[], help="a trained drafter folder (repeatable)")
     ap.add_argument("--only", default=None, help="regular expression: run only the drafters it matches")
+    ap.add_argument("--weights", choices=WEIGHTS, default=None,
+                    help="our target's weights (default: native, the GGUF's own blocks; as `dspark generate`)")
+    ap.add_argument("--compare-dense", action="store_true",
+                    help="also run our plain decoding with bf16 weights (a row beside the native baseline)")
     args = ap.parse_args()
-    dtype = default_dtype("cpu")
+    dtype, native = resolve_weights(args.weights, None, None, "cpu")
     tokenizer = load_tokenizer(None)
-    model = load_model(None, dtype)
+    model = load_model(None, dtype, native=native)
+    dense = load_model(None, torch.bfloat16) if args.compare_dense and native else None
     prompts = load_prompts(pathlib.Path(args.datasets), args.per_domain, tokenizer)
     hf = None
     if not args.no_transformers:
@@ -160,12 +165,15 @@ def main() -> None:
                 llama_cpp_runs[name] = llm
     eos = set(model.config.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
     results = {"device": f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-               "dtype": str(dtype), "max_tokens": args.max_tokens, "per_domain": args.per_domain, "runs": []}
+               "dtype": str(dtype), "weights": "native" if native else str(dtype), "max_tokens": args.max_tokens, "per_domain": args.per_domain, "runs": []}
     for temperature in [float(t) for t in args.temperatures.split(",")]:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, seed=0)
         for domain, domain_prompts in prompts.items():
             base, base_tokens = run_ours(model, tokenizer, None, domain_prompts, params)
             rows = [("dspark plain", base, True)]
+            if dense is not None:
+                summary, _ = run_ours(dense, tokenizer, None, domain_prompts, params)
+                rows.append(("dspark plain (bf16 weights)", summary, None))
             for name, (make, make_policy) in drafters(model, args.dspark, args.only).items():
                 policy = make_policy() if make_policy else None
                 summary, tokens = run_ours(model, tokenizer, make(), domain_prompts, params, policy)
@@ -208,7 +216,7 @@ def plot(results: dict, path: str) -> None:
         ax.set_yticks([j + 0.4 - width / 2 for j in range(len(methods))], methods, fontsize=8)
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xlabel("tokens/s relative to dspark plain decoding")
-        ax.set_title(f"SmolLM2-135M, temperature {temperature:g}, {results['dtype']}")
+        ax.set_title(f"SmolLM2-135M, temperature {temperature:g}, weights {results.get('weights', results['dtype'])}")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

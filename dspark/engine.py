@@ -79,6 +79,7 @@ class Engine:
         self.next_id = 0
         self.finished: dict[int, Request] = {}
         self.stats = RunStats()
+        self._drafted = False  # whether the current round asked the drafter for anything
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt: list[int] | str, params: SamplingParams | None = None) -> int:
@@ -233,6 +234,7 @@ class Engine:
         self.stats.draft_time += drafted - start
         self.stats.verify_time += verified - drafted
         self.stats.rounds += 1
+        self.policy.observe_round(len(requests), self._drafted, int(counts.sum()), verified - start)
         events, paths = [], []
         for i, r in enumerate(requests):
             m = int(counts[i])
@@ -248,9 +250,11 @@ class Engine:
 
     def _propose(self, requests: list[Request]) -> list[Proposal]:
         """Drafts of the requests the policy wants drafted (all, unless it has should_draft)."""
+        self._drafted = False
         if self.drafter is None:
             return [Proposal([]) for _ in requests]
         wanted = self.policy.should_draft(requests)
+        self._drafted = any(wanted)
         drafting = [r for r, w in zip(requests, wanted) if w]
         drafted = iter(self.drafter.propose(drafting, self.max_draft_for(drafting)) if drafting else [])
         return [next(drafted) if w else Proposal([]) for w in wanted]

@@ -32,6 +32,10 @@ class VerificationPolicy(abc.ABC):
     def choose(self, requests: list, proposals: list[Proposal]) -> list[int]:
         """Per request, how many of its proposal's nodes (a prefix in node order) to verify."""
 
+    def observe_round(self, batch: int, drafted: bool, tokens: int, seconds: float) -> None:
+        """After each decoding round: its batch size, whether anything was drafted, the tokens it emitted
+        and its wall time (drafting included). Default: ignored."""
+
 
 class FixedLength(VerificationPolicy):
     """Verify up to `num_draft` nodes of every proposal (the classic fixed gamma)."""
@@ -116,15 +120,57 @@ class DraftGate:
                 self.first[q.id] = a[0]
 
 
-class SPSPolicy(VerificationPolicy):
-    """What the hardware-aware policies share: the SPS curve, a cap on drafts, the draft gate."""
+class ThroughputGate:
+    """Whether a round drafts at all, from measured throughput: the SPS curve prices verification but
+    not the drafter, whose cost can exceed what its accepted tokens save (a weak drafter on a fast
+    target). Keeps, per batch size, a moving average of tokens per second of drafting rounds and of
+    plain rounds, takes the faster, and tries the other every `explore_every` rounds so that both
+    estimates stay fresh. Lossless: the decision reads only earlier rounds' counts and times."""
 
-    def __init__(self, sps, max_draft: int | None = None, gate: bool = True):
+    def __init__(self, explore_every: int = 16, smoothing: float = 0.25):
+        self.explore_every, self.smoothing = explore_every, smoothing
+        self.rates: dict[tuple[int, bool], float] = {}  # (batch, drafted) -> tokens/s
+        self.since_other: dict[int, int] = {}
+
+    def should_draft(self, batch: int) -> bool:
+        draft_rate, plain_rate = self.rates.get((batch, True)), self.rates.get((batch, False))
+        if draft_rate is None:
+            return True
+        if plain_rate is None:
+            return False
+        best = draft_rate >= plain_rate
+        rounds = self.since_other.get(batch, 0) + 1
+        if rounds >= self.explore_every:
+            rounds, best = 0, not best
+        self.since_other[batch] = rounds
+        return best
+
+    def observe(self, batch: int, drafted: bool, tokens: int, seconds: float) -> None:
+        if seconds <= 0 or tokens <= 0:
+            return
+        rate, key = tokens / seconds, (batch, drafted)
+        old = self.rates.get(key)
+        self.rates[key] = rate if old is None else old + self.smoothing * (rate - old)
+
+
+class SPSPolicy(VerificationPolicy):
+    """What the hardware-aware policies share: the SPS curve, a cap on drafts, the draft gates: `gate`,
+    per request from confidences; `throughput_gate`, per round from measured times (what `dspark
+    generate` and `dspark serve` use; off by default because its choices depend on timing)."""
+
+    def __init__(self, sps, max_draft: int | None = None, gate: bool = True, throughput_gate: bool = False):
         self.sps, self.max_draft = sps, max_draft
         self.gate = DraftGate(sps) if gate else None
+        self.throughput = ThroughputGate() if throughput_gate else None
 
     def should_draft(self, requests: list) -> list[bool]:
+        if self.throughput is not None and not self.throughput.should_draft(len(requests)):
+            return [False] * len(requests)
         return self.gate.should_draft(requests) if self.gate else [True] * len(requests)
+
+    def observe_round(self, batch: int, drafted: bool, tokens: int, seconds: float) -> None:
+        if self.throughput is not None:
+            self.throughput.observe(batch, drafted, tokens, seconds)
 
     def survivals(self, requests: list, proposals: list[Proposal]) -> list[list[float]]:
         out = [survival(p)[: self.max_draft] for p in proposals]
@@ -169,8 +215,9 @@ class AsyncScheduler(SPSPolicy):
     current survival, with no early stop. Until two rounds of history exist it acts as the prefix
     scheduler."""
 
-    def __init__(self, sps, max_draft: int | None = None, lag: int = 2, gate: bool = True):
-        super().__init__(sps, max_draft, gate)
+    def __init__(self, sps, max_draft: int | None = None, lag: int = 2, gate: bool = True,
+                 throughput_gate: bool = False):
+        super().__init__(sps, max_draft, gate, throughput_gate)
         self.lag = lag
         self.history: deque[dict[int, list[float]]] = deque(maxlen=lag)
         self.fallback = PrefixScheduler(sps, max_draft, gate=False)

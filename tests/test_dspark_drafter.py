@@ -263,6 +263,7 @@ def test_context_caches_stay_aligned_with_committed_tokens(tiny, kind, head):
     checks = 0
     while engine.has_work():
         engine.step()
+        drafter.commit_pending(engine.running)  # what the next proposal does first
         for r in engine.running:
             n = int(drafter.kv.seqlens[r.row])
             assert n == len(r.tokens) - 1

@@ -188,3 +188,56 @@ def test_draft_gate_skips_drafting_that_cannot_pay_and_probes():
         # a confident request keeps drafting; the other probes every 4th round
         assert [gate.should_draft([Req(0)])[0] for _ in range(8)] == expected
     assert PrefixScheduler(steep, gate=False).should_draft([Req(0), Req(1)]) == [True, True]
+
+
+def test_throughput_gate_takes_the_faster_arm_and_explores():
+    from dspark.scheduler import ThroughputGate
+
+    gate = ThroughputGate(explore_every=4)
+    assert gate.should_draft(1)  # nothing measured: draft first
+    gate.observe(1, True, 3, 0.06)  # 50 tokens/s while drafting
+    assert not gate.should_draft(1)  # plain not measured yet
+    gate.observe(1, False, 1, 0.01)  # 100 tokens/s plain
+    assert [gate.should_draft(1) for _ in range(8)] == [False, False, False, True] * 2
+    assert gate.should_draft(4)  # another batch size has its own estimates
+    for _ in range(30):  # drafting becomes the faster arm: plain is now the explored one
+        gate.observe(1, True, 5, 0.02)
+    assert [gate.should_draft(1) for _ in range(8)] == [True, True, True, False] * 2
+    gate.observe(1, False, 0, 0.01)  # empty rounds and zero times are ignored
+    gate.observe(1, False, 1, 0.0)
+    assert gate.rates[(1, False)] == pytest.approx(100.0)
+
+
+def test_engine_stops_paying_for_a_drafter_that_does_not_pay(tmp_path):
+    """A slow drafter whose drafts are always rejected: after the first measurements most rounds skip
+    drafting (plain), probing it again every 16th round; the output is plain decoding's."""
+    import time
+
+    from dspark.drafters.base import Drafter
+    from dspark.engine import Engine
+    from dspark.models import load_model
+    from dspark.sampling_params import SamplingParams
+    from builders import write_tiny_llama
+
+    class SlowWrongDrafter(Drafter):
+        num_draft, gives_confidences = 3, True
+
+        def __init__(self):
+            self.calls = 0
+
+        def propose(self, requests, max_draft):
+            self.calls += 1
+            time.sleep(0.02)
+            n = min(3, max_draft)
+            return [Proposal([(r.tokens[-1] + 1 + i) % 97 for i in range(n)],
+                             confidences=torch.full((n,), 0.99)) for r in requests]
+
+    write_tiny_llama(tmp_path, 97, 32, 2, seed=1)
+    model = load_model(str(tmp_path), torch.float32)
+    params = SamplingParams(max_tokens=60, ignore_eos=True)
+    plain = Engine(model, max_batch=1).generate([[5, 6, 7]], params)[0].generated
+    drafter = SlowWrongDrafter()
+    engine = Engine(model, drafter=drafter, policy=PrefixScheduler(SPSCurve([1, 64], [100.0, 100.0]), throughput_gate=True),
+                    max_batch=1)
+    assert engine.generate([[5, 6, 7]], params)[0].generated == plain
+    assert drafter.calls <= 2 + 60 // 16 + 1

@@ -101,7 +101,7 @@ def run(args) -> int:
     max_seq_len = len(prompt) + args.max_tokens + num_draft + 8
     policy = None
     if drafter is not None and drafter.gives_confidences:  # the DSpark prefix scheduler on this machine's SPS curve
-        policy = PrefixScheduler(load_or_measure_sps(model, 1 + num_draft))
+        policy = PrefixScheduler(load_or_measure_sps(model, 1 + num_draft), throughput_gate=True)
     engine = Engine(model, tokenizer, drafter, policy=policy, max_batch=1, max_seq_len=max_seq_len)
     shown = ""
     generated: list[int] = []

@@ -42,7 +42,7 @@ def build(args):
     num_draft = drafter.num_draft if drafter is not None else 0
     policy = None
     if drafter is not None and drafter.gives_confidences:
-        policy = PrefixScheduler(load_or_measure_sps(model, args.max_batch * (1 + num_draft)))
+        policy = PrefixScheduler(load_or_measure_sps(model, args.max_batch * (1 + num_draft)), throughput_gate=True)
     engine = Engine(model, tokenizer, drafter, policy=policy, max_batch=args.max_batch,
                     max_seq_len=args.max_model_len + num_draft + 8)
     name = args.served_model_name or (args.model or "SmolLM2-135M-Instruct")

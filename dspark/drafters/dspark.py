@@ -4,7 +4,8 @@ DFlash-style (head "none") and EAGLE-style (kind "eagle") baselines.
 Per request the drafter keeps, for every committed token before the anchor:
 - its context features H_ctx (a SideCache, [rows, S, 1, d]) and
 - each draft layer's keys/values of them (a KVCache): context K/V depend only on the context, so they
-  are computed once when a token is committed and reused by every later round. Recomputing them
+  are computed once per committed token (when the drafter next drafts for the request, so rounds it is
+  not asked to draft cost it nothing) and reused by every later round. Recomputing them
   instead would cost a [L, width] x [width, d] projection plus every layer's K/V projection per round,
   O(L) work that dominates drafting at L ~ 1-2k on a CPU; the cache makes a round O(gamma) in
   projections and O(gamma * L) only inside attention.
@@ -101,6 +102,9 @@ class DSparkDrafter(Drafter):
         self.features: SideCache | None = None
         self.kv: KVCache | None = None
         self.generators: dict[int, torch.Generator] = {}
+        # Target features of committed tokens not yet turned into context K/V, per row: committing is
+        # deferred to the next proposal, so rounds the policy does not draft for cost the drafter nothing.
+        self.pending: dict[int, list[torch.Tensor]] = {}
 
     @classmethod
     def from_pretrained(cls, path: str, target, num_draft: int | None = None, dtype: torch.dtype = torch.float32,
@@ -156,30 +160,33 @@ class DSparkDrafter(Drafter):
             raise ValueError("the DSpark drafter needs the target's hidden states (run it through the Engine)")
         self.features.seqlens[request.row] = 0
         self.kv.seqlens[request.row] = 0
-        self._commit(request.row, request.tokens, target_hidden)
+        self.pending[request.row] = [target_hidden]
         self.generators[request.row] = torch.Generator(self.device).manual_seed(request.params.seed + 0xD5)
 
     def finish(self, request) -> None:
         self.features.seqlens[request.row] = 0
         self.kv.seqlens[request.row] = 0
         self.generators.pop(request.row, None)
+        self.pending.pop(request.row, None)
 
     def accept(self, requests, paths, target_hidden) -> None:
         # A finished request may not hold all its accepted tokens; it leaves anyway.
-        live = [(r, h) for r, h in zip(requests, target_hidden) if r.finish_reason is None]
-        if self.model.config.kind == "dspark":  # context K/V depend on each token alone: one batched pass
-            if live:
-                self._commit_rows([r.row for r, _ in live], [h for _, h in live])
-            return
-        for request, hidden in live:
-            self._commit(request.row, request.tokens, hidden)
+        for request, hidden in zip(requests, target_hidden):
+            if request.finish_reason is None:
+                self.pending.setdefault(request.row, []).append(hidden)
 
-    def _commit(self, row: int, tokens: list[int], hidden: torch.Tensor) -> None:
-        """Append committed positions L..L+m-1 of one row (target features `hidden` [m, width])."""
-        if self.model.config.kind == "dspark":
-            self._commit_rows([row], [hidden])
-        else:
-            self._commit_eagle(row, tokens, hidden)
+    def commit_pending(self, requests) -> None:
+        """Commit the pending features of the requests about to draft."""
+        rows = [r.row for r in requests if self.pending.get(r.row)]
+        if not rows:
+            return
+        hidden = [torch.cat(self.pending.pop(row)) for row in rows]
+        if self.model.config.kind == "dspark":  # context K/V depend on each token alone: one batched pass
+            self._commit_rows(rows, hidden)
+            return
+        tokens = {r.row: r.tokens for r in requests}
+        for row, h in zip(rows, hidden):
+            self._commit_eagle(row, tokens[row], h)
 
     @torch.inference_mode()
     def _commit_rows(self, rows: list[int], hidden: list[torch.Tensor]) -> None:
@@ -237,6 +244,7 @@ class DSparkDrafter(Drafter):
         steps = min(self.num_draft, max_draft)
         if steps <= 0 or not requests:
             return [Proposal([]) for _ in requests]
+        self.commit_pending(requests)
         kv, valid, starts = self._context(requests)
         anchors = torch.tensor([r.tokens[-1] for r in requests], device=self.device)
         if self.model.config.kind == "eagle":

@@ -10,7 +10,8 @@ the committed positions are those before the anchor (their next token is known),
 output predicts the first draft, and each draft step feeds back its own output.
 
 Per request the drafter keeps each layer's K/V of the committed positions (nothing speculative: a
-round's drafted positions live only in the round) and the output at the last committed position.
+round's drafted positions live only in the round) and the output at the last committed position,
+computed when it next drafts for the request (rounds it is not asked to draft cost it nothing).
 Greedy requests draft the argmax; sampled ones draw from the request's processed distribution and
 report exactly those rows as draft_probs, so verification stays lossless.
 """
@@ -205,6 +206,7 @@ class Eagle3Drafter(Drafter):
         self.kv: KVCache | None = None
         self.last: torch.Tensor | None = None  # [rows, d]: the output at each row's last committed position
         self.generators: dict[int, torch.Generator] = {}
+        self.pending: dict[int, list[torch.Tensor]] = {}  # committed features not yet run, per row (as DSparkDrafter)
 
     @classmethod
     def from_pretrained(cls, path: str, target, num_draft: int | None = None,
@@ -226,17 +228,18 @@ class Eagle3Drafter(Drafter):
         if target_hidden is None:
             raise ValueError("the EAGLE-3 drafter needs the target's hidden states (run it through the Engine)")
         self.kv.seqlens[request.row] = 0
-        self._commit(request, target_hidden)
+        self.pending[request.row] = [target_hidden]
         self.generators[request.row] = torch.Generator(self.device).manual_seed(request.params.seed + 0xE3)
 
     def finish(self, request) -> None:
         self.kv.seqlens[request.row] = 0
         self.generators.pop(request.row, None)
+        self.pending.pop(request.row, None)
 
     def accept(self, requests, paths, target_hidden) -> None:
         for request, hidden in zip(requests, target_hidden):
             if request.finish_reason is None:  # a finished request may not hold all its accepted tokens
-                self._commit(request, hidden)
+                self.pending.setdefault(request.row, []).append(hidden)
 
     @torch.inference_mode()
     def _commit(self, request, hidden: torch.Tensor) -> None:
@@ -261,6 +264,9 @@ class Eagle3Drafter(Drafter):
         if steps <= 0 or not requests:
             return [Proposal([]) for _ in requests]
         model, vocab = self.model, self.model.config.vocab_size
+        for request in requests:
+            if self.pending.get(request.row):
+                self._commit(request, torch.cat(self.pending.pop(request.row)))
         layer_kv, valid, starts = committed_context(self.kv, requests, model.config.num_layers)
         hidden = self.last[torch.tensor([r.row for r in requests], device=self.device)][:, None]
         batch = len(requests)
