@@ -187,6 +187,19 @@ def test_cli_with_feature_cache(setup):
     assert json.load(open(root / "cached" / "config.json"))["training"]["holdout"]["tau_est"] > 1
 
 
+def test_cli_caps_the_data_and_trains_qk_norm_layers(setup):
+    from dspark.cli import main
+
+    root, _ = setup
+    assert main(["train-drafter", "--data", str(root / "data.jsonl"), "--out", str(root / "capped"), "--model",
+                 str(root / "target"), "--layers", "0,1", "--gamma", "4", "--rank", "16", "--batch", "4",
+                 "--anchors", "8", "--holdout", "4", "--feature-cache", str(root / "fc-capped"), "--steps", "2",
+                 "--sequences", "12", "--qk-norm", "--head", "gated"]) == 0
+    assert json.load(open(root / "fc-capped" / "index.json"))["done"] == 11  # 12 minus a hold-out of 12 // 10
+    config = json.load(open(root / "capped" / "config.json"))
+    assert config["qk_norm"] and config["head"] == "gated" and config["training"]["sequences"] == 11
+
+
 def test_draft_vocab_cli(setup):
     from dspark.cli import main
     from dspark.train.data import frequent_tokens

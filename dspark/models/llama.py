@@ -130,9 +130,9 @@ class LlamaModel:
                 for kind in ("weight", "bias"):
                     names = [f"{prefix}{part}.{kind}" for part in parts]
                     if all(n in w for n in names):
-                        parts = [w.pop(n) for n in names]
-                        w[f"{fused}.{kind}"] = QuantizedWeight.cat(parts) if isinstance(parts[0], QuantizedWeight) \
-                            else torch.cat(parts)
+                        tensors = [w.pop(n) for n in names]
+                        w[f"{fused}.{kind}"] = QuantizedWeight.cat(tensors) if isinstance(tensors[0], QuantizedWeight) \
+                            else torch.cat(tensors)
                     elif any(n in w for n in names):
                         raise ValueError(f"layer {i}: {kind} present for some of {parts} only")
 

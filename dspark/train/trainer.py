@@ -53,6 +53,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--batch", type=int, default=4, help="sequences per optimizer step")
     ap.add_argument("--anchors", type=int, default=64, help="anchor positions (blocks) per sequence")
     ap.add_argument("--max-len", type=int, default=1024)
+    ap.add_argument("--sequences", type=int, default=None,
+                    help="use the first N sequences of --data only (the hold-out comes from their end): on a CPU the "
+                         "teacher's features cost a prefill per token, so a budget caps the data")
     ap.add_argument("--decay", type=float, default=4.0, help="position weight exp(-(k-1)/decay)")
     ap.add_argument("--holdout", type=int, default=16, help="sequences kept out for the final evaluation")
     ap.add_argument("--save-every", type=int, default=200)
@@ -182,6 +185,10 @@ def train(args) -> dict:
     torch.manual_seed(args.seed)
     target = load_model(args.model, torch.bfloat16 if device != "cpu" else torch.float32, device)
     sequences = load_sequences(args.data, target.config.vocab_size, args.max_len)
+    if args.sequences is not None:
+        if args.sequences < 2:
+            raise ValueError(f"--sequences must be >= 2, got {args.sequences}")
+        sequences = sequences[: args.sequences]
     holdout = min(args.holdout, len(sequences) // 10)
     train_set, eval_set = sequences[: len(sequences) - holdout], sequences[len(sequences) - holdout:]
     resuming = args.resume and os.path.exists(os.path.join(args.out, "trainer_state.pt"))
