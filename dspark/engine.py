@@ -80,6 +80,7 @@ class Engine:
         self.finished: dict[int, Request] = {}
         self.stats = RunStats()
         self._drafted = False  # whether the current round asked the drafter for anything
+        self._catch_up_seconds = 0.0  # of it, the drafter's deferred work from earlier rounds
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt: list[int] | str, params: SamplingParams | None = None) -> int:
@@ -234,7 +235,8 @@ class Engine:
         self.stats.draft_time += drafted - start
         self.stats.verify_time += verified - drafted
         self.stats.rounds += 1
-        self.policy.observe_round(len(requests), self._drafted, int(counts.sum()), verified - start)
+        self.policy.observe_round(len(requests), self._drafted, int(counts.sum()),
+                                  verified - start - self._catch_up_seconds)
         events, paths = [], []
         for i, r in enumerate(requests):
             m = int(counts[i])
@@ -250,12 +252,16 @@ class Engine:
 
     def _propose(self, requests: list[Request]) -> list[Proposal]:
         """Drafts of the requests the policy wants drafted (all, unless it has should_draft)."""
-        self._drafted = False
+        self._drafted, self._catch_up_seconds = False, 0.0
         if self.drafter is None:
             return [Proposal([]) for _ in requests]
         wanted = self.policy.should_draft(requests)
         self._drafted = any(wanted)
         drafting = [r for r, w in zip(requests, wanted) if w]
+        if drafting:
+            start = time.perf_counter()
+            self.drafter.catch_up(drafting)
+            self._catch_up_seconds = time.perf_counter() - start
         drafted = iter(self.drafter.propose(drafting, self.max_draft_for(drafting)) if drafting else [])
         return [next(drafted) if w else Proposal([]) for w in wanted]
 

@@ -217,6 +217,10 @@ class AsyncScheduler(SPSPolicy):
 
     def __init__(self, sps, max_draft: int | None = None, lag: int = 2, gate: bool = True,
                  throughput_gate: bool = False):
+        if throughput_gate:
+            # Undrafted rounds leave empty histories, so an exploring drafting round would get capacity 0
+            # and the gate would never see drafting pay.
+            raise ValueError("AsyncScheduler takes no throughput_gate (use PrefixScheduler for that)")
         super().__init__(sps, max_draft, gate, throughput_gate)
         self.lag = lag
         self.history: deque[dict[int, list[float]]] = deque(maxlen=lag)

@@ -176,3 +176,64 @@ def test_portable_build_matches_the_avx2_build_bit_for_bit(tmp_path):
         assert run.returncode == 0, run.stderr
         portable = torch.from_numpy(np.fromfile(tmp_path / "y.f32", dtype=np.float32)).view(rows, out)
         assert torch.equal(portable, kernel(x, data, fmt)), fmt
+
+
+def test_blocks_too_small_for_a_finite_scale_quantise_to_zeros():
+    data = random_blocks("q8_0", 6, 64, seed=13)
+    x = torch.randn(2, 64)
+    x[0, :32] = torch.randn(32) * 1e-38  # 127 / max|x| overflows
+    got = kernel(x, data, "q8_0")
+    want = ref.quantized_linear(x, data, "q8_0")
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    xq, _, _ = ref.quantize_activations(x)
+    assert (xq[0, :32] == 0).all()
+
+
+def q8_0_blocks(weight: torch.Tensor) -> torch.Tensor:
+    """A dense matrix quantised to Q8_0 blocks (what a GGUF writer does)."""
+    out, in_features = weight.shape
+    w = weight.float().view(out, in_features // 32, 32)
+    d = (w.abs().amax(-1, keepdim=True) / 127).half()
+    codes = torch.round(w / d.float().clamp(min=1e-12)).clamp(-127, 127).to(torch.int8)
+    return torch.cat([d.view(torch.uint8), codes.view(torch.uint8)], dim=-1).reshape(out, -1)
+
+
+def test_fused_projections_of_mixed_formats_are_decoded_to_dense(tmp_path):
+    """q and k in blocks, v dense (GGUF files mix types): the fused qkv is dense and the model computes
+    exactly what the same weights loaded dense do."""
+    from builders import write_tiny_llama
+    from dspark.batch import build_round
+    from dspark.cache import KVCache
+    from dspark.models import load_model
+    from dspark.models.llama import LlamaModel
+
+    write_tiny_llama(tmp_path, 97, 64, 2, seed=3)
+    dense = load_model(str(tmp_path), torch.float32)
+    raw = {}
+    for name, t in dense.weights.items():
+        raw[name] = t
+    # Undo the fusion to build the mixed dict (q, k as Q8_0 blocks; v dense).
+    mixed, reference = {}, {}
+    for name, t in raw.items():
+        if name.endswith("qkv_proj.weight"):
+            prefix = name.removesuffix("qkv_proj.weight")
+            c = dense.config
+            q, k, v = t.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim])
+            for part, value in (("q_proj", q), ("k_proj", k)):
+                blocks = QuantizedWeight(q8_0_blocks(value), "q8_0", value.shape[1])
+                mixed[f"{prefix}{part}.weight"] = blocks
+                reference[f"{prefix}{part}.weight"] = blocks.dequantize()
+            mixed[f"{prefix}v_proj.weight"] = reference[f"{prefix}v_proj.weight"] = v
+        else:
+            mixed[name] = reference[name] = t
+    model, expected = LlamaModel(dense.config, mixed), LlamaModel(dense.config, reference)
+    assert isinstance(model.weights["layers.0.self_attn.qkv_proj.weight"], torch.Tensor)
+
+    def logits(m):
+        c = m.config
+        cache = KVCache(c.num_layers, 1, 32, c.num_kv_heads, c.head_dim, m.dtype)
+        hidden, _ = m.forward(cache, build_round(1, [(0, [5, 6, 7, 8], None)], [0]))
+        return m.logits(hidden)
+
+    assert torch.equal(logits(model), logits(expected))

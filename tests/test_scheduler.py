@@ -241,3 +241,8 @@ def test_engine_stops_paying_for_a_drafter_that_does_not_pay(tmp_path):
                     max_batch=1)
     assert engine.generate([[5, 6, 7]], params)[0].generated == plain
     assert drafter.calls <= 2 + 60 // 16 + 1
+
+
+def test_async_scheduler_refuses_the_throughput_gate():
+    with pytest.raises(ValueError, match="throughput_gate"):
+        AsyncScheduler(SPSCurve([1, 8], [10.0, 9.0]), throughput_gate=True)

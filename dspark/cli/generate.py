@@ -76,6 +76,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="compute dtype (default: the fastest here; bf16 with --weights native)")
+    ap.add_argument("--no-throughput-gate", action="store_true",
+                    help="draft whenever the prefix scheduler's SPS curve says so, never switching a drafter off by "
+                         "measured speed: a seed's sampled output then does not depend on timing (the gate changes "
+                         "how many rounds a reply takes, hence the random stream; its law is exact either way)")
     ap.add_argument("--weights", choices=WEIGHTS, default=None,
                     help="native: a GGUF file's Q4_0/Q4_1/Q8_0 matrices stay as blocks (the default for GGUF on CPU); "
                          "bf16/fp16/fp32: dequantised to that dtype")
@@ -101,7 +105,8 @@ def run(args) -> int:
     max_seq_len = len(prompt) + args.max_tokens + num_draft + 8
     policy = None
     if drafter is not None and drafter.gives_confidences:  # the DSpark prefix scheduler on this machine's SPS curve
-        policy = PrefixScheduler(load_or_measure_sps(model, 1 + num_draft), throughput_gate=True)
+        policy = PrefixScheduler(load_or_measure_sps(model, 1 + num_draft),
+                                 throughput_gate=not args.no_throughput_gate)
     engine = Engine(model, tokenizer, drafter, policy=policy, max_batch=1, max_seq_len=max_seq_len)
     shown = ""
     generated: list[int] = []

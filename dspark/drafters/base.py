@@ -54,6 +54,11 @@ class Drafter(abc.ABC):
         """A request joined (after its prefill); target_hidden [prompt length, width] when the
         drafter set `capture_layers` (the residual stream after those target layers, concatenated)."""
 
+    def catch_up(self, requests: list) -> None:
+        """Work deferred from rounds these requests did not draft in (e.g. committing context K/V), done
+        just before they draft; the engine times it apart from the round, so that a round's measured
+        drafting cost is its own."""
+
     @abc.abstractmethod
     def propose(self, requests: list, max_draft: int) -> list[Proposal]:
         """Drafts for the given requests, at most max_draft nodes each."""

@@ -160,7 +160,7 @@ class DSparkDrafter(Drafter):
             raise ValueError("the DSpark drafter needs the target's hidden states (run it through the Engine)")
         self.features.seqlens[request.row] = 0
         self.kv.seqlens[request.row] = 0
-        self.pending[request.row] = [target_hidden]
+        self.pending[request.row] = [target_hidden.clone()]
         self.generators[request.row] = torch.Generator(self.device).manual_seed(request.params.seed + 0xD5)
 
     def finish(self, request) -> None:
@@ -173,7 +173,11 @@ class DSparkDrafter(Drafter):
         # A finished request may not hold all its accepted tokens; it leaves anyway.
         for request, hidden in zip(requests, target_hidden):
             if request.finish_reason is None:
-                self.pending.setdefault(request.row, []).append(hidden)
+                # A copy: the engine's side cache may reuse its slots once the row is freed.
+                self.pending.setdefault(request.row, []).append(hidden.clone())
+
+    def catch_up(self, requests) -> None:
+        self.commit_pending(requests)
 
     def commit_pending(self, requests) -> None:
         """Commit the pending features of the requests about to draft."""

@@ -228,7 +228,7 @@ class Eagle3Drafter(Drafter):
         if target_hidden is None:
             raise ValueError("the EAGLE-3 drafter needs the target's hidden states (run it through the Engine)")
         self.kv.seqlens[request.row] = 0
-        self.pending[request.row] = [target_hidden]
+        self.pending[request.row] = [target_hidden.clone()]
         self.generators[request.row] = torch.Generator(self.device).manual_seed(request.params.seed + 0xE3)
 
     def finish(self, request) -> None:
@@ -239,7 +239,13 @@ class Eagle3Drafter(Drafter):
     def accept(self, requests, paths, target_hidden) -> None:
         for request, hidden in zip(requests, target_hidden):
             if request.finish_reason is None:  # a finished request may not hold all its accepted tokens
-                self.pending.setdefault(request.row, []).append(hidden)
+                # A copy: the engine's side cache may reuse its slots once the row is freed.
+                self.pending.setdefault(request.row, []).append(hidden.clone())
+
+    def catch_up(self, requests) -> None:
+        for request in requests:
+            if self.pending.get(request.row):
+                self._commit(request, torch.cat(self.pending.pop(request.row)))
 
     @torch.inference_mode()
     def _commit(self, request, hidden: torch.Tensor) -> None:
@@ -264,9 +270,7 @@ class Eagle3Drafter(Drafter):
         if steps <= 0 or not requests:
             return [Proposal([]) for _ in requests]
         model, vocab = self.model, self.model.config.vocab_size
-        for request in requests:
-            if self.pending.get(request.row):
-                self._commit(request, torch.cat(self.pending.pop(request.row)))
+        self.catch_up(requests)
         layer_kv, valid, starts = committed_context(self.kv, requests, model.config.num_layers)
         hidden = self.last[torch.tensor([r.row for r in requests], device=self.device)][:, None]
         batch = len(requests)

@@ -61,6 +61,9 @@ class HybridDrafter(Drafter):
         self.source.pop(request.id, None)
         self.dspark.finish(request)
 
+    def catch_up(self, requests) -> None:
+        self.dspark.catch_up(requests)
+
     def ngram_confidences(self) -> torch.Tensor:
         return (self.accepted / self.verified).float()
 

@@ -73,7 +73,7 @@ class LlamaModel:
         dense = [t for t in weights.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
         self._dtype = weights["embed_tokens.weight"].dtype if isinstance(weights["embed_tokens.weight"], torch.Tensor) \
             else (dense[0].dtype if dense else torch.float32)
-        self._dense_cache: dict[str, torch.Tensor] = {}
+        self._dense_cache: dict[int, torch.Tensor] = {}
         self.inv_freq = rope_inverse_frequencies(config).float().to(weights["embed_tokens.weight"].device)
         # Tied checkpoints may still carry a (stale or identical) lm_head; transformers uses the embedding.
         if config.tie_word_embeddings or "lm_head.weight" not in weights:
@@ -109,9 +109,9 @@ class LlamaModel:
         weight = self.weights[name]
         if isinstance(weight, torch.Tensor):
             return weight
-        if name not in self._dense_cache:
-            self._dense_cache[name] = weight.dequantize(self.dtype)
-        return self._dense_cache[name]
+        if id(weight) not in self._dense_cache:  # by object: a tied embedding and LM head decode once
+            self._dense_cache[id(weight)] = weight.dequantize(self.dtype)
+        return self._dense_cache[id(weight)]
 
     @property
     def device(self) -> torch.device:
@@ -130,11 +130,16 @@ class LlamaModel:
                 for kind in ("weight", "bias"):
                     names = [f"{prefix}{part}.{kind}" for part in parts]
                     if all(n in w for n in names):
-                        tensors = [w.pop(n) for n in names]
-                        w[f"{fused}.{kind}"] = QuantizedWeight.cat(tensors) if isinstance(tensors[0], QuantizedWeight) \
-                            else torch.cat(tensors)
+                        w[f"{fused}.{kind}"] = self._stack([w.pop(n) for n in names])
                     elif any(n in w for n in names):
                         raise ValueError(f"layer {i}: {kind} present for some of {parts} only")
+
+    def _stack(self, parts: list) -> torch.Tensor | QuantizedWeight:
+        """Rows stacked; parts of one block format stay blocks, a mix (GGUF files may quantize q/k and v,
+        or gate and up, differently) is decoded to dense in the compute dtype."""
+        if all(isinstance(p, QuantizedWeight) for p in parts) and len({(p.format, p.in_features) for p in parts}) == 1:
+            return QuantizedWeight.cat(parts)
+        return torch.cat([p.dequantize(self.dtype) if isinstance(p, QuantizedWeight) else p for p in parts])
 
     def _attention(self, i: int, x: torch.Tensor, cos, sin, cache: KVCache, rnd: Round, plan,
                    invariant: bool) -> torch.Tensor:

@@ -59,7 +59,8 @@ def quantize_activations(x: torch.Tensor):
     amax = blocks.abs().amax(-1)
     # Divisions in float64, rounded once to fp32: IEEE fp32 division, as the kernel's (torch's vectorised
     # scalar-by-tensor division multiplies by a reciprocal and can land an ulp away, moving a tie).
-    inverse = torch.where(amax > 0, (127.0 / amax.double()).float(), torch.zeros_like(amax))
+    ratio = (127.0 / amax.double()).float()  # inf for max|x| < ~3.7e-37: such a block quantises to zeros
+    inverse = torch.where((amax > 0) & torch.isfinite(ratio), ratio, torch.zeros_like(amax))
     codes = torch.round(blocks * inverse[..., None]).clamp(-127, 127)
     finite = torch.isfinite(blocks).all(-1)
     codes = torch.where(finite[..., None], codes, torch.zeros_like(codes)).int()
