@@ -47,7 +47,9 @@ void quantize_x(const X* x, int64_t rows, int64_t in, QuantizedX& out) {
         out.scale[r * blocks + b] = out.sum[r * blocks + b] = std::nanf("");
         continue;
       }
-      const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+      // A block too small for 127 / max|x| to be finite (max|x| < ~3.7e-37) quantises to zeros.
+      const float ratio = 127.f / amax;
+      const float inverse = amax > 0.f && std::isfinite(ratio) ? ratio : 0.f;
       int32_t codes = 0;
       for (int i = 0; i < kBlockWeights; ++i) {
         const float scaled = std::nearbyint(v[i] * inverse);  // ties to even, as torch.round
@@ -118,6 +120,45 @@ struct Block {
     return lane_dots(magnitude, _mm256_sign_epi8(x, sign));
   }
 };
+
+using MinAcc = __m128;
+inline MinAcc min_zero() { return _mm_setzero_ps(); }
+inline float min_sum(MinAcc v) {
+  alignas(16) float l[4];
+  _mm_store_ps(l, v);
+  return (l[0] + l[1]) + (l[2] + l[3]);
+}
+inline __m128 four_halves(const uint8_t* p, int64_t stride) {
+  uint16_t h[4];
+  for (int k = 0; k < 4; ++k) std::memcpy(&h[k], p + k * stride, sizeof(uint16_t));
+  return _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, static_cast<int16_t>(h[3]), static_cast<int16_t>(h[2]),
+                                    static_cast<int16_t>(h[1]), static_cast<int16_t>(h[0])));
+}
+
+// Four consecutive blocks, unpacked once for every row. Their integer lanes fold into one vector,
+// lane k = products 0-15 of block k and lane k + 4 = its products 16-31 (two rounds of hadd), so one
+// conversion and one fmadd with [d_k * dx_k] serve four blocks.
+template <BlockFormat F>
+struct Group {
+  static constexpr int64_t kBytes = F == BlockFormat::kQ4_0 ? 18 : F == BlockFormat::kQ4_1 ? 20 : 34;
+  static constexpr int64_t kHeader = F == BlockFormat::kQ4_1 ? 4 : 2;
+  Block<F> b0, b1, b2, b3;
+  __m256 d;
+  __m128 m;
+  explicit Group(const uint8_t* p)
+      : b0(p + kHeader), b1(p + kBytes + kHeader), b2(p + 2 * kBytes + kHeader), b3(p + 3 * kBytes + kHeader) {
+    const __m128 d4 = four_halves(p, kBytes);
+    d = _mm256_set_m128(d4, d4);
+    m = F == BlockFormat::kQ4_1 ? four_halves(p + 2, kBytes) : _mm_setzero_ps();
+  }
+  Acc accumulate(const int8_t* xq, const float* dx, Acc acc) const {
+    const __m256i lanes = _mm256_hadd_epi32(_mm256_hadd_epi32(b0.dots(xq), b1.dots(xq + 32)),
+                                            _mm256_hadd_epi32(b2.dots(xq + 64), b3.dots(xq + 96)));
+    const __m256 scale = _mm256_mul_ps(d, _mm256_broadcast_ps(reinterpret_cast<const __m128*>(dx)));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), scale, acc);
+  }
+  MinAcc mins(const float* sums, MinAcc acc) const { return _mm_fmadd_ps(m, _mm_loadu_ps(sums), acc); }
+};
 #else
 // The same lanes in portable code (builds without AVX2): integer lane sums are exact, the fp32 steps
 // are the same operations in the same order.
@@ -160,41 +201,88 @@ struct Block {
     }
     return out;
   }
+  int32_t half_dot(const int8_t* xq, int half) const {
+    int32_t s = 0;
+    for (int i = 16 * half; i < 16 * half + 16; ++i) s += w[i] * xq[i];
+    return s;
+  }
+};
+
+struct MinAcc {
+  float l[4];
+};
+inline MinAcc min_zero() { return MinAcc{}; }
+inline float min_sum(MinAcc v) { return (v.l[0] + v.l[1]) + (v.l[2] + v.l[3]); }
+
+template <BlockFormat F>
+struct Group {
+  static constexpr int64_t kBytes = F == BlockFormat::kQ4_0 ? 18 : F == BlockFormat::kQ4_1 ? 20 : 34;
+  static constexpr int64_t kHeader = F == BlockFormat::kQ4_1 ? 4 : 2;
+  Block<F> b0, b1, b2, b3;
+  float d[4], m[4];
+  explicit Group(const uint8_t* p)
+      : b0(p + kHeader), b1(p + kBytes + kHeader), b2(p + 2 * kBytes + kHeader), b3(p + 3 * kBytes + kHeader) {
+    for (int k = 0; k < 4; ++k) {
+      d[k] = half_at(p + k * kBytes);
+      m[k] = F == BlockFormat::kQ4_1 ? half_at(p + k * kBytes + 2) : 0.f;
+    }
+  }
+  Acc accumulate(const int8_t* xq, const float* dx, Acc acc) const {
+    const Block<F>* blocks[4] = {&b0, &b1, &b2, &b3};
+    for (int k = 0; k < 4; ++k) {
+      const float scale = d[k] * dx[k];
+      acc.l[k] = std::fmaf(static_cast<float>(blocks[k]->half_dot(xq + 32 * k, 0)), scale, acc.l[k]);
+      acc.l[k + 4] = std::fmaf(static_cast<float>(blocks[k]->half_dot(xq + 32 * k, 1)), scale, acc.l[k + 4]);
+    }
+    return acc;
+  }
+  MinAcc mins(const float* sums, MinAcc acc) const {
+    for (int k = 0; k < 4; ++k) acc.l[k] = std::fmaf(m[k], sums[k], acc.l[k]);
+    return acc;
+  }
 };
 #endif
 
-// dots[m] = x_m . w for MR rows of x against one W row of `blocks` blocks. Even and odd blocks feed
-// separate accumulators (two dependency chains), added at the end: the same order for every row.
+// dots[m] = x_m . w for MR rows of x against one W row of `blocks` blocks: groups of four blocks into
+// one accumulator, the last blocks % 4 one by one into another, then (groups + rest) + (m terms).
+// The same operations in the same order for every row, whatever MR.
 template <BlockFormat F, int MR>
 void row_dots(const uint8_t* row, int64_t blocks, const QuantizedX& qx, int64_t first_row, int64_t in,
               float* dots) {
-  constexpr int64_t bytes = F == BlockFormat::kQ4_0 ? 18 : F == BlockFormat::kQ4_1 ? 20 : 34;
-  constexpr int64_t header = F == BlockFormat::kQ4_1 ? 4 : 2;
-  Acc acc[MR][2];
-  float mins[MR][2];
+  constexpr int64_t bytes = Group<F>::kBytes, header = Group<F>::kHeader;
+  Acc acc[MR], rest[MR];
+  MinAcc mins[MR];
+  float rest_min[MR];
   for (int m = 0; m < MR; ++m) {
-    acc[m][0] = acc[m][1] = acc_zero();
-    mins[m][0] = mins[m][1] = 0.f;
+    acc[m] = rest[m] = acc_zero();
+    mins[m] = min_zero();
+    rest_min[m] = 0.f;
   }
   const float* scales = qx.scale.data() + first_row * blocks;
   const float* sums = qx.sum.data() + first_row * blocks;
   const int8_t* xq = qx.q.data() + first_row * in;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int parity = static_cast<int>(b & 1);
+  const int64_t grouped = blocks - blocks % 4;
+  for (int64_t b = 0; b < grouped; b += 4) {
+    const uint8_t* group = row + b * bytes;
+    prefetch_ahead(group);
+    prefetch_ahead(group + 64);
+    const Group<F> w(group);
+    for (int m = 0; m < MR; ++m) {
+      acc[m] = w.accumulate(xq + m * in + b * kBlockWeights, scales + m * blocks + b, acc[m]);
+      if constexpr (F == BlockFormat::kQ4_1) mins[m] = w.mins(sums + m * blocks + b, mins[m]);
+    }
+  }
+  for (int64_t b = grouped; b < blocks; ++b) {
     const uint8_t* block = row + b * bytes;
-    prefetch_ahead(block);
     const float d = half_at(block);
     const Block<F> w(block + header);
     for (int m = 0; m < MR; ++m) {
       const float scale = d * scales[m * blocks + b];
-      acc[m][parity] = scaled_add(w.dots(xq + m * in + b * kBlockWeights), scale, acc[m][parity]);
-    }
-    if constexpr (F == BlockFormat::kQ4_1) {
-      const float min = half_at(block + 2);
-      for (int m = 0; m < MR; ++m) mins[m][parity] = std::fmaf(min, sums[m * blocks + b], mins[m][parity]);
+      rest[m] = scaled_add(w.dots(xq + m * in + b * kBlockWeights), scale, rest[m]);
+      if constexpr (F == BlockFormat::kQ4_1) rest_min[m] = std::fmaf(half_at(block + 2), sums[m * blocks + b], rest_min[m]);
     }
   }
-  for (int m = 0; m < MR; ++m) dots[m] = (acc_sum(acc[m][0]) + acc_sum(acc[m][1])) + (mins[m][0] + mins[m][1]);
+  for (int m = 0; m < MR; ++m) dots[m] = (acc_sum(acc[m]) + acc_sum(rest[m])) + (min_sum(mins[m]) + rest_min[m]);
 }
 
 template <typename X, BlockFormat F>
