@@ -237,6 +237,34 @@ def test_seed_results_do_not_depend_on_batch_neighbours(backend):
         assert torch.equal(a[2:3], b)
 
 
+def test_idle_requests_accept_nothing_and_change_nothing(backend):
+    """Requests with n_r = 0 (cache rows idle this round) get num_accepted 0 and rows of -1, and the other
+    requests' results are those of the round without them (seeded per request)."""
+    batch, rnd = _random_batch(4, 40, 5, chain=False, stochastic=True)
+    device = device_of(backend)
+    seed = torch.arange(5) + 100
+    full = cpu(ops.rejection_sample(**_to(device, batch), seed=seed.to(device), offset=3, backend=backend))
+    offsets = rnd.qo_indptr.tolist()
+    live = list(range(len(offsets) - 1))
+    order = [None, live[0], live[1], None, None] + live[2:] + [None]  # None: an idle row
+    indptr, picks = [0], []
+    for r in order:
+        indptr.append(indptr[-1] + (0 if r is None else offsets[r + 1] - offsets[r]))
+        picks.append(0 if r is None else r)
+    picks = torch.tensor(picks)
+    idle = torch.tensor([r is None for r in order])
+    temperature = torch.where(idle, torch.tensor(0.0), batch["temperature"][picks])
+    with_idle = dict(batch, qo_indptr=torch.tensor(indptr, dtype=torch.int32), temperature=temperature,
+                     top_k=batch["top_k"][picks], top_p=batch["top_p"][picks])
+    out = cpu(ops.rejection_sample(**_to(device, with_idle), seed=seed[picks].to(device), offset=3,
+                                   max_nodes=full[0].shape[1], backend=backend))
+    for i, r in enumerate(order):
+        if r is None:
+            assert int(out[1][i]) == 0 and (out[0][i] == -1).all() and (out[2][i] == -1).all()
+        else:
+            assert all(torch.equal(a[i], b[r]) for a, b in zip(out, full))
+
+
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_uniform_zero_never_accepts_a_zero_probability_token(backend, stochastic):
     vocab = 6

@@ -97,7 +97,6 @@ SAMPLING_CASES = {
     "token -1": (_set("draft_tokens", torch.tensor([1, -1, 3, 4, 5])), "draft_tokens"),
     "token V": (_set("draft_tokens", torch.tensor([1, 2, 3, 4, 10])), "draft_tokens"),
     "tokens float": (_set("draft_tokens", torch.tensor([1.0, 2, 3, 4, 5])), "draft_tokens"),
-    "empty request": (_set("qo_indptr", torch.tensor([0, 5, 5], dtype=I32)), "qo_indptr"),
     "parents outside": (_set("parents", torch.tensor([-1, 0, 3, -1, 0], dtype=I32)), "parents"),
     "draft probs shape": (_set("draft_probs", lambda x: x["draft_probs"][:, :9]), "draft_probs"),
     "draft probs negative": (lambda x: x["draft_probs"].__setitem__((0, 0), -0.1), "draft_probs"),

@@ -313,7 +313,9 @@ def _rejection_sample_kernel(logits_ptr, stats_ptr, tokens_ptr, indptr_ptr, pare
     start = tl.load(indptr_ptr + r).to(tl.int64)
     n = tl.load(indptr_ptr + r + 1).to(tl.int64) - start
     temperature = tl.load(temperature_ptr + r).to(tl.float64)
-    if temperature == 0.0:
+    if n == 0:  # an idle request: nothing to walk, every output row is padding
+        steps = tl.full([], 0, tl.int64)
+    elif temperature == 0.0:
         steps = _walk_greedy(stats_ptr, tokens_ptr, parents_ptr, nodes_out, tokens_out, r, start, n, W,
                              HAS_PARENTS)
     else:

@@ -24,7 +24,7 @@ def _check_shapes(target_logits, draft_tokens, qo_indptr, parents, draft_probs, 
         v.fail("target_logits must have a vocabulary of at least one token")
     v.check_tensor("draft_tokens", draft_tokens, dtypes=(torch.int64, torch.int32), ndim=1, shape=(num_tokens,),
                    device=device)
-    v.check_qo_indptr(qo_indptr, num_tokens, device, min_tokens=1)
+    v.check_qo_indptr(qo_indptr, num_tokens, device)  # n_r = 0: an idle request, nothing accepted
     num_requests = qo_indptr.shape[0] - 1
     v.check_parents(parents, qo_indptr, num_tokens, device)
     if draft_probs is not None:
@@ -186,7 +186,8 @@ def rejection_sample(
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Judge every request's drafts against the target; returns (accepted_nodes [R, W] int32,
-    num_accepted [R] int32, output_tokens [R, W] int64), rows padded with -1, W = max_nodes.
+    num_accepted [R] int32, output_tokens [R, W] int64), rows padded with -1, W = max_nodes. A request
+    with no nodes (n_r = 0: a cache row idle this round) accepts nothing: num_accepted 0, rows all -1.
 
     temperature (default 1; 0 = greedy), top_k (default 0 = off) and top_p (default 1 = off) are
     scalars or [R] tensors. Randomness, for sampled requests: `uniforms` [T, 2] in [0, 1); or a

@@ -134,6 +134,8 @@ def rejection_sample(
     num_accepted = torch.zeros(num_requests, dtype=torch.int32)
     for r in range(num_requests):
         start, end = int(qo_indptr[r]), int(qo_indptr[r + 1])
+        if end == start:  # an idle request: nothing accepted, nothing emitted
+            continue
         kids = tree.children(tree.request_parents(parents, qo_indptr, r))
         tokens = draft_tokens[start:end].tolist()
         if float(temperature[r]) == 0.0:

@@ -12,7 +12,10 @@ from opfuzz.common import FLOATS, I32, I64, Broken, GeneratorSeed, break_parents
 
 def rejection_sample_case(rng: random.Random, gen: torch.Generator, backend: str, entry: str) -> tuple[dict, str]:
     num_requests = rng.randint(1, 4)
-    counts, _, shape, parent_lists = draw_round(rng, num_requests, rng.choice([1, 3, 6]), 1)
+    # Idle requests (n_r = 0) too, a quarter of the time: the engine passes every cache row.
+    counts, _, shape, parent_lists = draw_round(rng, num_requests, rng.choice([1, 3, 6]), rng.choice([0, 1, 1, 1]))
+    if not sum(counts):  # at least one request verifies something (the engine never sends an all-idle round)
+        counts[0], parent_lists[0] = 1, [-1]
     vocab = rng.choice([1, 2, 3, 5, 16, 33, 100, 257])
     dtype = rng.choice(FLOATS)
     total = sum(counts)
@@ -57,7 +60,7 @@ def rejection_sample_case(rng: random.Random, gen: torch.Generator, backend: str
         args["offset"] = torch.randint(0, 2**40, (num_requests,), generator=gen)
     elif randomness == "generator":
         args["generator"] = GeneratorSeed(rng.randrange(2**31))
-    deepest = max(max(depths(ps)) for ps in parent_lists) if shape != "chain" else max(counts) - 1
+    deepest = max(max(depths(ps), default=0) for ps in parent_lists) if shape != "chain" else max(max(counts) - 1, 0)
     args["max_nodes"] = deepest + 1 + rng.randint(0, 2) if entry == "custom_op" or rng.random() < 0.5 else None
     if entry == "wrapper" and rng.random() < 0.3:  # scalars for the per-request parameters
         args["temperature"] = float(temperature[0])
@@ -76,7 +79,7 @@ def break_rejection_sample(rng: random.Random, args: dict, entry: str) -> Broken
     total, vocab = logits.shape
     num_requests = args["qo_indptr"].numel() - 1
     choices = ["logits_nan", "logits_posinf", "logits_masked_row", "logits_dtype", "logits_rank", "vocab_zero",
-               "tokens_range", "tokens_dtype", "tokens_shape", "indptr_empty", "indptr_start", "indptr_dtype",
+               "tokens_range", "tokens_dtype", "tokens_shape", "indptr_start", "indptr_dtype",
                "probs_negative", "probs_nan", "probs_shape", "probs_dtype", "temperature_negative",
                "temperature_nan", "top_k_negative", "top_p_zero", "top_p_large", "uniforms_range",
                "uniforms_shape", "both_sources", "no_randomness", "max_nodes_zero", "device", "backend"]
@@ -121,13 +124,6 @@ def break_rejection_sample(rng: random.Random, args: dict, entry: str) -> Broken
         bad[rng.randrange(total)] = rng.choice([-1, vocab, 2**31 - 1, -(2**31)])
         args["draft_tokens"] = bad
         return Broken(kind, ("draft_tokens",), True)
-    if kind == "indptr_empty":  # rejection_sample needs n_r >= 1
-        args["qo_indptr"] = torch.cat([args["qo_indptr"], args["qo_indptr"][-1:]])
-        for name in ("temperature", "top_k", "top_p", "seed", "offset"):
-            value = args[name]
-            if isinstance(value, torch.Tensor):
-                args[name] = torch.cat([value, value[-1:]])
-        return Broken(kind, ("qo_indptr",), True)
     if kind == "indptr_start":
         bad = args["qo_indptr"].clone()
         bad[0] = 1
@@ -205,7 +201,7 @@ def break_rejection_sample(rng: random.Random, args: dict, entry: str) -> Broken
     if kind == "max_nodes_small":
         offsets = args["qo_indptr"].tolist()
         parents = args["parents"].tolist() if args["parents"] is not None else [-1] + list(range(len(offsets)))
-        deepest = max(max(depths(parents[a:b]) if args["parents"] is not None else [b - a - 1])
+        deepest = max(max(depths(parents[a:b]) if args["parents"] is not None else [b - a - 1], default=0)
                       for a, b in zip(offsets, offsets[1:]))
         if deepest == 0:
             args["max_nodes"] = 0
