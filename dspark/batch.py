@@ -1,5 +1,6 @@
 """Flattening requests into one round (DESIGN.md conventions): tokens, qo_indptr over every cache row,
-parents, RoPE positions and the cache slots the round's K/V are written to."""
+parents, RoPE positions and the cache slots the round's K/V are written to; and the per-row sampling
+state that persists across rounds."""
 
 from __future__ import annotations
 
@@ -59,3 +60,32 @@ def build_round(num_rows: int, entries: list[tuple[int, list[int], list[int] | N
                  tensor(parents_flat, torch.int32) if any_tree else None, tensor(positions, torch.int64),
                  tensor(rows, torch.int64), tensor(slots, torch.int64), tensor(last, torch.int64),
                  max(counts, default=0) if fresh else 0)
+
+
+class RowState:
+    """Each cache row's sampling parameters on the model's device, in the one request order every op of
+    a round shares (the cache's rows): written when a request joins or leaves, its Philox offset
+    advanced on the device after each round. Idle rows are greedy with no drafts (n_r = 0), so
+    rejection_sample accepts nothing for them."""
+
+    def __init__(self, rows: int, device: torch.device | str):
+        self.temperature = torch.zeros(rows, dtype=torch.float32, device=device)
+        self.top_k = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.top_p = torch.ones(rows, dtype=torch.float32, device=device)
+        self.seed = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.offset = torch.zeros(rows, dtype=torch.int64, device=device)
+
+    def join(self, row: int, params, offset: int) -> None:
+        self.temperature[row] = params.temperature
+        self.top_k[row] = params.top_k
+        self.top_p[row] = params.top_p
+        self.seed[row] = params.seed
+        self.offset[row] = offset
+
+    def leave(self, row: int) -> None:
+        self.temperature[row], self.top_k[row], self.top_p[row] = 0.0, 0, 1.0
+        self.seed[row] = self.offset[row] = 0
+
+    def advance(self, qo_indptr: torch.Tensor) -> None:
+        """One more round for every row that had tokens in it."""
+        self.offset += (qo_indptr[1:] > qo_indptr[:-1]).to(torch.int64)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from dspark import ops
-from dspark.batch import build_round
+from dspark.batch import RowState, build_round
 from dspark.cache import KVCache, SideCache
 from dspark.drafters.base import Drafter, Proposal
 from dspark.models.llama import LlamaModel
@@ -75,6 +75,9 @@ class Engine:
         self.eos_ids = eos
         self.waiting: list[Request] = []
         self.running: list[Request] = []
+        # One request order for every op of a round: the cache's rows. by_row[row] is the request there.
+        self.by_row: list[Request | None] = [None] * max_batch
+        self.rows = RowState(max_batch, model.device)
         self.free_rows = list(range(max_batch - 1, -1, -1))
         self.next_id = 0
         self.finished: dict[int, Request] = {}
@@ -198,6 +201,8 @@ class Engine:
         for i, r in enumerate(admitted):
             r.rounds += 1
             self.running.append(r)
+            self.by_row[r.row] = r
+            self.rows.join(r.row, r.params, r.rounds)
             events.append(self._emit(r, [int(tokens[i, 0])]))
             if r.finish_reason is None and self.drafter is not None:
                 hidden_prompt = None if self.hidden_cache is None else self.hidden_cache.committed(r.row, 0, len(r.prompt))
@@ -206,7 +211,7 @@ class Engine:
         return events
 
     def _decode_round(self) -> list[Event]:
-        requests = list(self.running)
+        requests = [r for r in self.by_row if r is not None and r.finish_reason is None]  # cache-row order
         start = time.perf_counter()
         proposals = self._propose(requests)
         lengths = self.policy.choose(requests, proposals)
@@ -215,22 +220,15 @@ class Engine:
         drafted = time.perf_counter()
         nodes = [[r.tokens[-1]] + p.tokens for r, p in zip(requests, proposals)]
         parents = [None if p.parents is None else [-1] + p.parents for p in proposals]
-        seqlens = self.cache.seqlens.tolist()
-        rnd = build_round(self.cache.rows, [(r.row, n, pa) for r, n, pa in zip(requests, nodes, parents)], seqlens,
-                          self.model.device)
+        rnd = build_round(self.cache.rows, [(r.row, n, pa) for r, n, pa in zip(requests, nodes, parents)],
+                          self.cache.seqlens.tolist(), self.model.device)
         hidden, captured = self.model.forward(self.cache, rnd, self.capture_layers)
         if self.hidden_cache is not None:
             self.hidden_cache.write(rnd.write_rows, rnd.write_slots, torch.cat(captured, dim=-1))
-        offsets = rnd.qo_indptr.tolist()
-        active_index = torch.tensor([i for r in requests for i in range(offsets[r.row], offsets[r.row + 1])],
-                                    device=hidden.device)
-        logits = self.model.logits(hidden[active_index])
-        any_tree = any(pa is not None for pa in parents)
-        flat_parents = torch.tensor([x for n, pa in zip(nodes, parents) for x in (pa or range(-1, len(n) - 1))],
-                                    dtype=torch.int32) if any_tree else None
-        path_nodes, counts, emitted = self._sample(logits, nodes, flat_parents, self._draft_probs(requests, proposals,
-                                                                                                  nodes), requests)
-        self._rollback(requests, path_nodes, counts)
+        # Rows are in the round's order and idle rows have no tokens: every hidden state is a running node.
+        path_nodes, counts, emitted = self._verify(self.model.logits(hidden), rnd, nodes, parents,
+                                                   self._draft_probs(requests, proposals, nodes))
+        self._rollback(path_nodes, counts)
         verified = time.perf_counter()
         self.stats.draft_time += drafted - start
         self.stats.verify_time += verified - drafted
@@ -238,17 +236,33 @@ class Engine:
         self.policy.observe_round(len(requests), self._drafted, int(counts.sum()),
                                   verified - start - self._catch_up_seconds)
         events, paths = [], []
-        for i, r in enumerate(requests):
-            m = int(counts[i])
-            paths.append(path_nodes[i, :m].tolist())
+        for r, proposal, node_parents in zip(requests, proposals, parents):
+            m = int(counts[r.row])
+            paths.append(path_nodes[r.row, :m].tolist())
             r.rounds += 1
-            r.verified = len(proposals[i].tokens)
-            r.stats.record_round(len(proposals[i].tokens), m - 1, parents[i])
-            events.append(self._emit(r, emitted[i, :m].tolist()))
+            r.verified = len(proposal.tokens)
+            r.stats.record_round(len(proposal.tokens), m - 1, node_parents)
+            events.append(self._emit(r, emitted[r.row, :m].tolist()))
         if self.drafter is not None:
             self.drafter.accept(requests, paths, self._accepted_hidden(requests, paths))
         self._retire_finished()
         return events
+
+    def _verify(self, logits: torch.Tensor, rnd, nodes: list[list[int]], parents, draft_probs):
+        """rejection_sample over every cache row (idle ones have n_r = 0) with the rows' persistent
+        sampling state; the outputs, row-indexed, come back to the host once."""
+        device = logits.device
+        flat_parents = None
+        if any(pa is not None for pa in parents):
+            flat_parents = torch.tensor([x for n, pa in zip(nodes, parents) for x in (pa or range(-1, len(n) - 1))],
+                                        dtype=torch.int32, device=device)
+        s = self.rows
+        path_nodes, counts, emitted = ops.rejection_sample(
+            logits, torch.tensor([t for n in nodes for t in n], dtype=torch.int64, device=device), rnd.qo_indptr,
+            flat_parents, draft_probs, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
+            offset=s.offset, max_nodes=max(len(n) for n in nodes))
+        s.advance(rnd.qo_indptr)
+        return path_nodes.cpu(), counts.cpu(), emitted.cpu()
 
     def _propose(self, requests: list[Request]) -> list[Proposal]:
         """Drafts of the requests the policy wants drafted (all, unless it has should_draft)."""
@@ -293,27 +307,23 @@ class Engine:
         ends = self.hidden_cache.seqlens.tolist()
         return [self.hidden_cache.committed(r.row, ends[r.row] - len(p), ends[r.row]) for r, p in zip(requests, paths)]
 
-    def _rollback(self, requests, path_nodes: torch.Tensor, counts: torch.Tensor) -> None:
-        rows = self.cache.rows
-        if all(path_nodes[i, :int(counts[i])].tolist() == list(range(int(counts[i]))) for i in range(len(requests))):
+    def _rollback(self, path_nodes: torch.Tensor, counts: torch.Tensor) -> None:
+        """kv_rollback on the row-indexed outputs (idle rows accepted nothing and stay as they are)."""
+        width = path_nodes.shape[1]
+        columns = torch.arange(width)
+        device = self.cache.seqlens.device
+        if bool(((path_nodes == columns) | (columns >= counts[:, None])).all()):
             # Every accepted path is the prefix 0..m-1 (plain decoding, fully accepted chains): kv_rollback
             # would move nothing and only advance the lengths.
-            advance = torch.zeros(rows, dtype=torch.int32, device=self.cache.seqlens.device)
-            advance[[r.row for r in requests]] = counts.to(advance.device, torch.int32)
+            advance = counts.to(device, torch.int32)
             self.cache.seqlens += advance
             if self.hidden_cache is not None:
                 self.hidden_cache.seqlens += advance
             return
-        full_paths = torch.full((rows, path_nodes.shape[1]), -1, dtype=torch.int32)
-        full_counts = torch.zeros(rows, dtype=torch.int32)
-        for i, r in enumerate(requests):
-            full_paths[r.row] = path_nodes[i]
-            full_counts[r.row] = counts[i]
-        device = self.cache.seqlens.device
-        full_paths, full_counts = full_paths.to(device), full_counts.to(device)
-        self.cache.rollback(full_paths, full_counts)
+        path_nodes, counts = path_nodes.to(device), counts.to(device)
+        self.cache.rollback(path_nodes, counts)
         if self.hidden_cache is not None:
-            self.hidden_cache.rollback(full_paths, full_counts)
+            self.hidden_cache.rollback(path_nodes, counts)
 
     # -- emission and stopping ----------------------------------------------------------------------
     def _emit(self, r: Request, tokens: list[int]) -> Event:
@@ -344,6 +354,9 @@ class Engine:
 
     def _release_row(self, r: Request) -> None:
         """The request's cache row (and blocks, and side-cache length) back to the free list."""
+        if self.by_row[r.row] is r:
+            self.by_row[r.row] = None
+            self.rows.leave(r.row)
         self.cache.free(r.row)
         if self.hidden_cache is not None:
             self.hidden_cache.seqlens[r.row] = 0
