@@ -287,18 +287,20 @@ class Engine:
         return max(0, min(cache_room, token_room - 1))
 
     def _draft_probs(self, requests, proposals, nodes) -> torch.Tensor | None:
+        """[T, V] over the round's nodes, written only for requests whose proposal carries rows; greedy
+        requests' rows stay unwritten (rejection_sample never reads them)."""
         if all(p.draft_probs is None for p in proposals):
             return None
         vocab = self.model.config.vocab_size
-        rows = []
+        out = torch.empty(sum(len(n) for n in nodes), vocab, device=self.model.device)
+        at = 0
         for r, p, n in zip(requests, proposals, nodes):
             if p.draft_probs is not None:
-                rows.append(p.draft_probs.float())
-            elif r.params.temperature == 0:  # greedy requests never read draft_probs
-                rows.append(torch.full((len(n), vocab), 1.0 / vocab, device=self.model.device))
-            else:
+                out[at: at + len(n)] = p.draft_probs.float()
+            elif r.params.temperature > 0:
                 raise ValueError("a batch mixes stochastic and deterministic proposals for sampled requests")
-        return torch.cat(rows)
+            at += len(n)
+        return out
 
     def _accepted_hidden(self, requests, paths) -> list[torch.Tensor] | None:
         """Per request, the captured target hidden states of its accepted nodes, [m, width]."""

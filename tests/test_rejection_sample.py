@@ -237,6 +237,27 @@ def test_seed_results_do_not_depend_on_batch_neighbours(backend):
         assert torch.equal(a[2:3], b)
 
 
+def test_greedy_requests_rows_of_draft_probs_are_never_read(backend):
+    """Rows of greedy requests may hold anything (NaN, garbage): the results are those with zeros there."""
+    batch, rnd = _random_batch(5, 40, 5, chain=False, stochastic=True)
+    device = device_of(backend)
+    seed = torch.arange(5) + 7
+    clean = cpu(ops.rejection_sample(**_to(device, batch), seed=seed.to(device), offset=2, backend=backend))
+    greedy = torch.repeat_interleave(batch["temperature"] == 0, (rnd.qo_indptr[1:] - rnd.qo_indptr[:-1]).long())
+    assert greedy.any() and not greedy.all()
+    probs = batch["draft_probs"].clone()
+    probs[greedy] = float("nan")
+    probs[greedy.nonzero()[0]] = -5.0
+    dirty = cpu(ops.rejection_sample(**_to(device, dict(batch, draft_probs=probs)), seed=seed.to(device), offset=2,
+                                     backend=backend))
+    assert all(torch.equal(a, b) for a, b in zip(clean, dirty))
+    probs = batch["draft_probs"].clone()
+    probs[(~greedy).nonzero()[0]] = float("nan")  # a sampled request's row is still checked
+    with pytest.raises(ValueError, match="draft_probs"):
+        ops.rejection_sample(**_to(device, dict(batch, draft_probs=probs)), seed=seed.to(device), offset=2,
+                             backend=backend)
+
+
 def test_idle_requests_accept_nothing_and_change_nothing(backend):
     """Requests with n_r = 0 (cache rows idle this round) get num_accepted 0 and rows of -1, and the other
     requests' results are those of the round without them (seeded per request)."""

@@ -56,10 +56,6 @@ def _check_values(target_logits, draft_tokens, qo_indptr, parents, draft_probs, 
     if draft_tokens.numel() and not (0 <= int(draft_tokens.min()) and int(draft_tokens.max()) < vocab):
         bad = int(torch.nonzero((draft_tokens < 0) | (draft_tokens >= vocab))[0])
         v.fail(f"draft_tokens[{bad}] = {int(draft_tokens[bad])} is outside the vocabulary [0, {vocab})")
-    if draft_probs is not None and draft_probs.numel():
-        low, high = torch.aminmax(draft_probs)  # one pass; NaN propagates to both
-        if not (bool(low >= 0) and bool(torch.isfinite(high))):
-            v.fail("draft_probs must be finite and non-negative")
     if not (torch.isfinite(temperature).all() and (temperature >= 0).all()):
         v.fail(f"temperature must be finite and >= 0, got {temperature.tolist()}")
     if (top_k < 0).any():
@@ -68,6 +64,15 @@ def _check_values(target_logits, draft_tokens, qo_indptr, parents, draft_probs, 
         v.fail(f"top_p must lie in (0, 1], got {top_p.tolist()}")
     if bool((temperature > 0).any()) and uniforms is None and (seed is None or offset is None):
         v.fail("sampled requests (temperature > 0) need randomness: pass uniforms, seed and offset, or a generator")
+    if draft_probs is not None and draft_probs.numel():
+        # Only sampled requests' rows are read (greedy walks never look at q): only they are checked.
+        counts = (qo_indptr[1:] - qo_indptr[:-1]).long().cpu()
+        read = torch.repeat_interleave(temperature.cpu() > 0, counts).to(draft_probs.device)
+        rows = draft_probs if bool(read.all()) else draft_probs[read]
+        if rows.numel():
+            low, high = torch.aminmax(rows)  # one pass; NaN propagates to both
+            if not (bool(low >= 0) and bool(torch.isfinite(high))):
+                v.fail("draft_probs must be finite and non-negative (in the rows of sampled requests)")
     if uniforms is not None and not ((uniforms >= 0) & (uniforms < 1)).all():
         v.fail("uniforms must lie in [0, 1)")
     deepest = max(v.request_depths(parents, qo_indptr))
@@ -194,6 +199,10 @@ def rejection_sample(
     per-request `seed` with a per-round `offset` (Philox, reproducible on every backend); or a
     `generator` from which the uniforms are drawn. max_nodes: the output width, at least the
     deepest path + 1; None reads the largest n_r from qo_indptr (a host read on GPU).
+
+    draft_probs [T, V] (None: deterministic proposals): row u is the distribution node u's children were
+    drawn from. Rows of greedy requests (temperature 0) are never read, nor checked: a caller may leave
+    them unwritten (torch.empty), so greedy requests cost no [n_r, V] rows.
     """
     v.check_tensors(target_logits=target_logits, draft_tokens=draft_tokens, qo_indptr=qo_indptr,
                     **{name: t for name, t in (("parents", parents), ("draft_probs", draft_probs),

@@ -69,9 +69,24 @@ def rejection_sample_case(rng: random.Random, gen: torch.Generator, backend: str
             args["seed"], args["offset"] = int(args["seed"][0]), int(args["offset"][0])
         if args["temperature"] > 0 and randomness == "none":
             args["temperature"] = 0.0
+    if args["draft_probs"] is not None and rng.random() < 0.3:  # greedy rows are never read: garbage is fine there
+        read = set(sampled_rows(args))
+        unread = [i for i in range(total) if i not in read]
+        if unread:
+            garbage = args["draft_probs"].clone()
+            garbage[unread] = rng.choice([float("nan"), -1.0, float("inf")])
+            args["draft_probs"] = garbage
     label = (f"R={num_requests} n={counts} {shape} V={vocab} {dtype} T={temperature.tolist()} k={top_k.tolist()} "
              f"p={top_p.tolist()} probs={probs is not None} rand={randomness}")
     return args, label
+
+
+def sampled_rows(args: dict) -> list[int]:
+    """The node rows of requests with temperature > 0: the rows of draft_probs the op reads."""
+    offsets = args["qo_indptr"].tolist()
+    temperature = args["temperature"]
+    temps = temperature.tolist() if isinstance(temperature, torch.Tensor) else [temperature] * (len(offsets) - 1)
+    return [i for r, (a, b) in enumerate(zip(offsets, offsets[1:])) if temps[r] > 0 for i in range(a, b)]
 
 
 def break_rejection_sample(rng: random.Random, args: dict, entry: str) -> Broken:
@@ -142,8 +157,11 @@ def break_rejection_sample(rng: random.Random, args: dict, entry: str) -> Broken
         if kind == "probs_dtype":
             args["draft_probs"] = probs.double()
             return Broken(kind, ("draft_probs",), False)
+        read = sampled_rows(args)  # only sampled requests' rows are read and checked
+        if not read:
+            return _give_up(args)
         bad = probs.clone()
-        bad[rng.randrange(total), rng.randrange(vocab)] = -0.5 if kind == "probs_negative" else float("nan")
+        bad[rng.choice(read), rng.randrange(vocab)] = -0.5 if kind == "probs_negative" else float("nan")
         args["draft_probs"] = bad
         return Broken(kind, ("draft_probs",), True)
     if kind in ("temperature_negative", "temperature_nan", "top_k_negative", "top_p_zero", "top_p_large"):
