@@ -81,7 +81,8 @@ void rejection_sample(const at::Tensor& target_logits, const at::Tensor& draft_t
                       const at::Tensor& top_k, const at::Tensor& top_p,
                       const std::optional<at::Tensor>& uniforms, const std::optional<at::Tensor>& seed,
                       const std::optional<at::Tensor>& offset, at::Tensor& accepted_nodes,
-                      at::Tensor& num_accepted, at::Tensor& output_tokens) {
+                      at::Tensor& num_accepted, at::Tensor& output_tokens,
+                      const std::optional<at::Tensor>& draft_vocab) {
   expect_float(target_logits, "target_logits");
   expect(draft_tokens, at::kLong, "draft_tokens");
   expect(qo_indptr, at::kInt, "qo_indptr");
@@ -103,6 +104,13 @@ void rejection_sample(const at::Tensor& target_logits, const at::Tensor& draft_t
     expect_float(*draft_probs, "draft_probs");
     p.draft_probs_dtype = element_type(*draft_probs, "draft_probs");
     p.draft_probs = draft_probs->data_ptr();
+  }
+  if (draft_vocab.has_value()) {
+    expect(*draft_vocab, at::kLong, "draft_vocab");
+    TORCH_CHECK_VALUE(draft_probs.has_value() && draft_probs->dim() == 2 && draft_probs->size(1) == draft_vocab->numel(),
+                      "draft_vocab needs draft_probs with one column per draft token");
+    p.draft_vocab = draft_vocab->data_ptr<int64_t>();
+    p.draft_vocab_size = draft_vocab->numel();
   }
   p.draft_tokens = draft_tokens.data_ptr<int64_t>();
   p.qo_indptr = qo_indptr.data_ptr<int32_t>();

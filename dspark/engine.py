@@ -227,7 +227,7 @@ class Engine:
             self.hidden_cache.write(rnd.write_rows, rnd.write_slots, torch.cat(captured, dim=-1))
         # Rows are in the round's order and idle rows have no tokens: every hidden state is a running node.
         path_nodes, counts, emitted = self._verify(self.model.logits(hidden), rnd, nodes, parents,
-                                                   self._draft_probs(requests, proposals, nodes))
+                                                   *self._draft_probs(requests, proposals, nodes))
         self._rollback(path_nodes, counts)
         verified = time.perf_counter()
         self.stats.draft_time += drafted - start
@@ -248,7 +248,7 @@ class Engine:
         self._retire_finished()
         return events
 
-    def _verify(self, logits: torch.Tensor, rnd, nodes: list[list[int]], parents, draft_probs):
+    def _verify(self, logits: torch.Tensor, rnd, nodes: list[list[int]], parents, draft_probs, draft_vocab):
         """rejection_sample over every cache row (idle ones have n_r = 0) with the rows' persistent
         sampling state; the outputs, row-indexed, come back to the host once."""
         device = logits.device
@@ -260,7 +260,7 @@ class Engine:
         path_nodes, counts, emitted = ops.rejection_sample(
             logits, torch.tensor([t for n in nodes for t in n], dtype=torch.int64, device=device), rnd.qo_indptr,
             flat_parents, draft_probs, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
-            offset=s.offset, max_nodes=max(len(n) for n in nodes))
+            offset=s.offset, max_nodes=max(len(n) for n in nodes), draft_vocab=draft_vocab)
         s.advance(rnd.qo_indptr)
         return path_nodes.cpu(), counts.cpu(), emitted.cpu()
 
@@ -286,21 +286,28 @@ class Engine:
         token_room = max(r.params.max_tokens - len(r.generated) for r in requests)
         return max(0, min(cache_room, token_room - 1))
 
-    def _draft_probs(self, requests, proposals, nodes) -> torch.Tensor | None:
-        """[T, V] over the round's nodes, written only for requests whose proposal carries rows; greedy
-        requests' rows stay unwritten (rejection_sample never reads them)."""
-        if all(p.draft_probs is None for p in proposals):
-            return None
-        vocab = self.model.config.vocab_size
-        out = torch.empty(sum(len(n) for n in nodes), vocab, device=self.model.device)
+    def _draft_probs(self, requests, proposals, nodes) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(draft_probs over the round's nodes, their draft vocabulary or None): rows written only for
+        proposals that carry them (greedy requests' rows stay unwritten: rejection_sample never reads
+        them); as narrow as the drafters' shared draft vocabulary, widened to V when proposals differ."""
+        carrying = [p for p in proposals if p.draft_probs is not None]
+        if not carrying:
+            return None, None
+        subsets = {id(p.draft_vocab): p.draft_vocab for p in carrying}
+        draft_vocab = next(iter(subsets.values())) if len(subsets) == 1 else None
+        width = self.model.config.vocab_size if draft_vocab is None else draft_vocab.numel()
+        out = torch.empty(sum(len(n) for n in nodes), width, device=self.model.device)
         at = 0
         for r, p, n in zip(requests, proposals, nodes):
             if p.draft_probs is not None:
-                out[at: at + len(n)] = p.draft_probs.float()
+                rows = p.draft_probs.float()
+                if draft_vocab is None and p.draft_vocab is not None:
+                    rows = rows.new_zeros(len(n), width).index_copy_(1, p.draft_vocab, rows)
+                out[at: at + len(n)] = rows
             elif r.params.temperature > 0:
                 raise ValueError("a batch mixes stochastic and deterministic proposals for sampled requests")
             at += len(n)
-        return out
+        return out, draft_vocab
 
     def _accepted_hidden(self, requests, paths) -> list[torch.Tensor] | None:
         """Per request, the captured target hidden states of its accepted nodes, [m, width]."""

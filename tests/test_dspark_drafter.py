@@ -215,7 +215,10 @@ def test_draft_vocabulary_subset_probs(tiny, kind, head):
     request = Req(prompt + [11], params)
     drafter.start(request, captured(tiny, prompt, model.config.target_layers))
     [proposal] = drafter.propose([request], 8)
-    n, rows = len(proposal.tokens), proposal.draft_probs
+    n = len(proposal.tokens)
+    # Rows come over the draft vocabulary itself (rejection_sample reads q = 0 elsewhere); widened here.
+    assert torch.equal(proposal.draft_vocab, SUBSET.unique()) and proposal.draft_probs.shape == (n + 1, SUBSET.numel())
+    rows = torch.zeros(n + 1, VOCAB).index_copy_(1, proposal.draft_vocab, proposal.draft_probs)
     assert set(proposal.tokens) <= set(SUBSET.tolist())
     outside = torch.ones(VOCAB, dtype=torch.bool)
     outside[SUBSET] = False

@@ -237,6 +237,40 @@ def test_seed_results_do_not_depend_on_batch_neighbours(backend):
         assert torch.equal(a[2:3], b)
 
 
+def test_rows_over_a_draft_vocabulary_equal_their_widened_rows(backend):
+    """draft_probs [T, V_d] over draft_vocab give exactly the results of the same rows widened to [T, V]
+    with zeros (seeded, trees, greedy and sampled requests; drafts inside and outside the subset)."""
+    batch, _ = _random_batch(6, 40, 5, chain=False, stochastic=True)
+    device = device_of(backend)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randperm(40, generator=gen)[:17].sort().values
+    sparse = torch.softmax(torch.randn(batch["draft_probs"].shape[0], 17, generator=gen) * 2, -1)
+    dense = torch.zeros(sparse.shape[0], 40).index_copy_(1, ids, sparse)
+    seed = torch.arange(5) + 11
+    widened = cpu(ops.rejection_sample(**_to(device, dict(batch, draft_probs=dense)), seed=seed.to(device), offset=4,
+                                       backend=backend))
+    subset = cpu(ops.rejection_sample(**_to(device, dict(batch, draft_probs=sparse)), draft_vocab=ids.to(device),
+                                      seed=seed.to(device), offset=4, backend=backend))
+    assert all(torch.equal(a, b) for a, b in zip(widened, subset))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda ids, probs: (ids.flip(0), probs), "strictly increasing"),
+    (lambda ids, probs: (torch.cat([ids[:1], ids[:-1]]), probs), "strictly increasing"),
+    (lambda ids, probs: (ids + 40, probs), "strictly increasing token ids in"),
+    (lambda ids, probs: (ids[:-1], probs), "draft_probs"),
+    (lambda ids, probs: (ids.float(), probs), "draft_vocab"),
+    (lambda ids, probs: (ids, None), "draft_probs"),
+])
+def test_bad_draft_vocabularies_are_refused(edit, match):
+    batch, _ = _random_batch(6, 40, 3, chain=True, stochastic=True)
+    ids = torch.arange(0, 40, 3)
+    probs = torch.softmax(torch.randn(batch["draft_probs"].shape[0], ids.numel()), -1)
+    ids, probs = edit(ids, probs)
+    with pytest.raises(ValueError, match=match):
+        ops.rejection_sample(**dict(batch, draft_probs=probs), draft_vocab=ids, seed=1, offset=0)
+
+
 def test_greedy_requests_rows_of_draft_probs_are_never_read(backend):
     """Rows of greedy requests may hold anything (NaN, garbage): the results are those with zeros there."""
     batch, rnd = _random_batch(5, 40, 5, chain=False, stochastic=True)

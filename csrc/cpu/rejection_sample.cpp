@@ -89,6 +89,24 @@ double load_prob(DType dtype, const void* q, int64_t i) {
 
 size_t element_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
 
+// A draft row over a draft vocabulary (strictly increasing ids): q at token id x, 0 outside it.
+double sparse_prob(DType dtype, const void* q, const int64_t* ids, int64_t count, int64_t x) {
+  const int64_t* at = std::lower_bound(ids, ids + count, x);
+  return at != ids + count && *at == x ? load_prob(dtype, q, at - ids) : 0.0;
+}
+
+// residual = max(src - q, 0) into dst for q over a draft vocabulary: src itself outside it (src >= 0,
+// and src - 0 is src exactly, so the values equal the dense computation's); returns its sum.
+double subtract_clamped_sparse(DType dtype, const double* src, const void* q, const int64_t* ids, int64_t count,
+                               int64_t vocab, double* dst) {
+  for (int64_t i = 0; i < vocab; ++i) dst[i] = src[i] > 0.0 ? src[i] : 0.0;
+  for (int64_t j = 0; j < count; ++j) {
+    const double d = src[ids[j]] - load_prob(dtype, q, j);
+    dst[ids[j]] = d > 0.0 ? d : 0.0;
+  }
+  return sum_of(dst, vocab);
+}
+
 // ---------------------------------------------------------------------------------------------
 // One request.
 
@@ -144,8 +162,9 @@ class RequestWalk {
            (start_ + node) * prm_.vocab_size * static_cast<int64_t>(element_size(prm_.logits_dtype));
   }
   const void* draft_row(int64_t node) const {
+    const int64_t width = prm_.draft_vocab != nullptr ? prm_.draft_vocab_size : prm_.vocab_size;
     return static_cast<const char*>(prm_.draft_probs) +
-           (start_ + node) * prm_.vocab_size * static_cast<int64_t>(element_size(prm_.draft_probs_dtype));
+           (start_ + node) * width * static_cast<int64_t>(element_size(prm_.draft_probs_dtype));
   }
 
   // uniforms[node, col], explicit or from Philox(seed[r], offset[r], node). (The caller guarantees
@@ -248,10 +267,16 @@ class RequestWalk {
       const int64_t x = token(*c);
       const double a = uniform(*c, 0);
       if (token_in_vocab(x)) {
-        const double threshold = a * load_prob(prm_.draft_probs_dtype, q, x);
-        if (threshold < residual[x]) return *c;
+        const double q_x = prm_.draft_vocab != nullptr
+                               ? sparse_prob(prm_.draft_probs_dtype, q, prm_.draft_vocab, prm_.draft_vocab_size, x)
+                               : load_prob(prm_.draft_probs_dtype, q, x);
+        if (a * q_x < residual[x]) return *c;
       }
-      const double total = subtract_clamped(prm_.draft_probs_dtype, residual, q, vocab, buffer);
+      const double total =
+          prm_.draft_vocab != nullptr
+              ? subtract_clamped_sparse(prm_.draft_probs_dtype, residual, q, prm_.draft_vocab, prm_.draft_vocab_size,
+                                        vocab, buffer)
+              : subtract_clamped(prm_.draft_probs_dtype, residual, q, vocab, buffer);
       if (total > 0.0) {
         for (int64_t i = 0; i < vocab; ++i) buffer[i] = buffer[i] / total;
         residual = buffer;

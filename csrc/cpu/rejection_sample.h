@@ -11,7 +11,10 @@ struct RejectionSampleParams {
   DType logits_dtype;            // of target_logits
   const void* target_logits;     // [num_tokens, vocab_size], contiguous
   DType draft_probs_dtype;       // of draft_probs
-  const void* draft_probs;       // [num_tokens, vocab_size] or nullptr (deterministic proposals)
+  const void* draft_probs;       // [num_tokens, vocab_size] or nullptr (deterministic proposals); with a
+                                 // draft vocabulary [num_tokens, draft_vocab_size], q = 0 outside it
+  const int64_t* draft_vocab;    // [draft_vocab_size] strictly increasing token ids, or nullptr (dense rows)
+  int64_t draft_vocab_size;
   const int64_t* draft_tokens;   // [num_tokens]
   const int32_t* qo_indptr;      // [R + 1]
   const int32_t* parents;        // [num_tokens] local parent indices, or nullptr for chains

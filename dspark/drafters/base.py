@@ -15,7 +15,8 @@ class Proposal:
 
     parents: parent of each node 1..n (a node index < its own, 0 = the anchor), None for a chain.
     draft_probs: [n + 1, V], row u = the distribution node u's children were sampled from, or None
-        when the proposal is deterministic (greedy, top-k tree, n-gram lookup).
+        when the proposal is deterministic (greedy, top-k tree, n-gram lookup); [n + 1, V_d] over
+        `draft_vocab` (strictly increasing token ids, q = 0 elsewhere) for a drafter over a subset.
     confidences: [n], the drafter's estimate that each node is accepted given its parent is.
     """
 
@@ -23,6 +24,7 @@ class Proposal:
     parents: list[int] | None = None
     draft_probs: torch.Tensor | None = None
     confidences: torch.Tensor | None = None
+    draft_vocab: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -34,6 +36,7 @@ class Proposal:
             None if self.parents is None else self.parents[:n],
             None if self.draft_probs is None else self.draft_probs[: n + 1],
             None if self.confidences is None else self.confidences[:n],
+            self.draft_vocab,
         )
 
 

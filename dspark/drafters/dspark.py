@@ -67,8 +67,9 @@ def committed_context(kv: KVCache, requests, num_layers: int):
 
 def choose_drafts(requests, logits: torch.Tensor, generators: dict, vocab_ids: torch.Tensor | None, vocab: int):
     """Per request: the next draft token (a [R] tensor on the device, full-vocabulary ids) and the
-    distribution it was drawn from (None if greedy); logits [R, V or |S| = len(vocab_ids)]. Greedy rows
-    take one batched argmax (ties: lowest id); sampled rows draw from their request's own generator."""
+    distribution it was drawn from (None if greedy), over the columns of logits [R, V or |S| =
+    len(vocab_ids)]. Greedy rows take one batched argmax (ties: lowest id); sampled rows draw from
+    their request's own generator."""
     picked = torch.argmax(logits, dim=-1)
     rows = [None] * len(requests)
     for i, r in enumerate(requests):
@@ -77,8 +78,6 @@ def choose_drafts(requests, logits: torch.Tensor, generators: dict, vocab_ids: t
             continue
         q = processed_probs(logits[i], p.temperature, p.top_k, p.top_p)
         picked[i] = torch.multinomial(q, 1, generator=generators[r.row])[0]
-        if vocab_ids is not None:
-            q = torch.zeros(vocab, dtype=q.dtype, device=q.device).index_copy_(0, vocab_ids, q)
         rows[i] = q
     if vocab_ids is not None:
         picked = vocab_ids[picked]
@@ -256,15 +255,17 @@ class DSparkDrafter(Drafter):
         else:
             drafts = self._draft_block(requests, steps, kv, valid, starts, anchors)
         tokens, probs, confs = drafts
-        vocab = self.model.config.vocab_size
+        width = self.model.config.vocab_size if self.vocab_ids is None else self.vocab_ids.numel()
         token_rows = torch.stack(tokens, dim=1).tolist()  # the one host read of the drafted tokens
         confidences = torch.stack(confs, dim=1)
         out = []
         for i, r in enumerate(requests):
             draft_probs = None
             if r.params.temperature > 0:  # the last node has no children: a zero row, as DraftModelDrafter
-                draft_probs = torch.stack([q[i] for q in probs] + [torch.zeros(vocab, device=self.device)])
-            out.append(Proposal(token_rows[i], draft_probs=draft_probs, confidences=confidences[i]))
+                draft_probs = torch.stack([q[i] for q in probs] + [torch.zeros(width, device=self.device)])
+            # Rows over the draft vocabulary stay that narrow: rejection_sample reads them as q = 0 elsewhere.
+            out.append(Proposal(token_rows[i], draft_probs=draft_probs, confidences=confidences[i],
+                                draft_vocab=self.vocab_ids))
         return out
 
     def _draft_block(self, requests, steps, kv, valid, starts, anchors):

@@ -16,7 +16,7 @@ from dspark.ops._backend import check_backend_name, choose_backend, cpu_extensio
 
 
 def _check_shapes(target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature, top_k, top_p,
-                  uniforms, seed, offset, max_nodes) -> None:
+                  uniforms, seed, offset, max_nodes, draft_vocab=None) -> None:
     v.check_tensor("target_logits", target_logits, dtypes=v.FLOAT_DTYPES, ndim=2)
     device = target_logits.device
     num_tokens, vocab = target_logits.shape
@@ -27,8 +27,15 @@ def _check_shapes(target_logits, draft_tokens, qo_indptr, parents, draft_probs, 
     v.check_qo_indptr(qo_indptr, num_tokens, device)  # n_r = 0: an idle request, nothing accepted
     num_requests = qo_indptr.shape[0] - 1
     v.check_parents(parents, qo_indptr, num_tokens, device)
+    if draft_vocab is not None:
+        v.check_tensor("draft_vocab", draft_vocab, dtypes=(torch.int64, torch.int32), ndim=1, device=device)
+        if draft_probs is None:
+            v.fail("draft_vocab describes draft_probs' columns: pass draft_probs with it")
+        if not 1 <= draft_vocab.shape[0] <= vocab:
+            v.fail(f"draft_vocab must hold 1 to {vocab} token ids, got {draft_vocab.shape[0]}")
     if draft_probs is not None:
-        v.check_tensor("draft_probs", draft_probs, dtypes=v.FLOAT_DTYPES, ndim=2, shape=(num_tokens, vocab),
+        columns = vocab if draft_vocab is None else draft_vocab.shape[0]
+        v.check_tensor("draft_probs", draft_probs, dtypes=v.FLOAT_DTYPES, ndim=2, shape=(num_tokens, columns),
                        device=device)
     v.check_tensor("temperature", temperature, dtypes=(torch.float32,), ndim=1, shape=(num_requests,), device=device)
     v.check_tensor("top_k", top_k, dtypes=(torch.int32,), ndim=1, shape=(num_requests,), device=device)
@@ -48,7 +55,7 @@ def _check_shapes(target_logits, draft_tokens, qo_indptr, parents, draft_probs, 
 
 
 def _check_values(target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature, top_k, top_p,
-                  uniforms, seed, offset, max_nodes) -> None:
+                  uniforms, seed, offset, max_nodes, draft_vocab=None) -> None:
     if not v.values_checked(target_logits):
         return
     vocab = target_logits.shape[1]
@@ -64,6 +71,10 @@ def _check_values(target_logits, draft_tokens, qo_indptr, parents, draft_probs, 
         v.fail(f"top_p must lie in (0, 1], got {top_p.tolist()}")
     if bool((temperature > 0).any()) and uniforms is None and (seed is None or offset is None):
         v.fail("sampled requests (temperature > 0) need randomness: pass uniforms, seed and offset, or a generator")
+    if draft_vocab is not None and draft_vocab.numel():
+        ids = draft_vocab.long()
+        if not (int(ids[0]) >= 0 and int(ids[-1]) < vocab and bool((ids[1:] > ids[:-1]).all())):
+            v.fail(f"draft_vocab must hold strictly increasing token ids in [0, {vocab})")
     if draft_probs is not None and draft_probs.numel():
         # Only sampled requests' rows are read (greedy walks never look at q): only they are checked.
         counts = (qo_indptr[1:] - qo_indptr[:-1]).long().cpu()
@@ -95,14 +106,20 @@ def _rejection_sample_op(
     offset: torch.Tensor | None,
     max_nodes: int,
     backend: str = "auto",
+    draft_vocab: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature, top_k, top_p, uniforms,
-            seed, offset, max_nodes)
+            seed, offset, max_nodes, draft_vocab)
     _check_shapes(*args)
     _check_values(*args)
     draft_tokens = draft_tokens.long()
     uniforms = None if uniforms is None else uniforms.double()
     chosen = choose_backend(None if backend == "auto" else backend, target_logits.device)
+    if draft_vocab is not None and chosen != "cpu":
+        # Only the C++ CPU kernel reads rows over a draft vocabulary; the others get them widened.
+        draft_probs = draft_probs.new_zeros(draft_probs.shape[0], target_logits.shape[1]).index_copy_(
+            1, draft_vocab.long(), draft_probs)
+        draft_vocab = None
     if chosen == "reference":
         return reference_rejection_sample(target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature,
                                           top_k, top_p, uniforms, seed, offset, max_nodes)
@@ -125,16 +142,17 @@ def _rejection_sample_op(
         target_logits.contiguous(), draft_tokens.contiguous(), qo_indptr.contiguous(), contiguous(parents),
         contiguous(draft_probs), temperature.contiguous(), top_k.contiguous(), top_p.contiguous(),
         contiguous(uniforms), contiguous(seed), contiguous(offset), accepted_nodes, num_accepted, output_tokens,
+        *(() if chosen == "cuda" else (None if draft_vocab is None else draft_vocab.long().contiguous(),)),
     )
     return accepted_nodes, num_accepted, output_tokens
 
 
 @_rejection_sample_op.register_fake
 def _(target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature, top_k, top_p, uniforms, seed,
-      offset, max_nodes, backend="auto"):
+      offset, max_nodes, backend="auto", draft_vocab=None):
     check_backend_name(backend)
     _check_shapes(target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature, top_k, top_p, uniforms,
-                  seed, offset, max_nodes)
+                  seed, offset, max_nodes, draft_vocab)
     num_requests = qo_indptr.shape[0] - 1
     new = target_logits.new_empty
     return (new(num_requests, max_nodes, dtype=torch.int32), new(num_requests, dtype=torch.int32),
@@ -189,6 +207,7 @@ def rejection_sample(
     uniforms: torch.Tensor | None = None,
     max_nodes: int | None = None,
     backend: str | None = None,
+    draft_vocab: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Judge every request's drafts against the target; returns (accepted_nodes [R, W] int32,
     num_accepted [R] int32, output_tokens [R, W] int64), rows padded with -1, W = max_nodes. A request
@@ -202,11 +221,13 @@ def rejection_sample(
 
     draft_probs [T, V] (None: deterministic proposals): row u is the distribution node u's children were
     drawn from. Rows of greedy requests (temperature 0) are never read, nor checked: a caller may leave
-    them unwritten (torch.empty), so greedy requests cost no [n_r, V] rows.
+    them unwritten (torch.empty), so greedy requests cost no [n_r, V] rows. draft_vocab [V_d] (strictly
+    increasing token ids): a drafter over a subset of the vocabulary passes draft_probs [T, V_d] over
+    those ids, q being 0 elsewhere (read as such on the CPU; widened for the other backends).
     """
     v.check_tensors(target_logits=target_logits, draft_tokens=draft_tokens, qo_indptr=qo_indptr,
                     **{name: t for name, t in (("parents", parents), ("draft_probs", draft_probs),
-                                               ("uniforms", uniforms)) if t is not None})
+                                               ("uniforms", uniforms), ("draft_vocab", draft_vocab)) if t is not None})
     device = target_logits.device
     num_requests = qo_indptr.shape[0] - 1 if qo_indptr.dim() == 1 else -1
     if num_requests < 1:
@@ -234,4 +255,4 @@ def rejection_sample(
         max_nodes = max(int((qo_indptr[1:] - qo_indptr[:-1]).max()), 1)
     return torch.ops.dspark.rejection_sample(target_logits, draft_tokens, qo_indptr, parents, draft_probs,
                                              temperature, top_k, top_p, uniforms, seed, offset, max_nodes,
-                                             backend or "auto")
+                                             backend or "auto", draft_vocab)

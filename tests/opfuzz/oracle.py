@@ -130,7 +130,7 @@ def call(case: Case, args: dict):
         if case.entry == "custom_op":
             names = ("target_logits", "draft_tokens", "qo_indptr", "parents", "draft_probs", "temperature", "top_k",
                      "top_p", "uniforms", "seed", "offset", "max_nodes")
-            return torch.ops.dspark.rejection_sample(*(a[n] for n in names), a["backend"])
+            return torch.ops.dspark.rejection_sample(*(a[n] for n in names), a["backend"], a.get("draft_vocab"))
         return ops.rejection_sample(**a)
     names = ("k_cache", "v_cache", "cache_seqlens", "accepted_nodes", "num_accepted", "block_table")
     if case.entry == "custom_op":

@@ -48,7 +48,14 @@ def rejection_sample_case(rng: random.Random, gen: torch.Generator, backend: str
                 qo_indptr=make_indptr(counts),
                 parents=None if shape == "chain" and rng.random() < 0.5 else torch.tensor(flat_parents, dtype=I32),
                 draft_probs=probs, temperature=temperature, top_k=top_k, top_p=top_p,
-                uniforms=None, seed=None, offset=None, generator=None, max_nodes=None)
+                uniforms=None, seed=None, offset=None, generator=None, max_nodes=None, draft_vocab=None)
+    if probs is not None and rng.random() < 0.3:  # a drafter over a subset of the vocabulary
+        size = rng.randint(1, vocab)
+        ids = torch.randperm(vocab, generator=gen)[:size].sort().values
+        subset = torch.softmax(torch.randn(total, size, generator=gen) * 2, -1)
+        subset[torch.rand(total, size, generator=gen) < 0.2] = 0.0
+        args["draft_probs"] = subset.to(probs.dtype)
+        args["draft_vocab"] = ids.to(rng.choice([I32, I64]))
     if randomness == "uniforms":
         uniforms = torch.rand(total, 2, generator=gen, dtype=torch.float64)
         uniforms[torch.rand(total, 2, generator=gen) < 0.1] = 0.0
@@ -98,6 +105,8 @@ def break_rejection_sample(rng: random.Random, args: dict, entry: str) -> Broken
                "probs_negative", "probs_nan", "probs_shape", "probs_dtype", "temperature_negative",
                "temperature_nan", "top_k_negative", "top_p_zero", "top_p_large", "uniforms_range",
                "uniforms_shape", "both_sources", "no_randomness", "max_nodes_zero", "device", "backend"]
+    if args["draft_vocab"] is not None:
+        choices += ["vocab_order", "vocab_range", "vocab_columns", "vocab_alone"]
     if args["parents"] is not None:
         choices += ["parents_root", "parents_forward", "parents_self", "parents_shape"]
     if args["max_nodes"] is not None:
@@ -147,6 +156,24 @@ def break_rejection_sample(rng: random.Random, args: dict, entry: str) -> Broken
     if kind == "indptr_dtype":
         args["qo_indptr"] = args["qo_indptr"].to(I64)
         return Broken(kind, ("qo_indptr",), False)
+    if kind.startswith("vocab_"):
+        ids = args["draft_vocab"]
+        if kind == "vocab_order":
+            if ids.numel() < 2:
+                return _give_up(args)
+            args["draft_vocab"] = ids.flip(0) if rng.random() < 0.5 else torch.cat([ids[:1], ids[:-1]])
+            return Broken(kind, ("draft_vocab",), True)
+        if kind == "vocab_range":
+            bad = ids.clone()
+            bad[-1] = vocab + rng.randint(0, 3)
+            args["draft_vocab"] = bad
+            return Broken(kind, ("draft_vocab",), True)
+        if kind == "vocab_columns":
+            args["draft_vocab"] = torch.cat([ids, ids[-1:] + 1]) if rng.random() < 0.5 and ids.numel() < vocab \
+                else ids[:-1] if ids.numel() > 1 else torch.cat([ids, ids])
+            return Broken(kind, ("draft_vocab", "draft_probs"), False)
+        args["draft_probs"] = None  # vocab_alone
+        return Broken(kind, ("draft_vocab", "draft_probs"), False)
     if kind.startswith("probs"):
         probs = args["draft_probs"]
         if probs is None:
@@ -161,7 +188,7 @@ def break_rejection_sample(rng: random.Random, args: dict, entry: str) -> Broken
         if not read:
             return _give_up(args)
         bad = probs.clone()
-        bad[rng.choice(read), rng.randrange(vocab)] = -0.5 if kind == "probs_negative" else float("nan")
+        bad[rng.choice(read), rng.randrange(probs.shape[1])] = -0.5 if kind == "probs_negative" else float("nan")
         args["draft_probs"] = bad
         return Broken(kind, ("draft_probs",), True)
     if kind in ("temperature_negative", "temperature_nan", "top_k_negative", "top_p_zero", "top_p_large"):
