@@ -1,6 +1,6 @@
 """Building blocks of the target-conditioned drafters (DSpark, its DFlash-style ablation, the
-EAGLE-style baseline): configuration, RoPE, a small pure-torch attention over [context; block], and
-one pre-norm decoder layer.
+EAGLE-style baseline): configuration, a small pure-torch attention over [context; block], and one
+pre-norm decoder layer, with the target's own RMSNorm and RoPE (dspark.models.layers).
 
 Attention here is plain torch on purpose: the drafter's block is a handful of queries that attend to
 a per-request context (bidirectionally within the block for DSpark, causally for EAGLE), a pattern
@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dspark.models.layers import rms_norm, rope
 from dspark.models.linear import linear
 
 KINDS = ("dspark", "eagle")
@@ -86,20 +87,6 @@ def default_layers(num_layers: int, count: int = 5) -> list[int]:
         return list(range(num_layers))
     last = max(1, num_layers - 3)
     return sorted({round(1 + i * (last - 1) / (count - 1)) for i in range(count)})
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
-
-
-def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE. x [..., T, H, D], positions [..., T] (broadcastable to x's leading dims)."""
-    angles = positions.float()[..., None] * inv_freq  # [..., T, D/2]
-    cos, sin = angles.cos()[..., None, :], angles.sin()[..., None, :]
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 def attend(q, k_ctx, v_ctx, ctx_valid, k_blk, v_blk, causal: bool) -> torch.Tensor:

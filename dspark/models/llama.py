@@ -17,6 +17,7 @@ from dspark.batch import Round
 from dspark.cache import KVCache
 from dspark.models import cpu_decoder, flash_prefill
 from dspark.models.config import ModelConfig, rope_type
+from dspark.models.layers import apply_rope, rms_norm, rope_tables
 from dspark.models.linear import linear
 from dspark.models.quantized import QuantizedWeight
 
@@ -41,26 +42,6 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
         medium = (wavelength >= old_context / high) & (wavelength <= old_context / low)
         return torch.where(medium, smoothed, scaled)
     raise ValueError(f"rope scaling type {kind!r} is not supported (default, linear, llama3 are)")
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
-
-
-def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed sin over the full head dim, [T, 1, D] fp32, so that rotating is x * cos + swap(x) * sin
-    with swap exchanging the two halves (rotate-half convention)."""
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    cos, sin = angles.cos(), angles.sin()
-    return torch.cat([cos, cos], -1)[:, None, :], torch.cat([-sin, sin], -1)[:, None, :]
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D]; cos, sin from rope_tables."""
-    x32 = x.float()
-    swapped = x32.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
-    return torch.addcmul(x32 * cos, swapped, sin).to(x.dtype)
 
 
 class LlamaModel:
