@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from dspark.models.dtypes import default_dtype
+from dspark.models.dtypes import WEIGHTS, resolve_weights
 from dspark.drafters import DSparkDrafter, HybridDrafter
 from dspark.engine import Engine
 from dspark.models import load_model, load_tokenizer
@@ -48,6 +48,9 @@ class Recording(VerificationPolicy):
         self.lengths += [min(n, len(p)) for n, p in zip(lengths, proposals)]
         return lengths
 
+    def observe_round(self, batch, drafted, tokens, seconds):
+        self.inner.observe_round(batch, drafted, tokens, seconds)
+
 
 def policies(model, gamma: int, concurrency: int, threshold: float) -> dict:
     """name -> (uses the drafter, policy factory)."""
@@ -57,6 +60,7 @@ def policies(model, gamma: int, concurrency: int, threshold: float) -> dict:
         out[f"fixed gamma={g}"] = (True, lambda g=g: FixedLength(g))
     out[f"threshold {threshold:g}"] = (True, lambda: ConfidenceThreshold(threshold, gamma))
     out["prefix scheduler"] = (True, lambda: PrefixScheduler(sps(), gamma))
+    out["prefix scheduler + throughput gate"] = (True, lambda: PrefixScheduler(sps(), gamma, throughput_gate=True))
     out["async scheduler"] = (True, lambda: AsyncScheduler(sps(), gamma))
     return out
 
@@ -110,12 +114,14 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="run only the policies whose name contains this")
     ap.add_argument("--datasets", default=str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "datasets"))
     ap.add_argument("--out", default="bench/results/load-cpu")
+    ap.add_argument("--weights", choices=WEIGHTS, default=None, help="default: native, as `dspark generate`")
     args = ap.parse_args()
-    dtype = default_dtype("cpu")
-    tokenizer, model = load_tokenizer(None), load_model(None, dtype)
+    dtype, native = resolve_weights(args.weights, None, None, "cpu")
+    tokenizer, model = load_tokenizer(None), load_model(None, dtype, native=native)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=0)
     results = {"device": f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-               "dtype": str(dtype), "drafter": args.drafter, "max_tokens": args.max_tokens,
+               "dtype": str(dtype), "weights": "native" if native else str(dtype), "drafter": args.drafter,
+               "max_tokens": args.max_tokens,
                "temperature": args.temperature, "gamma": args.gamma, "runs": []}
     kind = HybridDrafter if args.hybrid else DSparkDrafter
     results["hybrid"] = args.hybrid
@@ -140,7 +146,7 @@ def main() -> None:
             if args.temperature == 0:
                 record["identical_to_plain"] = outputs == plain_outputs
             results["runs"].append(record)
-            print(f"c={concurrency:<3} {name:18s} aggregate {record['aggregate_tokens_per_s']:7.1f} tok/s "
+            print(f"c={concurrency:<3} {name:34s} aggregate {record['aggregate_tokens_per_s']:7.1f} tok/s "
                   f"per-user {record['per_user_tokens_per_s']:6.2f} tok/s decoding {record['decode_tokens_per_s']:7.1f} "
                   f"/ {record['per_user_decode_tokens_per_s']:6.2f} tok/s budget {record['budget_per_request']:.2f} "
                   f"tau {record['tau']:.2f}", flush=True)

@@ -124,33 +124,47 @@ class ThroughputGate:
     """Whether a round drafts at all, from measured throughput: the SPS curve prices verification but
     not the drafter, whose cost can exceed what its accepted tokens save (a weak drafter on a fast
     target). Keeps, per batch size, a moving average of tokens per second of drafting rounds and of
-    plain rounds, takes the faster, and tries the other every `explore_every` rounds so that both
-    estimates stay fresh. Lossless: the decision reads only earlier rounds' counts and times."""
+    plain rounds, takes the faster, and tries the other after `explore_every` rounds so that both
+    estimates stay fresh; each time the tried arm loses again the wait doubles (up to `max_wait`), so a
+    drafter that never pays costs less and less. Lossless: the decision reads only earlier rounds'
+    counts and times."""
 
-    def __init__(self, explore_every: int = 16, smoothing: float = 0.25):
-        self.explore_every, self.smoothing = explore_every, smoothing
+    def __init__(self, explore_every: int = 16, smoothing: float = 0.25, max_wait: int = 256):
+        self.explore_every, self.smoothing, self.max_wait = explore_every, smoothing, max_wait
         self.rates: dict[tuple[int, bool], float] = {}  # (batch, drafted) -> tokens/s
         self.since_other: dict[int, int] = {}
+        self.wait: dict[int, int] = {}  # batch -> rounds between explorations
+        self.exploring: dict[int, bool] = {}  # batch -> the last decision tried the slower arm
+
+    def _best(self, batch: int) -> bool | None:
+        draft_rate, plain_rate = self.rates.get((batch, True)), self.rates.get((batch, False))
+        if draft_rate is None or plain_rate is None:
+            return None
+        return draft_rate >= plain_rate
 
     def should_draft(self, batch: int) -> bool:
-        draft_rate, plain_rate = self.rates.get((batch, True)), self.rates.get((batch, False))
-        if draft_rate is None:
+        if self.rates.get((batch, True)) is None:
             return True
-        if plain_rate is None:
+        best = self._best(batch)
+        if best is None:  # plain not measured yet
             return False
-        best = draft_rate >= plain_rate
         rounds = self.since_other.get(batch, 0) + 1
-        if rounds >= self.explore_every:
-            rounds, best = 0, not best
-        self.since_other[batch] = rounds
-        return best
+        exploring = rounds >= self.wait.get(batch, self.explore_every)
+        self.since_other[batch] = 0 if exploring else rounds
+        self.exploring[batch] = exploring
+        return best != exploring
 
     def observe(self, batch: int, drafted: bool, tokens: int, seconds: float) -> None:
         if seconds <= 0 or tokens <= 0:
             return
+        before = self._best(batch)
         rate, key = tokens / seconds, (batch, drafted)
         old = self.rates.get(key)
         self.rates[key] = rate if old is None else old + self.smoothing * (rate - old)
+        if self.exploring.pop(batch, False):
+            lost = self._best(batch) == before
+            wait = self.wait.get(batch, self.explore_every)
+            self.wait[batch] = min(2 * wait, self.max_wait) if lost else self.explore_every
 
 
 class SPSPolicy(VerificationPolicy):

@@ -246,3 +246,21 @@ def test_engine_stops_paying_for_a_drafter_that_does_not_pay(tmp_path):
 def test_async_scheduler_refuses_the_throughput_gate():
     with pytest.raises(ValueError, match="throughput_gate"):
         AsyncScheduler(SPSCurve([1, 8], [10.0, 9.0]), throughput_gate=True)
+
+
+def test_throughput_gate_backs_off_while_the_explored_arm_keeps_losing():
+    from dspark.scheduler import ThroughputGate
+
+    gate = ThroughputGate(explore_every=4, max_wait=16)
+    gate.observe(1, True, 1, 0.02)   # drafting: 50 tokens/s
+    gate.observe(1, False, 1, 0.01)  # plain: 100 tokens/s
+    drafted_at = []
+    for i in range(60):
+        draft = gate.should_draft(1)
+        if draft:
+            drafted_at.append(i)
+        gate.observe(1, draft, 1, 0.02 if draft else 0.01)  # drafting keeps losing
+    gaps = [b - a for a, b in zip(drafted_at, drafted_at[1:])]
+    assert gaps[:3] == [8, 16, 16]  # 4, then doubled waits, capped at max_wait
+    assert drafted_at[0] == 3
+    gate.observe(1, True, 10, 0.01)  # drafting suddenly pays: after the next exploration the wait resets
