@@ -59,6 +59,20 @@ def warm_up(engine: Engine, prompt: list[int], params: SamplingParams) -> None:
     engine.stats = RunStats()
 
 
+def add_target_arguments(ap: argparse.ArgumentParser) -> None:
+    """How the target is loaded and how drafting is gated, as `dspark generate` and `dspark serve` take them."""
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                    help="compute dtype (default: the fastest here; bf16 with --weights native)")
+    ap.add_argument("--no-throughput-gate", action="store_true",
+                    help="draft whenever the prefix scheduler's SPS curve says so, never switching a drafter off by "
+                         "measured speed: a seed's sampled output then does not depend on timing (the gate changes "
+                         "how many rounds a reply takes, hence the random stream; its law is exact either way)")
+    ap.add_argument("--weights", choices=WEIGHTS, default=None,
+                    help="native: a GGUF file's Q4_0/Q4_1/Q8_0 matrices stay as blocks (the default for GGUF on CPU); "
+                         "bf16/fp16/fp32: dequantised to that dtype")
+    ap.add_argument("--device", default="cpu")
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("prompt")
     ap.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: SmolLM2-135M-Instruct)")
@@ -74,16 +88,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                    help="compute dtype (default: the fastest here; bf16 with --weights native)")
-    ap.add_argument("--no-throughput-gate", action="store_true",
-                    help="draft whenever the prefix scheduler's SPS curve says so, never switching a drafter off by "
-                         "measured speed: a seed's sampled output then does not depend on timing (the gate changes "
-                         "how many rounds a reply takes, hence the random stream; its law is exact either way)")
-    ap.add_argument("--weights", choices=WEIGHTS, default=None,
-                    help="native: a GGUF file's Q4_0/Q4_1/Q8_0 matrices stay as blocks (the default for GGUF on CPU); "
-                         "bf16/fp16/fp32: dequantised to that dtype")
-    ap.add_argument("--device", default="cpu")
+    add_target_arguments(ap)
     ap.add_argument("--raw", action="store_true", help="do not apply the chat template")
     ap.add_argument("--no-baseline", action="store_true", help="skip the plain-decoding comparison")
 

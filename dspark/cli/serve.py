@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from dspark.cli.generate import make_drafter
+from dspark.cli.generate import add_target_arguments, make_drafter
 from dspark.models import load_model, load_tokenizer
-from dspark.models.dtypes import DTYPES, WEIGHTS, resolve_weights
+from dspark.models.dtypes import resolve_weights
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -20,16 +20,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-model-len", type=int, default=2048, help="prompt + completion tokens per request")
     ap.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond the batch; more get 429")
     ap.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (0: none)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                    help="compute dtype (default: the fastest here; bf16 with --weights native)")
-    ap.add_argument("--no-throughput-gate", action="store_true",
-                    help="draft whenever the prefix scheduler's SPS curve says so, never switching a drafter off by "
-                         "measured speed: a seed's sampled output then does not depend on timing (the gate changes "
-                         "how many rounds a reply takes, hence the random stream; its law is exact either way)")
-    ap.add_argument("--weights", choices=WEIGHTS, default=None,
-                    help="native: a GGUF file's Q4_0/Q4_1/Q8_0 matrices stay as blocks (the default for GGUF on CPU); "
-                         "bf16/fp16/fp32: dequantised to that dtype")
-    ap.add_argument("--device", default="cpu")
+    add_target_arguments(ap)
 
 
 def build(args):

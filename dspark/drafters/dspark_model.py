@@ -38,6 +38,12 @@ def shared_weights(target) -> tuple[torch.Tensor, torch.Tensor]:
     return target.hf.get_input_embeddings().weight.detach(), target.hf.get_output_embeddings().weight.detach()
 
 
+def check_shared_weights(embed: torch.Tensor, head: torch.Tensor, vocab: int, width: int) -> None:
+    if embed.shape != (vocab, width) or head.shape != (vocab, width):
+        raise ValueError(f"the target's embedding {tuple(embed.shape)} / LM head {tuple(head.shape)} do not match "
+                         f"the drafter's vocabulary {vocab} and width {width}")
+
+
 class DSparkModel(nn.Module):
     def __init__(self, config: DSparkConfig):
         super().__init__()
@@ -73,10 +79,7 @@ class DSparkModel(nn.Module):
 
     def attach_weights(self, embed: torch.Tensor, head: torch.Tensor) -> "DSparkModel":
         """The frozen embedding [V, d] and LM head [V, d] (the target's, or a checkpoint's own copies)."""
-        c = self.config
-        if embed.shape != (c.vocab_size, c.hidden_size) or head.shape != (c.vocab_size, c.hidden_size):
-            raise ValueError(f"the target's embedding {tuple(embed.shape)} / LM head {tuple(head.shape)} do not match "
-                             f"the drafter's vocabulary {c.vocab_size} and width {c.hidden_size}")
+        check_shared_weights(embed, head, self.config.vocab_size, self.config.hidden_size)
         self.embed_weight, self.lm_head_weight = embed, head
         return self
 

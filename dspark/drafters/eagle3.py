@@ -31,7 +31,7 @@ from dspark.drafters.base import Drafter, Proposal
 from dspark.drafters.deepspec_format import _checkpoint_files, _rope_theta
 from dspark.drafters.dspark import choose_drafts, committed_context
 from dspark.drafters.dspark_layers import Linear, attend, rms_norm, rope
-from dspark.drafters.dspark_model import shared_weights
+from dspark.drafters.dspark_model import check_shared_weights, shared_weights
 from dspark.models.linear import linear
 
 ARCHITECTURE = "Qwen3Eagle3Model"
@@ -117,10 +117,7 @@ class Eagle3Model(nn.Module):
         self.lm_head_weight: torch.Tensor | None = None
 
     def attach_weights(self, embed: torch.Tensor, head: torch.Tensor) -> "Eagle3Model":
-        c = self.config
-        if embed.shape != (c.vocab_size, c.hidden_size) or head.shape != (c.vocab_size, c.hidden_size):
-            raise ValueError(f"embedding {tuple(embed.shape)} / LM head {tuple(head.shape)} do not match the "
-                             f"drafter's vocabulary {c.vocab_size} and width {c.hidden_size}")
+        check_shared_weights(embed, head, self.config.vocab_size, self.config.hidden_size)
         self.embed_weight, self.lm_head_weight = embed, head
         return self
 
