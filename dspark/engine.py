@@ -260,7 +260,7 @@ class Engine:
         path_nodes, counts, emitted = ops.rejection_sample(
             logits, torch.tensor([t for n in nodes for t in n], dtype=torch.int64, device=device), rnd.qo_indptr,
             flat_parents, draft_probs, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
-            offset=s.offset, max_nodes=max(len(n) for n in nodes), draft_vocab=draft_vocab)
+            offset=s.offset, max_nodes=max(len(n) for n in nodes), draft_vocab=draft_vocab, trusted=True)
         s.advance(rnd.qo_indptr)
         return path_nodes.cpu(), counts.cpu(), emitted.cpu()
 

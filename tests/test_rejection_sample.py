@@ -271,6 +271,27 @@ def test_bad_draft_vocabularies_are_refused(edit, match):
         ops.rejection_sample(**dict(batch, draft_probs=probs), draft_vocab=ids, seed=1, offset=0)
 
 
+def test_trusted_calls_skip_value_checks_only(backend):
+    """trusted=True (the engine's calls) gives the same results on valid inputs, still checks shapes, and
+    on the C++ kernel stays in bounds with values the checks would refuse."""
+    batch, _ = _random_batch(7, 40, 4, chain=False, stochastic=True)
+    device = device_of(backend)
+    seed = torch.arange(4) + 3
+    checked = cpu(ops.rejection_sample(**_to(device, batch), seed=seed.to(device), offset=1, backend=backend))
+    trusted = cpu(ops.rejection_sample(**_to(device, batch), seed=seed.to(device), offset=1, backend=backend,
+                                       trusted=True))
+    assert all(torch.equal(a, b) for a, b in zip(checked, trusted))
+    with pytest.raises(ValueError, match="draft_tokens"):
+        ops.rejection_sample(**_to(device, dict(batch, draft_tokens=batch["draft_tokens"][:-1])), seed=seed.to(device),
+                             offset=1, backend=backend, trusted=True)
+    if backend == "cpu":
+        bad = batch["draft_tokens"].clone()
+        bad[1] = 10**9
+        nodes, counts, tokens = ops.rejection_sample(**dict(batch, draft_tokens=bad), seed=seed, offset=1,
+                                                     backend="cpu", trusted=True)
+        assert ((tokens == -1) | ((tokens >= 0) & (tokens < 40))).all() and (counts >= 1).all()
+
+
 def test_greedy_requests_rows_of_draft_probs_are_never_read(backend):
     """Rows of greedy requests may hold anything (NaN, garbage): the results are those with zeros there."""
     batch, rnd = _random_batch(5, 40, 5, chain=False, stochastic=True)
