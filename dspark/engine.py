@@ -74,7 +74,6 @@ class Engine:
             eos.add(tokenizer.eos_token_id)
         self.eos_ids = eos
         self.waiting: list[Request] = []
-        self.running: list[Request] = []
         # One request order for every op of a round: the cache's rows. by_row[row] is the request there.
         self.by_row: list[Request | None] = [None] * max_batch
         self.rows = RowState(max_batch, model.device)
@@ -125,6 +124,11 @@ class Engine:
                 return True
         return False
 
+    @property
+    def running(self) -> list[Request]:
+        """The requests holding cache rows, in row order."""
+        return [r for r in self.by_row if r is not None]
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -134,28 +138,6 @@ class Engine:
         if self.running:
             events += self._decode_round()
         return events
-
-    def _sample(self, logits: torch.Tensor, nodes: list[list[int]], parents, draft_probs, requests: list[Request]):
-        """rejection_sample over the requests' nodes, every input on the model's device; the outputs
-        come back to the host once per round."""
-        counts = [len(n) for n in nodes]
-        offsets = [0]
-        for c in counts:
-            offsets.append(offsets[-1] + c)
-        params = [r.params for r in requests]
-
-        def on_device(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=logits.device)
-
-        path_nodes, num_accepted, tokens = ops.rejection_sample(
-            logits, on_device([t for n in nodes for t in n], torch.int64), on_device(offsets, torch.int32),
-            None if parents is None else parents.to(logits.device), draft_probs,
-            temperature=on_device([p.temperature for p in params], torch.float32),
-            top_k=on_device([p.top_k for p in params], torch.int32),
-            top_p=on_device([p.top_p for p in params], torch.float32),
-            seed=on_device([p.seed for p in params], torch.int64),
-            offset=on_device([r.rounds for r in requests], torch.int64), max_nodes=max(counts))
-        return path_nodes.cpu(), num_accepted.cpu(), tokens.cpu()
 
     def _prefill_waiting(self) -> list[Event]:
         admitted = []
@@ -179,6 +161,7 @@ class Engine:
             raise
 
     def _prefill(self, admitted: list[Request]) -> list[Event]:
+        admitted.sort(key=lambda r: r.row)  # the round's order: logits of last tokens come out row by row
         for request in admitted:
             self.cache.reserve(request.row, len(request.prompt) + request.params.max_tokens)
         start = time.perf_counter()
@@ -194,16 +177,18 @@ class Engine:
             self.hidden_cache.write(rnd.write_rows, rnd.write_slots, torch.cat(captured, dim=-1))
             for r in admitted:
                 self.hidden_cache.seqlens[r.row] = len(r.prompt)
-        _, _, tokens = self._sample(logits, [[r.prompt[-1]] for r in admitted], None, None, admitted)
+        for r in admitted:
+            self.rows.join(r.row, r.params, r.rounds)
+        first = (rnd.qo_indptr[1:] > rnd.qo_indptr[:-1]).to(torch.int32)  # one node (the last token) per prompt
+        _, _, tokens = self._verify(logits, torch.cat([first.new_zeros(1), first.cumsum(0, dtype=torch.int32)]),
+                                    [[r.prompt[-1]] for r in admitted], [None] * len(admitted), None, None)
         self.stats.prefill_time += time.perf_counter() - start
         self.stats.prompt_tokens += sum(len(r.prompt) for r in admitted)
         events = []
-        for i, r in enumerate(admitted):
+        for r in admitted:
             r.rounds += 1
-            self.running.append(r)
             self.by_row[r.row] = r
-            self.rows.join(r.row, r.params, r.rounds)
-            events.append(self._emit(r, [int(tokens[i, 0])]))
+            events.append(self._emit(r, [int(tokens[r.row, 0])]))
             if r.finish_reason is None and self.drafter is not None:
                 hidden_prompt = None if self.hidden_cache is None else self.hidden_cache.committed(r.row, 0, len(r.prompt))
                 self.drafter.start(r, hidden_prompt)
@@ -211,7 +196,7 @@ class Engine:
         return events
 
     def _decode_round(self) -> list[Event]:
-        requests = [r for r in self.by_row if r is not None and r.finish_reason is None]  # cache-row order
+        requests = self.running
         start = time.perf_counter()
         proposals = self._propose(requests)
         lengths = self.policy.choose(requests, proposals)
@@ -226,7 +211,7 @@ class Engine:
         if self.hidden_cache is not None:
             self.hidden_cache.write(rnd.write_rows, rnd.write_slots, torch.cat(captured, dim=-1))
         # Rows are in the round's order and idle rows have no tokens: every hidden state is a running node.
-        path_nodes, counts, emitted = self._verify(self.model.logits(hidden), rnd, nodes, parents,
+        path_nodes, counts, emitted = self._verify(self.model.logits(hidden), rnd.qo_indptr, nodes, parents,
                                                    *self._draft_probs(requests, proposals, nodes))
         self._rollback(path_nodes, counts)
         verified = time.perf_counter()
@@ -248,7 +233,8 @@ class Engine:
         self._retire_finished()
         return events
 
-    def _verify(self, logits: torch.Tensor, rnd, nodes: list[list[int]], parents, draft_probs, draft_vocab):
+    def _verify(self, logits: torch.Tensor, qo_indptr: torch.Tensor, nodes: list[list[int]], parents, draft_probs,
+                draft_vocab):
         """rejection_sample over every cache row (idle ones have n_r = 0) with the rows' persistent
         sampling state; the outputs, row-indexed, come back to the host once."""
         device = logits.device
@@ -258,10 +244,10 @@ class Engine:
                                         dtype=torch.int32, device=device)
         s = self.rows
         path_nodes, counts, emitted = ops.rejection_sample(
-            logits, torch.tensor([t for n in nodes for t in n], dtype=torch.int64, device=device), rnd.qo_indptr,
+            logits, torch.tensor([t for n in nodes for t in n], dtype=torch.int64, device=device), qo_indptr,
             flat_parents, draft_probs, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
             offset=s.offset, max_nodes=max(len(n) for n in nodes), draft_vocab=draft_vocab, trusted=True)
-        s.advance(rnd.qo_indptr)
+        s.advance(qo_indptr)
         return path_nodes.cpu(), counts.cpu(), emitted.cpu()
 
     def _propose(self, requests: list[Request]) -> list[Proposal]:
@@ -363,9 +349,8 @@ class Engine:
 
     def _release_row(self, r: Request) -> None:
         """The request's cache row (and blocks, and side-cache length) back to the free list."""
-        if self.by_row[r.row] is r:
-            self.by_row[r.row] = None
-            self.rows.leave(r.row)
+        self.by_row[r.row] = None
+        self.rows.leave(r.row)
         self.cache.free(r.row)
         if self.hidden_cache is not None:
             self.hidden_cache.seqlens[r.row] = 0
@@ -373,7 +358,6 @@ class Engine:
 
     def _retire_finished(self) -> None:
         for r in [r for r in self.running if r.finish_reason is not None]:
-            self.running.remove(r)
             if self.drafter is not None:
                 self.drafter.finish(r)
             self._release_row(r)
