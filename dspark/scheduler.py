@@ -93,31 +93,46 @@ class ConfidenceThreshold(VerificationPolicy):
 class DraftGate:
     """Whether a request drafts at all this round. Drafting costs time even when the scheduler then
     verifies nothing, so a request whose last first-draft survival a_1 would not pay for one verified
-    token at the current batch size skips drafting, probing again every `probe_every` rounds to
-    refresh a_1. Lossless: the decision reads only earlier rounds."""
+    token at the current batch size skips drafting, probing again after `probe_every` rounds; each
+    probe of a request that still does not pay doubles its wait (up to `max_wait`). A request with no
+    a_1 of its own yet takes the running mean of its predecessors' (all draft until one is known), so
+    a batch of new requests does not pay a drafting round that earlier ones showed to be wasted.
+    Lossless: the decision reads only earlier rounds."""
 
-    def __init__(self, sps, probe_every: int = 8):
-        self.sps, self.probe_every = sps, probe_every
+    def __init__(self, sps, probe_every: int = 8, max_wait: int = 64, prior_smoothing: float = 0.1):
+        self.sps, self.probe_every, self.max_wait, self.prior_smoothing = sps, probe_every, max_wait, prior_smoothing
         self.first: dict[int, float] = {}  # request id -> a_1 of its last proposal
         self.idle: dict[int, int] = {}     # request id -> rounds since it last drafted
+        self.wait: dict[int, int] = {}     # request id -> rounds between its probes
+        self.prior: float | None = None    # running mean of observed a_1
 
     def should_draft(self, requests: list) -> list[bool]:
         r = len(requests)
         ids = {q.id for q in requests}
-        self.first = {k: v for k, v in self.first.items() if k in ids}
+        for table in (self.first, self.idle, self.wait):
+            for key in [k for k in table if k not in ids]:
+                del table[key]
+        pays_at = r * self.sps(r) / self.sps(r + 1) - r  # the a_1 above which one verified token pays
         decisions = []
         for q in requests:
-            a, idle = self.first.get(q.id), self.idle.get(q.id, 0)
-            draft = a is None or (r + a) * self.sps(r + 1) > r * self.sps(r) or idle + 1 >= self.probe_every
-            self.idle[q.id] = 0 if draft else idle + 1
+            a = self.first.get(q.id, self.prior)
+            if a is None or a > pays_at:
+                draft = True
+                self.wait[q.id] = self.probe_every
+            else:
+                wait = self.wait.get(q.id, self.probe_every)
+                draft = self.idle.get(q.id, 0) + 1 >= wait
+                if draft:
+                    self.wait[q.id] = min(2 * wait, self.max_wait)
+            self.idle[q.id] = 0 if draft else self.idle.get(q.id, 0) + 1
             decisions.append(draft)
-        self.idle = {k: v for k, v in self.idle.items() if k in ids}
         return decisions
 
     def observe(self, requests: list, survivals: list[list[float]]) -> None:
         for q, a in zip(requests, survivals):
             if a:
                 self.first[q.id] = a[0]
+                self.prior = a[0] if self.prior is None else self.prior + self.prior_smoothing * (a[0] - self.prior)
 
 
 class ThroughputGate:

@@ -176,13 +176,15 @@ class RecordingDrafter(NgramDrafter):
             self.seen[request.id].append(hidden.clone())
 
 
-def test_drafters_receive_the_target_hidden_states_of_every_committed_token(tiny):
+@pytest.mark.parametrize("prefill_budget", [512, 3])
+def test_drafters_receive_the_target_hidden_states_of_every_committed_token(tiny, prefill_budget):
     from dspark.batch import build_round
     from dspark.cache import KVCache
 
     _, model = tiny
     drafter = RecordingDrafter()
-    engine = Engine(model, drafter=drafter, max_batch=4, max_seq_len=128, block_size=8)
+    engine = Engine(model, drafter=drafter, max_batch=4, max_seq_len=128, block_size=8,
+                    max_prefill_tokens=prefill_budget)
     requests = engine.generate(PROMPTS[:4], SamplingParams(max_tokens=20, ignore_eos=True))
     c = model.config
     for request in requests:
@@ -223,3 +225,62 @@ def test_engine_takes_typed_drafters_and_policies(tiny):
         Engine(model, drafter=NgramDrafter(2), policy=lambda r, p: [0] * len(r), max_seq_len=64)
     engine = Engine(model, drafter=NgramDrafter(3), max_seq_len=64)
     assert isinstance(engine.policy, FixedLength) and engine.policy.num_draft == 3
+
+
+@pytest.mark.parametrize("budget", [1, 4, 9, 512])
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_chunked_prefill_matches_transformers_generate(tiny, budget, block_size):
+    """A step prefills at most `budget` prompt tokens (long prompts in chunks over their cached prefix) while
+    earlier requests decode: the output is transformers' greedy generate, with and without a drafter."""
+    hf, model = tiny
+    with torch.no_grad():
+        expected = [hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]
+    sizes = []
+    forward = model.forward
+
+    def recording_forward(cache, rnd, capture_layers=()):
+        sizes.append(int(rnd.tokens.shape[0]))
+        return forward(cache, rnd, capture_layers)
+
+    model.forward = recording_forward
+    try:
+        for max_batch in (2, 8):
+            sizes.clear()
+            engine = Engine(model, max_batch=max_batch, max_seq_len=128, block_size=block_size,
+                            max_prefill_tokens=budget)
+            assert generated(engine, PROMPTS) == expected
+            assert engine.stats.prompt_tokens == sum(map(len, PROMPTS))
+            assert not engine.prefilling and sorted(engine.free_rows) == list(range(max_batch))
+            # A forward holds at most the budget of prompt tokens, or one token per decoding request.
+            assert max(sizes) <= max(budget, max_batch)
+            speculative = Engine(model, drafter=DraftModelDrafter.self_draft(model, 1, 3), max_batch=max_batch,
+                                 max_seq_len=128, block_size=block_size, max_prefill_tokens=budget)
+            assert generated(speculative, PROMPTS) == expected
+    finally:
+        model.forward = forward
+
+
+def test_chunked_prefill_rounds_interleave_with_decoding(tiny):
+    _, model = tiny
+    engine = Engine(model, max_batch=4, max_seq_len=128, max_prefill_tokens=4)
+    long_id = engine.add_request(PROMPTS[4], GREEDY)  # 14 tokens: chunks of 4, 4, 4, 2
+    short_id = engine.add_request(PROMPTS[5], GREEDY)  # 2 tokens: waits for the long prompt's first chunk
+    events = engine.step()
+    assert not events and [r.id for r in engine.prefilling] == [long_id] and engine.prefilling[0].prefilled == 4
+    assert int(engine.cache.seqlens[engine.prefilling[0].row]) == 4
+    steps = 1
+    while not any(e.request_id == long_id for e in events):
+        events = engine.step()
+        steps += 1
+    assert steps == 4  # the short prompt never jumped ahead of the long one's chunks, nor delayed them
+    assert not engine.prefilling and {r.id for r in engine.running} == {long_id, short_id}
+    # An abort while a prompt is being prefilled frees its row.
+    third = engine.add_request(PROMPTS[1] * 2, GREEDY)
+    engine.step()
+    assert [r.id for r in engine.prefilling] == [third]
+    row = engine.prefilling[0].row
+    assert engine.abort(third) and not engine.prefilling and row in engine.free_rows
+    assert int(engine.cache.seqlens[row]) == 0 and engine.finished[third].finish_reason == "abort"
+    with pytest.raises(ValueError, match="max_prefill_tokens"):
+        Engine(model, max_seq_len=64, max_prefill_tokens=0)

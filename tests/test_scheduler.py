@@ -180,13 +180,26 @@ def test_profile_cli_prints_and_plots(tmp_path, monkeypatch, capsys):
 def test_draft_gate_skips_drafting_that_cannot_pay_and_probes():
     from dspark.scheduler import DraftGate
 
-    steep = SPSCurve([1, 2], [17.5, 10.5])  # one verified draft pays only if a_1 > 0.67
-    for a, expected in ((0.9, [True] * 8), (0.2, [False, False, False, True] * 2)):
-        gate = DraftGate(steep, probe_every=4)
-        assert gate.should_draft([Req(0)]) == [True]  # nothing known yet
-        gate.observe([Req(0)], [[a, a / 2]])
-        # a confident request keeps drafting; the other probes every 4th round
-        assert [gate.should_draft([Req(0)])[0] for _ in range(8)] == expected
+    steep = SPSCurve([1, 2, 3], [17.5, 10.5, 7.0])  # one verified draft pays at batch 1 only if a_1 > 0.67
+    gate = DraftGate(steep, probe_every=4, max_wait=8)
+    assert gate.should_draft([Req(0)]) == [True]  # nothing known yet
+    gate.observe([Req(0)], [[0.9, 0.45]])
+    assert [gate.should_draft([Req(0)])[0] for _ in range(8)] == [True] * 8  # a confident request keeps drafting
+    gate.observe([Req(0)], [[0.2, 0.1]])
+    # a hopeless one probes after 4 rounds, then waits twice as long, up to max_wait
+    rounds = [gate.should_draft([Req(0)])[0] for _ in range(4 + 8 + 8)]
+    assert rounds == [False] * 3 + [True] + [False] * 7 + [True] + [False] * 7 + [True]
+    gate.observe([Req(0)], [[0.95]])  # a probe that pays: back to drafting every round, waits reset
+    assert gate.should_draft([Req(0)]) == [True] and gate.wait[0] == 4
+    gate.observe([Req(0)], [[0.1]])
+    assert [gate.should_draft([Req(0)])[0] for _ in range(4)] == [False] * 3 + [True]
+    # new requests take their predecessors' running mean a_1: here, not worth a first drafting round
+    fresh = DraftGate(steep, probe_every=4)
+    fresh.observe([Req(0)], [[0.3]])
+    assert fresh.should_draft([Req(1)]) == [False] and fresh.prior == pytest.approx(0.3)
+    fresh.observe([Req(0)], [[0.9]])
+    assert fresh.prior == pytest.approx(0.36)
+    assert set(fresh.first) == {0} and fresh.should_draft([Req(2)]) == [False] and set(fresh.first) == set()
     assert PrefixScheduler(steep, gate=False).should_draft([Req(0), Req(1)]) == [True, True]
 
 

@@ -66,7 +66,8 @@ class EngineLoop:
         return self._incoming.qsize() + len(self.engine.waiting)
 
     def running(self) -> int:
-        return len(self.engine.running)
+        """Requests holding cache rows: decoding, or with a long prompt still being prefilled."""
+        return len(self.engine.running) + len(self.engine.prefilling)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, timeout_s: float | None) -> Handle:
         if self.waiting() >= self.max_waiting:
