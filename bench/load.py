@@ -6,8 +6,9 @@ side in one run against plain decoding of the same engine.
 
 For each (policy, concurrency): aggregate tokens/s (all tokens / wall time), per-user tokens/s (each
 request's tokens over the time from the batch's start to its own finish, averaged), the same two for
-the decoding phase alone (after the first step, which prefills every prompt: on this CPU prefill is
-most of the wall time from 8 requests on, the same for every policy) and the average verification
+the decoding phase alone (wall time less the engine's prefill steps, which run 512 prompt tokens at a
+time between decoding rounds: on this CPU prefill is most of the wall time from 8 requests on, the
+same for every policy) and the average verification
 budget (draft tokens verified per request per round). Writes <out>.json and
 <out>-throughput.png (aggregate against per-user tokens/s) and <out>-budget.png (budget against
 concurrency).
@@ -88,8 +89,8 @@ def run(model, tokenizer, drafter, policy, prompts, params) -> dict:
     wall = time.perf_counter() - start
     tokens = sum(len(r.generated) for r in requests)
     per_user = [len(r.generated) / finished[r.id] for r in requests]
-    # Decoding alone: every prompt is prefilled in the first step (max_batch = requests), which gives
-    # each its first token; the policies differ only in what follows.
+    # Decoding alone: wall time less the prefill steps (each gives its finished prompts their first
+    # token); the policies differ only in what follows.
     prefill = engine.stats.prefill_time
     decoded = [len(r.generated) - 1 for r in requests]
     per_user_decode = [n / max(1e-9, finished[r.id] - prefill) for n, r in zip(decoded, requests)]

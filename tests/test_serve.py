@@ -287,3 +287,20 @@ def test_a_non_streaming_client_that_leaves_aborts_its_request(tiny, tokenizer):
         assert s.loop.ended["abort"] == 1 and not s.engine.running and s.engine.free_rows == [0]
     finally:
         s.close()
+
+
+def test_serve_command_builds_its_engine_from_the_flags(tmp_path, tokenizer):
+    from dspark.cli import parser, serve
+
+    path = tmp_path / "m"
+    write_tiny_llama(path, len(tokenizer), hidden=32, layers=2, heads=2, kv_heads=1, max_positions=256)
+    tokenizer.save_pretrained(str(path))
+    args = parser().parse_args(["serve", "--model", str(path), "--drafter", "none", "--weights", "fp32",
+                                "--max-batch", "3", "--max-model-len", "64", "--max-prefill-tokens", "7"])
+    app, loop = serve.build(args)
+    try:
+        engine = loop.engine
+        assert engine.max_prefill_tokens == 7 and engine.cache.rows == 3 and engine.drafter is None
+        assert engine.model.dtype == torch.float32 and engine.max_seq_len >= 64
+    finally:
+        loop.stop()

@@ -18,6 +18,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--max-batch", type=int, default=16, help="requests decoded together (cache rows)")
     ap.add_argument("--max-model-len", type=int, default=2048, help="prompt + completion tokens per request")
+    ap.add_argument("--max-prefill-tokens", type=int, default=512,
+                    help="prompt tokens prefilled per engine step (longer prompts in chunks; running requests "
+                         "decode between them)")
     ap.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond the batch; more get 429")
     ap.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (0: none)")
     add_target_arguments(ap)
@@ -40,7 +43,7 @@ def build(args):
         policy = PrefixScheduler(load_or_measure_sps(model, args.max_batch * (1 + num_draft)),
                                  throughput_gate=not args.no_throughput_gate)
     engine = Engine(model, tokenizer, drafter, policy=policy, max_batch=args.max_batch,
-                    max_seq_len=args.max_model_len + num_draft + 8)
+                    max_seq_len=args.max_model_len + num_draft + 8, max_prefill_tokens=args.max_prefill_tokens)
     name = args.served_model_name or (args.model or "SmolLM2-135M-Instruct")
     limits = Limits(name, model.config.vocab_size, args.max_model_len)
     loop = EngineLoop(engine, max_waiting=args.max_waiting)
