@@ -15,7 +15,8 @@ namespace dspark::cpu {
 namespace {
 
 constexpr int kLanes = 8;
-constexpr int kRowsPerTile = 4;  // x rows per pass over a pair of W rows: 8 accumulators + 3 operands
+constexpr int kRowsPerTile = 4;  // x rows per pass over W
+constexpr int kMaxWRows = 4;     // W rows per pass
 
 #ifdef DSPARK_SBL_AVX2
 using Vec = __m256;
@@ -62,31 +63,34 @@ inline float lanes_sum(Vec v) {
 }
 #endif
 
-// dots[m][j] = x_m . w_j for MR rows of x (fp32, stride k) and the W rows w0, w1. The tail past the
-// last full vector is added with explicit fmaf so that no instantiation contracts it differently.
-template <int MR, typename W>
-inline void tile_dots(const float* x, int64_t k, const W* w0, const W* w1, float dots[][2]) {
-  Vec a0[MR], a1[MR];
-  for (int m = 0; m < MR; ++m) a0[m] = a1[m] = zero();
+// dots[m][j] = x_m . w_j for MR rows of x (fp32, stride k) and NR rows of W. Every (m, j) is one fmadd
+// chain over k in lane order, then the lane sum, then the tail with explicit fmaf (so that no
+// instantiation contracts it differently): the same operations in the same order whatever MR and NR,
+// so a row's result never depends on the rows beside it. Few x rows take more W rows per pass: with
+// one accumulator chain per W row, one x row against two W rows waits on the fmadd latency.
+template <int MR, int NR, typename W>
+inline void tile_dots(const float* x, int64_t k, const W* const* w, float dots[][kMaxWRows]) {
+  Vec acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NR; ++j) acc[m][j] = zero();
   const int64_t full = k - k % kLanes;
   for (int64_t e = 0; e < full; e += kLanes) {
-    prefetch_ahead(w0 + e);
-    prefetch_ahead(w1 + e);
-    const Vec v0 = load(w0 + e), v1 = load(w1 + e);
+    Vec v[NR];
+    for (int j = 0; j < NR; ++j) {
+      prefetch_ahead(w[j] + e);
+      v[j] = load(w[j] + e);
+    }
     for (int m = 0; m < MR; ++m) {
       const Vec xv = load(x + m * k + e);
-      a0[m] = fmadd(v0, xv, a0[m]);
-      a1[m] = fmadd(v1, xv, a1[m]);
+      for (int j = 0; j < NR; ++j) acc[m][j] = fmadd(v[j], xv, acc[m][j]);
     }
   }
   for (int m = 0; m < MR; ++m) {
-    float s0 = lanes_sum(a0[m]), s1 = lanes_sum(a1[m]);
-    for (int64_t e = full; e < k; ++e) {
-      s0 = std::fmaf(to_float(w0[e]), x[m * k + e], s0);
-      s1 = std::fmaf(to_float(w1[e]), x[m * k + e], s1);
+    for (int j = 0; j < NR; ++j) {
+      float s = lanes_sum(acc[m][j]);
+      for (int64_t e = full; e < k; ++e) s = std::fmaf(to_float(w[j][e]), x[m * k + e], s);
+      dots[m][j] = s;
     }
-    dots[m][0] = s0;
-    dots[m][1] = s1;
   }
 }
 
@@ -96,27 +100,39 @@ void run(const SmallBatchLinearParams& p, const float* x) {
   const W* weight = static_cast<const W*>(p.weight);
   const W* bias = static_cast<const W*>(p.bias);
   X* y = static_cast<X*>(p.y);
-  const int64_t pairs = (n_out + 1) / 2;
+  const int64_t groups = (n_out + kMaxWRows - 1) / kMaxWRows;
   // Each thread streams one contiguous run of W rows (static schedule), which the prefetcher follows.
-#pragma omp parallel for schedule(static) if (pairs * k * rows >= 16384)
-  for (int64_t pair = 0; pair < pairs; ++pair) {
-    const int64_t n0 = 2 * pair, n1 = std::min(n0 + 1, n_out - 1);  // an odd last row pairs with itself
-    const W* w0 = weight + n0 * k;
-    const W* w1 = weight + n1 * k;
-    const float b0 = bias ? to_float(bias[n0]) : 0.f, b1 = bias ? to_float(bias[n1]) : 0.f;
-    float dots[kRowsPerTile][2];
+#pragma omp parallel for schedule(static) if (groups * k * rows >= 8192)
+  for (int64_t g = 0; g < groups; ++g) {
+    const W* w[kMaxWRows];
+    int64_t n[kMaxWRows];
+    for (int j = 0; j < kMaxWRows; ++j) {
+      n[j] = std::min(g * kMaxWRows + j, n_out - 1);  // past the last row: repeat it, written once
+      w[j] = weight + n[j] * k;
+    }
+    float dots[kRowsPerTile][kMaxWRows];
     for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerTile) {
       const int64_t mr = std::min<int64_t>(kRowsPerTile, rows - m0);
       const float* xt = x + m0 * k;
-      switch (mr) {
-        case 4: tile_dots<4>(xt, k, w0, w1, dots); break;
-        case 3: tile_dots<3>(xt, k, w0, w1, dots); break;
-        case 2: tile_dots<2>(xt, k, w0, w1, dots); break;
-        default: tile_dots<1>(xt, k, w0, w1, dots); break;
+      switch (mr) {  // up to 8 accumulators: 4 x 2 (twice, for 4 W rows), 3 x 2 (twice), 2 x 4, 1 x 4
+        case 4:
+        case 3: {
+          float half[kRowsPerTile][kMaxWRows];
+          for (int j0 = 0; j0 < kMaxWRows; j0 += 2) {
+            if (mr == 4) tile_dots<4, 2>(xt, k, w + j0, half);
+            else tile_dots<3, 2>(xt, k, w + j0, half);
+            for (int m = 0; m < mr; ++m) dots[m][j0] = half[m][0], dots[m][j0 + 1] = half[m][1];
+          }
+          break;
+        }
+        case 2: tile_dots<2, 4>(xt, k, w, dots); break;
+        default: tile_dots<1, 4>(xt, k, w, dots); break;
       }
       for (int64_t m = 0; m < mr; ++m) {
-        y[(m0 + m) * n_out + n0] = from_float<X>(dots[m][0] + b0);
-        if (n1 != n0) y[(m0 + m) * n_out + n1] = from_float<X>(dots[m][1] + b1);
+        for (int j = 0; j < kMaxWRows; ++j) {
+          if (j > 0 && n[j] == n[j - 1]) continue;
+          y[(m0 + m) * n_out + n[j]] = from_float<X>(dots[m][j] + (bias ? to_float(bias[n[j]]) : 0.f));
+        }
       }
     }
   }
