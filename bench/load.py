@@ -80,10 +80,12 @@ def run(model, tokenizer, drafter, policy, prompts, params) -> dict:
                     max_seq_len=max(map(len, prompts)) + params.max_tokens + 16)
     start = time.perf_counter()
     finished: dict[int, float] = {}
+    prefill_before: dict[int, float] = {}  # the engine's prefill seconds up to each request's finish
 
     def on_event(event):
         if event.finished:
             finished[event.request_id] = time.perf_counter() - start
+            prefill_before[event.request_id] = engine.stats.prefill_time
 
     requests = engine.generate(prompts, [params] * len(prompts), on_event=on_event)
     wall = time.perf_counter() - start
@@ -93,7 +95,7 @@ def run(model, tokenizer, drafter, policy, prompts, params) -> dict:
     # token); the policies differ only in what follows.
     prefill = engine.stats.prefill_time
     decoded = [len(r.generated) - 1 for r in requests]
-    per_user_decode = [n / max(1e-9, finished[r.id] - prefill) for n, r in zip(decoded, requests)]
+    per_user_decode = [n / (finished[r.id] - prefill_before[r.id]) if n else 0.0 for n, r in zip(decoded, requests)]
     summary = engine.stats.summary(requests)
     return {"aggregate_tokens_per_s": tokens / wall, "per_user_tokens_per_s": sum(per_user) / len(per_user),
             "decode_tokens_per_s": sum(decoded) / (wall - prefill),

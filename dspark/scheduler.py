@@ -95,8 +95,10 @@ class DraftGate:
     verifies nothing, so a request whose last first-draft survival a_1 would not pay for one verified
     token at the current batch size skips drafting, probing again after `probe_every` rounds; each
     probe of a request that still does not pay doubles its wait (up to `max_wait`). A request with no
-    a_1 of its own yet takes the running mean of its predecessors' (all draft until one is known), so
-    a batch of new requests does not pay a drafting round that earlier ones showed to be wasted.
+    a_1 of its own yet takes `prior`, a running mean over earlier requests of the first a_1 each showed
+    (every request drafts until one is known), so a batch of new requests does not pay a drafting round
+    that earlier ones showed to be wasted; the price is that a new request which would pay, arriving
+    after ones that did not, first drafts at its first probe.
     Lossless: the decision reads only earlier rounds."""
 
     def __init__(self, sps, probe_every: int = 8, max_wait: int = 64, prior_smoothing: float = 0.1):
@@ -131,8 +133,9 @@ class DraftGate:
     def observe(self, requests: list, survivals: list[list[float]]) -> None:
         for q, a in zip(requests, survivals):
             if a:
+                if q.id not in self.first:  # one term per request, however often it drafts
+                    self.prior = a[0] if self.prior is None else self.prior + self.prior_smoothing * (a[0] - self.prior)
                 self.first[q.id] = a[0]
-                self.prior = a[0] if self.prior is None else self.prior + self.prior_smoothing * (a[0] - self.prior)
 
 
 class ThroughputGate:

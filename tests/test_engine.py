@@ -264,17 +264,18 @@ def test_chunked_prefill_matches_transformers_generate(tiny, budget, block_size)
 def test_chunked_prefill_rounds_interleave_with_decoding(tiny):
     _, model = tiny
     engine = Engine(model, max_batch=4, max_seq_len=128, max_prefill_tokens=4)
+    short_id = engine.add_request(PROMPTS[5], GREEDY)  # 2 tokens: prefilled and decoding after one step
+    engine.step()
     long_id = engine.add_request(PROMPTS[4], GREEDY)  # 14 tokens: chunks of 4, 4, 4, 2
-    short_id = engine.add_request(PROMPTS[5], GREEDY)  # 2 tokens: waits for the long prompt's first chunk
-    events = engine.step()
-    assert not events and [r.id for r in engine.prefilling] == [long_id] and engine.prefilling[0].prefilled == 4
-    assert int(engine.cache.seqlens[engine.prefilling[0].row]) == 4
-    steps = 1
-    while not any(e.request_id == long_id for e in events):
+    chunked = []
+    for _ in range(4):
         events = engine.step()
-        steps += 1
-    assert steps == 4  # the short prompt never jumped ahead of the long one's chunks, nor delayed them
-    assert not engine.prefilling and {r.id for r in engine.running} == {long_id, short_id}
+        chunked.append([r.prefilled for r in engine.prefilling])
+        # the running request emits a token every step while the long prompt is being prefilled
+        assert any(e.request_id == short_id and len(e.new_tokens) == 1 for e in events)
+    assert chunked == [[4], [8], [12], []] and {r.id for r in engine.running} == {short_id, long_id}
+    # two tokens in the first step (prefill, then a decoding round), one in each of the next four
+    assert not engine.finished and len([t for t in engine.running if t.id == short_id][0].generated) == 6
     # An abort while a prompt is being prefilled frees its row.
     third = engine.add_request(PROMPTS[1] * 2, GREEDY)
     engine.step()
@@ -284,3 +285,48 @@ def test_chunked_prefill_rounds_interleave_with_decoding(tiny):
     assert int(engine.cache.seqlens[row]) == 0 and engine.finished[third].finish_reason == "abort"
     with pytest.raises(ValueError, match="max_prefill_tokens"):
         Engine(model, max_seq_len=64, max_prefill_tokens=0)
+
+
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_a_failing_prefill_chunk_ends_only_its_request(tiny, block_size):
+    hf, model = tiny
+    expected = generated(Engine(model, max_batch=1, max_seq_len=128), PROMPTS[:1])[0]
+    engine = Engine(model, max_batch=2, max_seq_len=128, block_size=block_size, max_prefill_tokens=4)
+    ok_id = engine.add_request(PROMPTS[0], GREEDY)  # 7 tokens: two chunks
+    engine.step()
+    engine.step()
+    long_id = engine.add_request(PROMPTS[4], GREEDY)
+    engine.step()  # the long prompt's first chunk
+    forward = model.forward
+
+    def failing_forward(cache, rnd, capture_layers=()):
+        if rnd.prefill:
+            raise RuntimeError("out of memory (simulated)")
+        return forward(cache, rnd, capture_layers)
+
+    model.forward = failing_forward
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            engine.step()
+    finally:
+        model.forward = forward
+    failed = engine.finished[long_id]
+    assert failed.finish_reason == "error" and not engine.prefilling and failed.row in engine.free_rows
+    assert int(engine.cache.seqlens[failed.row]) == 0
+    while engine.has_work():
+        engine.step()
+    assert engine.finished[ok_id].generated == expected and sorted(engine.free_rows) == [0, 1]
+
+
+def test_chunked_prefill_through_the_transformers_adapter_and_sampling(tiny):
+    from dspark.models.hf_adapter import HFCausalLM
+
+    hf, model = tiny
+    adapter = HFCausalLM(hf)
+    plain = generated(Engine(model, max_batch=8, max_seq_len=128), PROMPTS)
+    assert generated(Engine(adapter, max_batch=3, max_seq_len=128, max_prefill_tokens=5), PROMPTS) == plain
+    sampled = [SamplingParams(max_tokens=16, temperature=1.0, seed=s, ignore_eos=True) for s in range(len(PROMPTS))]
+    whole = [r.generated for r in Engine(model, max_batch=8, max_seq_len=128).generate(PROMPTS, sampled)]
+    chunked = [r.generated for r in Engine(model, max_batch=8, max_seq_len=128, max_prefill_tokens=3)
+               .generate(PROMPTS, sampled)]
+    assert chunked == whole and len({tuple(t) for t in whole}) > 1

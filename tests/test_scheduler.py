@@ -196,10 +196,12 @@ def test_draft_gate_skips_drafting_that_cannot_pay_and_probes():
     # new requests take their predecessors' running mean a_1: here, not worth a first drafting round
     fresh = DraftGate(steep, probe_every=4)
     fresh.observe([Req(0)], [[0.3]])
-    assert fresh.should_draft([Req(1)]) == [False] and fresh.prior == pytest.approx(0.3)
-    fresh.observe([Req(0)], [[0.9]])
+    assert fresh.should_draft([Req(0), Req(1)]) == [False, False] and fresh.prior == pytest.approx(0.3)
+    fresh.observe([Req(0)], [[0.9]])  # the same request again: the prior counts each request once
+    assert fresh.prior == pytest.approx(0.3)
+    fresh.observe([Req(5)], [[0.9]])
     assert fresh.prior == pytest.approx(0.36)
-    assert set(fresh.first) == {0} and fresh.should_draft([Req(2)]) == [False] and set(fresh.first) == set()
+    assert set(fresh.first) == {0, 5} and fresh.should_draft([Req(2)]) == [False] and set(fresh.first) == set()
     assert PrefixScheduler(steep, gate=False).should_draft([Req(0), Req(1)]) == [True, True]
 
 
