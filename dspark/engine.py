@@ -8,7 +8,6 @@ the baseline of every speedup.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Iterator
 
@@ -19,32 +18,10 @@ from dspark.batch import RowState, build_round
 from dspark.cache import KVCache, SideCache
 from dspark.drafters.base import Drafter, Proposal
 from dspark.models.llama import LlamaModel
+from dspark.request import Event, Request  # noqa: F401 (Request, Event: re-exported)
 from dspark.sampling_params import SamplingParams
 from dspark.scheduler import FixedLength, VerificationPolicy
-from dspark.stats import RequestStats, RunStats
-
-
-@dataclasses.dataclass
-class Request:
-    id: int
-    prompt: list[int]
-    params: SamplingParams
-    row: int = -1
-    tokens: list[int] = dataclasses.field(default_factory=list)  # prompt + emitted; the last is the anchor
-    prefilled: int = 0  # prompt tokens already in the cache (a long prompt is prefilled in chunks)
-    generated: list[int] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None
-    text: str = ""
-    rounds: int = 0
-    verified: int = 0  # draft nodes verified in the last round (what the policy admitted, within max_tokens)
-    stats: RequestStats = dataclasses.field(default_factory=RequestStats)
-
-
-@dataclasses.dataclass
-class Event:
-    request_id: int
-    new_tokens: list[int]
-    finished: bool
+from dspark.stats import RunStats
 
 
 class Engine:
