@@ -27,6 +27,7 @@ _LAZY = {
     "AsyncScheduler": "dspark.scheduler",
     "load_model": "dspark.models",
     "load_tokenizer": "dspark.models",
+    "TargetModel": "dspark.models",
 }
 
 

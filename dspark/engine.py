@@ -17,7 +17,7 @@ from dspark import ops
 from dspark.batch import RowState, build_round
 from dspark.cache import KVCache, SideCache
 from dspark.drafters.base import Drafter, Proposal
-from dspark.models.llama import LlamaModel
+from dspark.models.target import TargetModel
 from dspark.request import Event, Request  # noqa: F401 (Request, Event: re-exported)
 from dspark.sampling_params import SamplingParams
 from dspark.scheduler import FixedLength, VerificationPolicy
@@ -25,7 +25,7 @@ from dspark.stats import RunStats
 
 
 class Engine:
-    def __init__(self, model: LlamaModel, tokenizer=None, drafter=None, policy=None, max_batch: int = 8,
+    def __init__(self, model: TargetModel, tokenizer=None, drafter=None, policy=None, max_batch: int = 8,
                  max_seq_len: int = 2048, block_size: int | None = None, max_prefill_tokens: int = 512):
         """policy: how many draft nodes each request verifies; default FixedLength(drafter.num_draft). The
         DSpark prefix scheduler needs the target's SPS curve: measure it explicitly
@@ -35,6 +35,9 @@ class Engine:
         chunks, and a bounded prefill keeps its activations in cache: on the 2-core CPU one 7,538-token
         prefill of 64 prompts ran at 348 tokens/s, steps of 512 tokens at 473. A drafter's own pass over
         a new prompt (its context) is not chunked: it runs whole at the request's first proposal."""
+        if not isinstance(model, TargetModel):
+            raise TypeError(f"model must be a dspark.models.TargetModel (LlamaModel, HFCausalLM or your own), "
+                            f"got {type(model).__name__}")
         c = model.config
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")

@@ -330,3 +330,34 @@ def test_chunked_prefill_through_the_transformers_adapter_and_sampling(tiny):
     chunked = [r.generated for r in Engine(model, max_batch=8, max_seq_len=128, max_prefill_tokens=3)
                .generate(PROMPTS, sampled)]
     assert chunked == whole and len({tuple(t) for t in whole}) > 1
+
+
+def test_engine_takes_any_target_model_and_refuses_other_objects(tiny):
+    from dspark.models import TargetModel
+
+    _, model = tiny
+
+    class Delegating(TargetModel):  # a serving stack's own target: the interface, nothing else
+        config = model.config
+
+        @property
+        def dtype(self):
+            return model.dtype
+
+        @property
+        def device(self):
+            return model.device
+
+        def forward(self, cache, rnd, capture_layers=()):
+            return model.forward(cache, rnd, capture_layers)
+
+        def logits(self, out):
+            return model.logits(out)
+
+        def shared_weights(self):
+            return model.shared_weights()
+
+    plain = generated(Engine(model, max_batch=8, max_seq_len=128), PROMPTS)
+    assert generated(Engine(Delegating(), drafter=NgramDrafter(4), max_batch=3, max_seq_len=128), PROMPTS) == plain
+    with pytest.raises(TypeError, match="model must be a dspark.models.TargetModel"):
+        Engine(model.weights, max_seq_len=64)

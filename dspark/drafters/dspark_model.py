@@ -32,10 +32,8 @@ FORMAT_VERSION = 1
 
 
 def shared_weights(target) -> tuple[torch.Tensor, torch.Tensor]:
-    """(embedding [V, d], LM head [V, d]) of a LlamaModel or a transformers adapter."""
-    if hasattr(target, "weights"):
-        return target.dense_weight("embed_tokens.weight"), target.dense_weight("lm_head.weight")
-    return target.hf.get_input_embeddings().weight.detach(), target.hf.get_output_embeddings().weight.detach()
+    """(embedding [V, d], LM head [V, d]) of a TargetModel."""
+    return target.shared_weights()
 
 
 def check_shared_weights(embed: torch.Tensor, head: torch.Tensor, vocab: int, width: int) -> None:

@@ -5,5 +5,6 @@ from dspark.models.config import ModelConfig
 from dspark.models.hf_adapter import HFCausalLM
 from dspark.models.llama import LlamaModel
 from dspark.models.loading import default_model_path, load_model, load_tokenizer
+from dspark.models.target import TargetModel
 
-__all__ = ["HFCausalLM", "ModelConfig", "LlamaModel", "load_model", "load_tokenizer", "default_model_path"]
+__all__ = ["HFCausalLM", "ModelConfig", "LlamaModel", "TargetModel", "load_model", "load_tokenizer", "default_model_path"]

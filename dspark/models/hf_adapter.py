@@ -14,9 +14,12 @@ from dspark import tree
 from dspark.batch import Round
 from dspark.cache import KVCache
 from dspark.models.config import ModelConfig
+from dspark.models.target import TargetModel
 
 
-class HFCausalLM:
+class HFCausalLM(TargetModel):
+    forward_returns_logits = True
+
     def __init__(self, hf_model):
         self.hf = hf_model.eval()
         cfg = hf_model.config
@@ -83,5 +86,8 @@ class HFCausalLM:
         captured = [torch.cat([out.hidden_states[i + 1][b, : counts[b]] for b in range(batch)]) for i in capture_layers]
         return flat.float(), captured
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden  # forward already returns logits
+    def logits(self, out: torch.Tensor) -> torch.Tensor:
+        return out  # forward already returns logits
+
+    def shared_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.hf.get_input_embeddings().weight.detach(), self.hf.get_output_embeddings().weight.detach()

@@ -20,6 +20,7 @@ from dspark.models.config import ModelConfig, rope_type
 from dspark.models.layers import apply_rope, rms_norm, rope_tables
 from dspark.models.linear import linear
 from dspark.models.quantized import QuantizedWeight
+from dspark.models.target import TargetModel
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -44,7 +45,7 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     raise ValueError(f"rope scaling type {kind!r} is not supported (default, linear, llama3 are)")
 
 
-class LlamaModel:
+class LlamaModel(TargetModel):
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor | QuantizedWeight]):
         """weights: Hugging Face names without the `model.` prefix (embed_tokens.weight,
         layers.{i}.self_attn.q_proj.weight, ..., norm.weight, lm_head.weight). Matrices may be
@@ -97,6 +98,9 @@ class LlamaModel:
     @property
     def device(self) -> torch.device:
         return self.weights["embed_tokens.weight"].device
+
+    def shared_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dense_weight("embed_tokens.weight"), self.dense_weight("lm_head.weight")
 
     def _fuse_projections(self) -> None:
         """q/k/v and gate/up become one matrix each: one pass over x instead of three and two (the

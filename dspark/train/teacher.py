@@ -33,7 +33,7 @@ def teacher_pass(target, sequences: list[torch.Tensor], layers: tuple[int, ...])
                       target.device)
     out, captured = target.forward(cache, rnd, layers)
     features = torch.cat(captured, dim=-1)
-    adapter = not hasattr(target, "weights")  # the transformers adapter returns logits, not hidden states
+    adapter = target.forward_returns_logits  # the transformers adapter: logits, not hidden states
     results, offsets = [], rnd.qo_indptr.tolist()
     for i in range(len(sequences)):
         span = slice(offsets[i], offsets[i + 1])

@@ -1,0 +1,51 @@
+"""The target model's interface: what the engine, the drafters and the trainer use of it.
+
+`LlamaModel` (dspark's own decoder) and `HFCausalLM` (any transformers causal LM) implement it; a
+serving stack embedding dspark can bring its own.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+from dspark.batch import Round
+from dspark.cache import KVCache
+from dspark.models.config import ModelConfig
+
+
+class TargetModel(abc.ABC):
+    config: ModelConfig
+    # True when forward's first output already is the logits (then `logits` passes it through): a
+    # model that does not expose its final hidden states. Drafters trained on those states need False.
+    forward_returns_logits: bool = False
+
+    @property
+    @abc.abstractmethod
+    def dtype(self) -> torch.dtype:
+        """The compute dtype, which the KV cache takes."""
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device:
+        ...
+
+    @abc.abstractmethod
+    def forward(self, cache: KVCache, rnd: Round,
+                capture_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One flattened round over the KV cache (its K/V written at the round's slots): final-norm hidden
+        states [T, hidden] (or logits, see forward_returns_logits) and the residual stream after each of
+        capture_layers, [T, hidden] each."""
+
+    @abc.abstractmethod
+    def logits(self, out: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [T, V] from forward's first output."""
+
+    @abc.abstractmethod
+    def shared_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embedding [V, hidden], LM head [V, hidden]) as dense tensors of the compute dtype, which
+        drafters share."""
+
+    def check_context(self, max_seq_len: int) -> None:
+        """Raise if caches of max_seq_len tokens are beyond what the model supports (default: any is fine)."""
