@@ -95,18 +95,21 @@ class DraftGate:
     verifies nothing, so a request whose last first-draft survival a_1 would not pay for one verified
     token at the current batch size skips drafting, probing again after `probe_every` rounds; each
     probe of a request that still does not pay doubles its wait (up to `max_wait`). A request with no
-    a_1 of its own yet takes `prior`, a running mean over earlier requests of the first a_1 each showed
-    (every request drafts until one is known), so a batch of new requests does not pay a drafting round
-    that earlier ones showed to be wasted; the price is that a new request which would pay, arriving
-    after ones that did not, first drafts at its first probe.
+    a_1 of its own yet takes `prior`, a running mean over earlier requests of the first a_1 each showed,
+    so a batch of new requests does not pay a drafting round that earlier ones showed to be wasted (the
+    price: a new request which would pay, arriving after ones that did not, first drafts at its first
+    probe). At most `max_probes` requests probe in one round (those idle longest; the rest wait a
+    round), so a large batch that started together does not pay for a drafting round all at once.
     Lossless: the decision reads only earlier rounds."""
 
-    def __init__(self, sps, probe_every: int = 8, max_wait: int = 64, prior_smoothing: float = 0.1):
+    def __init__(self, sps, probe_every: int = 8, max_wait: int = 64, prior_smoothing: float = 0.1,
+                 max_probes: int = 2):
         self.sps, self.probe_every, self.max_wait, self.prior_smoothing = sps, probe_every, max_wait, prior_smoothing
+        self.max_probes = max_probes
         self.first: dict[int, float] = {}  # request id -> a_1 of its last proposal
         self.idle: dict[int, int] = {}     # request id -> rounds since it last drafted
         self.wait: dict[int, int] = {}     # request id -> rounds between its probes
-        self.prior: float | None = None    # running mean of observed a_1
+        self.prior: float | None = None    # running mean over requests of their first a_1
 
     def should_draft(self, requests: list) -> list[bool]:
         r = len(requests)
@@ -115,19 +118,23 @@ class DraftGate:
             for key in [k for k in table if k not in ids]:
                 del table[key]
         pays_at = r * self.sps(r) / self.sps(r + 1) - r  # the a_1 above which one verified token pays
-        decisions = []
-        for q in requests:
+        decisions, due = [], []
+        for i, q in enumerate(requests):
             a = self.first.get(q.id, self.prior)
-            if a is None or a > pays_at:
-                draft = True
+            paying = a is not None and a > pays_at
+            if paying:
                 self.wait[q.id] = self.probe_every
-            else:
-                wait = self.wait.get(q.id, self.probe_every)
-                draft = self.idle.get(q.id, 0) + 1 >= wait
-                if draft:
-                    self.wait[q.id] = min(2 * wait, self.max_wait)
+            elif a is None or self.idle.get(q.id, 0) + 1 >= self.wait.get(q.id, self.probe_every):
+                due.append(i)  # nothing known, or its wait is over: a probe
+            decisions.append(paying)
+        due.sort(key=lambda i: -self.idle.get(requests[i].id, 0))  # stable: ties keep the batch order
+        for i in due[: self.max_probes]:
+            decisions[i] = True
+            q = requests[i]
+            if self.first.get(q.id, self.prior) is not None:
+                self.wait[q.id] = min(2 * self.wait.get(q.id, self.probe_every), self.max_wait)
+        for q, draft in zip(requests, decisions):
             self.idle[q.id] = 0 if draft else self.idle.get(q.id, 0) + 1
-            decisions.append(draft)
         return decisions
 
     def observe(self, requests: list, survivals: list[list[float]]) -> None:

@@ -205,6 +205,25 @@ def test_draft_gate_skips_drafting_that_cannot_pay_and_probes():
     assert PrefixScheduler(steep, gate=False).should_draft([Req(0), Req(1)]) == [True, True]
 
 
+def test_draft_gate_spreads_probes_over_rounds():
+    from dspark.scheduler import DraftGate
+
+    flat = SPSCurve([1, 8], [10.0, 9.0])  # one more verified token pays from a_1 > ~0.11 at every batch here
+    batch = [Req(i) for i in range(5)]
+    gate = DraftGate(flat, probe_every=4, max_probes=2)
+    assert gate.should_draft(batch) == [True, True, False, False, False]  # nothing known: two probe first
+    gate.observe(batch[:2], [[0.05], [0.05]])  # hopeless: the prior says so for the other three too
+    rounds = [gate.should_draft(batch) for _ in range(6)]
+    assert rounds[:2] == [[False] * 5] * 2
+    # after probe_every rounds all five are due: the idlest first, two per round, the others a round later
+    assert rounds[2] == [False, False, True, True, False] and rounds[3] == [True, False, False, False, True]
+    assert rounds[4] == [False, True, False, False, False]
+    assert sum(map(sum, rounds)) <= 2 * len(rounds)
+    paying = DraftGate(flat, max_probes=1)
+    paying.observe(batch, [[0.9]] * 5)
+    assert paying.should_draft(batch) == [True] * 5  # requests that pay are never limited
+
+
 def test_throughput_gate_takes_the_faster_arm_and_explores():
     from dspark.scheduler import ThroughputGate
 
