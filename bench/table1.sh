@@ -18,7 +18,9 @@ mkdir -p "$OUT"
 common=(--data "$DATA" --feature-cache "${FEATURE_CACHE:-$OUT/features}" --layers 1,8,14,20,27 --gamma 7
         --draft-layers 1 --rank 64 --steps "${STEPS:-300}" --lr 2e-3 --batch "${BATCH:-8}"
         --anchors "${ANCHORS:-32}" --max-len 768 --holdout 32 --draft-vocab "${DRAFT_VOCAB:-16384}"
-        --sequences "${SEQUENCES:-4937}" --save-every 50 --device "${DEVICE:-cpu}" --threads "${THREADS:-2}")
+        --save-every 50 --device "${DEVICE:-cpu}" --threads "${THREADS:-2}")
+# All of DATA unless SEQUENCES caps it (a cap changes the sequences, so an uncapped run's feature cache won't fit).
+[ -n "${SEQUENCES:-}" ] && common+=(--sequences "$SEQUENCES")
 declare -A variants=([dspark-markov]="--head markov" [dspark-rnn]="--head rnn" [dflash-style]="--head none"
                      [eagle-style]="--eagle")
 evals=()
