@@ -31,11 +31,6 @@ from dspark.models.linear import linear
 FORMAT_VERSION = 1
 
 
-def shared_weights(target) -> tuple[torch.Tensor, torch.Tensor]:
-    """(embedding [V, d], LM head [V, d]) of a TargetModel."""
-    return target.shared_weights()
-
-
 def check_shared_weights(embed: torch.Tensor, head: torch.Tensor, vocab: int, width: int) -> None:
     if embed.shape != (vocab, width) or head.shape != (vocab, width):
         raise ValueError(f"the target's embedding {tuple(embed.shape)} / LM head {tuple(head.shape)} do not match "
@@ -73,7 +68,7 @@ class DSparkModel(nn.Module):
 
     # -- shared, frozen target pieces ---------------------------------------------------------------
     def attach(self, target) -> "DSparkModel":
-        return self.attach_weights(*shared_weights(target))
+        return self.attach_weights(*target.shared_weights())
 
     def attach_weights(self, embed: torch.Tensor, head: torch.Tensor) -> "DSparkModel":
         """The frozen embedding [V, d] and LM head [V, d] (the target's, or a checkpoint's own copies)."""
@@ -237,7 +232,7 @@ def load_drafter_model(path: str, target=None, device=None, dtype: torch.dtype =
         raise ValueError(f"{path} is not a drafter folder: config.json has neither our architecture "
                          f"'DSparkDrafter' nor DeepSpec's architectures (got {raw.get('architecture')!r})")
     if device is None and target is not None:
-        device = shared_weights(target)[0].device
+        device = target.device
     model = model.to(device=device or "cpu", dtype=dtype).eval()
     if target is not None:
         return model.attach(target)

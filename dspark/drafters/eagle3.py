@@ -31,7 +31,7 @@ from dspark.drafters.base import Drafter, Proposal
 from dspark.drafters.deepspec_format import _checkpoint_files, _rope_theta
 from dspark.drafters.dspark import choose_drafts, committed_context
 from dspark.drafters.dspark_layers import Linear, attend, rms_norm, rope
-from dspark.drafters.dspark_model import check_shared_weights, shared_weights
+from dspark.drafters.dspark_model import check_shared_weights
 from dspark.models.linear import linear
 
 ARCHITECTURE = "Qwen3Eagle3Model"
@@ -182,10 +182,10 @@ def load_eagle3(path: str, target=None, device=None, dtype: torch.dtype = torch.
     model = Eagle3Model(config)
     model.load_state_dict(ours)
     if device is None and target is not None:
-        device = shared_weights(target)[0].device
+        device = target.device
     model = model.to(device=device or "cpu", dtype=dtype).eval()
     if target is not None:
-        return model.attach_weights(*shared_weights(target))
+        return model.attach_weights(*target.shared_weights())
     if stored[0] is None or stored[1] is None:
         raise ValueError(f"{path}: no embed_tokens / lm_head stored: pass the target")
     return model.attach_weights(*(w.to(device=device or "cpu", dtype=dtype) for w in stored))
