@@ -23,15 +23,17 @@ class Round:
     # The longest entry when every entry is a chain written into an empty cache row (plain causal
     # attention over the round's own tokens, e.g. a first prefill), else 0.
     fresh_prefill_len: int = 0
-    # Prompt tokens only (a prefill step, fresh or over a cached prefix): no decoding or verification
-    # result depends on how they are batched, so the model may take batch-dependent fast paths.
+    # Prompt tokens only (a fresh round, or a prompt's later chunks over its cached prefix): no decoding
+    # or verification result depends on how they are batched, so the model may take batch-dependent
+    # fast paths.
     prefill: bool = False
 
 
 def build_round(num_rows: int, entries: list[tuple[int, list[int], list[int] | None]], seqlens: list[int],
                 device: torch.device | str = "cpu", prefill: bool = False) -> Round:
     """entries: (cache row, tokens, local parents or None for a chain), rows in any order;
-    seqlens: committed length of every cache row; prefill: every token is a prompt token."""
+    seqlens: committed length of every cache row; prefill: every token is a prompt token (implied for a
+    fresh round: chains written into empty rows can only be prompts)."""
     per_row: dict[int, tuple[list[int], list[int] | None]] = {}
     for row, tokens, parents in entries:
         if row in per_row:
@@ -62,7 +64,7 @@ def build_round(num_rows: int, entries: list[tuple[int, list[int], list[int] | N
     return Round(tensor(flat, torch.int64), tensor(offsets, torch.int32),
                  tensor(parents_flat, torch.int32) if any_tree else None, tensor(positions, torch.int64),
                  tensor(rows, torch.int64), tensor(slots, torch.int64), tensor(last, torch.int64),
-                 max(counts, default=0) if fresh else 0, prefill)
+                 max(counts, default=0) if fresh else 0, prefill or fresh)
 
 
 class RowState:

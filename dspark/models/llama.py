@@ -165,7 +165,7 @@ class LlamaModel(TargetModel):
         # Decoding and verification rounds must give a token the same result whatever else shares the
         # round (greedy speculative decoding = plain decoding); only prefills (fresh, or a long prompt's
         # later chunks) may take MKL's faster fp32 GEMM for many rows.
-        invariant = rnd.fresh_prefill_len == 0 and not rnd.prefill
+        invariant = not rnd.prefill
         cos, sin = rope_tables(rnd.positions, self.inv_freq)
         # The round's metadata is validated and prepared once for every layer.
         plan = ops.plan_tree_attention(rnd.qo_indptr, cache.seqlens, rnd.parents, cache.block_table,
