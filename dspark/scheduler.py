@@ -118,20 +118,20 @@ class DraftGate:
             for key in [k for k in table if k not in ids]:
                 del table[key]
         pays_at = r * self.sps(r) / self.sps(r + 1) - r  # the a_1 above which one verified token pays
-        decisions, due = [], []
+        decisions, due = [], []  # due: (request, whether an a_1 is known for it) owed a probe
         for i, q in enumerate(requests):
             a = self.first.get(q.id, self.prior)
             paying = a is not None and a > pays_at
             if paying:
                 self.wait[q.id] = self.probe_every
             elif a is None or self.idle.get(q.id, 0) + 1 >= self.wait.get(q.id, self.probe_every):
-                due.append(i)  # nothing known, or its wait is over: a probe
+                due.append((i, a is not None))  # nothing known, or its wait is over
             decisions.append(paying)
-        due.sort(key=lambda i: -self.idle.get(requests[i].id, 0))  # stable: ties keep the batch order
-        for i in due[: self.max_probes]:
+        due.sort(key=lambda d: -self.idle.get(requests[d[0]].id, 0))  # stable: ties keep the batch order
+        for i, known in due[: self.max_probes]:
             decisions[i] = True
-            q = requests[i]
-            if self.first.get(q.id, self.prior) is not None:
+            if known:  # a probe of a request believed not to pay: the next one waits twice as long
+                q = requests[i]
                 self.wait[q.id] = min(2 * self.wait.get(q.id, self.probe_every), self.max_wait)
         for q, draft in zip(requests, decisions):
             self.idle[q.id] = 0 if draft else self.idle.get(q.id, 0) + 1
