@@ -85,14 +85,20 @@ inline float acc_sum(Acc v) {
   return ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
 }
 // 16 bytes of nibbles -> 32 unsigned bytes in weight order (low nibbles: weights 0-15, high: 16-31).
+// The bytes go to both halves and the upper half's dwords shift right by 4: each byte's low nibble is
+// then its own high nibble (the bits shifted in from the next byte are masked off).
 inline __m256i unpack_nibbles(const uint8_t* p) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i mask = _mm_set1_epi8(0x0f);
-  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), _mm_and_si128(bytes, mask));
+  const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i shifted = _mm256_srlv_epi32(bytes, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+  return _mm256_and_si256(shifted, _mm256_set1_epi8(0x0f));
 }
 // Lane j = sum of u_i * s_i over i = 4j..4j+3 (exact: |u_i s_i + u_i+1 s_i+1| <= 2 * 128 * 127 < 2^15).
 inline __m256i lane_dots(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);  // the same exact sums in one instruction
+#else
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
 }
 inline Acc scaled_add(__m256i lanes, float scale, Acc acc) {
   return _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), _mm256_set1_ps(scale), acc);
@@ -147,9 +153,18 @@ struct Group {
   __m128 m;
   explicit Group(const uint8_t* p)
       : b0(p + kHeader), b1(p + kBytes + kHeader), b2(p + 2 * kBytes + kHeader), b3(p + 3 * kBytes + kHeader) {
-    const __m128 d4 = four_halves(p, kBytes);
-    d = _mm256_set_m128(d4, d4);
-    m = F == BlockFormat::kQ4_1 ? four_halves(p + 2, kBytes) : _mm_setzero_ps();
+    if constexpr (F == BlockFormat::kQ4_1) {
+      // Each block's header is (d, m): four 32-bit loads and one conversion give [d0 m0 .. d3 m3].
+      int32_t dm[4];
+      for (int k = 0; k < 4; ++k) std::memcpy(&dm[k], p + k * kBytes, sizeof(int32_t));
+      const __m256 pairs = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm)));
+      d = _mm256_permutevar8x32_ps(pairs, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
+      m = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(pairs, _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7)));
+    } else {
+      const __m128 d4 = four_halves(p, kBytes);
+      d = _mm256_set_m128(d4, d4);
+      m = _mm_setzero_ps();
+    }
   }
   Acc accumulate(const int8_t* xq, const float* dx, Acc acc) const {
     const __m256i lanes = _mm256_hadd_epi32(_mm256_hadd_epi32(b0.dots(xq), b1.dots(xq + 32)),
