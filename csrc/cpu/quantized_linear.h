@@ -5,16 +5,16 @@
 //   Q8_0: fp16 d, 32 int8                           w = d * q
 // (nibble j of a block's byte i: low nibble = weight i, high nibble = weight i + 16).
 //
-// Decoding reads every weight once per token, so bytes are the cost: Q4_1 is 5 bits a weight against
-// bf16's 16. As llama.cpp does, each row of x is quantised per 32-block to int8 with an fp32 scale
-// (dx = max|x| / 127, q = round-to-even(x * 127 / max|x|)) and the block dot products run in integers
-// (AVX2 maddubs/madd, or one AVX512-VNNI dpbusd where the CPU has it: the same exact sums; a portable
-// build does them lane by lane), scaled by d * dx into 8 fp32 lanes; Q4_1's m term takes the quantised block's sum dx * sum(q). Groups of four blocks fold their integer
-// lanes with two hadds (lane k: block k's products 0-15, lane k + 4: its products 16-31), so one
-// conversion and one fmadd with [d_k * dx_k] serve four blocks. So y is W . xhat, xhat the quantised x,
-// up to fp32 rounding, and its distance from dequantise-then-matmul in fp32 is bounded by the sum over
-// blocks of (dx / 2) * sum |w|. Each W block is unpacked once per group of up to 4 rows while it sits
-// in L1.
+// Decoding reads every weight once per token, so bytes are the cost: Q4_1 is 5 bits a weight against bf16's
+// 16. As llama.cpp does, each row of x is quantised per 32-block to int8 with an fp32 scale (dx = max|x| /
+// 127, q = round-to-even(x * 127 / max|x|)) and the block dot products run in integers (AVX2 maddubs/madd,
+// or one AVX512-VNNI dpbusd where the CPU has it: the same exact sums; a portable build does them lane by
+// lane), scaled by d * dx into 8 fp32 lanes; Q4_1's m term takes the quantised block's sum dx * sum(q).
+// Groups of four blocks fold their integer lanes with two hadds (lane k: block k's products 0-15, lane k +
+// 4: its products 16-31), so one conversion and one fmadd with [d_k * dx_k] serve four blocks. So y is W .
+// xhat, xhat the quantised x, up to fp32 rounding, and its distance from dequantise-then-matmul in fp32 is
+// bounded by the sum over blocks of (dx / 2) * sum |w|. Each W block is unpacked once per group of up to 4
+// rows while it sits in L1.
 //
 // Every row is quantised and accumulated by the same instruction sequence whatever the number of rows
 // and the row's place among them: results are batch invariant, so greedy speculative decoding of a
