@@ -94,6 +94,63 @@ inline void tile_dots(const float* x, int64_t k, const W* const* w, float dots[]
   }
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define DSPARK_SBL_AVX512BF16 1
+constexpr int kBf16Chunk = 32;  // bf16 elements per zmm
+
+// bf16 x against bf16 W where the CPU has AVX512-BF16: vdpbf16ps adds two exact bf16 products per fp32
+// lane, 32 elements an instruction, with no conversion of W, so one chain per x row keeps up with memory
+// and W is read one row at a time, front to back, with no software prefetch: measured on the 2-vCPU
+// EPYC (Zen 4), one such stream per core reads 19-24 GB/s where four interleaved W rows with prefetches
+// read 8-10. dots[m] is one chain over k in chunks of 32, then a fixed 16-lane tree, then the tail with
+// explicit fmaf: the same sequence whatever MR, so results stay batch invariant (they differ from the
+// fp32-lane build's by rounding only; vdpbf16ps also treats subnormal inputs as zero).
+template <int MR>
+inline void row_dots_bf16(const BFloat16* x, int64_t k, const BFloat16* w, float* dots) {
+  __m512 acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+  const int64_t full = k - k % kBf16Chunk;
+  for (int64_t e = 0; e < full; e += kBf16Chunk) {
+    const __m512bh v = (__m512bh)_mm512_loadu_si512(w + e);
+    for (int m = 0; m < MR; ++m)
+      acc[m] = _mm512_dpbf16_ps(acc[m], v, (__m512bh)_mm512_loadu_si512(x + m * k + e));
+  }
+  for (int m = 0; m < MR; ++m) {
+    alignas(64) float l[16];
+    _mm512_store_ps(l, acc[m]);
+    float s = (((l[0] + l[8]) + (l[4] + l[12])) + ((l[2] + l[10]) + (l[6] + l[14]))) +
+              (((l[1] + l[9]) + (l[5] + l[13])) + ((l[3] + l[11]) + (l[7] + l[15])));
+    for (int64_t e = full; e < k; ++e) s = std::fmaf(to_float(w[e]), to_float(x[m * k + e]), s);
+    dots[m] = s;
+  }
+}
+
+void run_bf16(const SmallBatchLinearParams& p) {
+  const int64_t rows = p.rows, k = p.in_features, n_out = p.out_features;
+  const auto* weight = static_cast<const BFloat16*>(p.weight);
+  const auto* bias = static_cast<const BFloat16*>(p.bias);
+  const auto* x = static_cast<const BFloat16*>(p.x);
+  auto* y = static_cast<BFloat16*>(p.y);
+#pragma omp parallel for schedule(static) if (n_out * k * rows >= 32768)
+  for (int64_t o = 0; o < n_out; ++o) {
+    const BFloat16* w = weight + o * k;
+    const float b = bias ? to_float(bias[o]) : 0.f;
+    float dots[kRowsPerTile];
+    for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerTile) {
+      const int64_t mr = std::min<int64_t>(kRowsPerTile, rows - m0);
+      const BFloat16* xt = x + m0 * k;
+      switch (mr) {
+        case 4: row_dots_bf16<4>(xt, k, w, dots); break;
+        case 3: row_dots_bf16<3>(xt, k, w, dots); break;
+        case 2: row_dots_bf16<2>(xt, k, w, dots); break;
+        default: row_dots_bf16<1>(xt, k, w, dots); break;
+      }
+      for (int64_t m = 0; m < mr; ++m) y[(m0 + m) * n_out + o] = from_float<BFloat16>(dots[m] + b);
+    }
+  }
+}
+#endif
+
 template <typename X, typename W>
 void run(const SmallBatchLinearParams& p, const float* x) {
   const int64_t rows = p.rows, k = p.in_features, n_out = p.out_features;
@@ -160,6 +217,9 @@ const float* as_float_rows(const SmallBatchLinearParams& p, std::vector<float>& 
 
 void small_batch_linear(const SmallBatchLinearParams& p) {
   if (p.rows == 0 || p.out_features == 0) return;
+#ifdef DSPARK_SBL_AVX512BF16
+  if (p.x_dtype == DType::kBFloat16 && p.weight_dtype == DType::kBFloat16) return run_bf16(p);
+#endif
   std::vector<float> buffer;
   switch (p.x_dtype) {
     case DType::kFloat32: return dispatch_weight<float>(p, static_cast<const float*>(p.x));
