@@ -6,6 +6,10 @@ at a fixed gamma, and record per round the raw confidences and how many drafts r
 kept (survived_k = accepted >= k). STS then picks, for k = 1..gamma in order, the temperature T_k of
 c_k = sigmoid(logit_k / T_k) that minimises the ECE of a_k, earlier temperatures held fixed. Each T_k
 is a monotone map of c_k, so the ranking of single-position confidences never changes.
+
+A temperature only scales logits about 0, so it cannot fix a head that is over- or under-confident by
+a constant: on SmolLM2's shipped drafter position 1 kept 4.9% ECE after STS. `shift_grid` adds a shift
+b_k, c_k = sigmoid(logit_k / T_k + b_k), still monotone (the paper's STS is shift_grid=(0.0,)).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from dspark.scheduler import FixedLength, VerificationPolicy
 
 TEMPERATURES = [round(math.exp(x / 20), 4) for x in range(-40, 61)]  # 0.135 .. 20, log spaced
+SHIFTS = [x / 10 for x in range(-30, 31)]  # logit shifts -3 .. 3
 
 
 class RecordingPolicy(VerificationPolicy):
@@ -37,6 +42,12 @@ class RecordingPolicy(VerificationPolicy):
             self.rounds.append((r, r.stats.emitted, conf, max(0, min(n, room))))
         return lengths
 
+    def request_index(self) -> torch.Tensor:
+        """[N]: for each round (as samples() orders them), its request's order of first appearance, so
+        that rounds can be split by request (rounds of one request are correlated)."""
+        order: dict[int, int] = {}
+        return torch.tensor([order.setdefault(id(r), len(order)) for r, *_ in self.rounds], dtype=torch.long)
+
     def samples(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits [N, gamma], survived [N, gamma] float, valid [N, gamma] bool) over the rounds."""
         gamma = self.inner.num_draft
@@ -56,10 +67,11 @@ class RecordingPolicy(VerificationPolicy):
         return torch.stack(logits), torch.stack(survived), torch.stack(valid)
 
 
-def survival_probs(logits: torch.Tensor, temperatures: list[float]) -> torch.Tensor:
-    """a_k = prod_{i<=k} sigmoid(logit_i / T_i), [N, gamma]."""
+def survival_probs(logits: torch.Tensor, temperatures: list[float], shifts: list[float] | None = None) -> torch.Tensor:
+    """a_k = prod_{i<=k} sigmoid(logit_i / T_i + b_i), [N, gamma] (b = 0 without shifts)."""
     t = torch.tensor(temperatures, dtype=logits.dtype)
-    return torch.cumprod(torch.sigmoid(logits / t), dim=1)
+    b = torch.tensor(shifts if shifts is not None else [0.0] * len(temperatures), dtype=logits.dtype)
+    return torch.cumprod(torch.sigmoid(logits / t + b), dim=1)
 
 
 def ece(pred: torch.Tensor, label: torch.Tensor, bins: int = 15) -> float:
@@ -85,38 +97,42 @@ def roc_auc(pred: torch.Tensor, label: torch.Tensor) -> float:
     return float((ranks[: pos.numel()].sum() - pos.numel() * (pos.numel() + 1) / 2) / (pos.numel() * neg.numel()))
 
 
-def fit_sts(logits: torch.Tensor, survived: torch.Tensor, valid: torch.Tensor, grid=TEMPERATURES) -> list[float]:
+def fit_sts(logits: torch.Tensor, survived: torch.Tensor, valid: torch.Tensor, grid=TEMPERATURES,
+            shift_grid=(0.0,)) -> tuple[list[float], list[float]]:
+    """(temperatures, shifts): for k = 1..gamma in order, the (T_k, b_k) on the grids minimising the ECE
+    of a_k with earlier positions held fixed; ties go to the map closest to identity."""
     gamma = logits.shape[1]
-    temps = [1.0] * gamma
+    temps, shifts = [1.0] * gamma, [0.0] * gamma
     for k in range(gamma):
         mask = valid[:, k]
         if not mask.any():
             continue
+        before = survival_probs(logits[mask], temps, shifts)[:, k - 1] if k else torch.ones(int(mask.sum()))
+        column, label = logits[mask, k], survived[mask, k]
+        candidates = [(t, b) for t in grid for b in shift_grid]
+        errors = [ece(before * torch.sigmoid(column / t + b), label) for t, b in candidates]
+        temps[k], shifts[k] = min(zip(candidates, errors),
+                                  key=lambda ce: (ce[1], abs(math.log(ce[0][0])) + abs(ce[0][1])))[0]
+    return temps, shifts
 
-        def error(t: float) -> float:
-            trial = temps[:k] + [t] + temps[k + 1:]
-            return ece(survival_probs(logits[mask], trial)[:, k], survived[mask, k])
 
-        temps[k] = min(grid, key=lambda t: (error(t), abs(math.log(t))))
-    return temps
-
-
-def report(logits, survived, valid, temperatures: list[float]) -> list[dict]:
+def report(logits, survived, valid, temperatures: list[float], shifts: list[float] | None = None) -> list[dict]:
     """Per position: samples, observed survival, ECE and ROC-AUC of a_k before (T = 1) and after."""
     before = survival_probs(logits, [1.0] * logits.shape[1])
-    after = survival_probs(logits, temperatures)
+    after = survival_probs(logits, temperatures, shifts)
     rows = []
     for k in range(logits.shape[1]):
         m = valid[:, k]
         rows.append({"position": k + 1, "samples": int(m.sum()), "survival_rate": float(survived[m, k].mean()),
-                     "temperature": temperatures[k],
+                     "temperature": temperatures[k], "shift": shifts[k] if shifts is not None else 0.0,
                      "ece_before": ece(before[m, k], survived[m, k]), "ece_after": ece(after[m, k], survived[m, k]),
                      "auc_before": roc_auc(before[m, k], survived[m, k]),
                      "auc_after": roc_auc(after[m, k], survived[m, k])})
     return rows
 
 
-def reliability_diagram(path: str, logits, survived, valid, temperatures, title: str, bins: int = 10) -> None:
+def reliability_diagram(path: str, logits, survived, valid, temperatures, title: str, bins: int = 10,
+                        shifts: list[float] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,8 +143,9 @@ def reliability_diagram(path: str, logits, survived, valid, temperatures, title:
     fig, axes = plt.subplots(-(-gamma // cols), cols, figsize=(3.2 * cols, 3.0 * -(-gamma // cols)), squeeze=False)
     for k in range(gamma):
         ax, m = axes[k // cols][k % cols], valid[:, k]
-        for temps, name, style in (([1.0] * gamma, "before", "o--"), (temperatures, "after STS", "s-")):
-            a = survival_probs(logits[m], temps)[:, k]
+        for temps, shift, name, style in (([1.0] * gamma, None, "before", "o--"),
+                                          (temperatures, shifts, "after STS", "s-")):
+            a = survival_probs(logits[m], temps, shift)[:, k]
             index = (a * bins).long().clamp(0, bins - 1)
             xs = [float(a[index == b].mean()) for b in range(bins) if (index == b).any()]
             ys = [float(survived[m, k][index == b].mean()) for b in range(bins) if (index == b).any()]
@@ -171,4 +188,11 @@ def collect(target, drafter, prompts, max_tokens: int, temperature: float, batch
                     max_seq_len=longest + max_tokens + drafter.num_draft + 8)
     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=i) for i in range(len(prompts))]
     engine.generate(prompts, params)
-    return policy.samples()
+    return (*policy.samples(), policy.request_index())
+
+
+def held_out_report(logits, survived, valid, request, shift_grid=(0.0,)) -> list[dict]:
+    """ECE and AUC measured honestly: fit on the rounds of even-numbered requests, report on the odd ones."""
+    fit = request % 2 == 0
+    temps, shifts = fit_sts(logits[fit], survived[fit], valid[fit], shift_grid=shift_grid)
+    return report(logits[~fit], survived[~fit], valid[~fit], temps, shifts)

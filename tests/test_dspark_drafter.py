@@ -294,6 +294,7 @@ def test_save_load_round_trips(tiny, tmp_path, kind, head):
 
     model = make_model(tiny, kind, head)
     model.config.calibration = [1.0, 1.5, 2.0, 2.0]
+    model.config.calibration_shift = [0.5, -0.2, 0.0, -1.0]
     save_drafter(model, str(tmp_path), {"training": {"note": "test"}})
     saved = load_file(tmp_path / "model.safetensors")  # the drafter's own weights, never the target's
     assert saved.keys() == model.state_dict().keys()

@@ -15,8 +15,10 @@ namespace dspark::cpu {
 namespace {
 
 constexpr int kLanes = 8;
-constexpr int kRowsPerTile = 4;  // x rows per pass over W
-constexpr int kMaxWRows = 4;     // W rows per pass
+constexpr int kRowsPerTile = 4;  // x rows per pass over a W row (AVX512-BF16 path)
+// The fp32-lane path takes 2: two chains per row for 2 rows fill 4 accumulators, and measured against
+// 4 (8 accumulators) it was 1.7-2.5x faster at 1-2 rows, even at 4 and 1.2-1.4x slower at 8.
+constexpr int kLaneRowsPerTile = 2;
 
 #ifdef DSPARK_SBL_AVX2
 using Vec = __m256;
@@ -28,12 +30,7 @@ inline Vec load(const BFloat16* p) {
 }
 inline Vec load(const Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-// Measured on the AVX2 EPYC: asking for W 2 KiB ahead cuts the one-row LM head from ~4.1 to ~2.4-3.8 ms
-// (timings on the shared 2-vCPU machine are noisy); prefetching never faults, so reading past W is harmless.
-template <typename T>
-inline void prefetch_ahead(const T* p) {
-  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + 2048), _MM_HINT_T0);
-}
+inline Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
 inline float lanes_sum(Vec v) {
   alignas(32) float l[kLanes];
   _mm256_store_ps(l, v);
@@ -51,11 +48,13 @@ inline Vec load(const T* p) {
   for (int i = 0; i < kLanes; ++i) v.l[i] = to_float(p[i]);
   return v;
 }
-template <typename T>
-inline void prefetch_ahead(const T*) {}
 inline Vec fmadd(Vec a, Vec b, Vec c) {
   for (int i = 0; i < kLanes; ++i) c.l[i] = std::fmaf(a.l[i], b.l[i], c.l[i]);
   return c;
+}
+inline Vec add(Vec a, Vec b) {
+  for (int i = 0; i < kLanes; ++i) a.l[i] += b.l[i];
+  return a;
 }
 inline float lanes_sum(Vec v) {
   const float* l = v.l;
@@ -63,34 +62,31 @@ inline float lanes_sum(Vec v) {
 }
 #endif
 
-// dots[m][j] = x_m . w_j for MR rows of x (fp32, stride k) and NR rows of W. Every (m, j) is one fmadd
-// chain over k in lane order, then the lane sum, then the tail with explicit fmaf (so that no
-// instantiation contracts it differently): the same operations in the same order whatever MR and NR,
-// so a row's result never depends on the rows beside it. Few x rows take more W rows per pass: with
-// one accumulator chain per W row, one x row against two W rows waits on the fmadd latency.
-template <int MR, int NR, typename W>
-inline void tile_dots(const float* x, int64_t k, const W* const* w, float dots[][kMaxWRows]) {
-  Vec acc[MR][NR];
-  for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < NR; ++j) acc[m][j] = zero();
-  const int64_t full = k - k % kLanes;
-  for (int64_t e = 0; e < full; e += kLanes) {
-    Vec v[NR];
-    for (int j = 0; j < NR; ++j) {
-      prefetch_ahead(w[j] + e);
-      v[j] = load(w[j] + e);
-    }
+// dots[m] = x_m . w for MR rows of x (fp32, stride k) against one W row, read front to back (one stream
+// the hardware prefetcher follows). Two fmadd chains per x row, over alternate 8-element chunks, so one
+// row does not wait on the fmadd latency; then chain 0 + chain 1, the lane sum, and the tail with explicit
+// fmaf (so that no instantiation contracts it differently): the same operations in the same order
+// whatever MR, so a row's result never depends on the rows beside it.
+template <int MR, typename W>
+inline void row_dots(const float* x, int64_t k, const W* w, float* dots) {
+  Vec acc[MR][2];
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = zero();
+  const int64_t pairs = k - k % (2 * kLanes), full = k - k % kLanes;
+  for (int64_t e = 0; e < pairs; e += 2 * kLanes) {
+    const Vec v0 = load(w + e), v1 = load(w + e + kLanes);
     for (int m = 0; m < MR; ++m) {
-      const Vec xv = load(x + m * k + e);
-      for (int j = 0; j < NR; ++j) acc[m][j] = fmadd(v[j], xv, acc[m][j]);
+      acc[m][0] = fmadd(v0, load(x + m * k + e), acc[m][0]);
+      acc[m][1] = fmadd(v1, load(x + m * k + e + kLanes), acc[m][1]);
     }
   }
+  if (full > pairs) {
+    const Vec v0 = load(w + pairs);
+    for (int m = 0; m < MR; ++m) acc[m][0] = fmadd(v0, load(x + m * k + pairs), acc[m][0]);
+  }
   for (int m = 0; m < MR; ++m) {
-    for (int j = 0; j < NR; ++j) {
-      float s = lanes_sum(acc[m][j]);
-      for (int64_t e = full; e < k; ++e) s = std::fmaf(to_float(w[j][e]), x[m * k + e], s);
-      dots[m][j] = s;
-    }
+    float s = lanes_sum(add(acc[m][0], acc[m][1]));
+    for (int64_t e = full; e < k; ++e) s = std::fmaf(to_float(w[e]), x[m * k + e], s);
+    dots[m] = s;
   }
 }
 
@@ -157,40 +153,18 @@ void run(const SmallBatchLinearParams& p, const float* x) {
   const W* weight = static_cast<const W*>(p.weight);
   const W* bias = static_cast<const W*>(p.bias);
   X* y = static_cast<X*>(p.y);
-  const int64_t groups = (n_out + kMaxWRows - 1) / kMaxWRows;
-  // Each thread streams one contiguous run of W rows (static schedule), which the prefetcher follows.
-#pragma omp parallel for schedule(static) if (groups * k * rows >= 8192)
-  for (int64_t g = 0; g < groups; ++g) {
-    const W* w[kMaxWRows];
-    int64_t n[kMaxWRows];
-    for (int j = 0; j < kMaxWRows; ++j) {
-      n[j] = std::min(g * kMaxWRows + j, n_out - 1);  // past the last row: repeat it, written once
-      w[j] = weight + n[j] * k;
-    }
-    float dots[kRowsPerTile][kMaxWRows];
-    for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerTile) {
-      const int64_t mr = std::min<int64_t>(kRowsPerTile, rows - m0);
+  // Each thread streams one contiguous run of W rows (static schedule), a row at a time front to back.
+#pragma omp parallel for schedule(static) if (n_out * k * rows >= 32768)
+  for (int64_t o = 0; o < n_out; ++o) {
+    const W* w = weight + o * k;
+    const float b = bias ? to_float(bias[o]) : 0.f;
+    float dots[kLaneRowsPerTile];
+    for (int64_t m0 = 0; m0 < rows; m0 += kLaneRowsPerTile) {
+      const int64_t mr = std::min<int64_t>(kLaneRowsPerTile, rows - m0);
       const float* xt = x + m0 * k;
-      switch (mr) {  // up to 8 accumulators: 4 x 2 (twice, for 4 W rows), 3 x 2 (twice), 2 x 4, 1 x 4
-        case 4:
-        case 3: {
-          float half[kRowsPerTile][kMaxWRows];
-          for (int j0 = 0; j0 < kMaxWRows; j0 += 2) {
-            if (mr == 4) tile_dots<4, 2>(xt, k, w + j0, half);
-            else tile_dots<3, 2>(xt, k, w + j0, half);
-            for (int m = 0; m < mr; ++m) dots[m][j0] = half[m][0], dots[m][j0 + 1] = half[m][1];
-          }
-          break;
-        }
-        case 2: tile_dots<2, 4>(xt, k, w, dots); break;
-        default: tile_dots<1, 4>(xt, k, w, dots); break;
-      }
-      for (int64_t m = 0; m < mr; ++m) {
-        for (int j = 0; j < kMaxWRows; ++j) {
-          if (j > 0 && n[j] == n[j - 1]) continue;
-          y[(m0 + m) * n_out + n[j]] = from_float<X>(dots[m][j] + (bias ? to_float(bias[n[j]]) : 0.f));
-        }
-      }
+      if (mr == 2) row_dots<2>(xt, k, w, dots);
+      else row_dots<1>(xt, k, w, dots);
+      for (int64_t m = 0; m < mr; ++m) y[(m0 + m) * n_out + o] = from_float<X>(dots[m] + b);
     }
   }
 }

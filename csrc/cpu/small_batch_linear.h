@@ -3,8 +3,10 @@
 // With one to a few dozen rows a linear layer is bound by streaming W from memory, yet BLAS switches
 // from its matrix-vector path at one row to a packed GEMM at two and more, which re-reads W (2-2.5x
 // slower at 2 rows than at 1 on an AVX2 EPYC), and bf16 GEMMs without AVX512-BF16 run row by row.
-// This kernel streams each pair of W rows from memory once, converts it to fp32 in registers, and
-// applies it to every x row while it sits in L1, so 8 rows cost about what 1 does.
+// This kernel streams W from memory once, converts it to fp32 in registers, and applies it to every x row
+// while it sits in L1. Where the CPU has AVX512-BF16, bf16 x and W skip the conversion (vdpbf16ps) and
+// W is read one row at a time, front to back, which the hardware prefetcher streams at close to the
+// memory's bandwidth.
 //
 // Every output element is computed by the same instruction sequence whatever the number of rows and
 // the row's place among them, so results are batch invariant: verifying k tokens gives bit for bit the

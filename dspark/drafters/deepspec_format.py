@@ -76,6 +76,7 @@ def config_from_deepspec(raw: dict, path: str) -> DSparkConfig:
         intermediate_size=int(raw["intermediate_size"]), kind="dspark", num_layers=int(raw["num_hidden_layers"]),
         gamma=int(raw["block_size"]), head=head, rank=rank if rank > 0 else 1, rope_theta=_rope_theta(raw, path),
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), calibration=raw.get("dspark_sts_temperatures"),
+        calibration_shift=raw.get("dspark_sts_shifts"),
         qk_norm=True, confidence=confidence,
         confidence_with_head=bool(raw.get("confidence_head_with_markov", False)) if confidence else False)
 
@@ -178,6 +179,8 @@ def deepspec_config(config: DSparkConfig, mask_token_id: int, num_target_layers:
         raw["confidence_head_with_markov"] = config.head != "none" and config.confidence_with_head
     if config.calibration:
         raw["dspark_sts_temperatures"] = list(config.calibration)  # ours; their loader ignores it
+    if config.calibration_shift:
+        raw["dspark_sts_shifts"] = list(config.calibration_shift)
     return raw
 
 

@@ -237,9 +237,11 @@ class DSparkDrafter(Drafter):
         if logit is None:
             local = picked if self.vocab_ids is None else torch.searchsorted(self.vocab_ids, picked)
             return torch.softmax(logits.float(), dim=-1).gather(-1, local[:, None]).squeeze(-1)
-        temps = self.model.config.calibration
-        if temps:  # Sequential Temperature Scaling: one temperature per block position
-            logit = logit / temps[min(k, len(temps) - 1)]
+        config = self.model.config
+        if config.calibration:  # Sequential Temperature Scaling: one temperature per block position
+            logit = logit / config.calibration[min(k, len(config.calibration) - 1)]
+        if config.calibration_shift:
+            logit = logit + config.calibration_shift[min(k, len(config.calibration_shift) - 1)]
         return torch.sigmoid(logit.float())
 
     @torch.inference_mode()

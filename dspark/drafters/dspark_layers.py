@@ -50,6 +50,7 @@ class DSparkConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     calibration: list[float] | None = None  # STS temperature per block position (confidence logits)
+    calibration_shift: list[float] | None = None  # and a logit shift per position: sigmoid(logit / T + b)
     qk_norm: bool = False       # Qwen3-style RMSNorm on each head of q and of every key, context keys too
     confidence: bool = True     # a confidence head; without one, a draft's confidence is its own draft probability
     confidence_with_head: bool = True  # the confidence head also reads W1[x_{k-1}] (when there is a head)
