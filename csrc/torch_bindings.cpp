@@ -6,6 +6,7 @@
 
 #include "cpu/decoder_layers.h"
 #include "cpu/kv_rollback.h"
+#include "cpu/dequantize_blocks.h"
 #include "cpu/quantized_linear.h"
 #include "cpu/rejection_sample.h"
 #include "cpu/small_batch_linear.h"
@@ -224,6 +225,27 @@ void quantized_linear(const at::Tensor& x, const at::Tensor& weight, int64_t for
   dspark::cpu::quantized_linear(p);
 }
 
+void dequantize_blocks(const at::Tensor& weight, int64_t format, at::Tensor& out) {
+  expect(weight, at::kByte, "weight");
+  expect_float(out, "out");
+  const auto f = block_format(format);
+  TORCH_CHECK_VALUE(weight.dim() == 2 && out.dim() == 2, "weight [out, blocks * bytes] and out [out, in] expected");
+  const int64_t in = out.size(1), blocks = in / dspark::cpu::kBlockWeights;
+  TORCH_CHECK_VALUE(in % dspark::cpu::kBlockWeights == 0, "in_features must be a multiple of 32, got ", in);
+  TORCH_CHECK_VALUE(weight.size(1) == blocks * dspark::cpu::block_bytes(f), "weight rows must hold ", blocks,
+                    " blocks of ", dspark::cpu::block_bytes(f), " bytes, got ", weight.size(1), " bytes");
+  TORCH_CHECK_VALUE(out.size(0) == weight.size(0), "out must have weight's ", weight.size(0), " rows, got ",
+                    out.size(0));
+  dspark::cpu::DequantizeParams p{};
+  p.weight = weight.data_ptr<uint8_t>();
+  p.format = f;
+  p.out_features = weight.size(0);
+  p.in_features = in;
+  p.y_dtype = element_type(out, "out");
+  p.y = out.data_ptr();
+  dspark::cpu::dequantize_blocks(p);
+}
+
 // Weights per layer, in this order (None where the checkpoint has none): input_norm, qkv, qkv_bias,
 // q_norm, k_norm, o_proj, o_bias, post_norm, gate_up, gate_up_bias, down, down_bias.
 constexpr int kWeightsPerLayer = 12;
@@ -395,6 +417,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kv_rollback", &kv_rollback, release);
   m.def("small_batch_linear", &small_batch_linear, release);
   m.def("quantized_linear", &quantized_linear, release);
+  m.def("dequantize_blocks", &dequantize_blocks, release);
   m.def("llama_decoder_layers", &llama_decoder_layers, release);
 #ifdef DSPARK_WITH_CUDA
   dspark::register_cuda_kernels(m);  // *_cuda entry points for CUDA tensors

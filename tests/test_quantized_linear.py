@@ -135,6 +135,38 @@ def test_linear_dispatches_and_weight_helpers():
     assert torch.equal(weight.embedding(tokens, torch.float32), weight.dequantize()[tokens])
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", X_DTYPES)
+def test_dequantize_kernel_matches_the_reference(fmt, dtype):
+    """dequantize_blocks: the reference's fp32 values exactly, rounded to nearest even in bf16 / fp16."""
+    data = random_blocks(fmt, 37, 160, seed=21)
+    ours = QuantizedWeight(data, fmt, 160).dequantize(dtype)
+    assert ours.dtype == dtype and ours.shape == (37, 160)
+    assert torch.equal(ours, ref.dequantize(data, fmt, 160).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", X_DTYPES)
+def test_many_rows_without_invariance_take_a_dense_gemm(dtype):
+    """From DENSE_GEMM_ROWS rows, unless batch invariance is asked for, linear() decodes the blocks and runs
+    a dense GEMM: close to fp32 dequantise-then-matmul (closer than the int8-activation kernel), while
+    the invariant call still equals the kernel bit for bit."""
+    from dspark.models.linear import DENSE_GEMM_ROWS
+
+    data, bias = random_blocks("q4_1", 48, 256, seed=22), torch.randn(48).to(dtype)
+    weight = QuantizedWeight(data, "q4_1", 256)
+    x = random_x(DENSE_GEMM_ROWS + 5, 256, dtype, seed=23)
+    exact = x.double() @ ref.dequantize(data, "q4_1", 256).double().T + bias.double()
+    dense, invariant = linear(x, weight, bias), linear(x, weight, bias, batch_invariant=True)
+    assert dense.dtype == dtype and torch.equal(invariant, kernel(x, data, "q4_1", bias))
+    assert not torch.equal(dense, invariant)
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    scale = exact.abs().max()
+    assert (dense.double() - exact).abs().max() / scale < tolerance
+    assert (dense.double() - exact).abs().mean() < (invariant.double() - exact).abs().mean()
+    few = x[: DENSE_GEMM_ROWS - 1]
+    assert torch.equal(linear(few, weight, bias), kernel(few, data, "q4_1", bias))  # below the threshold: the kernel
+
+
 def test_bad_arguments_name_themselves():
     data = random_blocks("q4_0", 4, 64, seed=2)
     with pytest.raises(ValueError, match="format"):
@@ -152,6 +184,12 @@ def test_bad_arguments_name_themselves():
         _C.quantized_linear(torch.randn(2, 64), data, 7, None, torch.empty(2, 4))
     with pytest.raises(ValueError, match="blocks"):
         _C.quantized_linear(torch.randn(2, 64), data, TYPE_IDS["q4_1"], None, torch.empty(2, 4))
+    with pytest.raises(ValueError, match="out must have"):
+        _C.dequantize_blocks(data, TYPE_IDS["q4_0"], torch.empty(3, 64))
+    with pytest.raises(ValueError, match="blocks"):
+        _C.dequantize_blocks(data, TYPE_IDS["q8_0"], torch.empty(4, 64))
+    with pytest.raises(ValueError, match="out must be float32"):
+        _C.dequantize_blocks(data, TYPE_IDS["q4_0"], torch.empty(4, 64, dtype=torch.int32))
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")

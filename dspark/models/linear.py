@@ -8,12 +8,18 @@ invariant (a row's result does not depend on the other rows), so verifying k tok
 logits of decoding them one by one bit for bit.
 
 fp32 weights use the kernel up to FP32_MAX_ROWS rows only: past that MKL's GEMM is as fast or faster.
+GGUF block weights (QuantizedWeight) take the batch-invariant integer kernel, except in rounds of
+DENSE_GEMM_ROWS rows or more that need no batch invariance (prefills): there the blocks are decoded
+(one pass over the matrix) and a dense GEMM runs, bf16 where the CPU has AVX512-BF16 or AMX, else fp32.
+Measured on the 2-vCPU EPYC (Zen 4, AVX512-BF16), SmolLM2's Q4_1 gate/up projection at 150 rows: 6.1 ms
+in the integer kernel, 1.5 ms in F.linear's bf16 GEMM.
 Autograd (drafter training) always takes F.linear. The reference is F.linear itself; both accumulate
 in fp32 and round once, so they differ by rounding only.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
@@ -22,12 +28,24 @@ import torch.nn.functional as F
 from dspark.models.quantized import QuantizedWeight, quantized_linear
 
 FP32_MAX_ROWS = 16
+DENSE_GEMM_ROWS = 32
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 try:
     _kernel = importlib.import_module("dspark._C").small_batch_linear
 except (ImportError, AttributeError):  # the C++ extension is not built: F.linear everywhere
     _kernel = None
+
+
+@functools.cache
+def fast_bf16_gemm() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX), which oneDNN then uses."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def uses_kernel(x: torch.Tensor, weight: torch.Tensor, batch_invariant: bool = False) -> bool:
@@ -61,9 +79,15 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
            batch_invariant: bool = False) -> torch.Tensor:
     """batch_invariant: keep fp32 weights on the kernel past FP32_MAX_ROWS too, so that a row's result
     never depends on how many rows share the call (MKL's GEMM blocks by the row count). A
-    QuantizedWeight (GGUF blocks) takes quantized_linear, batch invariant at any row count."""
+    QuantizedWeight (GGUF blocks) takes quantized_linear, batch invariant at any row count, unless the
+    call has DENSE_GEMM_ROWS rows or more and asks for no batch invariance (then: decoded, dense GEMM)."""
     if isinstance(weight, QuantizedWeight):
-        return quantized_linear(x, weight, bias)
+        rows = x.numel() // max(x.shape[-1], 1)
+        if batch_invariant or rows < DENSE_GEMM_ROWS or x.device.type != "cpu":
+            return quantized_linear(x, weight, bias)
+        dense = x.dtype if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and fast_bf16_gemm()) else torch.float32
+        y = F.linear(x.to(dense), weight.dequantize(dense), None if bias is None else bias.to(dense))
+        return y.to(x.dtype)
     if uses_kernel(x, weight, batch_invariant):
         return small_batch_linear(x, weight, bias)
     return F.linear(x, weight, bias)

@@ -19,8 +19,10 @@ TYPE_IDS = {"q4_0": 2, "q4_1": 3, "q8_0": 8}  # GGML's type ids, the kernel's fo
 
 try:
     _kernel = importlib.import_module("dspark._C").quantized_linear
+    _dequantize_kernel = importlib.import_module("dspark._C").dequantize_blocks
 except (ImportError, AttributeError):  # the C++ extension is not built: the (slow) reference
-    _kernel = None
+    _kernel = _dequantize_kernel = None
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class QuantizedWeight:
@@ -64,7 +66,13 @@ class QuantizedWeight:
         return QuantizedWeight(torch.cat([p.data for p in parts]), parts[0].format, parts[0].in_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return reference.dequantize(self.data, self.format, self.in_features).to(dtype)
+        """The dense [out, in] matrix (dspark._C.dequantize_blocks on the CPU: the reference's values,
+        rounded to `dtype`)."""
+        if _dequantize_kernel is None or self.device.type != "cpu" or dtype not in _FLOATS:
+            return reference.dequantize(self.data, self.format, self.in_features).to(dtype)
+        out = torch.empty(self.shape, dtype=dtype)
+        _dequantize_kernel(self.data, TYPE_IDS[self.format], out)
+        return out
 
     def embedding(self, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `tokens` decoded: an embedding lookup."""

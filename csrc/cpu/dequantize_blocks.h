@@ -1,0 +1,27 @@
+// GGUF blocks (quantized_linear.h's formats) decoded to a dense [out, in] matrix, for the rounds where
+// many rows share a linear layer (prefills): a dense GEMM with AVX512-BF16 or AMX then beats the
+// integer kernel 3-5x, and decoding the blocks costs one pass over the matrix per call.
+//
+// w = d * q (+ m) in fp32, as the reference dequantize and the gguf package decode (d * q is exact, so
+// the one rounding is the add's); bf16 and fp16 round that value to nearest even.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/common.h"
+#include "cpu/quantized_linear.h"
+
+namespace dspark::cpu {
+
+struct DequantizeParams {
+  const uint8_t* weight;  // [out_features, in_features / 32 blocks], contiguous
+  BlockFormat format;
+  int64_t out_features;
+  int64_t in_features;    // a multiple of 32
+  DType y_dtype;
+  void* y;                // [out_features, in_features], contiguous
+};
+
+void dequantize_blocks(const DequantizeParams& params);
+
+}  // namespace dspark::cpu
