@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from dspark.models.linear import small_batch_linear
+from dspark.models.linear import linear, small_batch_linear
 from dspark.models.quantized import QuantizedWeight, _kernel, quantized_linear
 from dspark.reference.quantized_linear import FORMATS
 
@@ -63,6 +63,25 @@ def test_quantized_linear(benchmark, impl, rows, shape):
     benchmark.pedantic(step, rounds=max(20, 2 * copies), warmup_rounds=copies)
 
 
+PREFILL_ROWS = [64, 256]
+
+
+@pytest.mark.skipif(_kernel is None, reason="dspark._C is not built")
+@pytest.mark.parametrize("impl", ["quantized_linear", "dequantize_blocks + F.linear"])
+@pytest.mark.parametrize("rows", PREFILL_ROWS)
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s != "lm_head 49152x576"])
+def test_prefill_linear(benchmark, impl, rows, shape):
+    """A prefill's many rows: the integer kernel against the blocks decoded (dspark._C.dequantize_blocks)
+    and a dense GEMM, what linear() takes from DENSE_GEMM_ROWS rows when no batch invariance is asked."""
+    out_features, in_features, fmt = SHAPES[shape]
+    weight = QuantizedWeight(random_blocks(fmt, out_features, in_features, 0), fmt, in_features)
+    x = torch.randn(rows, in_features).bfloat16()
+    fn = (lambda: quantized_linear(x, weight)) if impl == "quantized_linear" else (lambda: linear(x, weight))
+    benchmark.extra_info.update(op="prefill", impl=impl, rows=rows, shape=shape, format=fmt,
+                                weight_bytes=weight.nbytes)
+    benchmark.pedantic(fn, rounds=20, warmup_rounds=2)
+
+
 def test_read_bandwidth(benchmark):
     """Bytes per second one pass over 512 MiB reads here (torch.sum over fp32: memory bound)."""
     buffer = torch.rand(128 << 20)
@@ -89,6 +108,17 @@ def table(path: str) -> None:
         (tq, bq), (tb, bb) = impls["quantized_linear"], impls["small_batch_linear bf16"]
         print(f"| {shape} ({SHAPES[shape][2]}) | {rows} | {tq * 1e3:.3f} | {bq / tq / 1e9:.1f} | "
               f"{100 * bq / tq / bandwidth:.0f}% | {tb * 1e3:.3f} | {bb / tb / 1e9:.1f} | {tb / tq:.2f}x |")
+    prefill = {}
+    for b in data["benchmarks"]:
+        info = b["extra_info"]
+        if info["op"] == "prefill":
+            prefill.setdefault((info["shape"], info["rows"]), {})[info["impl"]] = b["stats"]["median"]
+    if prefill:
+        print("\n| shape | rows | quantized_linear (ms) | dequantize_blocks + F.linear (ms) | speedup |")
+        print("|---|---|---|---|---|")
+        for (shape, rows), impls in sorted(prefill.items(), key=lambda kv: (list(SHAPES).index(kv[0][0]), kv[0][1])):
+            tq, td = impls["quantized_linear"], impls["dequantize_blocks + F.linear"]
+            print(f"| {shape} ({SHAPES[shape][2]}) | {rows} | {tq * 1e3:.3f} | {td * 1e3:.3f} | {tq / td:.2f}x |")
 
 
 if __name__ == "__main__":
