@@ -70,7 +70,12 @@ def test_dispatch():
     w32, w16 = torch.randn(8, 16), torch.randn(8, 16).bfloat16()
     assert uses_kernel(torch.randn(3, 16), w32)
     assert not uses_kernel(torch.randn(linear_module.FP32_MAX_ROWS + 1, 16), w32)  # MKL's GEMM wins there
-    assert uses_kernel(torch.randn(500, 16).bfloat16(), w16)
+    many = torch.randn(500, 16).bfloat16()
+    # bf16 prefills go to oneDNN's bf16 GEMM where the CPU has AVX512-BF16 / AMX; invariant calls never do
+    assert uses_kernel(many, w16) != linear_module.fast_bf16_gemm()
+    assert uses_kernel(many, w16, batch_invariant=True)
+    assert uses_kernel(many[: linear_module.DENSE_GEMM_ROWS - 1], w16)
+    assert uses_kernel(many.float(), w16)  # mixed dtypes: the kernel
     trained = torch.randn(8, 16, requires_grad=True)
     assert not uses_kernel(torch.randn(3, 16), trained)  # autograd needs F.linear
     y = linear(torch.randn(3, 16), trained)

@@ -7,7 +7,9 @@ by row: measured on the 2-core AVX2 EPYC we develop on (bf16, SmolLM2's 49,152 x
 invariant (a row's result does not depend on the other rows), so verifying k tokens reproduces the
 logits of decoding them one by one bit for bit.
 
-fp32 weights use the kernel up to FP32_MAX_ROWS rows only: past that MKL's GEMM is as fast or faster.
+fp32 weights use the kernel up to FP32_MAX_ROWS rows only: past that MKL's GEMM is as fast or faster;
+bf16 ones up to DENSE_GEMM_ROWS rows where the CPU has AVX512-BF16 or AMX (oneDNN's bf16 GEMM then wins).
+Batch-invariant calls (decoding and verification rounds) keep the kernel at any row count.
 GGUF block weights (QuantizedWeight) take the batch-invariant integer kernel, except in rounds of
 DENSE_GEMM_ROWS rows or more that need no batch invariance (prefills): there the blocks are decoded
 (one pass over the matrix) and a dense GEMM runs, bf16 where the CPU has AVX512-BF16 or AMX, else fp32.
@@ -48,13 +50,21 @@ def fast_bf16_gemm() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def dense_bf16_gemm(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
+    """bf16 rounds of DENSE_GEMM_ROWS rows or more go to F.linear's bf16 GEMM where the CPU runs it
+    natively (prefills, when no batch invariance is asked)."""
+    return (rows >= DENSE_GEMM_ROWS and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+            and fast_bf16_gemm())
+
+
 def uses_kernel(x: torch.Tensor, weight: torch.Tensor, batch_invariant: bool = False) -> bool:
     if x.dim() == 0 or x.shape[-1] == 0:
         return False
     rows = x.numel() // x.shape[-1]
     return (_kernel is not None and x.device.type == "cpu" and weight.device.type == "cpu"
             and x.dtype in _FLOATS and weight.dtype in _FLOATS and weight.dim() == 2
-            and (weight.dtype != torch.float32 or rows <= FP32_MAX_ROWS or batch_invariant)
+            and (batch_invariant or rows <= FP32_MAX_ROWS
+                 or (weight.dtype != torch.float32 and not dense_bf16_gemm(x, weight, rows)))
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
