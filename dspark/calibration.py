@@ -9,7 +9,11 @@ is a monotone map of c_k, so the ranking of single-position confidences never ch
 
 A temperature only scales logits about 0, so it cannot fix a head that is over- or under-confident by
 a constant: on SmolLM2's shipped drafter position 1 kept 4.9% ECE after STS. `shift_grid` adds a shift
-b_k, c_k = sigmoid(logit_k / T_k + b_k), still monotone (the paper's STS is shift_grid=(0.0,)).
+b_k, c_k = sigmoid(logit_k / T_k + b_k), still monotone (the paper's STS is shift_grid=(0.0,)). With a
+shift, ECE alone is minimised by a constant at the observed survival rate (a huge T_k and the shift to
+the base rate: measured on that drafter, T_1 = 20), which keeps the ranking but throws away the spread
+the scheduler needs; so the shifted fit minimises the log loss of a_k, a proper scoring rule, and
+reports ECE.
 """
 
 from __future__ import annotations
@@ -83,6 +87,12 @@ def ece(pred: torch.Tensor, label: torch.Tensor, bins: int = 15) -> float:
     return float(gap.abs().sum()) / pred.numel()  # per bin: count x |mean prediction - frequency|
 
 
+def log_loss(pred: torch.Tensor, label: torch.Tensor) -> float:
+    """Mean binary cross-entropy of predicted survival against the observed outcome."""
+    p = pred.double().clamp(1e-7, 1 - 1e-7)
+    return float(-(label * torch.log(p) + (1 - label) * torch.log1p(-p)).mean())
+
+
 def roc_auc(pred: torch.Tensor, label: torch.Tensor) -> float:
     """Probability that a random positive outranks a random negative (ties count half)."""
     pos, neg = pred[label > 0.5].double(), pred[label <= 0.5].double()
@@ -100,7 +110,8 @@ def roc_auc(pred: torch.Tensor, label: torch.Tensor) -> float:
 def fit_sts(logits: torch.Tensor, survived: torch.Tensor, valid: torch.Tensor, grid=TEMPERATURES,
             shift_grid=(0.0,)) -> tuple[list[float], list[float]]:
     """(temperatures, shifts): for k = 1..gamma in order, the (T_k, b_k) on the grids minimising the ECE
-    of a_k with earlier positions held fixed; ties go to the map closest to identity."""
+    of a_k (temperatures only, the paper's STS) or its log loss (with shifts), earlier positions held
+    fixed; ties go to the map closest to identity."""
     gamma = logits.shape[1]
     temps, shifts = [1.0] * gamma, [0.0] * gamma
     for k in range(gamma):
@@ -110,7 +121,8 @@ def fit_sts(logits: torch.Tensor, survived: torch.Tensor, valid: torch.Tensor, g
         before = survival_probs(logits[mask], temps, shifts)[:, k - 1] if k else torch.ones(int(mask.sum()))
         column, label = logits[mask, k], survived[mask, k]
         candidates = [(t, b) for t in grid for b in shift_grid]
-        errors = [ece(before * torch.sigmoid(column / t + b), label) for t, b in candidates]
+        error = ece if tuple(shift_grid) == (0.0,) else log_loss
+        errors = [error(before * torch.sigmoid(column / t + b), label) for t, b in candidates]
         temps[k], shifts[k] = min(zip(candidates, errors),
                                   key=lambda ce: (ce[1], abs(math.log(ce[0][0])) + abs(ce[0][1])))[0]
     return temps, shifts

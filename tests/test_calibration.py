@@ -66,6 +66,8 @@ def test_a_shift_fixes_a_constant_overconfidence_that_a_temperature_cannot():
     temps_only, no_shift = fit_sts(logits[fit], survived[fit], valid[fit])
     temps, shifts = fit_sts(logits[fit], survived[fit], valid[fit], shift_grid=SHIFTS)
     assert shifts[0] == pytest.approx(-1.0, abs=0.15) and shifts[1] == pytest.approx(0.7, abs=0.2)
+    # not the degenerate constant at the base rate that minimises ECE alone: the logits' spread is kept
+    assert temps[0] == pytest.approx(1.0, rel=0.15) and temps[1] == pytest.approx(1.0, rel=0.15)
     plain = report(logits[test], survived[test], valid[test], temps_only, no_shift)
     shifted = report(logits[test], survived[test], valid[test], temps, shifts)
     assert plain[0]["ece_after"] > 0.05

@@ -27,6 +27,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--json", default=None, help="also write the report here")
     ap.add_argument("--no-shift", action="store_true",
                     help="temperatures only (the paper's STS); by default each position also gets a logit shift")
+    ap.add_argument("--samples", default=None,
+                    help="save the recorded rounds (confidence logits, survival, request) here, to fit again offline")
     ap.add_argument("--dry-run", action="store_true", help="report only; leave the drafter's temperatures as they are")
 
 
@@ -40,6 +42,8 @@ def run(args) -> int:
     prompts = heldout_prompts(args.data, target.config.vocab_size, args.holdout)
     logits, survived, valid, request = collect(target, drafter, prompts, args.max_tokens, args.temperature,
                                                args.batch)
+    if args.samples:
+        torch.save({"logits": logits, "survived": survived, "valid": valid, "request": request}, args.samples)
     shift_grid = (0.0,) if args.no_shift else SHIFTS
     temps, shifts = fit_sts(logits, survived, valid, shift_grid=shift_grid)
     rows = report(logits, survived, valid, temps, shifts)
