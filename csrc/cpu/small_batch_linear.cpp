@@ -90,6 +90,28 @@ inline void row_dots(const float* x, int64_t k, const W* w, float* dots) {
   }
 }
 
+// y = x W^T + b with W read one row at a time, front to back: each thread streams one contiguous run of
+// W rows (static schedule), and each W row meets the x rows in tiles of up to Tile, whose dot products
+// tile_dots(x_tile, rows_in_tile, w_row, dots) computes.
+template <int Tile, typename X, typename W, typename XIn, typename TileDots>
+void stream_w_rows(const SmallBatchLinearParams& p, const XIn* x, TileDots tile_dots) {
+  const int64_t rows = p.rows, k = p.in_features, n_out = p.out_features;
+  const W* weight = static_cast<const W*>(p.weight);
+  const W* bias = static_cast<const W*>(p.bias);
+  X* y = static_cast<X*>(p.y);
+#pragma omp parallel for schedule(static) if (n_out * k * rows >= 32768)
+  for (int64_t o = 0; o < n_out; ++o) {
+    const W* w = weight + o * k;
+    const float b = bias ? to_float(bias[o]) : 0.f;
+    float dots[Tile];
+    for (int64_t m0 = 0; m0 < rows; m0 += Tile) {
+      const int64_t mr = std::min<int64_t>(Tile, rows - m0);
+      tile_dots(x + m0 * k, mr, w, dots);
+      for (int64_t m = 0; m < mr; ++m) y[(m0 + m) * n_out + o] = from_float<X>(dots[m] + b);
+    }
+  }
+}
+
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #define DSPARK_SBL_AVX512BF16 1
 constexpr int kBf16Chunk = 32;  // bf16 elements per zmm
@@ -122,51 +144,26 @@ inline void row_dots_bf16(const BFloat16* x, int64_t k, const BFloat16* w, float
 }
 
 void run_bf16(const SmallBatchLinearParams& p) {
-  const int64_t rows = p.rows, k = p.in_features, n_out = p.out_features;
-  const auto* weight = static_cast<const BFloat16*>(p.weight);
-  const auto* bias = static_cast<const BFloat16*>(p.bias);
-  const auto* x = static_cast<const BFloat16*>(p.x);
-  auto* y = static_cast<BFloat16*>(p.y);
-#pragma omp parallel for schedule(static) if (n_out * k * rows >= 32768)
-  for (int64_t o = 0; o < n_out; ++o) {
-    const BFloat16* w = weight + o * k;
-    const float b = bias ? to_float(bias[o]) : 0.f;
-    float dots[kRowsPerTile];
-    for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerTile) {
-      const int64_t mr = std::min<int64_t>(kRowsPerTile, rows - m0);
-      const BFloat16* xt = x + m0 * k;
-      switch (mr) {
-        case 4: row_dots_bf16<4>(xt, k, w, dots); break;
-        case 3: row_dots_bf16<3>(xt, k, w, dots); break;
-        case 2: row_dots_bf16<2>(xt, k, w, dots); break;
-        default: row_dots_bf16<1>(xt, k, w, dots); break;
-      }
-      for (int64_t m = 0; m < mr; ++m) y[(m0 + m) * n_out + o] = from_float<BFloat16>(dots[m] + b);
-    }
-  }
+  const int64_t k = p.in_features;
+  stream_w_rows<kRowsPerTile, BFloat16, BFloat16>(
+      p, static_cast<const BFloat16*>(p.x), [k](const BFloat16* xt, int64_t mr, const BFloat16* w, float* dots) {
+        switch (mr) {
+          case 4: return row_dots_bf16<4>(xt, k, w, dots);
+          case 3: return row_dots_bf16<3>(xt, k, w, dots);
+          case 2: return row_dots_bf16<2>(xt, k, w, dots);
+          default: return row_dots_bf16<1>(xt, k, w, dots);
+        }
+      });
 }
 #endif
 
 template <typename X, typename W>
 void run(const SmallBatchLinearParams& p, const float* x) {
-  const int64_t rows = p.rows, k = p.in_features, n_out = p.out_features;
-  const W* weight = static_cast<const W*>(p.weight);
-  const W* bias = static_cast<const W*>(p.bias);
-  X* y = static_cast<X*>(p.y);
-  // Each thread streams one contiguous run of W rows (static schedule), a row at a time front to back.
-#pragma omp parallel for schedule(static) if (n_out * k * rows >= 32768)
-  for (int64_t o = 0; o < n_out; ++o) {
-    const W* w = weight + o * k;
-    const float b = bias ? to_float(bias[o]) : 0.f;
-    float dots[kLaneRowsPerTile];
-    for (int64_t m0 = 0; m0 < rows; m0 += kLaneRowsPerTile) {
-      const int64_t mr = std::min<int64_t>(kLaneRowsPerTile, rows - m0);
-      const float* xt = x + m0 * k;
-      if (mr == 2) row_dots<2>(xt, k, w, dots);
-      else row_dots<1>(xt, k, w, dots);
-      for (int64_t m = 0; m < mr; ++m) y[(m0 + m) * n_out + o] = from_float<X>(dots[m] + b);
-    }
-  }
+  const int64_t k = p.in_features;
+  stream_w_rows<kLaneRowsPerTile, X, W>(p, x, [k](const float* xt, int64_t mr, const W* w, float* dots) {
+    if (mr == 2) return row_dots<2>(xt, k, w, dots);
+    return row_dots<1>(xt, k, w, dots);
+  });
 }
 
 template <typename X>
