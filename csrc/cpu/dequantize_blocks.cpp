@@ -13,7 +13,7 @@ inline float half_at(const uint8_t* p) {
 
 template <BlockFormat F, typename Y>
 void decode_row(const uint8_t* row, int64_t blocks, Y* y) {
-  constexpr int64_t bytes = F == BlockFormat::kQ4_0 ? 18 : F == BlockFormat::kQ4_1 ? 20 : 34;
+  constexpr int64_t bytes = block_bytes(F);
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* block = row + b * bytes;
     const float d = half_at(block);

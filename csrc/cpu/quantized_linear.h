@@ -32,7 +32,7 @@ enum class BlockFormat : int { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8 };
 
 constexpr int64_t kBlockWeights = 32;
 
-inline int64_t block_bytes(BlockFormat format) {
+constexpr int64_t block_bytes(BlockFormat format) {
   switch (format) {
     case BlockFormat::kQ4_0: return 18;
     case BlockFormat::kQ4_1: return 20;
