@@ -22,7 +22,7 @@ import torch
 from dspark.batch import build_round
 from dspark.cache import KVCache
 
-FORMAT = 3  # 2: after the CPU small-batch linear kernel changed what a step costs; 3: after its AVX512-BF16 path and the VNNI quantized kernel
+FORMAT = 4  # 2: after the CPU small-batch linear kernel changed what a step costs; 3: after its AVX512-BF16 path and the VNNI quantized kernel; 4: after the quantized kernel went to tiles of 8 W rows
 
 
 def token_grid(max_tokens: int) -> list[int]:

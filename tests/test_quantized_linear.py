@@ -6,6 +6,7 @@ invariance bit for bit, NaN isolation, and errors naming the argument."""
 
 from __future__ import annotations
 
+import itertools
 import pathlib
 import shutil
 import subprocess
@@ -193,17 +194,22 @@ def test_bad_arguments_name_themselves():
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")
-def test_portable_build_matches_the_avx2_build_bit_for_bit(tmp_path):
-    """Without AVX2 the kernel runs the same lanes in plain C++: same results, bit for bit."""
+@pytest.mark.parametrize("march", ["x86-64-v2", "x86-64-v3"])
+def test_other_builds_match_the_extension_bit_for_bit(tmp_path, march):
+    """Without AVX2 (x86-64-v2) the kernel runs the same lanes in plain C++; with AVX2 but no AVX512-VNNI
+    (x86-64-v3) its integer dots take maddubs/madd and Q8_0 its sign form: same results, bit for bit, as
+    the extension's build for this machine."""
     root = pathlib.Path(__file__).resolve().parents[1]
     binary = tmp_path / "quantized_linear_cli"
-    compile_ = subprocess.run(["g++", "-std=c++17", "-O2", "-fopenmp", "-ffp-contract=fast", "-march=x86-64-v2",
+    compile_ = subprocess.run(["g++", "-std=c++17", "-O2", "-fopenmp", "-ffp-contract=fast", f"-march={march}",
                                f"-I{root / 'csrc'}", str(root / "csrc/cpu/tests/quantized_linear_cli.cpp"),
                                str(root / "csrc/cpu/quantized_linear.cpp"), "-o", str(binary)],
                               capture_output=True, text=True)
     assert compile_.returncode == 0, compile_.stderr
-    for fmt in FORMATS:
-        rows, in_features, out = 5, 96, 13
+    # 1 row: each block used as it is prepared; 5 rows: chunks of prepared blocks swept in passes of x
+    # rows; 13 outputs: a partial tile of W rows.
+    for fmt, rows in itertools.product(FORMATS, (1, 5)):
+        in_features, out = 96, 13
         data = random_blocks(fmt, out, in_features, seed=11)
         x = random_x(rows, in_features, torch.float32, seed=12)
         x.numpy().tofile(tmp_path / "x.f32")
@@ -213,7 +219,7 @@ def test_portable_build_matches_the_avx2_build_bit_for_bit(tmp_path):
                              capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
         portable = torch.from_numpy(np.fromfile(tmp_path / "y.f32", dtype=np.float32)).view(rows, out)
-        assert torch.equal(portable, kernel(x, data, fmt)), fmt
+        assert torch.equal(portable, kernel(x, data, fmt)), (fmt, rows)
 
 
 def test_blocks_too_small_for_a_finite_scale_quantise_to_zeros():

@@ -7,14 +7,20 @@
 //
 // Decoding reads every weight once per token, so bytes are the cost: Q4_1 is 5 bits a weight against bf16's
 // 16. As llama.cpp does, each row of x is quantised per 32-block to int8 with an fp32 scale (dx = max|x| /
-// 127, q = round-to-even(x * 127 / max|x|)) and the block dot products run in integers (AVX2 maddubs/madd,
-// or one AVX512-VNNI dpbusd where the CPU has it: the same exact sums; a portable build does them lane by
-// lane), scaled by d * dx into 8 fp32 lanes; Q4_1's m term takes the quantised block's sum dx * sum(q).
-// Groups of four blocks fold their integer lanes with two hadds (lane k: block k's products 0-15, lane k +
-// 4: its products 16-31), so one conversion and one fmadd with [d_k * dx_k] serve four blocks. So y is W .
-// xhat, xhat the quantised x, up to fp32 rounding, and its distance from dequantise-then-matmul in fp32 is
-// bounded by the sum over blocks of (dx / 2) * sum |w|. Each W block is unpacked once per group of up to 4
-// rows while it sits in L1.
+// 127, q = round-to-even(x * 127 / max|x|)) and the block dot products run in integers.
+//
+// Verification rounds have several rows, where integer work, not bytes, was the cost. So W is read in
+// tiles of 8 rows (one 32-bit lane per row, as llama.cpp's repacked kernels do, but transposed on the fly
+// from the file's layout: nothing is stored twice): per block the 8 rows' codes are transposed into 8
+// vectors of 4-byte chunks, and each row of x then costs 8 broadcasts and 8 dpbusd (AVX512-VNNI; AVX2:
+// maddubs/madd; a portable build: lane by lane) for 8 outputs, with no horizontal sums. Per output and
+// block: the exact integer dot (Q4_0's zero point 8, and Q8_0's 128 where it goes in unsigned, come off
+// through x's code sum), then acc = fma(float(dot), d * dx, acc), and for Q4_1 mins = fma(m, dx * sum(q),
+// mins); y = acc + mins (+ bias). So y is W . xhat, xhat the quantised x, up to fp32 rounding, and its
+// distance from dequantise-then-matmul in fp32 is bounded by the sum over blocks of (dx / 2) * sum |w|. Up
+// to 4 rows of x (2 without AVX-512's 32 registers) use each block as it is transposed; more rows sweep
+// chunks of 8 transposed blocks held in L1. A software prefetch stream runs one tile ahead, since the
+// hardware prefetchers do not follow the tile's block-by-block order across its rows.
 //
 // Every row is quantised and accumulated by the same instruction sequence whatever the number of rows
 // and the row's place among them: results are batch invariant, so greedy speculative decoding of a

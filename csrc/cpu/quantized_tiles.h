@@ -1,0 +1,289 @@
+// Micro-kernels of quantized_linear.cpp: a tile of 8 W rows in one of GGUF's block formats, transposed
+// block by block into 4-byte lanes (one per W row), and the exact integer dots of rows of quantised x
+// against it, accumulated per lane in fp32. Framework-free; included by quantized_linear.cpp only.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu/quantized_linear.h"
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define DSPARK_QL_AVX2 1
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define DSPARK_QL_VNNI 1
+#endif
+#endif
+
+// A block prepared and used at once stays in registers only if both steps are inlined into one loop.
+#if defined(__GNUC__)
+#define DSPARK_QL_INLINE inline __attribute__((always_inline))
+#else
+#define DSPARK_QL_INLINE inline
+#endif
+
+namespace dspark::cpu::quantized_tiles {
+
+constexpr int kTileRows = 8;  // W rows per tile: one 32-bit lane each
+constexpr int kChunks = 8;    // 4-weight chunks of a block
+constexpr int64_t kChunkBlocks = 8;  // blocks prepared at a time: the prepared chunk stays in L1
+#if defined(__AVX512VL__)
+constexpr int kRowsPerPass = 4;  // x rows per pass over a prepared tile (32 vector registers)
+#else
+constexpr int kRowsPerPass = 2;  // 16 vector registers
+#endif
+
+// The rows of x, quantised per 32-block.
+struct QuantizedX {
+  std::vector<int8_t> q;      // [rows, in]
+  std::vector<float> scale;   // [rows, blocks]: max|x| / 127 (NaN when the block holds a NaN or inf)
+  std::vector<float> sum;     // [rows, blocks]: scale * (sum of the block's codes), the quantised x's sum (Q4_1's m term)
+  std::vector<int32_t> codes; // [rows, blocks]: sum of the block's codes (Q4_0's zero point)
+};
+
+inline float half_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, sizeof(bits));
+#ifdef DSPARK_QL_AVX2
+  return _cvtsh_ss(bits);  // exact, as to_float(Half)
+#else
+  return to_float(Half{bits});
+#endif
+}
+
+// Q8_0's codes go to the dot products as w + 128 (unsigned) where one dpbusd takes them, the zero point
+// 128 coming off through x's code sum; elsewhere as |w| with w's signs moved onto x (maddubs would
+// overflow int16 on w + 128). Both give the same exact integers.
+#ifdef DSPARK_QL_VNNI
+constexpr bool kUnsignedQ8 = true;
+#else
+constexpr bool kUnsignedQ8 = false;
+#endif
+
+template <BlockFormat F>
+constexpr int32_t zero_point() {
+  return F == BlockFormat::kQ4_0 ? 8 : F == BlockFormat::kQ8_0 && kUnsignedQ8 ? 128 : 0;
+}
+
+struct alignas(32) Lanes {
+  float v[kTileRows];
+};
+
+// One block of a tile of 8 W rows, laid out for the dot products: chunk k holds, in lane j (4 bytes),
+// the codes of weights 4k..4k+3 of row j. Q4 formats store the nibbles (0..15, Q4_0's zero point 8 is
+// subtracted through x's code sum); Q8_0 stores |w| in `codes` and w itself in `signs`, whose signs
+// move onto x, so that every product is unsigned x signed as the integer dot instructions take them.
+#ifdef DSPARK_QL_AVX2
+struct TileBlock {  // vectors, so that a block prepared and used at once can stay in registers
+  __m256i codes[kChunks];
+  __m256i signs[kChunks];  // Q8_0 without VNNI only
+  __m256 d, m;             // m: Q4_1 only
+};
+#else
+struct TileBlock {
+  uint8_t codes[kChunks][kTileRows * 4];
+  int8_t signs[kChunks][kTileRows * 4];  // Q8_0 without VNNI only
+  float d[kTileRows];
+  float m[kTileRows];  // Q4_1 only
+};
+#endif
+
+template <BlockFormat F>
+constexpr int64_t header_bytes() {
+  return F == BlockFormat::kQ4_1 ? 4 : 2;
+}
+
+// Lane j of out[k] = dword k of rows[j] + offset, k = 0..3: an 8 x 4 transpose of 32-bit words.
+#ifdef DSPARK_QL_AVX2
+inline void transpose_dwords(const uint8_t* const rows[kTileRows], int64_t offset, __m256i out[4]) {
+  auto pair = [&](int lo, int hi) {
+    return _mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[hi] + offset)),
+                            _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[lo] + offset)));
+  };
+  const __m256i a0 = pair(0, 4), a1 = pair(1, 5), a2 = pair(2, 6), a3 = pair(3, 7);
+  const __m256i t0 = _mm256_unpacklo_epi32(a0, a1), t1 = _mm256_unpackhi_epi32(a0, a1);
+  const __m256i t2 = _mm256_unpacklo_epi32(a2, a3), t3 = _mm256_unpackhi_epi32(a2, a3);
+  out[0] = _mm256_unpacklo_epi64(t0, t2);
+  out[1] = _mm256_unpackhi_epi64(t0, t2);
+  out[2] = _mm256_unpacklo_epi64(t1, t3);
+  out[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+#endif
+
+// Block b of the 8 rows into `out`.
+template <BlockFormat F>
+DSPARK_QL_INLINE void prepare_block(const uint8_t* const rows[kTileRows], int64_t b, TileBlock& out) {
+  constexpr int64_t bytes = block_bytes(F), header = header_bytes<F>();
+  const int64_t at = b * bytes;
+#ifdef DSPARK_QL_AVX2
+  {  // the 8 headers' first dwords (d, or d and m), halves regrouped to [d0..d7 | m0..m7], converted at once
+    auto word = [&](int j) {
+      int32_t w;
+      std::memcpy(&w, rows[j] + at, sizeof(w));
+      return w;
+    };
+    __m128i low = _mm_cvtsi32_si128(word(0)), high = _mm_cvtsi32_si128(word(4));
+    low = _mm_insert_epi32(_mm_insert_epi32(_mm_insert_epi32(low, word(1), 1), word(2), 2), word(3), 3);
+    high = _mm_insert_epi32(_mm_insert_epi32(_mm_insert_epi32(high, word(5), 1), word(6), 2), word(7), 3);
+    const __m256i pairs = _mm256_shuffle_epi8(_mm256_set_m128i(high, low),
+                                              _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+                                                               0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
+    const __m256i grouped = _mm256_permute4x64_epi64(pairs, 0xd8);  // qwords 0, 2, 1, 3
+    out.d = _mm256_cvtph_ps(_mm256_castsi256_si128(grouped));
+    out.m = F == BlockFormat::kQ4_1 ? _mm256_cvtph_ps(_mm256_extracti128_si256(grouped, 1)) : _mm256_setzero_ps();
+  }
+  __m256i words[4];
+  transpose_dwords(rows, at + header, words);
+  if constexpr (F == BlockFormat::kQ8_0) {
+    __m256i high[4];
+    transpose_dwords(rows, at + header + 16, high);
+    for (int k = 0; k < 4; ++k) {
+      if constexpr (kUnsignedQ8) {
+        const __m256i offset = _mm256_set1_epi8(static_cast<char>(0x80));
+        out.codes[k] = _mm256_xor_si256(words[k], offset);
+        out.codes[k + 4] = _mm256_xor_si256(high[k], offset);
+      } else {
+        out.codes[k] = _mm256_abs_epi8(words[k]);
+        out.signs[k] = words[k];
+        out.codes[k + 4] = _mm256_abs_epi8(high[k]);
+        out.signs[k + 4] = high[k];
+      }
+    }
+  } else {
+    const __m256i low_nibbles = _mm256_set1_epi8(0x0f);
+    for (int k = 0; k < 4; ++k) {  // byte i: weight i in its low nibble, weight i + 16 in its high one
+      out.codes[k] = _mm256_and_si256(words[k], low_nibbles);
+      out.codes[k + 4] = _mm256_and_si256(_mm256_srli_epi16(words[k], 4), low_nibbles);
+    }
+  }
+#else
+  for (int j = 0; j < kTileRows; ++j) {
+    out.d[j] = half_at(rows[j] + at);
+    out.m[j] = F == BlockFormat::kQ4_1 ? half_at(rows[j] + at + 2) : 0.f;
+  }
+  for (int j = 0; j < kTileRows; ++j) {
+    const uint8_t* quants = rows[j] + at + header;
+    for (int k = 0; k < kChunks; ++k) {
+      for (int i = 0; i < 4; ++i) {
+        const int w = 4 * k + i;
+        if constexpr (F == BlockFormat::kQ8_0) {
+          const int8_t code = static_cast<int8_t>(quants[w]);
+          out.codes[k][4 * j + i] = static_cast<uint8_t>(kUnsignedQ8 ? code + 128 : code < 0 ? -code : code);
+          out.signs[k][4 * j + i] = code;
+        } else {
+          out.codes[k][4 * j + i] = w < 16 ? quants[w] & 0x0f : quants[w - 16] >> 4;
+        }
+      }
+    }
+  }
+#endif
+}
+
+#ifdef DSPARK_QL_AVX2
+// Lane j += sum over i of u_i * s_i, bytes 4j..4j+3 (exact: |u_i s_i + u_i+1 s_i+1| <= 2 * 128 * 127 < 2^15).
+inline __m256i dot_add(__m256i acc, __m256i u, __m256i s) {
+#ifdef DSPARK_QL_VNNI
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+inline __m256i x_chunk(const int8_t* xq, int k) {
+  int32_t word;
+  std::memcpy(&word, xq + 4 * k, sizeof(word));
+  return _mm256_set1_epi32(word);
+}
+
+// Block b of a prepared tile into the lanes of MR rows of x: the exact integer dot (minus the zero point
+// times x's code sum), then acc = fma(float(dot), d * dx, acc) and, for Q4_1, mins = fma(m, x's sum, mins).
+template <BlockFormat F, int MR>
+DSPARK_QL_INLINE void accumulate(const TileBlock& t, int64_t b, const QuantizedX& qx, int64_t first_row, int64_t in,
+                                 __m256 acc[MR], __m256 mins[MR]) {
+  const int64_t stride = in / kBlockWeights;
+  const __m256 d = t.d;
+  for (int m = 0; m < MR; ++m) {
+    const int64_t xb = (first_row + m) * stride + b;
+    const int8_t* xq = qx.q.data() + (first_row + m) * in + b * kBlockWeights;
+    __m256i low = _mm256_setzero_si256(), high = _mm256_setzero_si256();
+    for (int k = 0; k < 4; ++k) {
+      const __m256i u0 = t.codes[k], u1 = t.codes[k + 4];
+      __m256i s0 = x_chunk(xq, k), s1 = x_chunk(xq, k + 4);
+      if constexpr (F == BlockFormat::kQ8_0 && !kUnsignedQ8) {
+        s0 = _mm256_sign_epi8(s0, t.signs[k]);
+        s1 = _mm256_sign_epi8(s1, t.signs[k + 4]);
+      }
+      low = dot_add(low, u0, s0);
+      high = dot_add(high, u1, s1);
+    }
+    __m256i dot = _mm256_add_epi32(low, high);
+    if constexpr (zero_point<F>() != 0) dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(zero_point<F>() * qx.codes[xb]));
+    const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(qx.scale[xb]));
+    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[m]);
+    if constexpr (F == BlockFormat::kQ4_1) {
+      mins[m] = _mm256_fmadd_ps(t.m, _mm256_set1_ps(qx.sum[xb]), mins[m]);
+    }
+  }
+}
+
+// Lanes of MR rows of x, carried in `io` between calls: zeroed by the caller, (acc, mins) per row.
+template <int MR>
+struct Accumulators {
+  __m256 acc[MR], mins[MR];
+  explicit Accumulators(const Lanes* io) {
+    for (int m = 0; m < MR; ++m) {
+      acc[m] = _mm256_load_ps(io[2 * m].v);
+      mins[m] = _mm256_load_ps(io[2 * m + 1].v);
+    }
+  }
+  void store(Lanes* io) const {
+    for (int m = 0; m < MR; ++m) {
+      _mm256_store_ps(io[2 * m].v, acc[m]);
+      _mm256_store_ps(io[2 * m + 1].v, mins[m]);
+    }
+  }
+};
+template <BlockFormat F, int MR>
+DSPARK_QL_INLINE void accumulate(const TileBlock& t, int64_t b, const QuantizedX& qx, int64_t first_row, int64_t in,
+                                 Accumulators<MR>& a) {
+  accumulate<F, MR>(t, b, qx, first_row, in, a.acc, a.mins);
+}
+#else
+// The same lanes in portable code (builds without AVX2): integer dots are exact, the fp32 steps are the
+// same operations in the same order.
+template <int MR>
+struct Accumulators {
+  Lanes acc[MR], mins[MR];
+  explicit Accumulators(const Lanes* io) {
+    for (int m = 0; m < MR; ++m) acc[m] = io[2 * m], mins[m] = io[2 * m + 1];
+  }
+  void store(Lanes* io) const {
+    for (int m = 0; m < MR; ++m) io[2 * m] = acc[m], io[2 * m + 1] = mins[m];
+  }
+};
+template <BlockFormat F, int MR>
+inline void accumulate(const TileBlock& t, int64_t b, const QuantizedX& qx, int64_t first_row, int64_t in,
+                       Accumulators<MR>& a) {
+  const int64_t stride = in / kBlockWeights;
+  for (int m = 0; m < MR; ++m) {
+    const int64_t xb = (first_row + m) * stride + b;
+    const int8_t* xq = qx.q.data() + (first_row + m) * in + b * kBlockWeights;
+    for (int j = 0; j < kTileRows; ++j) {
+      int32_t dot = 0;
+      for (int k = 0; k < kChunks; ++k) {
+        for (int i = 0; i < 4; ++i) {
+          const int32_t x = xq[4 * k + i], u = t.codes[k][4 * j + i];
+          dot += u * (F == BlockFormat::kQ8_0 && !kUnsignedQ8 && t.signs[k][4 * j + i] < 0 ? -x : x);
+        }
+      }
+      dot -= zero_point<F>() * qx.codes[xb];
+      a.acc[m].v[j] = std::fmaf(static_cast<float>(dot), t.d[j] * qx.scale[xb], a.acc[m].v[j]);
+      if constexpr (F == BlockFormat::kQ4_1) a.mins[m].v[j] = std::fmaf(t.m[j], qx.sum[xb], a.mins[m].v[j]);
+    }
+  }
+}
+#endif
+
+}  // namespace dspark::cpu::quantized_tiles
