@@ -7,6 +7,10 @@
 #include <cstdint>
 #include <limits>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "common.h"
 
 namespace dspark::cpu::attention_tiles {
@@ -71,30 +75,88 @@ inline float exp_nonpositive(float x) {
 }
 
 
-// Scores of one row against a whole tile: s[j] = q . k[j] for j < kTile, keys kept as rows ([kTile,
-// dim]), four keys per pass over q. Every row of every item goes through this one function over whole
-// tiles (slots past a short tile are scored, then masked), so a row's scores never depend on how
-// many rows or keys share its item: the batch invariance of tree_attention.cpp rests on it.
-inline void dot_1x4(const float* __restrict q, const float* __restrict k, int64_t dim, float* __restrict out) {
-  const float *__restrict k0 = k, *__restrict k1 = k + dim, *__restrict k2 = k + 2 * dim, *__restrict k3 = k + 3 * dim;
-  float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
+// Scores of NR rows against a whole tile: s[i][j] = q_i . k_j for j < kTile, the tile's keys transposed
+// ([dim, kTile]) so that the keys run along the vector lanes: each score is one fma chain over d in
+// order, with no horizontal sums. Every row of every item goes through this arithmetic over whole
+// tiles (slots past a short tile are scored, then masked), whatever NR, so a row's scores never depend
+// on how many rows or keys share its item: the batch invariance of tree_attention.cpp rests on it.
+template <int NR>
+inline void tile_scores(const float* __restrict q, const float* __restrict kt, int64_t dim, float* __restrict s) {
+  float a[NR][kTile];
+  for (int i = 0; i < NR; ++i)
+    for (int64_t j = 0; j < kTile; ++j) a[i][j] = 0.0f;
   for (int64_t d = 0; d < dim; ++d) {
-    const float x = q[d];
-    a0 += x * k0[d];
-    a1 += x * k1[d];
-    a2 += x * k2[d];
-    a3 += x * k3[d];
+    const float* __restrict k = kt + d * kTile;
+    for (int i = 0; i < NR; ++i) {
+      const float x = q[i * dim + d];
+#pragma omp simd
+      for (int64_t j = 0; j < kTile; ++j) a[i][j] = std::fma(x, k[j], a[i][j]);
+    }
   }
-  out[0] = a0;
-  out[1] = a1;
-  out[2] = a2;
-  out[3] = a3;
+  for (int i = 0; i < NR; ++i)
+    for (int64_t j = 0; j < kTile; ++j) s[i * kTile + j] = a[i][j];
 }
 
-inline void tile_scores_row(const float* __restrict q, const float* __restrict k, int64_t dim, float* __restrict s) {
-  static_assert(kTile % 4 == 0, "whole groups of four keys");
-  for (int64_t j = 0; j < kTile; j += 4) dot_1x4(q, k + j * dim, dim, s + j);
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const BFloat16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline __m512 load16(const Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
+inline __m512 unpacklo_pairs(__m512 a, __m512 b) {
+  return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+}
+inline __m512 unpackhi_pairs(__m512 a, __m512 b) {
+  return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+}
+
+// r[i][j] <- r[j][i] for a 16 x 16 block of floats: interleave words, pairs, then 128-bit lanes twice.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = unpacklo_pairs(t[i], t[i + 2]);
+    r[i + 1] = unpackhi_pairs(t[i], t[i + 2]);
+    r[i + 2] = unpacklo_pairs(t[i + 1], t[i + 3]);
+    r[i + 3] = unpackhi_pairs(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+#endif
+
+// The tile's keys (keys[j] for j < tk) into its transposed scratch: kt[d * kTile + j] = k_j[d]. Slots
+// past tk hold zeros or what they held before: finite, and masked after scoring.
+template <typename T>
+inline void convert_keys(const T* const keys[], int64_t tk, int64_t dim, float* __restrict kt) {
+#if defined(__AVX512F__)
+  if (dim % 16 == 0) {  // 16 keys x 16 dims at a time, transposed in registers
+    for (int64_t j0 = 0; j0 < tk; j0 += 16) {
+      for (int64_t d0 = 0; d0 < dim; d0 += 16) {
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i) r[i] = j0 + i < tk ? load16(keys[j0 + i] + d0) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(kt + (d0 + i) * kTile + j0, r[i]);
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < tk; ++j)
+    for (int64_t d = 0; d < dim; ++d) kt[d * kTile + j] = load_float(keys[j] + d);
 }
 
 // Online-softmax statistics of one row for one tile: turns the scores s[0, tk) (masked ones are -inf)

@@ -3,9 +3,10 @@
 // Work decomposition. A work item is (request r, block of the request's tokens, KV head g, chunk of
 // the key range). The rows of an item are the block's tokens times the `group` query heads that
 // share KV head g (GQA), so every K/V element converted to fp32 serves all of them. Keys are walked
-// in tiles of kTile slots: each tile is converted once into float scratch buffers, every row takes
-// its scores of the tile, updates its online softmax (running max, running sum, rescaled
-// accumulator), and the accumulators take the tile's values eight rows at a time. A token block needs
+// in tiles of kTile slots: each tile is converted once into float scratch buffers (keys transposed,
+// so that scores run along the keys with no horizontal sums), every row takes its scores of the
+// tile, updates its online softmax (running max, running sum, rescaled accumulator), and the
+// accumulators take the tile's values eight rows at a time. A token block needs
 // keys [0, L_r + its last token], so causal prefill skips the tiles above the diagonal. Key ranges
 // longer than kChunk are split at fixed multiples of kChunk into chunks whose partial (max, sum, acc)
 // are merged afterwards (flash-decoding).
@@ -62,7 +63,7 @@ struct Scratch {
   std::vector<float> acc;  // [rows rounded up to 8, dim]
   std::vector<float> m, l;  // [rows] running max and sum
   std::vector<float> alpha;  // [rows rounded up to 8] rescaling of the accumulators in one tile
-  std::vector<float> kt;   // [kTile, dim] keys of the tile (rows past a short tile: stale but finite)
+  std::vector<float> kt;   // [dim, kTile] keys of the tile, transposed (slots past a short tile: stale but finite)
   std::vector<float> v;    // [kTile, dim] values of the tile (zero past the end of a short tile)
   std::vector<float> s;    // [rows rounded up to 8, kTile] scores, then probabilities
   std::vector<uint8_t> vis;  // [kTile] visibility of the tile's slots to one token
@@ -134,11 +135,13 @@ void run_item(Context& ctx, const Item& it, Scratch& sc) {
 
   for (int64_t t0 = it.key_begin; t0 < it.key_end; t0 += kTile) {
     const int64_t tk = std::min<int64_t>(kTile, it.key_end - t0);
+    const T* keys[kTile];
     for (int64_t j = 0; j < tk; ++j) {
       const int64_t off = slot_offset(p, r, t0 + j, g);
-      convert_row(k_cache + off, kt + j * dim, dim);
+      keys[j] = k_cache + off;
       convert_row(v_cache + off, vf + j * dim, dim);
     }
+    convert_keys(keys, tk, dim, kt);
     if (tk < kTile) std::fill(vf + tk * dim, vf + kTile * dim, 0.0f);  // K rows past tk stay finite: masked below
     const int64_t next_end = std::min<int64_t>(it.key_end, t0 + 2 * kTile);
     for (int64_t slot = t0 + kTile; slot < next_end; ++slot) {
@@ -151,7 +154,8 @@ void run_item(Context& ctx, const Item& it, Scratch& sc) {
       }
     }
     // Whole tiles for every row, whatever tk and the row count: see "Batch invariance" above.
-    for (int64_t rw = 0; rw < rows; ++rw) tile_scores_row(qf + rw * dim, kt, dim, s + rw * kTile);
+    // Four rows at a time, the last four padded (their scores are cleared below): one shape for every row.
+    for (int64_t rw = 0; rw < rows; rw += 4) tile_scores<4>(qf + rw * dim, kt, dim, s + rw * kTile);
     const bool has_round = t0 + tk > committed;
     for (int64_t t = 0; t < tokens; ++t) {
       const int64_t i = it.token_begin + t;
