@@ -41,16 +41,16 @@ class Recording(VerificationPolicy):
     def __init__(self, inner):
         self.inner, self.lengths = inner, []
 
-    def should_draft(self, requests):
-        return self.inner.should_draft(requests)
+    def should_draft(self, requests, sources=None):
+        return self.inner.should_draft(requests, sources)
 
     def choose(self, requests, proposals):
         lengths = self.inner.choose(requests, proposals)
         self.lengths += [min(n, len(p)) for n, p in zip(lengths, proposals)]
         return lengths
 
-    def observe_round(self, batch, drafted, tokens, seconds):
-        self.inner.observe_round(batch, drafted, tokens, seconds)
+    def observe_round(self, batch, drafted, tokens, seconds, sources=()):
+        self.inner.observe_round(batch, drafted, tokens, seconds, sources)
 
 
 def policies(model, gamma: int, concurrency: int, threshold: float) -> dict:

@@ -243,7 +243,7 @@ class Engine:
         self.stats.verify_time += verified - drafted
         self.stats.rounds += 1
         self.policy.observe_round(len(requests), self._drafted, int(counts.sum()),
-                                  verified - start - self._catch_up_seconds)
+                                  verified - start - self._catch_up_seconds, self._draft_sources)
         events, paths = [], []
         for r, proposal, node_parents in zip(requests, proposals, parents):
             m = int(counts[r.row])
@@ -276,11 +276,13 @@ class Engine:
 
     def _propose(self, requests: list[Request]) -> list[Proposal]:
         """Drafts of the requests the policy wants drafted (all, unless it has should_draft)."""
-        self._drafted, self._catch_up_seconds = False, 0.0
+        self._drafted, self._draft_sources, self._catch_up_seconds = False, (), 0.0
         if self.drafter is None:
             return [Proposal([]) for _ in requests]
-        wanted = self.policy.should_draft(requests)
+        sources = [self.drafter.source_for(r) for r in requests]
+        wanted = self.policy.should_draft(requests, sources)
         self._drafted = any(wanted)
+        self._draft_sources = tuple(sorted({s for s, w in zip(sources, wanted) if w}))
         drafting = [r for r, w in zip(requests, wanted) if w]
         if drafting:
             start = time.perf_counter()

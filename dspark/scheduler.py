@@ -23,18 +23,20 @@ from dspark.drafters.base import Proposal
 class VerificationPolicy(abc.ABC):
     """How many draft nodes each request verifies this round; which requests draft at all."""
 
-    def should_draft(self, requests: list) -> list[bool]:
-        """Per request, whether to ask the drafter for a proposal this round (default: all). Must read
-        earlier rounds only, never this round's tokens (losslessness)."""
+    def should_draft(self, requests: list, sources: list[str] | None = None) -> list[bool]:
+        """Per request, whether to ask the drafter for a proposal this round (default: all); sources:
+        per request, which of the drafter's sources would speak (Drafter.source_for). Must read earlier
+        rounds and the committed context only, never this round's tokens (losslessness)."""
         return [True] * len(requests)
 
     @abc.abstractmethod
     def choose(self, requests: list, proposals: list[Proposal]) -> list[int]:
         """Per request, how many of its proposal's nodes (a prefix in node order) to verify."""
 
-    def observe_round(self, batch: int, drafted: bool, tokens: int, seconds: float) -> None:
-        """After each decoding round: its batch size, whether anything was drafted, the tokens it emitted
-        and its wall time (drafting included). Default: ignored."""
+    def observe_round(self, batch: int, drafted: bool, tokens: int, seconds: float,
+                      sources: tuple[str, ...] = ()) -> None:
+        """After each decoding round: its batch size, whether anything was drafted (and by which
+        sources), the tokens it emitted and its wall time (drafting included). Default: ignored."""
 
 
 class FixedLength(VerificationPolicy):
@@ -148,48 +150,68 @@ class DraftGate:
 class ThroughputGate:
     """Whether a round drafts at all, from measured throughput: the SPS curve prices verification but
     not the drafter, whose cost can exceed what its accepted tokens save (a weak drafter on a fast
-    target). Keeps, per batch size, a moving average of tokens per second of drafting rounds and of
-    plain rounds, takes the faster, and tries the other after `explore_every` rounds so that both
-    estimates stay fresh; each time the tried arm loses again the wait doubles (up to `max_wait`), so a
-    drafter that never pays costs less and less. Lossless: the decision reads only earlier rounds'
-    counts and times."""
+    target). Keeps, per batch size and drafting source (a drafter that combines several, such as
+    n-gram lookup and a learned drafter, reports which one would speak: their costs and yields differ),
+    a moving average of tokens per second of the rounds it drafted and of plain rounds, takes the
+    faster, and tries the other after `explore_every` rounds so that both estimates stay fresh; each
+    time the tried arm loses again the wait doubles (up to `max_wait`), so a drafter that never pays
+    costs less and less. Lossless: the decision reads only earlier rounds' counts and times and the
+    committed context (through the source)."""
+
+    PLAIN = "plain"
 
     def __init__(self, explore_every: int = 16, smoothing: float = 0.25, max_wait: int = 256):
         self.explore_every, self.smoothing, self.max_wait = explore_every, smoothing, max_wait
-        self.rates: dict[tuple[int, bool], float] = {}  # (batch, drafted) -> tokens/s
-        self.since_other: dict[int, int] = {}
-        self.wait: dict[int, int] = {}  # batch -> rounds between explorations
-        self.exploring: dict[int, bool] = {}  # batch -> the last decision tried the slower arm
+        self.rates: dict[tuple[int, str], float] = {}  # (batch, source or PLAIN) -> tokens/s
+        self.since_other: dict[tuple[int, str], int] = {}
+        self.wait: dict[tuple[int, str], int] = {}  # rounds between explorations
+        self.exploring: dict[tuple[int, str], bool] = {}  # the last decision tried the slower arm
 
-    def _best(self, batch: int) -> bool | None:
-        draft_rate, plain_rate = self.rates.get((batch, True)), self.rates.get((batch, False))
+    def _best(self, batch: int, source: str) -> bool | None:
+        draft_rate, plain_rate = self.rates.get((batch, source)), self.rates.get((batch, self.PLAIN))
         if draft_rate is None or plain_rate is None:
             return None
         return draft_rate >= plain_rate
 
-    def should_draft(self, batch: int) -> bool:
-        if self.rates.get((batch, True)) is None:
+    def should_draft(self, batch: int, source: str = "draft") -> bool:
+        key = (batch, source)
+        if self.rates.get(key) is None:
             return True
-        best = self._best(batch)
+        best = self._best(batch, source)
         if best is None:  # plain not measured yet
             return False
-        rounds = self.since_other.get(batch, 0) + 1
-        exploring = rounds >= self.wait.get(batch, self.explore_every)
-        self.since_other[batch] = 0 if exploring else rounds
-        self.exploring[batch] = exploring
+        rounds = self.since_other.get(key, 0) + 1
+        exploring = rounds >= self.wait.get(key, self.explore_every)
+        self.since_other[key] = 0 if exploring else rounds
+        self.exploring[key] = exploring
         return best != exploring
 
-    def observe(self, batch: int, drafted: bool, tokens: int, seconds: float) -> None:
+    def observe(self, batch: int, drafted: bool, tokens: int, seconds: float, sources: tuple[str, ...] = ()) -> None:
+        """A round of `batch` requests: whether it drafted, and the sources that did (default: one)."""
         if seconds <= 0 or tokens <= 0:
             return
-        before = self._best(batch)
-        rate, key = tokens / seconds, (batch, drafted)
+        rate = tokens / seconds
+        if not drafted:  # settles the sources whose decision this round was to explore plain decoding
+            pending = {key: self._best(*key) for key, exploring in self.exploring.items() if key[0] == batch and exploring}
+            self._update((batch, self.PLAIN), rate)
+            for key, before in pending.items():
+                self._settle(key, before)
+            return
+        for source in sources or ("draft",):
+            key = (batch, source)
+            before = self._best(batch, source)
+            self._update(key, rate)
+            self._settle(key, before)
+
+    def _update(self, key: tuple[int, str], rate: float) -> None:
         old = self.rates.get(key)
         self.rates[key] = rate if old is None else old + self.smoothing * (rate - old)
-        if self.exploring.pop(batch, False):
-            lost = self._best(batch) == before
-            wait = self.wait.get(batch, self.explore_every)
-            self.wait[batch] = min(2 * wait, self.max_wait) if lost else self.explore_every
+
+    def _settle(self, key: tuple[int, str], before: bool | None) -> None:
+        if self.exploring.pop(key, False):
+            lost = self._best(*key) == before
+            wait = self.wait.get(key, self.explore_every)
+            self.wait[key] = min(2 * wait, self.max_wait) if lost else self.explore_every
 
 
 class SPSPolicy(VerificationPolicy):
@@ -202,14 +224,21 @@ class SPSPolicy(VerificationPolicy):
         self.gate = DraftGate(sps) if gate else None
         self.throughput = ThroughputGate() if throughput_gate else None
 
-    def should_draft(self, requests: list) -> list[bool]:
-        if self.throughput is not None and not self.throughput.should_draft(len(requests)):
-            return [False] * len(requests)
-        return self.gate.should_draft(requests) if self.gate else [True] * len(requests)
-
-    def observe_round(self, batch: int, drafted: bool, tokens: int, seconds: float) -> None:
+    def should_draft(self, requests: list, sources: list[str] | None = None) -> list[bool]:
+        allowed = [True] * len(requests)
         if self.throughput is not None:
-            self.throughput.observe(batch, drafted, tokens, seconds)
+            sources = sources or ["draft"] * len(requests)
+            by_source = {s: self.throughput.should_draft(len(requests), s) for s in dict.fromkeys(sources)}
+            allowed = [by_source[s] for s in sources]
+        if self.gate is None:
+            return allowed
+        gated = iter(self.gate.should_draft([r for r, a in zip(requests, allowed) if a]))
+        return [a and next(gated) for a in allowed]
+
+    def observe_round(self, batch: int, drafted: bool, tokens: int, seconds: float,
+                      sources: tuple[str, ...] = ()) -> None:
+        if self.throughput is not None:
+            self.throughput.observe(batch, drafted, tokens, seconds, sources)
 
     def survivals(self, requests: list, proposals: list[Proposal]) -> list[list[float]]:
         out = [survival(p)[: self.max_draft] for p in proposals]

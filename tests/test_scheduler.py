@@ -239,7 +239,27 @@ def test_throughput_gate_takes_the_faster_arm_and_explores():
     assert [gate.should_draft(1) for _ in range(8)] == [True, True, True, False] * 2
     gate.observe(1, False, 0, 0.01)  # empty rounds and zero times are ignored
     gate.observe(1, False, 1, 0.0)
-    assert gate.rates[(1, False)] == pytest.approx(100.0)
+    assert gate.rates[(1, ThroughputGate.PLAIN)] == pytest.approx(100.0)
+
+
+def test_throughput_gate_prices_each_drafting_source_apart():
+    """A hybrid drafter's sources (cheap n-gram lookup, a costly learned drafter) get arms of their
+    own: the paying one keeps drafting while the other falls back to plain rounds, explored rarely."""
+    from dspark.scheduler import ThroughputGate
+
+    gate = ThroughputGate(explore_every=4)
+    assert gate.should_draft(1, "ngram") and gate.should_draft(1, "dspark")  # nothing measured: try each
+    gate.observe(1, True, 3, 0.01, ("ngram",))   # 300 tokens/s
+    gate.observe(1, True, 2, 0.04, ("dspark",))  # 50 tokens/s
+    gate.observe(1, False, 1, 0.01)              # plain: 100 tokens/s
+    assert [gate.should_draft(1, "ngram") for _ in range(4)] == [True, True, True, False]
+    assert [gate.should_draft(1, "dspark") for _ in range(4)] == [False, False, False, True]
+    assert gate.rates[(1, "ngram")] == pytest.approx(300.0) and gate.rates[(1, "dspark")] == pytest.approx(50.0)
+    policy = PrefixScheduler(SPSCurve([1, 8], [100.0, 100.0]), gate=False, throughput_gate=True)
+    policy.observe_round(2, True, 6, 0.01, ("ngram",))
+    policy.observe_round(2, True, 4, 0.04, ("dspark",))
+    policy.observe_round(2, False, 2, 0.01)
+    assert policy.should_draft([Req(0), Req(1)], ["ngram", "dspark"]) == [True, False]  # in one round
 
 
 def test_engine_stops_paying_for_a_drafter_that_does_not_pay(tmp_path):

@@ -57,6 +57,12 @@ class Drafter(abc.ABC):
         """A request joined (after its prefill); target_hidden [prompt length, width] when the
         drafter set `capture_layers` (the residual stream after those target layers, concatenated)."""
 
+    def source_for(self, request) -> str:
+        """Which of this drafter's sources would propose for the request now (a function of its
+        committed context only), so that policies can price sources whose costs and yields differ
+        apart. Default: one source."""
+        return "draft"
+
     def catch_up(self, requests: list) -> None:
         """Work deferred from rounds these requests did not draft in (e.g. committing context K/V), done
         just before they draft; the engine times it apart from the round, so that a round's measured

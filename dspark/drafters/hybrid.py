@@ -64,6 +64,9 @@ class HybridDrafter(Drafter):
     def catch_up(self, requests) -> None:
         self.dspark.catch_up(requests)
 
+    def source_for(self, request) -> str:
+        return "ngram" if self.ngram.continuations(request.tokens, 1) else "dspark"
+
     def ngram_confidences(self) -> torch.Tensor:
         return (self.accepted / self.verified).float()
 
