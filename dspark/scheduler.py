@@ -150,7 +150,7 @@ class DraftGate:
 class ThroughputGate:
     """Whether a round drafts at all, from measured throughput: the SPS curve prices verification but
     not the drafter, whose cost can exceed what its accepted tokens save (a weak drafter on a fast
-    target). Keeps, per batch size and drafting source (a drafter that combines several, such as
+    target). Keeps, per batch size (bucketed) and drafting source (a drafter that combines several, such as
     n-gram lookup and a learned drafter, reports which one would speak: their costs and yields differ),
     a moving average of tokens per second of the rounds it drafted and of plain rounds, takes the
     faster, and tries the other after `explore_every` rounds so that both estimates stay fresh; each
@@ -159,6 +159,12 @@ class ThroughputGate:
     committed context (through the source)."""
 
     PLAIN = "plain"
+
+    @staticmethod
+    def bucket(batch: int) -> int:
+        """Batch sizes share estimates within powers of two (1, 2, 3-4, 5-8, ...): as requests finish one
+        by one, every new size would otherwise start unmeasured and pay a trial of each source again."""
+        return 1 << max(batch - 1, 0).bit_length()
 
     def __init__(self, explore_every: int = 16, smoothing: float = 0.25, max_wait: int = 256):
         self.explore_every, self.smoothing, self.max_wait = explore_every, smoothing, max_wait
@@ -174,6 +180,7 @@ class ThroughputGate:
         return draft_rate >= plain_rate
 
     def should_draft(self, batch: int, source: str = "draft") -> bool:
+        batch = self.bucket(batch)
         key = (batch, source)
         if self.rates.get(key) is None:
             return True
@@ -190,7 +197,7 @@ class ThroughputGate:
         """A round of `batch` requests: whether it drafted, and the sources that did (default: one)."""
         if seconds <= 0 or tokens <= 0:
             return
-        rate = tokens / seconds
+        batch, rate = self.bucket(batch), tokens / seconds
         if not drafted:  # settles the sources whose decision this round was to explore plain decoding
             pending = {key: self._best(*key) for key, exploring in self.exploring.items() if key[0] == batch and exploring}
             self._update((batch, self.PLAIN), rate)

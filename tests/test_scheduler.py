@@ -255,6 +255,7 @@ def test_throughput_gate_prices_each_drafting_source_apart():
     assert [gate.should_draft(1, "ngram") for _ in range(4)] == [True, True, True, False]
     assert [gate.should_draft(1, "dspark") for _ in range(4)] == [False, False, False, True]
     assert gate.rates[(1, "ngram")] == pytest.approx(300.0) and gate.rates[(1, "dspark")] == pytest.approx(50.0)
+    assert [ThroughputGate.bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 64)] == [1, 2, 4, 4, 8, 8, 16, 64]
     policy = PrefixScheduler(SPSCurve([1, 8], [100.0, 100.0]), gate=False, throughput_gate=True)
     policy.observe_round(2, True, 6, 0.01, ("ngram",))
     policy.observe_round(2, True, 4, 0.04, ("dspark",))

@@ -45,6 +45,13 @@ inline float to_float(Half x) {
   return sign ? -magnitude : magnitude;
 }
 
+// The little-endian fp16 at p (an unaligned field of a GGUF block), exactly.
+inline float half_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  return to_float(Half{bits});
+}
+
 template <typename T>
 inline T from_float(float x);
 

@@ -5,12 +5,6 @@
 namespace dspark::cpu {
 namespace {
 
-inline float half_at(const uint8_t* p) {
-  uint16_t bits;
-  std::memcpy(&bits, p, sizeof(bits));
-  return to_float(Half{bits});
-}
-
 template <BlockFormat F, typename Y>
 void decode_row(const uint8_t* row, int64_t blocks, Y* y) {
   constexpr int64_t bytes = block_bytes(F);

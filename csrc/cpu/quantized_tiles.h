@@ -44,16 +44,6 @@ struct QuantizedX {
   std::vector<int32_t> codes; // [rows, blocks]: sum of the block's codes (Q4_0's zero point)
 };
 
-inline float half_at(const uint8_t* p) {
-  uint16_t bits;
-  std::memcpy(&bits, p, sizeof(bits));
-#ifdef DSPARK_QL_AVX2
-  return _cvtsh_ss(bits);  // exact, as to_float(Half)
-#else
-  return to_float(Half{bits});
-#endif
-}
-
 // Q8_0's codes go to the dot products as w + 128 (unsigned) where one dpbusd takes them, the zero point
 // 128 coming off through x's code sum; elsewhere as |w| with w's signs moved onto x (maddubs would
 // overflow int16 on w + 128). Both give the same exact integers.
