@@ -183,11 +183,11 @@ def test_triton_work_items_cover_every_node_tile_once():
 def test_cpu_rows_are_batch_invariant(dtype, block_size, group):
     """A row's output is bit for bit the same however many draft nodes and other requests share its
     round: the first k nodes of a request verified alone equal the same nodes inside a longer chain or
-    tree, next to other requests, across tile (32) and chunk (512) boundaries. Greedy speculative
+    tree, next to other requests, across tile (32) and chunk (128) boundaries. Greedy speculative
     decoding is token-identical to plain decoding only because of this."""
     gen = torch.Generator().manual_seed(int(dtype.itemsize) * 10 + group)
     head_dim, num_kv_heads, n = 64, 2, 9
-    committed = [0, 5, 31, 32, 62, 509, 511, 512, 700, 1030]
+    committed = [0, 5, 31, 32, 62, 127, 128, 509, 511, 512, 700, 1030]
     for chain in (True, False):
         parent_lists = [random_parents(n, gen, chain) for _ in committed]
         cache = random_cache(gen, [c + n for c in committed], num_kv_heads, head_dim, dtype, block_size)

@@ -40,7 +40,8 @@ namespace {
 using namespace attention_tiles;
 
 constexpr int64_t kRowsPerBlock = 64;  // target rows (tokens x group) per work item
-constexpr int64_t kChunk = 512;        // key ranges are split at multiples of this (a multiple of kTile)
+constexpr int64_t kChunk = 128;        // key ranges are split at multiples of this (a multiple of kTile); small
+                                       // enough that one decoding token yields work for every thread
 static_assert(kChunk % kTile == 0, "chunks must hold whole tiles");
 
 struct Item {
