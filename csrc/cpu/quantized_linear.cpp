@@ -80,7 +80,7 @@ inline void prefetch_step(const uint8_t* p, int64_t bytes) {
 #endif
 }
 
-// Every row of x (at most kRowsPerPass) against one tile, each block prepared and used at once.
+// Every row of x (at most kFusedRows) against one tile, each block prepared and used at once.
 template <BlockFormat F, int MR>
 void fused(const uint8_t* const tile_rows[kTileRows], const uint8_t* next_tile, int64_t blocks, const QuantizedX& qx,
            int64_t in, Lanes* io) {
@@ -118,15 +118,19 @@ void run(const QuantizedLinearParams& p, const QuantizedX& qx) {
       }
       const uint8_t* next_tile = p.weight + (t + 1) * kTileRows * row_bytes;
       lanes.assign(static_cast<size_t>(2 * rows), Lanes{});
-      if (rows <= kRowsPerPass) {  // one pass: each block is used as soon as it is prepared
+      if (rows <= kFusedRows) {  // one pass: each block is used as soon as it is prepared
         switch (rows) {
+          case 8: fused<F, 8>(tile_rows, next_tile, blocks, qx, in, lanes.data()); break;
+          case 7: fused<F, 7>(tile_rows, next_tile, blocks, qx, in, lanes.data()); break;
+          case 6: fused<F, 6>(tile_rows, next_tile, blocks, qx, in, lanes.data()); break;
+          case 5: fused<F, 5>(tile_rows, next_tile, blocks, qx, in, lanes.data()); break;
           case 4: fused<F, 4>(tile_rows, next_tile, blocks, qx, in, lanes.data()); break;
           case 3: fused<F, 3>(tile_rows, next_tile, blocks, qx, in, lanes.data()); break;
           case 2: fused<F, 2>(tile_rows, next_tile, blocks, qx, in, lanes.data()); break;
           default: fused<F, 1>(tile_rows, next_tile, blocks, qx, in, lanes.data()); break;
         }
       }
-      for (int64_t b0 = 0; rows > kRowsPerPass && b0 < blocks; b0 += kChunkBlocks) {
+      for (int64_t b0 = 0; rows > kFusedRows && b0 < blocks; b0 += kChunkBlocks) {
         const int64_t count = std::min<int64_t>(kChunkBlocks, blocks - b0);
         for (int64_t i = 0; i < count; ++i) {
           prefetch_step(next_tile + (b0 + i) * kTileRows * block_bytes(F), kTileRows * block_bytes(F));

@@ -18,8 +18,8 @@
 // through x's code sum), then acc = fma(float(dot), d * dx, acc), and for Q4_1 mins = fma(m, dx * sum(q),
 // mins); y = acc + mins (+ bias). So y is W . xhat, xhat the quantised x, up to fp32 rounding, and its
 // distance from dequantise-then-matmul in fp32 is bounded by the sum over blocks of (dx / 2) * sum |w|. Up
-// to 4 rows of x (2 without AVX-512's 32 registers) use each block as it is transposed; more rows sweep
-// chunks of 8 transposed blocks held in L1. A software prefetch stream runs one tile ahead, since the
+// to 8 rows of x (2 without AVX-512's 32 registers) use each block as it is transposed; more rows sweep
+// chunks of 8 transposed blocks held in L1, 4 rows (2) at a time. A software prefetch stream runs one tile ahead, since the
 // hardware prefetchers do not follow the tile's block-by-block order across its rows.
 //
 // Every row is quantised and accumulated by the same instruction sequence whatever the number of rows

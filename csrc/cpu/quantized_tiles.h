@@ -30,10 +30,14 @@ namespace dspark::cpu::quantized_tiles {
 constexpr int kTileRows = 8;  // W rows per tile: one 32-bit lane each
 constexpr int kChunks = 8;    // 4-weight chunks of a block
 constexpr int64_t kChunkBlocks = 8;  // blocks prepared at a time: the prepared chunk stays in L1
+// x rows per pass over a chunk of prepared blocks, and the most rows that use each block as it is prepared
+// (one pass, no chunk stored): their accumulators must fit the vector registers with the block's.
 #if defined(__AVX512VL__)
-constexpr int kRowsPerPass = 4;  // x rows per pass over a prepared tile (32 vector registers)
+constexpr int kRowsPerPass = 4;  // 32 vector registers
+constexpr int kFusedRows = 8;
 #else
 constexpr int kRowsPerPass = 2;  // 16 vector registers
+constexpr int kFusedRows = 2;
 #endif
 
 // The rows of x, quantised per 32-block.
