@@ -108,7 +108,9 @@ void run(const QuantizedLinearParams& p, const QuantizedX& qx) {
   {
     thread_local std::vector<TileBlock> chunk;
     chunk.resize(kChunkBlocks);
-    thread_local std::vector<Lanes> lanes;  // per x row: acc, mins
+    thread_local std::vector<Lanes> lanes_buffer;  // per x row: acc, mins
+    lanes_buffer.resize(static_cast<size_t>(2 * rows));
+    Lanes* const lanes = lanes_buffer.data();
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tiles; ++t) {
       const uint8_t* tile_rows[kTileRows];
@@ -117,17 +119,17 @@ void run(const QuantizedLinearParams& p, const QuantizedX& qx) {
         tile_rows[j] = o < n_out ? p.weight + o * row_bytes : zero_row.data();
       }
       const uint8_t* next_tile = p.weight + (t + 1) * kTileRows * row_bytes;
-      lanes.assign(static_cast<size_t>(2 * rows), Lanes{});
+      std::fill(lanes, lanes + 2 * rows, Lanes{});
       if (rows <= kFusedRows) {  // one pass: each block is used as soon as it is prepared
         switch (rows) {
-          case 8: fused<F, 8>(tile_rows, next_tile, blocks, qx, in, lanes.data()); break;
-          case 7: fused<F, 7>(tile_rows, next_tile, blocks, qx, in, lanes.data()); break;
-          case 6: fused<F, 6>(tile_rows, next_tile, blocks, qx, in, lanes.data()); break;
-          case 5: fused<F, 5>(tile_rows, next_tile, blocks, qx, in, lanes.data()); break;
-          case 4: fused<F, 4>(tile_rows, next_tile, blocks, qx, in, lanes.data()); break;
-          case 3: fused<F, 3>(tile_rows, next_tile, blocks, qx, in, lanes.data()); break;
-          case 2: fused<F, 2>(tile_rows, next_tile, blocks, qx, in, lanes.data()); break;
-          default: fused<F, 1>(tile_rows, next_tile, blocks, qx, in, lanes.data()); break;
+          case 8: fused<F, 8>(tile_rows, next_tile, blocks, qx, in, lanes); break;
+          case 7: fused<F, 7>(tile_rows, next_tile, blocks, qx, in, lanes); break;
+          case 6: fused<F, 6>(tile_rows, next_tile, blocks, qx, in, lanes); break;
+          case 5: fused<F, 5>(tile_rows, next_tile, blocks, qx, in, lanes); break;
+          case 4: fused<F, 4>(tile_rows, next_tile, blocks, qx, in, lanes); break;
+          case 3: fused<F, 3>(tile_rows, next_tile, blocks, qx, in, lanes); break;
+          case 2: fused<F, 2>(tile_rows, next_tile, blocks, qx, in, lanes); break;
+          default: fused<F, 1>(tile_rows, next_tile, blocks, qx, in, lanes); break;
         }
       }
       for (int64_t b0 = 0; rows > kFusedRows && b0 < blocks; b0 += kChunkBlocks) {

@@ -102,7 +102,9 @@ void run_item(Context& ctx, const Item& it, Scratch& sc) {
   const int64_t committed = p.cache_seqlens[r];
   const int64_t tokens = it.token_end - it.token_begin;
   const int64_t rows = tokens * group;
-  const int64_t padded_rows = (rows + 7) / 8 * 8;  // values are taken eight rows at a time
+  // Scores are taken four rows at a time, values eight (a last group of up to four: four), so rows are
+  // padded to a multiple of 4; per row the arithmetic is the same in either group.
+  const int64_t padded_rows = (rows + 3) / 4 * 4;
   const T* q = static_cast<const T*>(p.q);
   const T* k_cache = static_cast<const T*>(p.k_cache);
   const T* v_cache = static_cast<const T*>(p.v_cache);
@@ -178,8 +180,9 @@ void run_item(Context& ctx, const Item& it, Scratch& sc) {
       }
     }
     for (int64_t rw = rows; rw < padded_rows; ++rw) std::fill(s + rw * kTile, s + (rw + 1) * kTile, 0.0f);
-    for (int64_t row = 0; row < padded_rows; row += 8)
-      tile_values<8>(s + row * kTile, alpha + row, vf, dim, acc + row * dim);
+    int64_t row = 0;
+    for (; row + 8 <= padded_rows; row += 8) tile_values<8>(s + row * kTile, alpha + row, vf, dim, acc + row * dim);
+    if (row < padded_rows) tile_values<4>(s + row * kTile, alpha + row, vf, dim, acc + row * dim);
   }
 
   if (it.split < 0) {
