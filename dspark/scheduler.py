@@ -113,8 +113,11 @@ class DraftGate:
         self.wait: dict[int, int] = {}     # request id -> rounds between its probes
         self.prior: float | None = None    # running mean over requests of their first a_1
 
-    def should_draft(self, requests: list) -> list[bool]:
+    def should_draft(self, requests: list, eligible: list[bool] | None = None) -> list[bool]:
+        """eligible: per request, whether the policy's other gate lets it draft at all (default: all). The
+        others get False and only count as idle; the batch is priced and pruned whole, so their state stays."""
         r = len(requests)
+        eligible = eligible if eligible is not None else [True] * r
         ids = {q.id for q in requests}
         for table in (self.first, self.idle, self.wait):
             for key in [k for k in table if k not in ids]:
@@ -122,6 +125,9 @@ class DraftGate:
         pays_at = r * self.sps(r) / self.sps(r + 1) - r  # the a_1 above which one verified token pays
         decisions, due = [], []  # due: (request, whether an a_1 is known for it) owed a probe
         for i, q in enumerate(requests):
+            if not eligible[i]:
+                decisions.append(False)
+                continue
             a = self.first.get(q.id, self.prior)
             paying = a is not None and a > pays_at
             if paying:
@@ -237,10 +243,9 @@ class SPSPolicy(VerificationPolicy):
             sources = sources or ["draft"] * len(requests)
             by_source = {s: self.throughput.should_draft(len(requests), s) for s in dict.fromkeys(sources)}
             allowed = [by_source[s] for s in sources]
-        if self.gate is None:
+        if self.gate is None or not any(allowed):
             return allowed
-        gated = iter(self.gate.should_draft([r for r, a in zip(requests, allowed) if a]))
-        return [a and next(gated) for a in allowed]
+        return self.gate.should_draft(requests, allowed)
 
     def observe_round(self, batch: int, drafted: bool, tokens: int, seconds: float,
                       sources: tuple[str, ...] = ()) -> None:

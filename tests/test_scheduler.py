@@ -263,6 +263,18 @@ def test_throughput_gate_prices_each_drafting_source_apart():
     assert policy.should_draft([Req(0), Req(1)], ["ngram", "dspark"]) == [True, False]  # in one round
 
 
+def test_a_source_the_throughput_gate_blocks_keeps_its_draft_gate_state():
+    """The draft gate still sees the whole batch: a request blocked by the throughput gate keeps its a_1
+    and is priced at the batch's size, not dropped as if it had left."""
+    policy = PrefixScheduler(SPSCurve([1, 8], [100.0, 100.0]), throughput_gate=True)
+    policy.gate.observe([Req(0), Req(1)], [[0.9], [0.9]])
+    policy.observe_round(2, True, 6, 0.01, ("ngram",))
+    policy.observe_round(2, True, 4, 0.04, ("dspark",))
+    policy.observe_round(2, False, 2, 0.01)
+    assert policy.should_draft([Req(0), Req(1)], ["ngram", "dspark"]) == [True, False]
+    assert set(policy.gate.first) == {0, 1} and policy.gate.idle == {0: 0, 1: 1}
+
+
 def test_engine_stops_paying_for_a_drafter_that_does_not_pay(tmp_path):
     """A slow drafter whose drafts are always rejected: after the first measurements most rounds skip
     drafting (plain), probing it again every 16th round; the output is plain decoding's."""
