@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 from collections import deque
 
-from dspark.drafters.base import Proposal
+from dspark.drafters.base import DEFAULT_SOURCE, Proposal
 
 
 class VerificationPolicy(abc.ABC):
@@ -185,7 +185,7 @@ class ThroughputGate:
             return None
         return draft_rate >= plain_rate
 
-    def should_draft(self, batch: int, source: str = "draft") -> bool:
+    def should_draft(self, batch: int, source: str = DEFAULT_SOURCE) -> bool:
         batch = self.bucket(batch)
         key = (batch, source)
         if self.rates.get(key) is None:
@@ -210,7 +210,7 @@ class ThroughputGate:
             for key, before in pending.items():
                 self._settle(key, before)
             return
-        for source in sources or ("draft",):
+        for source in sources or (DEFAULT_SOURCE,):
             key = (batch, source)
             before = self._best(batch, source)
             self._update(key, rate)
@@ -240,7 +240,7 @@ class SPSPolicy(VerificationPolicy):
     def should_draft(self, requests: list, sources: list[str] | None = None) -> list[bool]:
         allowed = [True] * len(requests)
         if self.throughput is not None:
-            sources = sources or ["draft"] * len(requests)
+            sources = sources or [DEFAULT_SOURCE] * len(requests)
             by_source = {s: self.throughput.should_draft(len(requests), s) for s in dict.fromkeys(sources)}
             allowed = [by_source[s] for s in sources]
         if self.gate is None or not any(allowed):

@@ -40,6 +40,9 @@ class Proposal:
         )
 
 
+DEFAULT_SOURCE = "draft"  # what Drafter.source_for says for a drafter with one source
+
+
 class Drafter(abc.ABC):
     """Proposers plug into the Engine through this interface; every hook but `propose` has a default.
     `request` objects expose `row` (cache row), `tokens` (prompt + emitted so far; the last one is the
@@ -61,7 +64,7 @@ class Drafter(abc.ABC):
         """Which of this drafter's sources would propose for the request now (a function of its
         committed context only), so that policies can price sources whose costs and yields differ
         apart. Default: one source."""
-        return "draft"
+        return DEFAULT_SOURCE
 
     def catch_up(self, requests: list) -> None:
         """Work deferred from rounds these requests did not draft in (e.g. committing context K/V), done
