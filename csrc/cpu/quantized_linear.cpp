@@ -102,7 +102,10 @@ void run(const QuantizedLinearParams& p, const QuantizedX& qx) {
   const X* bias = static_cast<const X*>(p.bias);
   X* y = static_cast<X*>(p.y);
   // Rows past out_features (the last tile) read a block of zeros: d = m = 0, so their lanes are 0 and unused.
-  const std::vector<uint8_t> zero_row(static_cast<size_t>(row_bytes + 32), 0);
+  // Kept per calling thread: decoding calls this ~200 times a token, and only grows it for wider rows.
+  thread_local std::vector<uint8_t> zero_row;
+  if (zero_row.size() < static_cast<size_t>(row_bytes + 32)) zero_row.assign(static_cast<size_t>(row_bytes + 32), 0);
+  const uint8_t* const zeros = zero_row.data();  // the calling thread's buffer: the workers' own are empty
   // Each thread prepares and sweeps one contiguous run of tiles (static schedule), which the prefetcher follows.
 #pragma omp parallel if (n_out * in * rows >= 16384)
   {
@@ -116,9 +119,9 @@ void run(const QuantizedLinearParams& p, const QuantizedX& qx) {
       const uint8_t* tile_rows[kTileRows];
       for (int j = 0; j < kTileRows; ++j) {
         const int64_t o = t * kTileRows + j;
-        tile_rows[j] = o < n_out ? p.weight + o * row_bytes : zero_row.data();
+        tile_rows[j] = o < n_out ? p.weight + o * row_bytes : zeros;
       }
-      const uint8_t* next_tile = p.weight + (t + 1) * kTileRows * row_bytes;
+      const uint8_t* next_tile = p.weight + (t + 1) * kTileRows * row_bytes;  // past the end: prefetched only
       std::fill(lanes, lanes + 2 * rows, Lanes{});
       if (rows <= kFusedRows) {  // one pass: each block is used as soon as it is prepared
         switch (rows) {

@@ -6,7 +6,7 @@
 // in tiles of kTile slots: each tile is converted once into float scratch buffers (keys transposed,
 // so that scores run along the keys with no horizontal sums), every row takes its scores of the
 // tile, updates its online softmax (running max, running sum, rescaled accumulator), and the
-// accumulators take the tile's values eight rows at a time. A token block needs
+// accumulators take the tile's values eight rows at a time (a last group of four). A token block needs
 // keys [0, L_r + its last token], so causal prefill skips the tiles above the diagonal. Key ranges
 // longer than kChunk are split at fixed multiples of kChunk into chunks whose partial (max, sum, acc)
 // are merged afterwards (flash-decoding).
@@ -14,7 +14,7 @@
 // Batch invariance. A row's output depends only on its own query and the keys it sees, never on how
 // many other tokens or requests share the round: every row is computed by the same arithmetic (one
 // score function over whole tiles, slots past the range or hidden from the row masked to -inf, a
-// softmax over whole tiles, values eight rows at a time) and chunk boundaries do not depend on the
+// softmax over whole tiles, values in groups of eight or four) and chunk boundaries do not depend on the
 // work. So verifying a draft gives its first token bit for bit what plain decoding gives it, and
 // greedy speculative decoding stays token-identical to target-only decoding. A chunk a row cannot
 // see contributes exactly nothing to the merge (a single visible chunk merges to its own value).
@@ -44,6 +44,10 @@ constexpr int64_t kChunk = 128;        // key ranges are split at multiples of t
                                        // enough that one decoding token yields work for every thread
 static_assert(kChunk % kTile == 0, "chunks must hold whole tiles");
 
+// Rows padded to a multiple of 4: scores are taken four rows at a time, values eight (a last group of up
+// to four: four); per row the arithmetic is the same in either group.
+constexpr int64_t padded(int64_t rows) { return (rows + 3) / 4 * 4; }
+
 struct Item {
   int32_t request;
   int32_t kv_head;
@@ -60,13 +64,13 @@ struct MergeGroup {
 };
 
 struct Scratch {
-  std::vector<float> q;    // [rows rounded up to 8, dim], scaled queries
-  std::vector<float> acc;  // [rows rounded up to 8, dim]
+  std::vector<float> q;    // [rows padded, dim], scaled queries
+  std::vector<float> acc;  // [rows padded, dim]
   std::vector<float> m, l;  // [rows] running max and sum
-  std::vector<float> alpha;  // [rows rounded up to 8] rescaling of the accumulators in one tile
+  std::vector<float> alpha;  // [rows padded] rescaling of the accumulators in one tile
   std::vector<float> kt;   // [dim, kTile] keys of the tile, transposed (slots past a short tile: stale but finite)
   std::vector<float> v;    // [kTile, dim] values of the tile (zero past the end of a short tile)
-  std::vector<float> s;    // [rows rounded up to 8, kTile] scores, then probabilities
+  std::vector<float> s;    // [rows padded, kTile] scores, then probabilities
   std::vector<uint8_t> vis;  // [kTile] visibility of the tile's slots to one token
 };
 
@@ -102,9 +106,7 @@ void run_item(Context& ctx, const Item& it, Scratch& sc) {
   const int64_t committed = p.cache_seqlens[r];
   const int64_t tokens = it.token_end - it.token_begin;
   const int64_t rows = tokens * group;
-  // Scores are taken four rows at a time, values eight (a last group of up to four: four), so rows are
-  // padded to a multiple of 4; per row the arithmetic is the same in either group.
-  const int64_t padded_rows = (rows + 3) / 4 * 4;
+  const int64_t padded_rows = padded(rows);
   const T* q = static_cast<const T*>(p.q);
   const T* k_cache = static_cast<const T*>(p.k_cache);
   const T* v_cache = static_cast<const T*>(p.v_cache);
@@ -321,7 +323,7 @@ void run(const TreeAttentionParams& p) {
   const int64_t num_merges = static_cast<int64_t>(merges.size());
 #pragma omp parallel if (threads > 1 && num_items > 1)
   {
-    const int64_t padded_rows = (max_rows + 7) / 8 * 8;
+    const int64_t padded_rows = padded(max_rows);
     Scratch sc;
     sc.q.assign(padded_rows * dim, 0.0f);
     sc.acc.resize(padded_rows * dim);
