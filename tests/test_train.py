@@ -277,3 +277,63 @@ def test_cli_trains_over_a_draft_vocabulary(setup):
     plain = [r.generated for r in Engine(target, max_seq_len=64).generate(prompts, greedy)]
     spec = Engine(target, drafter=drafter, max_batch=2, max_seq_len=64).generate(prompts, greedy)
     assert [r.generated for r in spec] == plain
+
+
+def test_teacher_logits_repeat_the_target_head_per_position(setup):
+    """logits_at runs the head once per distinct position (blocks overlap), as a dense GEMM: each row is
+    the target's own logits of that position, repeats and order kept."""
+    root, target = setup
+    seq = load_sequences(str(root / "data.jsonl"), VOCAB)[0]
+    teacher = teacher_pass(target, [seq.ids], (0, 1))[0]
+    positions = torch.tensor([[5, 3, 5], [0, 3, 9]])
+    got = teacher.logits_at(positions)
+    assert got.shape == (2, 3, VOCAB) and got.dtype == torch.float32
+    reference = target.logits(teacher._hidden[positions.flatten()]).view(2, 3, VOCAB)
+    assert torch.allclose(got, reference, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = teacher.logits_at(positions)
+    assert low.dtype == torch.float32 and not torch.equal(low, got)  # the bf16 product, returned in fp32
+    assert torch.allclose(low, reference, rtol=5e-2, atol=5e-2)
+
+
+def test_frozen_head_rows_follow_the_vocabulary_and_autocast(setup):
+    """DSparkModel keeps its frozen head's rows gathered and cast once; another vocabulary tensor, another
+    dtype or re-attached weights never see stale rows."""
+    root, target = setup
+    model = build(args_for(root), target).attach(target)
+    head = target.shared_weights()[1]
+    h = torch.randn(5, head.shape[1], generator=torch.Generator().manual_seed(2))
+    first, second = torch.tensor([1, 7, 30]), torch.tensor([2, 3, 4, 50])
+    for ids in (first, second, first.clone(), None):
+        rows = head if ids is None else head[ids]
+        assert torch.allclose(model.lm_logits(h, ids), h @ rows.T, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model.lm_logits(h, first)
+    assert torch.equal(low, (h.bfloat16() @ head[first].bfloat16().T).float())
+    other = head.flip(0).contiguous()
+    model.attach_weights(target.shared_weights()[0], other)
+    assert torch.allclose(model.lm_logits(h, first), h @ other[first].T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_precision_flag_trains_in_either_dtype(setup, precision):
+    """--precision bf16 runs the products under bf16 autocast (parameters stay fp32); fp32 turns it off.
+    A few steps lower the loss either way."""
+    from dspark.train.trainer import autocast, train_step
+
+    root, target = setup
+    args = args_for(root, "--precision", precision)
+    with autocast(args, "cpu"):
+        assert torch.is_autocast_enabled("cpu") == (precision == "bf16")
+    torch.manual_seed(0)
+    model = build(args, target).attach(target).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    seqs = load_sequences(str(root / "data.jsonl"), VOCAB)[:4]
+    batch = list(enumerate(seqs))
+    losses = []
+    for step in range(12):
+        optimizer.zero_grad()
+        losses.append(train_step(args, model, target, batch, torch.Generator().manual_seed(step))["loss"])
+        optimizer.step()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert sum(losses[-3:]) < sum(losses[:3])

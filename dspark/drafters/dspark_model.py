@@ -65,6 +65,7 @@ class DSparkModel(nn.Module):
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.embed_weight: torch.Tensor | None = None
         self.lm_head_weight: torch.Tensor | None = None
+        self._heads: dict = {}  # (draft vocabulary, dtype) -> (its ids, the frozen head's rows in that dtype)
 
     # -- shared, frozen target pieces ---------------------------------------------------------------
     def attach(self, target) -> "DSparkModel":
@@ -74,6 +75,7 @@ class DSparkModel(nn.Module):
         """The frozen embedding [V, d] and LM head [V, d] (the target's, or a checkpoint's own copies)."""
         check_shared_weights(embed, head, self.config.vocab_size, self.config.hidden_size)
         self.embed_weight, self.lm_head_weight = embed, head
+        self._heads = {}
         return self
 
     @property
@@ -85,8 +87,22 @@ class DSparkModel(nn.Module):
 
     def lm_logits(self, h: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
         """U = LM head(h), over the whole vocabulary or only the draft vocabulary `vocab_ids`."""
-        weight = self.lm_head_weight if vocab_ids is None else self.lm_head_weight[vocab_ids]
+        weight = self._frozen_head(vocab_ids, h.device.type)
         return linear(h.to(weight.dtype), weight).float()
+
+    def _frozen_head(self, vocab_ids: torch.Tensor | None, device_type: str) -> torch.Tensor:
+        """The frozen head's rows (of the draft vocabulary) in the compute dtype (autocast's, when on),
+        gathered and cast once: per call, the gather and autocast's cast of a 16k x 576 matrix cost
+        as much as the training step's product with it."""
+        dtype = self.lm_head_weight.dtype
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+        key = (None if vocab_ids is None else id(vocab_ids), dtype)
+        hit = self._heads.get(key)
+        if hit is None or hit[0] is not vocab_ids:
+            rows = self.lm_head_weight if vocab_ids is None else self.lm_head_weight[vocab_ids]
+            hit = self._heads[key] = (vocab_ids, rows.to(dtype).contiguous())
+        return hit[1]
 
     def context(self, features: torch.Tensor) -> torch.Tensor:
         """Captured target hidden states [..., width] -> context features H_ctx [..., d]."""
