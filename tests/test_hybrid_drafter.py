@@ -81,6 +81,26 @@ def test_ngram_confidences_count_only_what_was_verified(tiny):
     assert request.id not in drafter.source
 
 
+def test_propose_reuses_the_match_source_for_found(tiny, monkeypatch):
+    """The engine asks source_for before propose in every round: the context is matched once per round,
+    and again only once it has grown."""
+    drafter = HybridDrafter(DSparkDrafter(make_model(tiny, "dspark", "markov", gamma=4)))
+    drafter.bind(2, 128, VOCAB)
+    c = drafter.dspark.model.config
+    request = Req([5, 6, 7, 5, 6], SamplingParams())
+    drafter.start(request, torch.randn(4, len(c.target_layers) * c.hidden_size))
+    calls = []
+    original = drafter.ngram.latest_match
+    monkeypatch.setattr(drafter.ngram, "latest_match", lambda tokens: calls.append(len(tokens)) or original(tokens))
+    assert drafter.source_for(request) == "ngram"
+    [proposal] = drafter.propose([request], 4)
+    assert proposal.tokens == [7, 5, 6] and calls == [5]
+    request.tokens += [7, 1]
+    assert drafter.source_for(request) == "dspark" and calls == [5, 7]
+    drafter.finish(request)
+    assert request.id not in drafter.matches
+
+
 def test_bad_arguments_are_refused(tiny):
     dspark = DSparkDrafter(make_model(tiny, "dspark", "markov"))
     with pytest.raises(ValueError, match="min_match"):

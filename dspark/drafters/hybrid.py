@@ -43,6 +43,9 @@ class HybridDrafter(Drafter):
         self.accepted = torch.full((self.num_draft,), float(prior[0]), dtype=torch.float64)
         self.verified = torch.full((self.num_draft,), float(prior[1]), dtype=torch.float64)
         self.source: dict[int, str] = {}  # request id -> who drafted its last proposal
+        # request id -> (context length, where its n-gram continuation begins or None): source_for's
+        # lookup, reused by propose in the same round instead of matching the context twice.
+        self.matches: dict[int, tuple[int, int | None]] = {}
         self.rounds = {"ngram": 0, "dspark": 0}
 
     @classmethod
@@ -59,20 +62,29 @@ class HybridDrafter(Drafter):
 
     def finish(self, request) -> None:
         self.source.pop(request.id, None)
+        self.matches.pop(request.id, None)
         self.dspark.finish(request)
 
     def catch_up(self, requests) -> None:
         self.dspark.catch_up(requests)
 
     def source_for(self, request) -> str:
-        return "ngram" if self.ngram.continuations(request.tokens, 1) else "dspark"
+        return "dspark" if self._match(request) is None else "ngram"
+
+    def _match(self, request) -> int | None:
+        length = len(request.tokens)
+        hit = self.matches.get(request.id)
+        if hit is None or hit[0] != length:
+            hit = self.matches[request.id] = (length, self.ngram.latest_match(request.tokens))
+        return hit[1]
 
     def ngram_confidences(self) -> torch.Tensor:
         return (self.accepted / self.verified).float()
 
     def propose(self, requests, max_draft: int) -> list[Proposal]:
         limit = min(self.num_draft, max_draft)
-        found = [self.ngram.continuations(r.tokens, limit) if limit > 0 else [] for r in requests]
+        starts = [self._match(r) if limit > 0 else None for r in requests]
+        found = [[] if at is None else [r.tokens[at: at + limit]] for r, at in zip(requests, starts)]
         learned = [r for r, f in zip(requests, found) if not f]
         drafted = iter(self.dspark.propose(learned, max_draft) if learned else [])
         out = []

@@ -31,25 +31,44 @@ class NgramDrafter(Drafter):
         """Up to `branches` distinct continuations of the longest matching suffix, latest first. The
         occurrences of each suffix length are found by one vectorised comparison over the context
         (numpy), not a Python scan: a round with many long requests stays cheap."""
-        length = len(tokens)
-        if length < 2 or limit < 1:
+        if limit < 1:
             return []
+        if self.branches == 1:
+            at = self.latest_match(tokens)
+            return [] if at is None else [tokens[at: at + limit]]
+        for n, starts in self._occurrences(tokens):
+            found: list[list[int]] = []
+            for start in starts[::-1].tolist():
+                follow = tokens[start + n: start + n + limit]
+                if follow not in found:
+                    found.append(follow)
+                    if len(found) == self.branches:
+                        break
+            return found
+        return []
+
+    def latest_match(self, tokens: list[int]) -> int | None:
+        """Where the continuation of the longest matching suffix's latest earlier occurrence begins
+        (a token follows it: the suffix itself is no candidate), or None without a match."""
+        for n, starts in self._occurrences(tokens):
+            return int(starts[-1]) + n
+        return None
+
+    def _occurrences(self, tokens: list[int]):
+        """(n, start positions) of the earlier occurrences of the last n tokens, for the longest n first
+        that has any."""
+        length = len(tokens)
+        if length < 2:
+            return
         context = np.asarray(tokens, dtype=np.int64)
         for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
             starts = length - n  # candidate starts 0 .. length - n - 1 (the suffix itself excluded)
             match = context[0:starts] == context[length - n]
             for j in range(1, n):
                 match &= context[j: starts + j] == context[length - n + j]
-            found: list[list[int]] = []
-            for start in np.flatnonzero(match)[::-1].tolist():
-                follow = tokens[start + n: start + n + limit]
-                if follow not in found:
-                    found.append(follow)
-                    if len(found) == self.branches:
-                        break
-            if found:
-                return found
-        return []
+            found = np.flatnonzero(match)
+            if found.size:
+                yield n, found
 
     def propose(self, requests, max_draft: int) -> list[Proposal]:
         limit = min(self.num_draft, max_draft)
