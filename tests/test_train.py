@@ -337,3 +337,37 @@ def test_precision_flag_trains_in_either_dtype(setup, precision):
         optimizer.step()
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert sum(losses[-3:]) < sum(losses[:3])
+
+
+@pytest.mark.parametrize("subset", [None, torch.tensor([9, 1, 6, 4])])
+def test_loss_from_target_probabilities_equals_the_loss_from_logits(subset):
+    """The trainer hands block_loss the teacher's probabilities (restricted to the draft vocabulary, in any
+    order of it): the same loss and metrics as from the full logits."""
+    gen = torch.Generator().manual_seed(6)
+    width = 11 if subset is None else subset.numel()
+    draft = torch.randn(3, 4, width, generator=gen, requires_grad=True)
+    target = torch.randn(3, 4, 11, generator=gen)
+    tokens = torch.tensor([[1, 4, 6, 9], [9, 6, 4, 1], [4, 4, 2, 10]])
+    valid = torch.tensor([[True] * 4, [True] * 4, [True, True, True, False]])
+    conf = torch.randn(3, 4, generator=gen)
+    probs = torch.softmax(target, -1) if subset is None else torch.softmax(target, -1)[..., subset]
+    loss_a, a = block_loss(draft, conf, target, tokens, valid, vocab_ids=subset)
+    loss_b, b = block_loss(draft, conf, None, tokens, valid, vocab_ids=subset, target_probs=probs)
+    assert float(loss_a.detach()) == pytest.approx(float(loss_b.detach()), rel=1e-6)
+    assert a.pop("accept_by_pos") == pytest.approx(b.pop("accept_by_pos"), rel=1e-6)
+    assert a == pytest.approx(b, rel=1e-6)
+    with pytest.raises(ValueError, match="exactly one"):
+        block_loss(draft, conf, target, tokens, valid, target_probs=torch.softmax(target, -1))
+    with pytest.raises(ValueError, match="do not match"):
+        block_loss(draft, conf, None, tokens, valid, vocab_ids=subset, target_probs=torch.rand(3, 4, width + 1))
+
+
+def test_teacher_probabilities_over_a_draft_vocabulary(setup):
+    root, target = setup
+    seq = load_sequences(str(root / "data.jsonl"), VOCAB)[1]
+    teacher = teacher_pass(target, [seq.ids], (0, 1))[0]
+    positions = torch.tensor([[4, 2, 4, 7], [7, 0, 1, 2]])
+    subset = torch.tensor([3, 50, 7, 11, 40])
+    full = torch.softmax(teacher.logits_at(positions), -1)
+    torch.testing.assert_close(teacher.probs_at(positions), full)
+    torch.testing.assert_close(teacher.probs_at(positions, subset), full[..., subset])

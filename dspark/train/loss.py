@@ -16,22 +16,33 @@ WEIGHTS = (0.1, 0.9, 1.0)
 
 
 def block_loss(draft_logits, conf_logits, target_logits, target_tokens, valid, decay: float = 4.0,
-               weights=WEIGHTS, vocab_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+               weights=WEIGHTS, vocab_ids: torch.Tensor | None = None,
+               target_probs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """draft_logits, target_logits [A, g, V]; conf_logits [A, g] (None: no confidence head); target_tokens [A, g]; valid [A, g] bool.
     With a draft vocabulary S (vocab_ids), draft_logits are [A, g, |S|]: the drafter puts no mass
     outside S, so the target's mass there counts in full in L1, and CE skips targets outside S.
+    target_probs instead of target_logits: the target's probabilities, already restricted to S when
+    there is one ([A, g, |S|]; their deficit from 1 is the mass outside S).
     Returns (loss, metrics); metrics hold the terms and the per-position acceptance 1 - TV."""
+    if (target_logits is None) == (target_probs is None):
+        raise ValueError("give exactly one of target_logits and target_probs")
     g = draft_logits.shape[1]
     log_pd = torch.log_softmax(draft_logits.float(), dim=-1)
-    p_t = torch.softmax(target_logits.float(), dim=-1)
+    if target_probs is None:
+        p_t = torch.softmax(target_logits.float(), dim=-1)
+        if vocab_ids is not None:
+            p_t = p_t[..., vocab_ids]
+    else:
+        p_t = target_probs.float()
+    if p_t.shape != log_pd.shape:
+        raise ValueError(f"the target's probabilities {tuple(p_t.shape)} do not match the draft's {tuple(log_pd.shape)}")
     ce_valid = valid
     if vocab_ids is not None:
-        p_t = p_t[..., vocab_ids]
-        index = torch.full((target_logits.shape[-1],), -1, dtype=torch.long, device=target_tokens.device)
-        index[vocab_ids] = torch.arange(vocab_ids.numel(), device=target_tokens.device)
-        target_tokens = index[target_tokens]
-        ce_valid = valid & (target_tokens >= 0)
-        target_tokens = target_tokens.clamp(min=0)
+        # Each target token's column in S (any order of S), found without a host read.
+        ids, order = vocab_ids.sort()
+        at = torch.searchsorted(ids, target_tokens).clamp(max=ids.numel() - 1)
+        ce_valid = valid & (ids[at] == target_tokens)
+        target_tokens = order[at]
     ce = -log_pd.gather(-1, target_tokens[..., None]).squeeze(-1)
     l1 = (log_pd.exp() - p_t).abs().sum(-1)
     if vocab_ids is not None:

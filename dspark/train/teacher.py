@@ -26,10 +26,26 @@ class TeacherOutput:
         if self._logits is not None:
             return self._logits[positions]
         unique, inverse = torch.unique(positions, return_inverse=True)
+        return self._distinct_logits(unique)[inverse]
+
+    def probs_at(self, positions: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The target's next-token probabilities [*, V] (fp32) at these positions, or only their
+        columns of a draft vocabulary ([*, |S|]): softmax and gather run once per distinct position, and
+        the [*, V] rows of every block position are never built."""
+        unique, inverse = torch.unique(positions, return_inverse=True)
+        if self._logits is not None:
+            logits = self._logits[unique].float()
+        else:
+            logits = self._distinct_logits(unique)
+        probs = torch.softmax(logits, dim=-1)
+        if vocab_ids is not None:
+            probs = probs[:, vocab_ids]
+        return probs[inverse]
+
+    def _distinct_logits(self, unique: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             head = lm_head(self._target, self._hidden.device.type)
-            logits = F.linear(self._hidden[unique].to(head.dtype), head).float()
-        return logits[inverse]
+            return F.linear(self._hidden[unique].to(head.dtype), head).float()
 
 
 _HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

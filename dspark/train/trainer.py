@@ -104,8 +104,8 @@ def sequence_loss(model: DSparkModel, teacher, seq, anchors: torch.Tensor, decay
     positions = anchors[:, None] + torch.arange(1, gamma + 1, device=device)  # x_k = t_{a+k}
     valid = positions < n
     positions = positions.clamp(max=n - 1)
-    target_logits = teacher.logits_at((positions - 1).to(teacher.features.device)).to(device)
-    return block_loss(logits, conf, target_logits, ids[positions], valid, decay, vocab_ids=vocab_ids)
+    target_probs = teacher.probs_at((positions - 1).to(teacher.features.device), vocab_ids).to(device)
+    return block_loss(logits, conf, None, ids[positions], valid, decay, vocab_ids=vocab_ids, target_probs=target_probs)
 
 
 def build(args, target) -> DSparkModel:
