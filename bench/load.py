@@ -9,7 +9,8 @@ request's tokens over the time from the batch's start to its own finish, average
 the decoding phase alone (wall time less the engine's prefill steps, which run 512 prompt tokens at a
 time between decoding rounds: on this CPU prefill is most of the wall time from 8 requests on, the
 same for every policy) and the average verification
-budget (draft tokens verified per request per round). Writes <out>.json and
+budget (draft tokens verified per request per round). With --repeats N every cell runs N times, the
+policies interleaved, and reports the medians (JSON: every run's rates under "samples"). Writes <out>.json and
 <out>-throughput.png (aggregate against per-user tokens/s) and <out>-budget.png (budget against
 concurrency).
 """
@@ -104,6 +105,24 @@ def run(model, tokenizer, drafter, policy, prompts, params) -> dict:
             "generated_tokens": tokens, "wall_s": wall, "outputs": [r.generated for r in requests]}
 
 
+RATES = ("aggregate_tokens_per_s", "per_user_tokens_per_s", "decode_tokens_per_s", "per_user_decode_tokens_per_s")
+
+
+def median_record(records: list[dict]) -> dict:
+    """One (policy, concurrency) cell from its repeated runs: each rate is the median over the runs (the
+    runs' values kept under "samples"), the rest from the run whose decoding rate is the median."""
+    order = sorted(records, key=lambda r: r["decode_tokens_per_s"])
+    out = dict(order[(len(order) - 1) // 2])
+    for key in RATES:
+        values = sorted(r[key] for r in records)
+        mid = len(values) // 2
+        out[key] = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+    out["samples"] = {key: [r[key] for r in records] for key in RATES}
+    if any("identical_to_plain" in r for r in records):
+        out["identical_to_plain"] = all(r.get("identical_to_plain", False) for r in records)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--drafter", required=True, help="a DSpark drafter folder")
@@ -118,13 +137,18 @@ def main() -> None:
     ap.add_argument("--datasets", default=str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "datasets"))
     ap.add_argument("--out", default="bench/results/load-cpu")
     ap.add_argument("--weights", choices=WEIGHTS, default=None, help="default: native, as `dspark generate`")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs per (policy, concurrency), interleaved across policies; rates are their medians "
+                         "(one run of 48 tokens at c=16 lasts ~2 s, and this machine drifts 10-20%% within minutes)")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
     dtype, native = resolve_weights(args.weights, None, None, "cpu")
     tokenizer, model = load_tokenizer(None), load_model(None, dtype, native=native)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=0)
     results = {"device": f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
                "dtype": str(dtype), "weights": "native" if native else str(dtype), "drafter": args.drafter,
-               "max_tokens": args.max_tokens,
+               "max_tokens": args.max_tokens, "repeats": args.repeats,
                "temperature": args.temperature, "gamma": args.gamma, "runs": []}
     kind = HybridDrafter if args.hybrid else DSparkDrafter
     results["hybrid"] = args.hybrid
@@ -133,26 +157,35 @@ def main() -> None:
         SamplingParams(max_tokens=8))  # first calls pay one-time costs (allocator, thread pools)
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
         prompts = mixed_prompts(pathlib.Path(args.datasets), concurrency, tokenizer)
-        baseline, plain_outputs = None, None
-        for name, (speculative, make_policy) in policies(model, args.gamma, concurrency, args.threshold).items():
-            if args.only and args.only not in name and name != "no speculation":
-                continue
-            drafter = kind.from_pretrained(args.drafter, model, args.gamma, dtype=dtype) if speculative else None
-            record = run(model, tokenizer, drafter, make_policy(), prompts, params)
-            outputs = record.pop("outputs")
-            if baseline is None:  # "no speculation" runs first: every ratio is against it
-                baseline, plain_outputs = record, outputs
+        chosen = {name: spec for name, spec in policies(model, args.gamma, concurrency, args.threshold).items()
+                  if not args.only or args.only in name or name == "no speculation"}
+        samples: dict[str, list[dict]] = {name: [] for name in chosen}
+        plain_outputs = None
+        for _ in range(args.repeats):  # interleaved: every policy once per pass, so drift hits all alike
+            for name, (speculative, make_policy) in chosen.items():
+                drafter = kind.from_pretrained(args.drafter, model, args.gamma, dtype=dtype) if speculative else None
+                record = run(model, tokenizer, drafter, make_policy(), prompts, params)
+                outputs = record.pop("outputs")
+                if plain_outputs is None:  # "no speculation" runs first
+                    plain_outputs = outputs
+                if args.temperature == 0:
+                    record["identical_to_plain"] = outputs == plain_outputs
+                samples[name].append(record)
+        baseline = None
+        for name, records in samples.items():
+            record = median_record(records)
+            if baseline is None:
+                baseline = record
             record.update(policy=name, concurrency=concurrency,
                           speedup_aggregate=record["aggregate_tokens_per_s"] / baseline["aggregate_tokens_per_s"],
                           speedup_per_user=record["per_user_tokens_per_s"] / baseline["per_user_tokens_per_s"],
                           speedup_decode=record["decode_tokens_per_s"] / baseline["decode_tokens_per_s"])
-            if args.temperature == 0:
-                record["identical_to_plain"] = outputs == plain_outputs
             results["runs"].append(record)
             print(f"c={concurrency:<3} {name:34s} aggregate {record['aggregate_tokens_per_s']:7.1f} tok/s "
                   f"per-user {record['per_user_tokens_per_s']:6.2f} tok/s decoding {record['decode_tokens_per_s']:7.1f} "
                   f"/ {record['per_user_decode_tokens_per_s']:6.2f} tok/s budget {record['budget_per_request']:.2f} "
-                  f"tau {record['tau']:.2f}", flush=True)
+                  f"tau {record['tau']:.2f} [x{record['speedup_decode']:.2f} decoding, "
+                  f"{len(records)} runs]", flush=True)
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out + ".json").write_text(json.dumps(results, indent=1))
     plot(results, args.out)
