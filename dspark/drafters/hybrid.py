@@ -58,6 +58,7 @@ class HybridDrafter(Drafter):
         self.dspark.bind(rows, max_seq_len, vocab_size)
 
     def start(self, request, target_hidden=None) -> None:
+        self.matches.pop(request.id, None)  # ids restart with every engine sharing this drafter
         self.dspark.start(request, target_hidden)
 
     def finish(self, request) -> None:

@@ -39,7 +39,7 @@ def block_loss(draft_logits, conf_logits, target_logits, target_tokens, valid, d
     ce_valid = valid
     if vocab_ids is not None:
         # Each target token's column in S (any order of S), found without a host read.
-        ids, order = vocab_ids.sort()
+        ids, order = vocab_ids.to(target_tokens.device, target_tokens.dtype).sort()
         at = torch.searchsorted(ids, target_tokens).clamp(max=ids.numel() - 1)
         ce_valid = valid & (ids[at] == target_tokens)
         target_tokens = order[at]

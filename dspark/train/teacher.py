@@ -39,7 +39,7 @@ class TeacherOutput:
             logits = self._distinct_logits(unique)
         probs = torch.softmax(logits, dim=-1)
         if vocab_ids is not None:
-            probs = probs[:, vocab_ids]
+            probs = probs[:, vocab_ids.to(probs.device)]
         return probs[inverse]
 
     def _distinct_logits(self, unique: torch.Tensor) -> torch.Tensor:
