@@ -21,6 +21,7 @@ import argparse
 import json
 import pathlib
 import platform
+import statistics
 import time
 
 import torch
@@ -114,9 +115,7 @@ def median_record(records: list[dict]) -> dict:
     order = sorted(records, key=lambda r: r["decode_tokens_per_s"])
     out = dict(order[(len(order) - 1) // 2])
     for key in RATES:
-        values = sorted(r[key] for r in records)
-        mid = len(values) // 2
-        out[key] = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+        out[key] = statistics.median(r[key] for r in records)
     out["samples"] = {key: [r[key] for r in records] for key in RATES}
     if any("identical_to_plain" in r for r in records):
         out["identical_to_plain"] = all(r.get("identical_to_plain", False) for r in records)

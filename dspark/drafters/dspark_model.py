@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dspark.drafters.dspark_layers import DraftLayer, DSparkConfig, Linear, rms_norm
+from dspark.models.dtypes import compute_dtype
 from dspark.models.linear import linear
 
 FORMAT_VERSION = 1
@@ -94,9 +95,7 @@ class DSparkModel(nn.Module):
         """The frozen head's rows (of the draft vocabulary) in the compute dtype (autocast's, when on),
         gathered and cast once: per call, the gather and autocast's cast of a 16k x 576 matrix cost
         as much as the training step's product with it."""
-        dtype = self.lm_head_weight.dtype
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
+        dtype = compute_dtype(device_type, self.lm_head_weight.dtype)
         key = (None if vocab_ids is None else id(vocab_ids), dtype)
         hit = self._heads.get(key)
         if hit is None or hit[0] is not vocab_ids:

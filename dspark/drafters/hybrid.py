@@ -85,14 +85,13 @@ class HybridDrafter(Drafter):
     def propose(self, requests, max_draft: int) -> list[Proposal]:
         limit = min(self.num_draft, max_draft)
         starts = [self._match(r) if limit > 0 else None for r in requests]
-        found = [[] if at is None else [r.tokens[at: at + limit]] for r, at in zip(requests, starts)]
-        learned = [r for r, f in zip(requests, found) if not f]
+        learned = [r for r, at in zip(requests, starts) if at is None]
         drafted = iter(self.dspark.propose(learned, max_draft) if learned else [])
         out = []
-        for r, f in zip(requests, found):
-            if f:
+        for r, at in zip(requests, starts):
+            if at is not None:
                 self.source[r.id] = "ngram"
-                out.append(self._ngram_proposal(r, f[0]))
+                out.append(self._ngram_proposal(r, r.tokens[at: at + limit]))
             else:
                 self.source[r.id] = "dspark"
                 out.append(next(drafted))

@@ -33,9 +33,6 @@ class NgramDrafter(Drafter):
         (numpy), not a Python scan: a round with many long requests stays cheap."""
         if limit < 1:
             return []
-        if self.branches == 1:
-            at = self.latest_match(tokens)
-            return [] if at is None else [tokens[at: at + limit]]
         for n, starts in self._occurrences(tokens):
             found: list[list[int]] = []
             for start in starts[::-1].tolist():

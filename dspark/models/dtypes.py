@@ -8,6 +8,11 @@ import torch
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype matrix products run in: autocast's when it is on for this device type, else `dtype`."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else dtype
+
+
 def default_dtype(device: str) -> torch.dtype:
     """bf16 on accelerators. On CPUs, time a verification-sized matmul through the model's own linear
     layer in both and take the faster. Its weight (32,768 x 576) outgrows the caches as a model's do, so

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from dspark.batch import build_round
 from dspark.cache import KVCache
+from dspark.models.dtypes import compute_dtype
 
 
 class TeacherOutput:
@@ -54,7 +55,7 @@ _HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def lm_head(target, device_type: str) -> torch.Tensor:
     """The target's LM head in the compute dtype (autocast's, when on), cast once per target."""
     head = target.shared_weights()[1]
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else head.dtype
+    dtype = compute_dtype(device_type, head.dtype)
     per_dtype = _HEADS.setdefault(target, {})
     if dtype not in per_dtype:
         per_dtype[dtype] = head.to(dtype).contiguous()
