@@ -72,7 +72,6 @@ class Engine:
         self.finished: dict[int, Request] = {}
         self.stats = RunStats()
         self._drafted = False  # whether the current round asked the drafter for anything
-        self._catch_up_seconds = 0.0  # of it, the drafter's deferred work from earlier rounds
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt: list[int] | str, params: SamplingParams | None = None) -> int:
@@ -243,7 +242,7 @@ class Engine:
         self.stats.verify_time += verified - drafted
         self.stats.rounds += 1
         self.policy.observe_round(len(requests), self._drafted, int(counts.sum()),
-                                  verified - start - self._catch_up_seconds, self._draft_sources)
+                                  verified - start, self._draft_sources)
         events, paths = [], []
         for r, proposal, node_parents in zip(requests, proposals, parents):
             m = int(counts[r.row])
@@ -276,7 +275,7 @@ class Engine:
 
     def _propose(self, requests: list[Request]) -> list[Proposal]:
         """Drafts of the requests the policy wants drafted (all, unless it has should_draft)."""
-        self._drafted, self._draft_sources, self._catch_up_seconds = False, (), 0.0
+        self._drafted, self._draft_sources = False, ()
         if self.drafter is None:
             return [Proposal([]) for _ in requests]
         sources = [self.drafter.source_for(r) for r in requests]
@@ -284,10 +283,6 @@ class Engine:
         self._drafted = any(wanted)
         self._draft_sources = tuple(sorted({s for s, w in zip(sources, wanted) if w}))
         drafting = [r for r, w in zip(requests, wanted) if w]
-        if drafting:
-            start = time.perf_counter()
-            self.drafter.catch_up(drafting)
-            self._catch_up_seconds = time.perf_counter() - start
         drafted = iter(self.drafter.propose(drafting, self.max_draft_for(drafting)) if drafting else [])
         return [next(drafted) if w else Proposal([]) for w in wanted]
 

@@ -158,43 +158,62 @@ class ThroughputGate:
     not the drafter, whose cost can exceed what its accepted tokens save (a weak drafter on a fast
     target). Keeps, per batch size (bucketed) and drafting source (a drafter that combines several, such as
     n-gram lookup and a learned drafter, reports which one would speak: their costs and yields differ),
-    a moving average of tokens per second of the rounds it drafted and of plain rounds, takes the
-    faster, and tries the other after `explore_every` rounds so that both estimates stay fresh; each
-    time the tried arm loses again the wait doubles (up to `max_wait`), so a drafter that never pays
-    costs less and less. Lossless: the decision reads only earlier rounds' counts and times and the
-    committed context (through the source)."""
+    a moving average of the throughput of the rounds it drafted and of plain rounds, takes the faster,
+    and tries the other after `explore_every` rounds so that both estimates stay fresh; each time the
+    tried arm loses again the wait doubles (up to `max_wait`), so a drafter that never pays costs less
+    and less. A round's time includes the drafter's work deferred from rounds it did not draft in: a
+    drafter that must catch up before it drafts again is priced with that.
+
+    `expected(batch)`: the tokens/s plain decoding should reach at that batch size (SPSPolicy passes
+    batch * SPS(batch)). Rates are kept as measured over expected, so that rounds of different sizes in
+    one bucket, and buckets near each other, compare fairly; without it, raw tokens/s. An arm not yet
+    measured in a bucket takes the nearest bucket's estimate, and a source's exploration wait too: as a
+    batch grows or shrinks through the buckets, a drafter that lost in the last one is not tried again
+    at once. Only an arm measured in no bucket at all is tried first (drafting before plain).
+    Lossless: the decision reads only earlier rounds' counts and times and the committed context
+    (through the source)."""
 
     PLAIN = "plain"
 
     @staticmethod
     def bucket(batch: int) -> int:
-        """Batch sizes share estimates within powers of two (1, 2, 3-4, 5-8, ...): as requests finish one
-        by one, every new size would otherwise start unmeasured and pay a trial of each source again."""
+        """Batch sizes share estimates within powers of two (1, 2, 3-4, 5-8, ...)."""
         return 1 << max(batch - 1, 0).bit_length()
 
-    def __init__(self, explore_every: int = 16, smoothing: float = 0.25, max_wait: int = 256):
-        self.explore_every, self.smoothing, self.max_wait = explore_every, smoothing, max_wait
-        self.rates: dict[tuple[int, str], float] = {}  # (batch, source or PLAIN) -> tokens/s
+    def __init__(self, explore_every: int = 16, smoothing: float = 0.25, max_wait: int = 256,
+                 expected=None):
+        self.explore_every, self.smoothing, self.max_wait, self.expected = explore_every, smoothing, max_wait, expected
+        self.rates: dict[tuple[int, str], float] = {}  # (bucket, source or PLAIN) -> (relative) throughput
         self.since_other: dict[tuple[int, str], int] = {}
         self.wait: dict[tuple[int, str], int] = {}  # rounds between explorations
         self.exploring: dict[tuple[int, str], bool] = {}  # the last decision tried the slower arm
 
-    def _best(self, batch: int, source: str) -> bool | None:
-        draft_rate, plain_rate = self.rates.get((batch, source)), self.rates.get((batch, self.PLAIN))
+    def _nearest(self, table: dict, bucket: int, arm: str):
+        """table's value for (bucket, arm), else for the nearest bucket holding one (the smaller on ties)."""
+        if (bucket, arm) in table:
+            return table[(bucket, arm)]
+        held = [b for b, a in table if a == arm]
+        if not held:
+            return None
+        near = min(held, key=lambda b: (abs(b.bit_length() - bucket.bit_length()), b))
+        return table[(near, arm)]
+
+    def _best(self, bucket: int, source: str) -> bool | None:
+        draft_rate, plain_rate = self._nearest(self.rates, bucket, source), self._nearest(self.rates, bucket, self.PLAIN)
         if draft_rate is None or plain_rate is None:
             return None
         return draft_rate >= plain_rate
 
     def should_draft(self, batch: int, source: str = DEFAULT_SOURCE) -> bool:
-        batch = self.bucket(batch)
-        key = (batch, source)
-        if self.rates.get(key) is None:
-            return True
-        best = self._best(batch, source)
-        if best is None:  # plain not measured yet
-            return False
+        bucket = self.bucket(batch)
+        key = (bucket, source)
+        best = self._best(bucket, source)
+        if best is None:  # an arm measured nowhere yet: drafting first, then plain
+            return self._nearest(self.rates, bucket, source) is None
         rounds = self.since_other.get(key, 0) + 1
-        exploring = rounds >= self.wait.get(key, self.explore_every)
+        wait = self.wait.get(key) or self._nearest(self.wait, bucket, source) or self.explore_every
+        exploring = rounds >= wait
+        self.wait[key] = wait
         self.since_other[key] = 0 if exploring else rounds
         self.exploring[key] = exploring
         return best != exploring
@@ -203,16 +222,18 @@ class ThroughputGate:
         """A round of `batch` requests: whether it drafted, and the sources that did (default: one)."""
         if seconds <= 0 or tokens <= 0:
             return
-        batch, rate = self.bucket(batch), tokens / seconds
+        rate = tokens / seconds / (self.expected(batch) if self.expected is not None else 1.0)
+        bucket = self.bucket(batch)
         if not drafted:  # settles the sources whose decision this round was to explore plain decoding
-            pending = {key: self._best(*key) for key, exploring in self.exploring.items() if key[0] == batch and exploring}
-            self._update((batch, self.PLAIN), rate)
+            pending = {key: self._best(*key) for key, exploring in self.exploring.items()
+                       if key[0] == bucket and exploring}
+            self._update((bucket, self.PLAIN), rate)
             for key, before in pending.items():
                 self._settle(key, before)
             return
         for source in sources or (DEFAULT_SOURCE,):
-            key = (batch, source)
-            before = self._best(batch, source)
+            key = (bucket, source)
+            before = self._best(bucket, source)
             self._update(key, rate)
             self._settle(key, before)
 
@@ -235,7 +256,7 @@ class SPSPolicy(VerificationPolicy):
     def __init__(self, sps, max_draft: int | None = None, gate: bool = True, throughput_gate: bool = False):
         self.sps, self.max_draft = sps, max_draft
         self.gate = DraftGate(sps) if gate else None
-        self.throughput = ThroughputGate() if throughput_gate else None
+        self.throughput = ThroughputGate(expected=lambda b: b * sps(b)) if throughput_gate else None
 
     def should_draft(self, requests: list, sources: list[str] | None = None) -> list[bool]:
         allowed = [True] * len(requests)

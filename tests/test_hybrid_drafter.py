@@ -81,24 +81,21 @@ def test_ngram_confidences_count_only_what_was_verified(tiny):
     assert request.id not in drafter.source
 
 
-def test_propose_reuses_the_match_source_for_found(tiny, monkeypatch):
-    """The engine asks source_for before propose in every round: the context is matched once per round,
-    and again only once it has grown."""
+def test_the_context_is_matched_through_its_own_index(tiny):
+    """source_for and propose read one n-gram index per request, fed only the tokens each round adds;
+    finish drops it."""
     drafter = HybridDrafter(DSparkDrafter(make_model(tiny, "dspark", "markov", gamma=4)))
     drafter.bind(2, 128, VOCAB)
     c = drafter.dspark.model.config
     request = Req([5, 6, 7, 5, 6], SamplingParams())
     drafter.start(request, torch.randn(4, len(c.target_layers) * c.hidden_size))
-    calls = []
-    original = drafter.ngram.latest_match
-    monkeypatch.setattr(drafter.ngram, "latest_match", lambda tokens: calls.append(len(tokens)) or original(tokens))
     assert drafter.source_for(request) == "ngram"
     [proposal] = drafter.propose([request], 4)
-    assert proposal.tokens == [7, 5, 6] and calls == [5]
+    assert proposal.tokens == [7, 5, 6] and drafter.indexes[request.id].indexed == 5
     request.tokens += [7, 1]
-    assert drafter.source_for(request) == "dspark" and calls == [5, 7]
+    assert drafter.source_for(request) == "dspark" and drafter.indexes[request.id].indexed == 7
     drafter.finish(request)
-    assert request.id not in drafter.matches
+    assert request.id not in drafter.indexes
 
 
 def test_bad_arguments_are_refused(tiny):

@@ -8,6 +8,7 @@ import random
 import pytest
 
 from dspark.drafters import NgramDrafter
+from dspark.drafters.ngram import NgramIndex
 
 
 def scan(tokens, limit, max_ngram, min_ngram, branches):
@@ -49,3 +50,23 @@ def test_latest_match_is_where_the_first_continuation_begins(max_ngram, min_ngra
         assert (at is None) == (not expected), tokens
         if at is not None:
             assert tokens[at: at + limit] == expected[0], tokens
+
+
+@pytest.mark.parametrize("max_ngram,min_ngram", [(3, 1), (4, 2), (1, 1)])
+def test_the_incremental_index_matches_the_scan_as_the_context_grows(max_ngram, min_ngram):
+    """NgramIndex follows one context through rounds that add 0..8 tokens (a round's accepted tokens, or
+    none), and after each finds the match the full scan finds."""
+    rng = random.Random(7 * max_ngram + min_ngram)
+    for _ in range(60):
+        vocab = rng.choice([2, 4, 16])
+        tokens = [rng.randrange(vocab) for _ in range(rng.randint(1, 6))]
+        index = NgramIndex(max_ngram, min_ngram)
+        for _ in range(25):
+            expected = scan(tokens, 4, max_ngram, min_ngram, 1)
+            at = index.latest_match(tokens)
+            assert (at is None) == (not expected), tokens
+            if at is not None:
+                assert tokens[at: at + 4] == expected[0], tokens
+            tokens = tokens + [rng.randrange(vocab) for _ in range(rng.randint(0, 8))]
+    with pytest.raises(ValueError, match="shrank"):
+        index.latest_match(tokens[:-20])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dspark import ops
-from dspark.drafters.base import Proposal
+from dspark.drafters.base import DEFAULT_SOURCE, Proposal
 from dspark.profiling import SPSCurve, load_or_measure_sps, measure_sps, token_grid
 from dspark.scheduler import (AsyncScheduler, ConfidenceThreshold, FixedLength, GlobalSearch, PrefixScheduler,
                               best_capacity, ranked_candidates, survival)
@@ -233,7 +233,10 @@ def test_throughput_gate_takes_the_faster_arm_and_explores():
     assert not gate.should_draft(1)  # plain not measured yet
     gate.observe(1, False, 1, 0.01)  # 100 tokens/s plain
     assert [gate.should_draft(1) for _ in range(8)] == [False, False, False, True] * 2
-    assert gate.should_draft(4)  # another batch size has its own estimates
+    assert not gate.should_draft(4)  # an unmeasured batch size takes the nearest one's estimates...
+    gate.observe(4, True, 12, 0.02)  # ... until it measures its own: drafting pays at 4
+    gate.observe(4, False, 4, 0.02)
+    assert gate.should_draft(4)  # while bucket 1 keeps its own (plain) estimates
     for _ in range(30):  # drafting becomes the faster arm: plain is now the explored one
         gate.observe(1, True, 5, 0.02)
     assert [gate.should_draft(1) for _ in range(8)] == [True, True, True, False] * 2
@@ -313,6 +316,39 @@ def test_engine_stops_paying_for_a_drafter_that_does_not_pay(tmp_path):
 def test_async_scheduler_refuses_the_throughput_gate():
     with pytest.raises(ValueError, match="throughput_gate"):
         AsyncScheduler(SPSCurve([1, 8], [10.0, 9.0]), throughput_gate=True)
+
+
+def test_throughput_gate_compares_rounds_against_what_plain_decoding_reaches_at_their_size():
+    """Within a bucket (5-8), a drafting round of 8 requests beats a plain round of 5 in raw tokens/s only
+    because it is larger: measured against `expected` (tokens/s of plain decoding at that size) it loses."""
+    from dspark.scheduler import ThroughputGate
+
+    gate = ThroughputGate(expected=lambda batch: 100.0 * batch)
+    gate.observe(5, False, 5, 0.01)     # 500 tokens/s, as expected at 5
+    gate.observe(8, True, 8, 0.0125)    # 640 tokens/s, 80% of what plain reaches at 8
+    assert gate.rates[(8, ThroughputGate.PLAIN)] == pytest.approx(1.0)
+    assert gate.rates[(8, DEFAULT_SOURCE)] == pytest.approx(0.8)
+    assert not gate.should_draft(8)
+    raw = ThroughputGate()
+    raw.observe(5, False, 5, 0.01)
+    raw.observe(8, True, 8, 0.0125)
+    assert raw.should_draft(8)  # the bias the normalisation removes
+
+
+def test_a_new_bucket_inherits_a_losing_sources_backoff():
+    """A batch shrinking through the buckets does not retry a drafter that kept losing in the last one:
+    the new bucket starts plain, and waits as long as the old one before its first trial."""
+    from dspark.scheduler import ThroughputGate
+
+    gate = ThroughputGate(explore_every=4, max_wait=64, expected=lambda batch: 100.0 * batch)
+    gate.observe(64, True, 64, 1.0)   # drafting: 1% of plain decoding's rate
+    gate.observe(64, False, 64, 0.01)
+    for _ in range(200):
+        draft = gate.should_draft(64)
+        gate.observe(64, draft, 64, 1.0 if draft else 0.01)
+    assert gate.wait[(64, "draft")] == 64
+    first_trial = next(i for i in range(100) if gate.should_draft(20))
+    assert first_trial == 63 and gate.wait[(32, "draft")] == 64
 
 
 def test_throughput_gate_backs_off_while_the_explored_arm_keeps_losing():

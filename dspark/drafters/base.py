@@ -58,7 +58,10 @@ class Drafter(abc.ABC):
 
     def start(self, request, target_hidden: torch.Tensor | None = None) -> None:
         """A request joined (after its prefill); target_hidden [prompt length, width] when the
-        drafter set `capture_layers` (the residual stream after those target layers, concatenated)."""
+        drafter set `capture_layers` (the residual stream after those target layers, concatenated).
+        The engine passes views of its side cache, valid until the request finishes: a drafter may
+        keep them without copying and defer its per-token work to the request's next proposal (the
+        policy prices that deferred work as part of the round that drafts)."""
 
     def source_for(self, request) -> str:
         """Which of this drafter's sources would propose for the request now (a function of its
@@ -66,18 +69,13 @@ class Drafter(abc.ABC):
         apart. Default: one source."""
         return DEFAULT_SOURCE
 
-    def catch_up(self, requests: list) -> None:
-        """Work deferred from rounds these requests did not draft in (e.g. committing context K/V), done
-        just before they draft; the engine times it apart from the round, so that a round's measured
-        drafting cost is its own."""
-
     @abc.abstractmethod
     def propose(self, requests: list, max_draft: int) -> list[Proposal]:
         """Drafts for the given requests, at most max_draft nodes each."""
 
     def accept(self, requests: list, paths: list[list[int]], target_hidden: list[torch.Tensor] | None) -> None:
         """The verified round: each request's accepted node path (starting with 0) and, when the
-        drafter asked for them, the target hidden states of those nodes."""
+        drafter asked for them, the target hidden states of those nodes (views, as in `start`)."""
 
     def finish(self, request) -> None:
         """A request left; free what the drafter holds for it."""

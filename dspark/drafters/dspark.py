@@ -159,7 +159,7 @@ class DSparkDrafter(Drafter):
             raise ValueError("the DSpark drafter needs the target's hidden states (run it through the Engine)")
         self.features.seqlens[request.row] = 0
         self.kv.seqlens[request.row] = 0
-        self.pending[request.row] = [target_hidden.clone()]
+        self.pending[request.row] = [target_hidden]
         self.generators[request.row] = torch.Generator(self.device).manual_seed(request.params.seed + 0xD5)
 
     def finish(self, request) -> None:
@@ -171,12 +171,8 @@ class DSparkDrafter(Drafter):
     def accept(self, requests, paths, target_hidden) -> None:
         # A finished request may not hold all its accepted tokens; it leaves anyway.
         for request, hidden in zip(requests, target_hidden):
-            if request.finish_reason is None:
-                # A copy: the engine's side cache may reuse its slots once the row is freed.
-                self.pending.setdefault(request.row, []).append(hidden.clone())
-
-    def catch_up(self, requests) -> None:
-        self.commit_pending(requests)
+            if request.finish_reason is None:  # views, kept until the next proposal commits them
+                self.pending.setdefault(request.row, []).append(hidden)
 
     def commit_pending(self, requests) -> None:
         """Commit the pending features of the requests about to draft."""

@@ -225,7 +225,7 @@ class Eagle3Drafter(Drafter):
         if target_hidden is None:
             raise ValueError("the EAGLE-3 drafter needs the target's hidden states (run it through the Engine)")
         self.kv.seqlens[request.row] = 0
-        self.pending[request.row] = [target_hidden.clone()]
+        self.pending[request.row] = [target_hidden]
         self.generators[request.row] = torch.Generator(self.device).manual_seed(request.params.seed + 0xE3)
 
     def finish(self, request) -> None:
@@ -236,10 +236,9 @@ class Eagle3Drafter(Drafter):
     def accept(self, requests, paths, target_hidden) -> None:
         for request, hidden in zip(requests, target_hidden):
             if request.finish_reason is None:  # a finished request may not hold all its accepted tokens
-                # A copy: the engine's side cache may reuse its slots once the row is freed.
-                self.pending.setdefault(request.row, []).append(hidden.clone())
+                self.pending.setdefault(request.row, []).append(hidden)  # views, committed at the next proposal
 
-    def catch_up(self, requests) -> None:
+    def _commit_pending(self, requests) -> None:
         for request in requests:
             if self.pending.get(request.row):
                 self._commit(request, torch.cat(self.pending.pop(request.row)))
@@ -267,7 +266,7 @@ class Eagle3Drafter(Drafter):
         if steps <= 0 or not requests:
             return [Proposal([]) for _ in requests]
         model, vocab = self.model, self.model.config.vocab_size
-        self.catch_up(requests)
+        self._commit_pending(requests)
         layer_kv, valid, starts = committed_context(self.kv, requests, model.config.num_layers)
         hidden = self.last[torch.tensor([r.row for r in requests], device=self.device)][:, None]
         batch = len(requests)

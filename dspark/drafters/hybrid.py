@@ -23,7 +23,7 @@ import torch
 
 from dspark.drafters.base import Drafter, Proposal
 from dspark.drafters.dspark import DSparkDrafter
-from dspark.drafters.ngram import NgramDrafter
+from dspark.drafters.ngram import NgramDrafter, NgramIndex
 
 
 class HybridDrafter(Drafter):
@@ -43,9 +43,7 @@ class HybridDrafter(Drafter):
         self.accepted = torch.full((self.num_draft,), float(prior[0]), dtype=torch.float64)
         self.verified = torch.full((self.num_draft,), float(prior[1]), dtype=torch.float64)
         self.source: dict[int, str] = {}  # request id -> who drafted its last proposal
-        # request id -> (context length, where its n-gram continuation begins or None): source_for's
-        # lookup, reused by propose in the same round instead of matching the context twice.
-        self.matches: dict[int, tuple[int, int | None]] = {}
+        self.indexes: dict[int, NgramIndex] = {}  # request id -> its context's n-gram tables
         self.rounds = {"ngram": 0, "dspark": 0}
 
     @classmethod
@@ -58,26 +56,22 @@ class HybridDrafter(Drafter):
         self.dspark.bind(rows, max_seq_len, vocab_size)
 
     def start(self, request, target_hidden=None) -> None:
-        self.matches.pop(request.id, None)  # ids restart with every engine sharing this drafter
+        self.indexes[request.id] = NgramIndex(self.ngram.max_ngram, self.ngram.min_ngram)  # ids restart per engine
         self.dspark.start(request, target_hidden)
 
     def finish(self, request) -> None:
         self.source.pop(request.id, None)
-        self.matches.pop(request.id, None)
+        self.indexes.pop(request.id, None)
         self.dspark.finish(request)
-
-    def catch_up(self, requests) -> None:
-        self.dspark.catch_up(requests)
 
     def source_for(self, request) -> str:
         return "dspark" if self._match(request) is None else "ngram"
 
     def _match(self, request) -> int | None:
-        length = len(request.tokens)
-        hit = self.matches.get(request.id)
-        if hit is None or hit[0] != length:
-            hit = self.matches[request.id] = (length, self.ngram.latest_match(request.tokens))
-        return hit[1]
+        index = self.indexes.get(request.id)
+        if index is None:
+            index = self.indexes[request.id] = NgramIndex(self.ngram.max_ngram, self.ngram.min_ngram)
+        return index.latest_match(request.tokens)
 
     def ngram_confidences(self) -> torch.Tensor:
         return (self.accepted / self.verified).float()

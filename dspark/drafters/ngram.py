@@ -10,6 +10,38 @@ import numpy as np
 from dspark.drafters.base import Drafter, Proposal
 
 
+class NgramIndex:
+    """The latest earlier occurrence of every n-gram (min_ngram <= n <= max_ngram) of one growing context,
+    kept as hash tables updated with each round's new tokens: `latest_match` costs a few lookups per round
+    instead of a pass over the context. The context only grows (a request's committed tokens)."""
+
+    def __init__(self, max_ngram: int, min_ngram: int):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.sizes = range(max_ngram, min_ngram - 1, -1)
+        self.latest: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}  # n-gram -> start
+        self.indexed = 0  # the context length the tables cover
+
+    def latest_match(self, tokens: list[int]) -> int | None:
+        """As NgramDrafter.latest_match, for the context this index has followed (tokens extends it)."""
+        length = len(tokens)
+        if length < self.indexed:
+            raise ValueError(f"the context shrank from {self.indexed} to {length} tokens: an NgramIndex follows "
+                             "one growing context")
+        for n in self.sizes:
+            table = self.latest[n]
+            # Candidates are the starts a token follows: 0 .. length - n - 1 (the suffix itself excluded).
+            for start in range(max(self.indexed - n, 0), length - n):
+                table[tuple(tokens[start: start + n])] = start
+        self.indexed = length
+        for n in self.sizes:
+            if n < length:
+                start = self.latest[n].get(tuple(tokens[length - n:]))
+                if start is not None:
+                    return start + n
+        return None
+
+
 class NgramDrafter(Drafter):
     def __init__(self, num_draft: int = 5, max_ngram: int = 3, min_ngram: int = 1, branches: int = 1):
         if not 1 <= min_ngram <= max_ngram:
