@@ -15,6 +15,7 @@ that looks past a non-improving candidate is not safe: `GlobalSearch` exists onl
 from __future__ import annotations
 
 import abc
+import math
 from collections import deque
 
 from dspark.drafters.base import DEFAULT_SOURCE, Proposal
@@ -161,7 +162,9 @@ class ThroughputGate:
     a moving average of the throughput of the rounds it drafted and of plain rounds, takes the faster,
     and tries the other after `explore_every` rounds so that both estimates stay fresh; each time the
     tried arm loses again the wait doubles (up to `max_wait`), so a drafter that never pays costs less
-    and less. A round's time includes the drafter's work deferred from rounds it did not draft in: a
+    and less; and the wait is never shorter than what keeps exploring within `explore_cost` of the time
+    (a drafting round measured at a third of plain decoding's rate costs two plain rounds extra: with 2%,
+    it is tried again after 100 rounds at the soonest). A round's time includes the drafter's work deferred from rounds it did not draft in: a
     drafter that must catch up before it drafts again is priced with that.
 
     `expected(batch)`: the tokens/s plain decoding should reach at that batch size (SPSPolicy passes
@@ -181,8 +184,11 @@ class ThroughputGate:
         return 1 << max(batch - 1, 0).bit_length()
 
     def __init__(self, explore_every: int = 16, smoothing: float = 0.25, max_wait: int = 256,
-                 expected=None):
-        self.explore_every, self.smoothing, self.max_wait, self.expected = explore_every, smoothing, max_wait, expected
+                 explore_cost: float = 0.02, expected=None):
+        if not explore_cost > 0:
+            raise ValueError(f"explore_cost must be > 0, got {explore_cost}")
+        self.explore_every, self.smoothing, self.max_wait = explore_every, smoothing, max_wait
+        self.explore_cost, self.expected = explore_cost, expected
         self.rates: dict[tuple[int, str], float] = {}  # (bucket, source or PLAIN) -> (relative) throughput
         self.since_other: dict[tuple[int, str], int] = {}
         self.wait: dict[tuple[int, str], int] = {}  # rounds between explorations
@@ -198,11 +204,21 @@ class ThroughputGate:
         near = min(held, key=lambda b: (abs(b.bit_length() - bucket.bit_length()), b))
         return table[(near, arm)]
 
+    def _arms(self, bucket: int, source: str) -> tuple[float | None, float | None]:
+        return self._nearest(self.rates, bucket, source), self._nearest(self.rates, bucket, self.PLAIN)
+
     def _best(self, bucket: int, source: str) -> bool | None:
-        draft_rate, plain_rate = self._nearest(self.rates, bucket, source), self._nearest(self.rates, bucket, self.PLAIN)
+        draft_rate, plain_rate = self._arms(bucket, source)
         if draft_rate is None or plain_rate is None:
             return None
         return draft_rate >= plain_rate
+
+    def _least_wait(self, bucket: int, source: str) -> int:
+        """Rounds between explorations that keep their cost within explore_cost: one round of the slower
+        arm costs (faster rate / slower rate - 1) rounds of the faster one."""
+        draft_rate, plain_rate = self._arms(bucket, source)
+        loss = max(draft_rate, plain_rate) / min(draft_rate, plain_rate) - 1.0
+        return math.ceil(loss / self.explore_cost)
 
     def should_draft(self, batch: int, source: str = DEFAULT_SOURCE) -> bool:
         bucket = self.bucket(batch)
@@ -212,7 +228,7 @@ class ThroughputGate:
             return self._nearest(self.rates, bucket, source) is None
         rounds = self.since_other.get(key, 0) + 1
         wait = self.wait.get(key) or self._nearest(self.wait, bucket, source) or self.explore_every
-        exploring = rounds >= wait
+        exploring = rounds >= min(max(wait, self._least_wait(bucket, source)), self.max_wait)
         self.wait[key] = wait
         self.since_other[key] = 0 if exploring else rounds
         self.exploring[key] = exploring

@@ -227,7 +227,7 @@ def test_draft_gate_spreads_probes_over_rounds():
 def test_throughput_gate_takes_the_faster_arm_and_explores():
     from dspark.scheduler import ThroughputGate
 
-    gate = ThroughputGate(explore_every=4)
+    gate = ThroughputGate(explore_every=4, explore_cost=1.0)
     assert gate.should_draft(1)  # nothing measured: draft first
     gate.observe(1, True, 3, 0.06)  # 50 tokens/s while drafting
     assert not gate.should_draft(1)  # plain not measured yet
@@ -250,7 +250,7 @@ def test_throughput_gate_prices_each_drafting_source_apart():
     own: the paying one keeps drafting while the other falls back to plain rounds, explored rarely."""
     from dspark.scheduler import ThroughputGate
 
-    gate = ThroughputGate(explore_every=4)
+    gate = ThroughputGate(explore_every=4, explore_cost=10.0)
     assert gate.should_draft(1, "ngram") and gate.should_draft(1, "dspark")  # nothing measured: try each
     gate.observe(1, True, 3, 0.01, ("ngram",))   # 300 tokens/s
     gate.observe(1, True, 2, 0.04, ("dspark",))  # 50 tokens/s
@@ -340,7 +340,7 @@ def test_a_new_bucket_inherits_a_losing_sources_backoff():
     the new bucket starts plain, and waits as long as the old one before its first trial."""
     from dspark.scheduler import ThroughputGate
 
-    gate = ThroughputGate(explore_every=4, max_wait=64, expected=lambda batch: 100.0 * batch)
+    gate = ThroughputGate(explore_every=4, max_wait=64, explore_cost=100.0, expected=lambda batch: 100.0 * batch)
     gate.observe(64, True, 64, 1.0)   # drafting: 1% of plain decoding's rate
     gate.observe(64, False, 64, 0.01)
     for _ in range(200):
@@ -351,10 +351,30 @@ def test_a_new_bucket_inherits_a_losing_sources_backoff():
     assert first_trial == 63 and gate.wait[(32, "draft")] == 64
 
 
+def test_exploring_a_far_slower_arm_waits_long_enough_to_cost_little():
+    """Drafting measured at a quarter of plain decoding's rate: each trial costs three plain rounds, so with
+    explore_cost 5% trials come 60 rounds apart, and the measured overhead stays within 5%."""
+    from dspark.scheduler import ThroughputGate
+
+    gate = ThroughputGate(explore_every=4, max_wait=1000, explore_cost=0.05)
+    gate.observe(1, True, 1, 0.04)   # drafting: 25 tokens/s
+    gate.observe(1, False, 1, 0.01)  # plain: 100 tokens/s
+    decisions = [gate.should_draft(1) for _ in range(600)]
+    drafted_at = [i for i, d in enumerate(decisions) if d]
+    assert drafted_at[:3] == [59, 119, 179]  # unsettled trials (no observe): the wait stays at its floor
+    assert sum(0.04 if d else 0.01 for d in decisions) <= 1.05 * 600 * 0.01
+    capped = ThroughputGate(explore_every=4, max_wait=16, explore_cost=0.05)
+    capped.observe(1, True, 1, 0.04)
+    capped.observe(1, False, 1, 0.01)
+    assert [capped.should_draft(1) for _ in range(16)][-1]  # max_wait bounds the floor too
+    with pytest.raises(ValueError, match="explore_cost"):
+        ThroughputGate(explore_cost=0.0)
+
+
 def test_throughput_gate_backs_off_while_the_explored_arm_keeps_losing():
     from dspark.scheduler import ThroughputGate
 
-    gate = ThroughputGate(explore_every=4, max_wait=16)
+    gate = ThroughputGate(explore_every=4, max_wait=16, explore_cost=1.0)
     gate.observe(1, True, 1, 0.02)   # drafting: 50 tokens/s
     gate.observe(1, False, 1, 0.01)  # plain: 100 tokens/s
     drafted_at = []
