@@ -32,7 +32,8 @@ from dspark.engine import Engine
 from dspark.models import load_model, load_tokenizer
 from dspark.profiling import load_or_measure_sps
 from dspark.sampling_params import SamplingParams
-from dspark.scheduler import AsyncScheduler, ConfidenceThreshold, FixedLength, PrefixScheduler, VerificationPolicy
+from dspark.scheduler import (AsyncScheduler, ConfidenceThreshold, FixedLength, PrefixScheduler, ThroughputGate,
+                              VerificationPolicy)
 
 DOMAINS = ("humaneval.jsonl", "gsm8k.jsonl", "mt-bench.jsonl")
 
@@ -55,15 +56,17 @@ class Recording(VerificationPolicy):
         self.inner.observe_round(batch, drafted, tokens, seconds, sources)
 
 
-def policies(model, gamma: int, concurrency: int, threshold: float) -> dict:
-    """name -> (uses the drafter, policy factory)."""
+def policies(model, gamma: int, concurrency: int, threshold: float, keep_gate: bool = False) -> dict:
+    """name -> (uses the drafter, policy factory). keep_gate: the throughput-gated policy of every run shares
+    one ThroughputGate (its estimates carry from run to run, as in a server; each run's engine is new)."""
     sps = lambda: load_or_measure_sps(model, concurrency * (1 + gamma))  # noqa: E731 (cached after the first)
+    shared = ThroughputGate(expected=lambda b: b * sps()(b)) if keep_gate else True
     out = {"no speculation": (False, lambda: None)}
     for g in (1, 3, 5, 7):
         out[f"fixed gamma={g}"] = (True, lambda g=g: FixedLength(g))
     out[f"threshold {threshold:g}"] = (True, lambda: ConfidenceThreshold(threshold, gamma))
     out["prefix scheduler"] = (True, lambda: PrefixScheduler(sps(), gamma))
-    out["prefix scheduler + throughput gate"] = (True, lambda: PrefixScheduler(sps(), gamma, throughput_gate=True))
+    out["prefix scheduler + throughput gate"] = (True, lambda: PrefixScheduler(sps(), gamma, throughput_gate=shared))
     out["async scheduler"] = (True, lambda: AsyncScheduler(sps(), gamma))
     return out
 
@@ -109,14 +112,19 @@ def run(model, tokenizer, drafter, policy, prompts, params) -> dict:
 RATES = ("aggregate_tokens_per_s", "per_user_tokens_per_s", "decode_tokens_per_s", "per_user_decode_tokens_per_s")
 
 
-def median_record(records: list[dict]) -> dict:
+def median_record(records: list[dict], skip_first: bool = False) -> dict:
     """One (policy, concurrency) cell from its repeated runs: each rate is the median over the runs (the
-    runs' values kept under "samples"), the rest from the run whose decoding rate is the median."""
+    runs' values kept under "samples"), the rest from the run whose decoding rate is the median. skip_first:
+    the medians leave the first run out (its rates kept as "first_run": with --keep-gate, the cold one)."""
+    first = records[0]
+    records = records[1:] if skip_first and len(records) > 1 else records
     order = sorted(records, key=lambda r: r["decode_tokens_per_s"])
     out = dict(order[(len(order) - 1) // 2])
     for key in RATES:
         out[key] = statistics.median(r[key] for r in records)
     out["samples"] = {key: [r[key] for r in records] for key in RATES}
+    if skip_first:
+        out["first_run"] = {key: first[key] for key in RATES}
     if any("identical_to_plain" in r for r in records):
         out["identical_to_plain"] = all(r.get("identical_to_plain", False) for r in records)
     return out
@@ -139,6 +147,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs per (policy, concurrency), interleaved across policies; rates are their medians "
                          "(one run of 48 tokens at c=16 lasts ~2 s, and this machine drifts 10-20%% within minutes)")
+    ap.add_argument("--keep-gate", action="store_true",
+                    help="the gated policy's throughput estimates carry over the repeats of a cell (one "
+                         "ThroughputGate, as a long-running server keeps it); medians over runs 2..N, the first "
+                         "(cold) run's rates under first_run")
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
@@ -147,7 +159,7 @@ def main() -> None:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=0)
     results = {"device": f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
                "dtype": str(dtype), "weights": "native" if native else str(dtype), "drafter": args.drafter,
-               "max_tokens": args.max_tokens, "repeats": args.repeats,
+               "max_tokens": args.max_tokens, "repeats": args.repeats, "keep_gate": args.keep_gate,
                "temperature": args.temperature, "gamma": args.gamma, "runs": []}
     kind = HybridDrafter if args.hybrid else DSparkDrafter
     results["hybrid"] = args.hybrid
@@ -156,7 +168,8 @@ def main() -> None:
         SamplingParams(max_tokens=8))  # first calls pay one-time costs (allocator, thread pools)
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
         prompts = mixed_prompts(pathlib.Path(args.datasets), concurrency, tokenizer)
-        chosen = {name: spec for name, spec in policies(model, args.gamma, concurrency, args.threshold).items()
+        chosen = {name: spec for name, spec in policies(model, args.gamma, concurrency, args.threshold,
+                                                        args.keep_gate).items()
                   if not args.only or args.only in name or name == "no speculation"}
         samples: dict[str, list[dict]] = {name: [] for name in chosen}
         plain_outputs = None
@@ -172,9 +185,12 @@ def main() -> None:
                 samples[name].append(record)
         baseline = None
         for name, records in samples.items():
-            record = median_record(records)
+            record = median_record(records, skip_first=args.keep_gate)
             if baseline is None:
                 baseline = record
+            if "first_run" in record:
+                record["first_run_speedup_decode"] = (record["first_run"]["decode_tokens_per_s"]
+                                                      / baseline["first_run"]["decode_tokens_per_s"])
             record.update(policy=name, concurrency=concurrency,
                           speedup_aggregate=record["aggregate_tokens_per_s"] / baseline["aggregate_tokens_per_s"],
                           speedup_per_user=record["per_user_tokens_per_s"] / baseline["per_user_tokens_per_s"],
@@ -184,7 +200,8 @@ def main() -> None:
                   f"per-user {record['per_user_tokens_per_s']:6.2f} tok/s decoding {record['decode_tokens_per_s']:7.1f} "
                   f"/ {record['per_user_decode_tokens_per_s']:6.2f} tok/s budget {record['budget_per_request']:.2f} "
                   f"tau {record['tau']:.2f} [x{record['speedup_decode']:.2f} decoding, "
-                  f"{len(records)} runs]", flush=True)
+                  f"{len(records)} runs]" + (f" first run x{record['first_run_speedup_decode']:.2f}"
+                                             if "first_run" in record else ""), flush=True)
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out + ".json").write_text(json.dumps(results, indent=1))
     plot(results, args.out)

@@ -267,12 +267,18 @@ class ThroughputGate:
 class SPSPolicy(VerificationPolicy):
     """What the hardware-aware policies share: the SPS curve, a cap on drafts, the draft gates: `gate`,
     per request from confidences; `throughput_gate`, per round from measured times (what `dspark
-    generate` and `dspark serve` use; off by default because its choices depend on timing)."""
+    generate` and `dspark serve` use; off by default because its choices depend on timing). A
+    ThroughputGate instance may be passed instead of True, so that its estimates outlive this policy
+    (a new engine for each batch of requests, as bench/load.py builds, need not measure them afresh)."""
 
-    def __init__(self, sps, max_draft: int | None = None, gate: bool = True, throughput_gate: bool = False):
+    def __init__(self, sps, max_draft: int | None = None, gate: bool = True,
+                 throughput_gate: "bool | ThroughputGate" = False):
         self.sps, self.max_draft = sps, max_draft
         self.gate = DraftGate(sps) if gate else None
-        self.throughput = ThroughputGate(expected=lambda b: b * sps(b)) if throughput_gate else None
+        if isinstance(throughput_gate, ThroughputGate):
+            self.throughput = throughput_gate
+        else:
+            self.throughput = ThroughputGate(expected=lambda b: b * sps(b)) if throughput_gate else None
 
     def should_draft(self, requests: list, sources: list[str] | None = None) -> list[bool]:
         allowed = [True] * len(requests)
@@ -333,8 +339,8 @@ class AsyncScheduler(SPSPolicy):
     scheduler."""
 
     def __init__(self, sps, max_draft: int | None = None, lag: int = 2, gate: bool = True,
-                 throughput_gate: bool = False):
-        if throughput_gate:
+                 throughput_gate: "bool | ThroughputGate" = False):
+        if throughput_gate is not False:
             # Undrafted rounds leave empty histories, so an exploring drafting round would get capacity 0
             # and the gate would never see drafting pay.
             raise ValueError("AsyncScheduler takes no throughput_gate (use PrefixScheduler for that)")

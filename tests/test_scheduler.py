@@ -387,3 +387,22 @@ def test_throughput_gate_backs_off_while_the_explored_arm_keeps_losing():
     assert gaps[:3] == [8, 16, 16]  # 4, then doubled waits, capped at max_wait
     assert drafted_at[0] == 3
     gate.observe(1, True, 10, 0.01)  # drafting suddenly pays: after the next exploration the wait resets
+
+
+def test_a_throughput_gate_can_outlive_its_policy():
+    """One ThroughputGate passed to successive policies (a new engine per batch of requests) keeps what
+    earlier ones measured: the second policy does not pay a drafting trial first."""
+    from dspark.scheduler import ThroughputGate
+
+    sps = SPSCurve([1, 8], [100.0, 100.0])
+    shared = ThroughputGate(expected=lambda b: b * sps(b))
+    first = PrefixScheduler(sps, gate=False, throughput_gate=shared)
+    assert first.should_draft([Req(0)]) == [True]  # nothing measured: a trial
+    first.observe_round(1, True, 1, 0.05)
+    first.observe_round(1, False, 1, 0.01)
+    second = PrefixScheduler(sps, gate=False, throughput_gate=shared)
+    assert second.throughput is shared and second.should_draft([Req(0)]) == [False]
+    fresh = PrefixScheduler(sps, gate=False, throughput_gate=True)
+    assert fresh.should_draft([Req(0)]) == [True]
+    with pytest.raises(ValueError, match="throughput_gate"):
+        AsyncScheduler(sps, throughput_gate=shared)
