@@ -10,7 +10,10 @@ the decoding phase alone (wall time less the engine's prefill steps, which run 5
 time between decoding rounds: on this CPU prefill is most of the wall time from 8 requests on, the
 same for every policy) and the average verification
 budget (draft tokens verified per request per round). With --repeats N every cell runs N times, the
-policies interleaved, and reports the medians (JSON: every run's rates under "samples"). Writes <out>.json and
+policies interleaved, and reports the medians (JSON: every run's rates under "samples"); with --lockstep the
+policies' engines step in turn within each run, a step each, each timed on its own clock (the fairest A/B on a
+machine that drifts); with --keep-gate the gated policy keeps its throughput estimates from run to run, as a
+server would (the first, cold run reported apart). Writes <out>.json and
 <out>-throughput.png (aggregate against per-user tokens/s) and <out>-budget.png (budget against
 concurrency).
 """
@@ -79,33 +82,52 @@ def mixed_prompts(directory: pathlib.Path, count: int, tokenizer) -> list[list[i
                                                     tokenize=False)).input_ids for t in texts]
 
 
-def run(model, tokenizer, drafter, policy, prompts, params) -> dict:
-    recording = Recording(policy or FixedLength(0))
-    engine = Engine(model, tokenizer, drafter, policy=recording, max_batch=len(prompts),
-                    max_seq_len=max(map(len, prompts)) + params.max_tokens + 16)
-    start = time.perf_counter()
-    finished: dict[int, float] = {}
-    prefill_before: dict[int, float] = {}  # the engine's prefill seconds up to each request's finish
+def run(model, tokenizer, arms, prompts, params) -> list[dict]:
+    """Each arm (drafter or None, policy or None) gets its own engine over the same prompts. Their engines
+    step in turn, one step each (lockstep), so that this machine's drift, 10-20% within minutes, reaches
+    every arm alike at the scale of a round; each arm's clock counts only its own steps."""
+    arms_state = []
+    for drafter, policy in arms:
+        recording = Recording(policy or FixedLength(0))
+        engine = Engine(model, tokenizer, drafter, policy=recording, max_batch=len(prompts),
+                        max_seq_len=max(map(len, prompts)) + params.max_tokens + 16)
+        ids = [engine.add_request(p, params) for p in prompts]
+        # clock: seconds of this engine's steps; finished / prefill_before: the clock and the engine's prefill
+        # seconds at each request's finish
+        arms_state.append({"engine": engine, "recording": recording, "ids": ids, "clock": 0.0, "finished": {},
+                           "prefill_before": {}})
+    while any(a["engine"].has_work() for a in arms_state):
+        for a in arms_state:
+            engine = a["engine"]
+            if not engine.has_work():
+                continue
+            start = time.perf_counter()
+            events = engine.step()
+            a["clock"] += time.perf_counter() - start
+            for event in events:
+                if event.finished:
+                    a["finished"][event.request_id] = a["clock"]
+                    a["prefill_before"][event.request_id] = engine.stats.prefill_time
+    return [summarize(a) for a in arms_state]
 
-    def on_event(event):
-        if event.finished:
-            finished[event.request_id] = time.perf_counter() - start
-            prefill_before[event.request_id] = engine.stats.prefill_time
 
-    requests = engine.generate(prompts, [params] * len(prompts), on_event=on_event)
-    wall = time.perf_counter() - start
+def summarize(arm: dict) -> dict:
+    engine, finished, wall = arm["engine"], arm["finished"], arm["clock"]
+    requests = [engine.finished.pop(i) for i in arm["ids"]]
     tokens = sum(len(r.generated) for r in requests)
     per_user = [len(r.generated) / finished[r.id] for r in requests]
-    # Decoding alone: wall time less the prefill steps (each gives its finished prompts their first
+    # Decoding alone: the clock less the prefill steps (each gives its finished prompts their first
     # token); the policies differ only in what follows.
     prefill = engine.stats.prefill_time
     decoded = [len(r.generated) - 1 for r in requests]
-    per_user_decode = [n / (finished[r.id] - prefill_before[r.id]) if n else 0.0 for n, r in zip(decoded, requests)]
+    per_user_decode = [n / (finished[r.id] - arm["prefill_before"][r.id]) if n else 0.0
+                       for n, r in zip(decoded, requests)]
     summary = engine.stats.summary(requests)
+    lengths = arm["recording"].lengths
     return {"aggregate_tokens_per_s": tokens / wall, "per_user_tokens_per_s": sum(per_user) / len(per_user),
             "decode_tokens_per_s": sum(decoded) / (wall - prefill),
             "per_user_decode_tokens_per_s": sum(per_user_decode) / len(per_user_decode), "prefill_s": prefill,
-            "budget_per_request": sum(recording.lengths) / max(1, len(recording.lengths)), "tau": summary["tau"],
+            "budget_per_request": sum(lengths) / max(1, len(lengths)), "tau": summary["tau"],
             "generated_tokens": tokens, "wall_s": wall, "outputs": [r.generated for r in requests]}
 
 
@@ -147,6 +169,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs per (policy, concurrency), interleaved across policies; rates are their medians "
                          "(one run of 48 tokens at c=16 lasts ~2 s, and this machine drifts 10-20%% within minutes)")
+    ap.add_argument("--lockstep", action="store_true",
+                    help="the policies' engines step in turn, a step each, in one process (see run()), instead of "
+                         "one policy's whole run after another")
     ap.add_argument("--keep-gate", action="store_true",
                     help="the gated policy's throughput estimates carry over the repeats of a cell (one "
                          "ThroughputGate, as a long-running server keeps it); medians over runs 2..N, the first "
@@ -160,11 +185,12 @@ def main() -> None:
     results = {"device": f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
                "dtype": str(dtype), "weights": "native" if native else str(dtype), "drafter": args.drafter,
                "max_tokens": args.max_tokens, "repeats": args.repeats, "keep_gate": args.keep_gate,
+               "lockstep": args.lockstep,
                "temperature": args.temperature, "gamma": args.gamma, "runs": []}
     kind = HybridDrafter if args.hybrid else DSparkDrafter
     results["hybrid"] = args.hybrid
     warm = mixed_prompts(pathlib.Path(args.datasets), 1, tokenizer)
-    run(model, tokenizer, kind.from_pretrained(args.drafter, model, args.gamma, dtype=dtype), None, warm,
+    run(model, tokenizer, [(kind.from_pretrained(args.drafter, model, args.gamma, dtype=dtype), None)], warm,
         SamplingParams(max_tokens=8))  # first calls pay one-time costs (allocator, thread pools)
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
         prompts = mixed_prompts(pathlib.Path(args.datasets), concurrency, tokenizer)
@@ -174,9 +200,13 @@ def main() -> None:
         samples: dict[str, list[dict]] = {name: [] for name in chosen}
         plain_outputs = None
         for _ in range(args.repeats):  # interleaved: every policy once per pass, so drift hits all alike
-            for name, (speculative, make_policy) in chosen.items():
-                drafter = kind.from_pretrained(args.drafter, model, args.gamma, dtype=dtype) if speculative else None
-                record = run(model, tokenizer, drafter, make_policy(), prompts, params)
+            arms = [(kind.from_pretrained(args.drafter, model, args.gamma, dtype=dtype) if speculative else None,
+                     make_policy()) for speculative, make_policy in chosen.values()]
+            if args.lockstep:
+                records = run(model, tokenizer, arms, prompts, params)
+            else:
+                records = [run(model, tokenizer, [arm], prompts, params)[0] for arm in arms]
+            for name, record in zip(chosen, records):
                 outputs = record.pop("outputs")
                 if plain_outputs is None:  # "no speculation" runs first
                     plain_outputs = outputs
@@ -200,7 +230,8 @@ def main() -> None:
                   f"per-user {record['per_user_tokens_per_s']:6.2f} tok/s decoding {record['decode_tokens_per_s']:7.1f} "
                   f"/ {record['per_user_decode_tokens_per_s']:6.2f} tok/s budget {record['budget_per_request']:.2f} "
                   f"tau {record['tau']:.2f} [x{record['speedup_decode']:.2f} decoding, "
-                  f"{len(records)} runs]" + (f" first run x{record['first_run_speedup_decode']:.2f}"
+                  f"{len(record['samples']['decode_tokens_per_s'])} runs]" +
+                  (f" first (cold) run x{record['first_run_speedup_decode']:.2f}"
                                              if "first_run" in record else ""), flush=True)
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out + ".json").write_text(json.dumps(results, indent=1))

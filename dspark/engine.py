@@ -326,9 +326,9 @@ class Engine:
     def _rollback(self, path_nodes: torch.Tensor, counts: torch.Tensor) -> None:
         """kv_rollback on the row-indexed outputs (idle rows accepted nothing and stay as they are)."""
         width = path_nodes.shape[1]
-        columns = torch.arange(width)
         device = self.cache.seqlens.device
-        if bool(((path_nodes == columns) | (columns >= counts[:, None])).all()):
+        # One node per row (no drafts this round) is a prefix by construction: no comparison to pay for.
+        if width == 1 or bool(((path_nodes == torch.arange(width)) | (torch.arange(width) >= counts[:, None])).all()):
             # Every accepted path is the prefix 0..m-1 (plain decoding, fully accepted chains): kv_rollback
             # would move nothing and only advance the lengths.
             advance = counts.to(device, torch.int32)
