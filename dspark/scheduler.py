@@ -260,7 +260,7 @@ class ThroughputGate:
     def _settle(self, key: tuple[int, str], before: bool | None) -> None:
         if self.exploring.pop(key, False):
             lost = self._best(*key) == before
-            wait = self.wait.get(key, self.explore_every)
+            wait = max(self.wait.get(key, self.explore_every), self._least_wait(*key))  # the wait it waited
             self.wait[key] = min(2 * wait, self.max_wait) if lost else self.explore_every
 
 
