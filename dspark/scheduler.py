@@ -159,8 +159,9 @@ class ThroughputGate:
     not the drafter, whose cost can exceed what its accepted tokens save (a weak drafter on a fast
     target). Keeps, per batch size (bucketed) and drafting source (a drafter that combines several, such as
     n-gram lookup and a learned drafter, reports which one would speak: their costs and yields differ),
-    a moving average of the throughput of the rounds it drafted and of plain rounds, takes the faster,
-    and tries the other after `explore_every` rounds so that both estimates stay fresh; each time the
+    a moving average of the throughput of the rounds it drafted and of plain rounds, takes the faster
+    (drafting only when it is faster by `margin`: a drafting round that verifies nothing costs a little more
+    than a plain one, and round-to-round noise would otherwise hand it the tie), and tries the other after `explore_every` rounds so that both estimates stay fresh; each time the
     tried arm loses again the wait doubles (up to `max_wait`), so a drafter that never pays costs less
     and less; and the wait is never shorter than what keeps exploring within `explore_cost` of the time
     (a drafting round measured at a third of plain decoding's rate costs two plain rounds extra: with 2%,
@@ -184,11 +185,13 @@ class ThroughputGate:
         return 1 << max(batch - 1, 0).bit_length()
 
     def __init__(self, explore_every: int = 16, smoothing: float = 0.25, max_wait: int = 256,
-                 explore_cost: float = 0.02, expected=None):
+                 explore_cost: float = 0.02, margin: float = 0.02, expected=None):
         if not explore_cost > 0:
             raise ValueError(f"explore_cost must be > 0, got {explore_cost}")
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
         self.explore_every, self.smoothing, self.max_wait = explore_every, smoothing, max_wait
-        self.explore_cost, self.expected = explore_cost, expected
+        self.explore_cost, self.margin, self.expected = explore_cost, margin, expected
         self.rates: dict[tuple[int, str], float] = {}  # (bucket, source or PLAIN) -> (relative) throughput
         self.since_other: dict[tuple[int, str], int] = {}
         self.wait: dict[tuple[int, str], int] = {}  # rounds between explorations
@@ -211,7 +214,7 @@ class ThroughputGate:
         draft_rate, plain_rate = self._arms(bucket, source)
         if draft_rate is None or plain_rate is None:
             return None
-        return draft_rate >= plain_rate
+        return draft_rate > plain_rate * (1.0 + self.margin)
 
     def _least_wait(self, bucket: int, source: str) -> int:
         """Rounds between explorations that keep their cost within explore_cost: one round of the slower

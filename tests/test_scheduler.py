@@ -239,7 +239,9 @@ def test_throughput_gate_takes_the_faster_arm_and_explores():
     assert gate.should_draft(4)  # while bucket 1 keeps its own (plain) estimates
     for _ in range(30):  # drafting becomes the faster arm: plain is now the explored one
         gate.observe(1, True, 5, 0.02)
-    assert [gate.should_draft(1) for _ in range(8)] == [True, True, True, False] * 2
+    # The first of those rounds settled the last exploration while drafting was only even with plain (not
+    # ahead by the margin): a loss, so the wait doubled to 8.
+    assert [gate.should_draft(1) for _ in range(16)] == ([True] * 7 + [False]) * 2
     gate.observe(1, False, 0, 0.01)  # empty rounds and zero times are ignored
     gate.observe(1, False, 1, 0.0)
     assert gate.rates[(1, ThroughputGate.PLAIN)] == pytest.approx(100.0)
@@ -316,6 +318,24 @@ def test_engine_stops_paying_for_a_drafter_that_does_not_pay(tmp_path):
 def test_async_scheduler_refuses_the_throughput_gate():
     with pytest.raises(ValueError, match="throughput_gate"):
         AsyncScheduler(SPSCurve([1, 8], [10.0, 9.0]), throughput_gate=True)
+
+
+def test_drafting_must_beat_plain_by_the_margin():
+    """A drafting arm within `margin` of plain decoding loses the tie: a round that drafts and verifies
+    nothing costs a little more, and noise alone would otherwise keep choosing it."""
+    from dspark.scheduler import ThroughputGate
+
+    for margin, drafts in ((0.02, False), (0.0, True)):
+        gate = ThroughputGate(margin=margin, explore_cost=1.0)
+        gate.observe(1, True, 101, 1.0)  # 1% faster than plain
+        gate.observe(1, False, 100, 1.0)
+        assert gate.should_draft(1) == drafts
+    gate = ThroughputGate(explore_cost=1.0)
+    gate.observe(1, True, 103, 1.0)  # 3% faster: past the default margin
+    gate.observe(1, False, 100, 1.0)
+    assert gate.should_draft(1)
+    with pytest.raises(ValueError, match="margin"):
+        ThroughputGate(margin=-0.1)
 
 
 def test_throughput_gate_compares_rounds_against_what_plain_decoding_reaches_at_their_size():
