@@ -10,13 +10,6 @@ import numpy as np
 from dspark.drafters.base import Drafter, Proposal
 
 
-def _key(tokens: list[int], start: int, n: int) -> int:
-    key = 0
-    for token in tokens[start: start + n]:
-        key = (key << 32) | token
-    return key
-
-
 class NgramIndex:
     """The latest earlier occurrence of every n-gram (min_ngram <= n <= max_ngram) of one growing context,
     kept as hash tables updated with each round's new tokens: `latest_match` costs a few lookups per round
@@ -37,15 +30,23 @@ class NgramIndex:
         if length < self.indexed:
             raise ValueError(f"the context shrank from {self.indexed} to {length} tokens: an NgramIndex follows "
                              "one growing context")
-        for n in self.sizes:
-            table = self.latest[n]
-            # Candidates are the starts a token follows: 0 .. length - n - 1 (the suffix itself excluded).
-            for start in range(max(self.indexed - n, 0), length - n):
-                table[_key(tokens, start, n)] = start
+        low, high = self.sizes[-1], self.sizes[0]
+        # New candidates: the n-grams a token follows that end at indexed - 1 .. length - 2, each key built
+        # from its last token backwards (the first token in the highest field), later starts overwriting.
+        for end in range(max(self.indexed - 1, 0), length - 1):
+            key = 0
+            for n in range(1, min(high, end + 1) + 1):
+                key |= tokens[end - n + 1] << (32 * (n - 1))
+                if n >= low:
+                    self.latest[n][key] = end - n + 1
         self.indexed = length
+        suffix, key = {}, 0
+        for n in range(1, min(high, length - 1) + 1):
+            key |= tokens[length - n] << (32 * (n - 1))
+            suffix[n] = key
         for n in self.sizes:
-            if n < length:
-                start = self.latest[n].get(_key(tokens, length - n, n))
+            if n in suffix:
+                start = self.latest[n].get(suffix[n])
                 if start is not None:
                     return start + n
         return None
