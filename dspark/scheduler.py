@@ -157,16 +157,19 @@ class DraftGate:
 class ThroughputGate:
     """Whether a round drafts at all, from measured throughput: the SPS curve prices verification but
     not the drafter, whose cost can exceed what its accepted tokens save (a weak drafter on a fast
-    target). Keeps, per batch size (bucketed) and drafting source (a drafter that combines several, such as
-    n-gram lookup and a learned drafter, reports which one would speak: their costs and yields differ),
-    a moving average of the throughput of the rounds it drafted and of plain rounds, takes the faster
-    (drafting only when it is faster by `margin`: a drafting round that verifies nothing costs a little more
-    than a plain one, and round-to-round noise would otherwise hand it the tie), and tries the other after `explore_every` rounds so that both estimates stay fresh; each time the
+    target). Keeps, per batch size (bucketed) and drafting source (a drafter that combines several, such
+    as n-gram lookup and a learned drafter, reports which one would speak: their costs and yields
+    differ), a moving average of the throughput of the rounds it drafted and of plain rounds, and takes
+    the faster. Drafting must be faster by `margin`: a drafting round that verifies nothing costs a
+    little more than a plain one, and round-to-round noise would otherwise hand it the tie.
+
+    It tries the other arm after `explore_every` rounds so that both estimates stay fresh; each time the
     tried arm loses again the wait doubles (up to `max_wait`), so a drafter that never pays costs less
-    and less; and the wait is never shorter than what keeps exploring within `explore_cost` of the time
-    (a drafting round measured at a third of plain decoding's rate costs two plain rounds extra: with 2%,
-    it is tried again after 100 rounds at the soonest). A round's time includes the drafter's work deferred from rounds it did not draft in: a
-    drafter that must catch up before it drafts again is priced with that.
+    and less. The wait is never shorter than what keeps exploring within `explore_cost` of the time (a
+    drafting round measured at a third of plain decoding's rate costs two plain rounds extra: with 2%,
+    it is tried again after 100 rounds at the soonest). A round's time includes the drafter's work
+    deferred from rounds it did not draft in: a drafter that must catch up before it drafts again is
+    priced with that.
 
     `expected(batch)`: the tokens/s plain decoding should reach at that batch size (SPSPolicy passes
     batch * SPS(batch)). Rates are kept as measured over expected, so that rounds of different sizes in
