@@ -63,7 +63,10 @@ def policies(model, gamma: int, concurrency: int, threshold: float, keep_gate: b
     """name -> (uses the drafter, policy factory). keep_gate: the throughput-gated policy of every run shares
     one ThroughputGate (its estimates carry from run to run, as in a server; each run's engine is new)."""
     sps = lambda: load_or_measure_sps(model, concurrency * (1 + gamma))  # noqa: E731 (cached after the first)
-    shared = ThroughputGate(expected=lambda b: b * sps()(b)) if keep_gate else True
+    shared = True
+    if keep_gate:
+        curve = sps()  # loaded once: the gate reads it every round
+        shared = ThroughputGate(expected=lambda b: b * curve(b))
     out = {"no speculation": (False, lambda: None)}
     for g in (1, 3, 5, 7):
         out[f"fixed gamma={g}"] = (True, lambda g=g: FixedLength(g))
@@ -179,6 +182,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    if args.keep_gate and args.repeats < 2:
+        ap.error("--keep-gate reports runs 2..N (the first is the cold one): give --repeats >= 2")
     dtype, native = resolve_weights(args.weights, None, None, "cpu")
     tokenizer, model = load_tokenizer(None), load_model(None, dtype, native=native)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=0)

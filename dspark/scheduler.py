@@ -165,15 +165,17 @@ class ThroughputGate:
 
     It tries the other arm after `explore_every` rounds so that both estimates stay fresh; each time the
     tried arm loses again the wait doubles (up to `max_wait`), so a drafter that never pays costs less
-    and less. The wait is never shorter than what keeps exploring within `explore_cost` of the time (a
-    drafting round measured at a third of plain decoding's rate costs two plain rounds extra: with 2%,
-    it is tried again after 100 rounds at the soonest). A round's time includes the drafter's work
+    and less. Up to `max_wait`, the wait is never shorter than what keeps exploring within
+    `explore_cost` of the time: a trial round costs its tokens' time at its arm's rate less their time
+    at the other's, counted in the other arm's rounds (a drafting round measured at a third of plain
+    decoding's rate, emitting as many tokens, costs two plain rounds: with 2%, it is tried again after
+    100 rounds at the soonest). A round's time includes the drafter's work
     deferred from rounds it did not draft in: a drafter that must catch up before it drafts again is
     priced with that.
 
     `expected(batch)`: the tokens/s plain decoding should reach at that batch size (SPSPolicy passes
     batch * SPS(batch)). Rates are kept as measured over expected, so that rounds of different sizes in
-    one bucket, and buckets near each other, compare fairly; without it, raw tokens/s. An arm not yet
+    one bucket, and buckets near each other, compare fairly; without it, tokens/s per request. An arm not yet
     measured in a bucket takes the nearest bucket's estimate, and a source's exploration wait too: as a
     batch grows or shrinks through the buckets, a drafter that lost in the last one is not tried again
     at once. Only an arm measured in no bucket at all is tried first (drafting before plain).
@@ -194,10 +196,13 @@ class ThroughputGate:
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
         self.explore_every, self.smoothing, self.max_wait = explore_every, smoothing, max_wait
-        self.explore_cost, self.margin, self.expected = explore_cost, margin, expected
+        self.explore_cost, self.margin = explore_cost, margin
+        self.expected = expected if expected is not None else float
         self.rates: dict[tuple[int, str], float] = {}  # (bucket, source or PLAIN) -> (relative) throughput
+        self.yields: dict[tuple[int, str], float] = {}  # the same keys -> tokens per request per round
         self.since_other: dict[tuple[int, str], int] = {}
         self.wait: dict[tuple[int, str], int] = {}  # rounds between explorations
+        self.waited: dict[tuple[int, str], int] = {}  # the wait the last exploration came after
         self.exploring: dict[tuple[int, str], bool] = {}  # the last decision tried the slower arm
 
     def _nearest(self, table: dict, bucket: int, arm: str):
@@ -220,11 +225,18 @@ class ThroughputGate:
         return draft_rate > plain_rate * (1.0 + self.margin)
 
     def _least_wait(self, bucket: int, source: str) -> int:
-        """Rounds between explorations that keep their cost within explore_cost: one round of the slower
-        arm costs (faster rate / slower rate - 1) rounds of the faster one."""
-        draft_rate, plain_rate = self._arms(bucket, source)
-        loss = max(draft_rate, plain_rate) / min(draft_rate, plain_rate) - 1.0
-        return math.ceil(loss / self.explore_cost)
+        """Rounds between explorations that keep their cost within explore_cost. A round of the slower arm
+        emits y_slow tokens per request where the faster arm's rounds emit y_fast; its cost is the time
+        those tokens take at the slower rate less their time at the faster one, which is
+        (y_slow / y_fast) * (faster rate / slower rate - 1) rounds of the faster arm."""
+        (draft_rate, plain_rate), plain = self._arms(bucket, source), self.PLAIN
+        draft_yield = self._nearest(self.yields, bucket, source) or 1.0
+        plain_yield = self._nearest(self.yields, bucket, plain) or 1.0
+        if draft_rate > plain_rate:
+            cost = (plain_yield / draft_yield) * (draft_rate / plain_rate - 1.0)
+        else:
+            cost = (draft_yield / plain_yield) * (plain_rate / draft_rate - 1.0)
+        return math.ceil(cost / self.explore_cost)
 
     def should_draft(self, batch: int, source: str = DEFAULT_SOURCE) -> bool:
         bucket = self.bucket(batch)
@@ -234,40 +246,51 @@ class ThroughputGate:
             return self._nearest(self.rates, bucket, source) is None
         rounds = self.since_other.get(key, 0) + 1
         wait = self.wait.get(key) or self._nearest(self.wait, bucket, source) or self.explore_every
-        exploring = rounds >= min(max(wait, self._least_wait(bucket, source)), self.max_wait)
+        served = min(max(wait, self._least_wait(bucket, source)), self.max_wait)
+        exploring = rounds >= served
         self.wait[key] = wait
         self.since_other[key] = 0 if exploring else rounds
         self.exploring[key] = exploring
+        if exploring:
+            self.waited[key] = served
         return best != exploring
 
     def observe(self, batch: int, drafted: bool, tokens: int, seconds: float, sources: tuple[str, ...] = ()) -> None:
         """A round of `batch` requests: whether it drafted, and the sources that did (default: one)."""
         if seconds <= 0 or tokens <= 0:
             return
-        rate = tokens / seconds / (self.expected(batch) if self.expected is not None else 1.0)
+        rate, per_request = tokens / seconds / self.expected(batch), tokens / batch
         bucket = self.bucket(batch)
-        if not drafted:  # settles the sources whose decision this round was to explore plain decoding
-            pending = {key: self._best(*key) for key, exploring in self.exploring.items()
-                       if key[0] == bucket and exploring}
-            self._update((bucket, self.PLAIN), rate)
+        if not drafted:
+            # Settles the sources whose decision this round was to explore plain decoding. A source that was
+            # to explore drafting but did not draft (another gate vetoed every request) was not measured:
+            # its trial is dropped, its wait unchanged.
+            pending = {}
+            for key in [k for k, exploring in self.exploring.items() if k[0] == bucket and exploring]:
+                if self._best(*key):
+                    pending[key] = True
+                else:
+                    del self.exploring[key]
+            self._update((bucket, self.PLAIN), rate, per_request)
             for key, before in pending.items():
                 self._settle(key, before)
             return
         for source in sources or (DEFAULT_SOURCE,):
             key = (bucket, source)
             before = self._best(bucket, source)
-            self._update(key, rate)
+            self._update(key, rate, per_request)
             self._settle(key, before)
 
-    def _update(self, key: tuple[int, str], rate: float) -> None:
-        old = self.rates.get(key)
-        self.rates[key] = rate if old is None else old + self.smoothing * (rate - old)
+    def _update(self, key: tuple[int, str], rate: float, per_request: float) -> None:
+        for table, value in ((self.rates, rate), (self.yields, per_request)):
+            old = table.get(key)
+            table[key] = value if old is None else old + self.smoothing * (value - old)
 
     def _settle(self, key: tuple[int, str], before: bool | None) -> None:
         if self.exploring.pop(key, False):
             lost = self._best(*key) == before
-            wait = max(self.wait.get(key, self.explore_every), self._least_wait(*key))  # the wait it waited
-            self.wait[key] = min(2 * wait, self.max_wait) if lost else self.explore_every
+            waited = self.waited.pop(key, self.wait.get(key, self.explore_every))
+            self.wait[key] = min(2 * waited, self.max_wait) if lost else self.explore_every
 
 
 class SPSPolicy(VerificationPolicy):
@@ -346,7 +369,7 @@ class AsyncScheduler(SPSPolicy):
 
     def __init__(self, sps, max_draft: int | None = None, lag: int = 2, gate: bool = True,
                  throughput_gate: "bool | ThroughputGate" = False):
-        if throughput_gate is not False:
+        if throughput_gate:
             # Undrafted rounds leave empty histories, so an exploring drafting round would get capacity 0
             # and the gate would never see drafting pay.
             raise ValueError("AsyncScheduler takes no throughput_gate (use PrefixScheduler for that)")

@@ -349,7 +349,11 @@ def test_throughput_gate_compares_rounds_against_what_plain_decoding_reaches_at_
     assert gate.rates[(8, ThroughputGate.PLAIN)] == pytest.approx(1.0)
     assert gate.rates[(8, DEFAULT_SOURCE)] == pytest.approx(0.8)
     assert not gate.should_draft(8)
-    raw = ThroughputGate()
+    per_request = ThroughputGate()  # the default: tokens/s per request
+    per_request.observe(5, False, 5, 0.01)
+    per_request.observe(8, True, 8, 0.0125)
+    assert not per_request.should_draft(8)
+    raw = ThroughputGate(expected=lambda batch: 1.0)
     raw.observe(5, False, 5, 0.01)
     raw.observe(8, True, 8, 0.0125)
     assert raw.should_draft(8)  # the bias the normalisation removes
@@ -382,13 +386,42 @@ def test_exploring_a_far_slower_arm_waits_long_enough_to_cost_little():
     decisions = [gate.should_draft(1) for _ in range(600)]
     drafted_at = [i for i, d in enumerate(decisions) if d]
     assert drafted_at[:3] == [59, 119, 179]  # unsettled trials (no observe): the wait stays at its floor
-    assert sum(0.04 if d else 0.01 for d in decisions) <= 1.05 * 600 * 0.01
+    assert sum(0.04 if d else 0.01 for d in decisions) <= 1.05 * 600 * 0.01 + 1e-9  # 10 trials x 30 ms extra
     capped = ThroughputGate(explore_every=4, max_wait=16, explore_cost=0.05)
     capped.observe(1, True, 1, 0.04)
     capped.observe(1, False, 1, 0.01)
     assert [capped.should_draft(1) for _ in range(16)][-1]  # max_wait bounds the floor too
     with pytest.raises(ValueError, match="explore_cost"):
         ThroughputGate(explore_cost=0.0)
+
+
+def test_a_trial_is_priced_by_the_tokens_its_round_emits():
+    """Drafting at half plain decoding's rate per token, but emitting three tokens per request per round
+    where plain emits one: a trial round takes three plain rounds' worth of time for those tokens at half
+    speed, i.e. costs three plain rounds, so with explore_cost 5% trials come 60 rounds apart (not 20)."""
+    from dspark.scheduler import ThroughputGate
+
+    gate = ThroughputGate(explore_every=4, max_wait=1000, explore_cost=0.05)
+    gate.observe(1, True, 3, 0.06)   # 3 tokens in 60 ms: 50 tokens/s
+    gate.observe(1, False, 1, 0.01)  # 1 token in 10 ms: 100 tokens/s
+    drafted_at = [i for i in range(200) if gate.should_draft(1)]
+    assert drafted_at[:2] == [59, 119]  # priced per round alone (cost 1), it would be 19, 39
+
+
+def test_a_vetoed_trial_is_not_counted_as_a_loss():
+    """The throughput gate explores drafting, but another gate (the per-request DraftGate) lets no request
+    draft: the plain round that follows measured nothing about drafting, so the wait stays as it was."""
+    from dspark.scheduler import ThroughputGate
+
+    gate = ThroughputGate(explore_every=4, explore_cost=1.0)
+    gate.observe(1, True, 1, 0.02)   # drafting: 50 tokens/s
+    gate.observe(1, False, 1, 0.01)  # plain: 100 tokens/s
+    assert [gate.should_draft(1) for _ in range(4)] == [False, False, False, True]
+    gate.observe(1, False, 1, 0.01)  # vetoed: the round ran plain
+    assert gate.wait[(1, DEFAULT_SOURCE)] == 4 and not gate.exploring
+    assert [gate.should_draft(1) for _ in range(4)] == [False, False, False, True]
+    gate.observe(1, True, 1, 0.02)   # a real trial, lost: the wait doubles
+    assert gate.wait[(1, DEFAULT_SOURCE)] == 8
 
 
 def test_throughput_gate_backs_off_while_the_explored_arm_keeps_losing():
