@@ -327,8 +327,11 @@ class Engine:
         """kv_rollback on the row-indexed outputs (idle rows accepted nothing and stay as they are)."""
         width = path_nodes.shape[1]
         device = self.cache.seqlens.device
-        # One node per row (no drafts this round) is a prefix by construction: no comparison to pay for.
-        if width == 1 or bool(((path_nodes == torch.arange(width)) | (torch.arange(width) >= counts[:, None])).all()):
+        prefix = width == 1  # one node per row (no drafts this round) is a prefix by construction
+        if not prefix:
+            columns = torch.arange(width)
+            prefix = bool(((path_nodes == columns) | (columns >= counts[:, None])).all())
+        if prefix:
             # Every accepted path is the prefix 0..m-1 (plain decoding, fully accepted chains): kv_rollback
             # would move nothing and only advance the lengths.
             advance = counts.to(device, torch.int32)

@@ -229,9 +229,9 @@ class ThroughputGate:
         emits y_slow tokens per request where the faster arm's rounds emit y_fast; its cost is the time
         those tokens take at the slower rate less their time at the faster one, which is
         (y_slow / y_fast) * (faster rate / slower rate - 1) rounds of the faster arm."""
-        (draft_rate, plain_rate), plain = self._arms(bucket, source), self.PLAIN
+        draft_rate, plain_rate = self._arms(bucket, source)
         draft_yield = self._nearest(self.yields, bucket, source) or 1.0
-        plain_yield = self._nearest(self.yields, bucket, plain) or 1.0
+        plain_yield = self._nearest(self.yields, bucket, self.PLAIN) or 1.0
         if draft_rate > plain_rate:
             cost = (plain_yield / draft_yield) * (draft_rate / plain_rate - 1.0)
         else:

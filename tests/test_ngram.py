@@ -38,20 +38,6 @@ def test_matches_the_plain_scan(branches, max_ngram, min_ngram):
         assert drafter.continuations(tokens, limit) == scan(tokens, limit, max_ngram, min_ngram, branches), tokens
 
 
-@pytest.mark.parametrize("max_ngram,min_ngram", [(3, 1), (4, 2)])
-def test_latest_match_is_where_the_first_continuation_begins(max_ngram, min_ngram):
-    rng = random.Random(max_ngram)
-    drafter = NgramDrafter(5, max_ngram=max_ngram, min_ngram=min_ngram)
-    for _ in range(300):
-        tokens = [rng.randrange(rng.choice([2, 4, 16])) for _ in range(rng.randint(0, 40))]
-        limit = rng.randint(1, 8)
-        expected = scan(tokens, limit, max_ngram, min_ngram, 1)
-        at = drafter.latest_match(tokens)
-        assert (at is None) == (not expected), tokens
-        if at is not None:
-            assert tokens[at: at + limit] == expected[0], tokens
-
-
 @pytest.mark.parametrize("max_ngram,min_ngram", [(3, 1), (4, 2), (1, 1)])
 def test_the_incremental_index_matches_the_scan_as_the_context_grows(max_ngram, min_ngram):
     """NgramIndex follows one context through rounds that add 0..8 tokens (a round's accepted tokens, or

@@ -56,7 +56,7 @@ class HybridDrafter(Drafter):
         self.dspark.bind(rows, max_seq_len, vocab_size)
 
     def start(self, request, target_hidden=None) -> None:
-        self.indexes[request.id] = NgramIndex(self.ngram.max_ngram, self.ngram.min_ngram)  # ids restart per engine
+        self.indexes.pop(request.id, None)  # ids restart with every engine sharing this drafter
         self.dspark.start(request, target_hidden)
 
     def finish(self, request) -> None:

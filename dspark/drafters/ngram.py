@@ -25,7 +25,9 @@ class NgramIndex:
         self.indexed = 0  # the context length the tables cover
 
     def latest_match(self, tokens: list[int]) -> int | None:
-        """As NgramDrafter.latest_match, for the context this index has followed (tokens extends it)."""
+        """Where the continuation of the longest matching suffix's latest earlier occurrence begins (a
+        token follows it: the suffix itself is no candidate), or None without a match; tokens extends the
+        context this index has followed."""
         length = len(tokens)
         if length < self.indexed:
             raise ValueError(f"the context shrank from {self.indexed} to {length} tokens: an NgramIndex follows "
@@ -85,13 +87,6 @@ class NgramDrafter(Drafter):
                         break
             return found
         return []
-
-    def latest_match(self, tokens: list[int]) -> int | None:
-        """Where the continuation of the longest matching suffix's latest earlier occurrence begins
-        (a token follows it: the suffix itself is no candidate), or None without a match."""
-        for n, starts in self._occurrences(tokens):
-            return int(starts[-1]) + n
-        return None
 
     def _occurrences(self, tokens: list[int]):
         """(n, start positions) of the earlier occurrences of the last n tokens, for the longest n first
