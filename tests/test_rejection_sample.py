@@ -186,11 +186,12 @@ def test_cuda_matches_cpu_on_random_rounds(case, randomness):
 
 
 @pytest.mark.parametrize("case", ["tied_tree", "tied_stochastic_chain", "multi_tile_tree", "multi_tile_stochastic",
-                                  "bf16_tree"])
+                                  "bf16_tree", "short_list_tied_tree", "short_list_tied_stochastic_chain"])
 def test_triton_matches_cpu_on_random_rounds(monkeypatch, case):
     """The main proof for the Triton kernel: identical outputs to the C++ backend given identical
     uniforms. Tied logits put ties at the top-k and top-p boundaries; small tiles (as on the GPU) put
-    the vocabulary across many tiles, with V not a multiple of the tile."""
+    the vocabulary across many tiles, with V not a multiple of the tile; a short support list (4 ids)
+    makes some top-k rows fall back to whole-row passes while others read their list."""
     import dspark.triton_kernels.rejection_sampling as kernel
 
     chain, stochastic = "chain" in case, "stochastic" in case
@@ -200,7 +201,10 @@ def test_triton_matches_cpu_on_random_rounds(monkeypatch, case):
         monkeypatch.setattr(kernel, "MAX_BLOCK", 256)
         monkeypatch.setattr(kernel, "RADIX_BITS", 4)
         num_requests = min(num_requests, 8)
-    batch, _ = _random_batch(10 + len(case), vocab, num_requests, chain, stochastic, tied=case.startswith("tied"))
+    if case.startswith("short_list"):
+        monkeypatch.setattr(kernel, "SUPPORT_CAP", 4)
+    tied = case.startswith("tied") or case.startswith("short_list")
+    batch, _ = _random_batch(10 + len(case), vocab, num_requests, chain, stochastic, tied=tied)
     if case.startswith("bf16"):
         batch["target_logits"] = batch["target_logits"].bfloat16()
     uniforms = torch.rand(batch["target_logits"].shape[0], 2, dtype=torch.float64,
@@ -211,6 +215,38 @@ def test_triton_matches_cpu_on_random_rounds(monkeypatch, case):
                                    backend="triton"))
     for a, b in zip(expected, got):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cap", [1024, 4])
+def test_triton_lists_the_top_k_support(monkeypatch, cap):
+    """The pre-pass lists, in id order, every id whose logit reaches the row's k-th largest (top-k's
+    kept ids and the rest of their tie group) when there are at most SUPPORT_CAP of them, else none
+    (-1); rows without top-k list none. Tied logits make tie groups of every size at the boundary."""
+    import dspark.triton_kernels.rejection_sampling as kernel
+
+    monkeypatch.setattr(kernel, "SUPPORT_CAP", cap)
+    gen = torch.Generator().manual_seed(cap)
+    rows, vocab = 12, 333
+    logits = (torch.randn(rows, vocab, generator=gen) * 2).round()
+    logits[1::3] = torch.randn(rows // 3, vocab, generator=gen)  # untied rows too
+    top_k = torch.tensor([0, 1, 3, 5, 17, vocab, 2, 40, 1, 0, 7, 100], dtype=torch.int32)
+    device = device_of("triton")
+    stats, support = kernel.row_stats(logits.to(device), torch.arange(rows + 1, dtype=torch.int32, device=device),
+                                      torch.full((rows,), 0.7, device=device), top_k.to(device),
+                                      torch.full((rows,), 0.9, device=device))
+    stats, support = stats.cpu(), support.cpu()
+    listed = 0
+    for row, k in enumerate(top_k.tolist()):
+        n = int(stats[row, 8])
+        if not 0 < k < vocab:
+            assert n == -1
+            continue
+        reach = torch.nonzero(logits[row] >= logits[row].topk(k).values[-1]).flatten()
+        assert n == (reach.numel() if reach.numel() <= cap else -1), row
+        if n >= 0:
+            assert support[row, :n].tolist() == reach.tolist(), row
+            listed += 1
+    assert listed >= (3 if cap == 4 else 9)
 
 
 def test_generator_draws_reproducible_uniforms(backend):

@@ -62,9 +62,9 @@ def sampling_cases():
                 "top_p_ptr": "*fp32", "uniforms_ptr": "*fp64", "seed_ptr": "*i64", "offset_ptr": "*i64",
                 "zbuf_ptr": "*fp64", "nodes_out": "*i32", "count_out": "*i32", "tokens_out": "*i64",
                 "stats_ptr": "*fp64"}
-    yield rejection_sampling._row_stats_kernel, pointers, dict(BLOCK=512, RADIX_BITS=4)
+    yield rejection_sampling._row_stats_kernel, pointers, dict(BLOCK=512, RADIX_BITS=4, CAP=1024)
     for tree, has_q, has_uniforms in ((True, True, False), (False, False, True), (False, True, False)):
-        consts = dict(BLOCK=512, W_BLOCK=8, HAS_PARENTS=tree, HAS_Q=has_q,
+        consts = dict(BLOCK=512, W_BLOCK=8, CAP=1024, HAS_PARENTS=tree, HAS_Q=has_q,
                       HAS_UNIFORMS=has_uniforms, HAS_SEED=not has_uniforms)
         yield rejection_sampling._rejection_sample_kernel, pointers, consts
 

@@ -3,10 +3,11 @@
 The executable spec is dspark/reference/rejection_sample.py; csrc/cpu/rejection_sample.cpp is the same
 algorithm in C++. First one program per node row reduces that row to what the walk needs: its argmax
 for a greedy request, else the scalars of its target distribution p (sampling_distribution.py:
-softmax, top-k and top-p without a sort, in ~20 streamed passes). Rows are independent, so this runs
-at T-way parallelism instead of inside the walk; it also reduces rows the walk will not reach, which
-costs idle SMs rather than time. Then one program per request walks its chain or tree from the anchor
-with those scalars, streaming a row again only to judge against or sample from a residual.
+softmax, top-k and top-p without a sort) and, under top-k, the list of the ids where p can be
+nonzero. Rows are independent, so this runs at T-way parallelism instead of inside the walk; it also
+reduces rows the walk will not reach, which costs idle SMs rather than time. Then one program per
+request walks its chain or tree from the anchor with those scalars, streaming a row (or only its
+listed ids) again only to judge against or sample from a residual.
 
 Decisions are made in float64 with the reference's comparisons (a * sum < r(x), a * q(x) < r(x),
 cumulative > u * total), so they agree with the reference and the C++ backend except when a uniform
@@ -22,14 +23,17 @@ import torch
 import triton
 import triton.language as tl
 
-from dspark.triton_kernels.sampling_distribution import _argmax, _load_row, _prob_at, _probs, _target_distribution
+from dspark.triton_kernels.sampling_distribution import _argmax, _load_support, _prob_at, _probs, _target_distribution
 
-# Tuning knobs, None = by mode. Compiled: 512-wide tiles and 4 key bits per radix pass (8 passes, a
-# [512, 16] comparison each). Interpreted (TRITON_INTERPRET=1), where every operation costs about the
+# Tuning knobs, None = by mode. Compiled: 512-wide tiles and 4 key bits per pass of top-p's mass
+# search (8 passes, a [512, 16] comparison each). Interpreted (TRITON_INTERPRET=1), where every operation costs about the
 # same whatever its width: whole rows up to 8192 wide and 8 bits per pass (4 passes).
 MAX_BLOCK = None
 RADIX_BITS = None
-_STATS = tl.constexpr(8)  # float64 scalars per node row (see _row_stats_kernel)
+# Longest support list (sampling_distribution.py) per node row: top-k up to about this many keeps the
+# later passes over its row at O(k).
+SUPPORT_CAP = 1024
+_STATS = tl.constexpr(9)  # float64 scalars per node row (see _row_stats_kernel)
 
 
 @triton.jit
@@ -91,10 +95,12 @@ def _residual(p, q, ids, tokens_ptr, parents_ptr, zbuf_ptr, start, node, upto,
 
 
 @triton.jit
-def _weights(row, q_row, t, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr, parents_ptr,
-             zbuf_ptr, start, node, upto, BLOCK: tl.constexpr, HAS_PARENTS: tl.constexpr, HAS_Q: tl.constexpr):
-    """One tile of the residual after node's children below `upto` were rejected (0 past V)."""
-    x, key, ids, mask = _load_row(row, t, V, BLOCK)
+def _weights(row, q_row, support, listed, n, t, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr,
+             parents_ptr, zbuf_ptr, start, node, upto, BLOCK: tl.constexpr, HAS_PARENTS: tl.constexpr,
+             HAS_Q: tl.constexpr):
+    """One tile of the residual over the row's support after node's children below `upto` were
+    rejected (0 past its end). Outside the support p is 0, and so is every residual."""
+    x, key, ids, mask = _load_support(row, support, listed, n, t, BLOCK)
     p = _probs(x, ids, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2)
     q = p
     if HAS_Q:
@@ -104,30 +110,31 @@ def _weights(row, q_row, t, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2,
 
 
 @triton.jit
-def _sample(row, q_row, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr, parents_ptr, zbuf_ptr,
-            start, node, upto, u, BLOCK: tl.constexpr, HAS_PARENTS: tl.constexpr, HAS_Q: tl.constexpr):
+def _sample(row, q_row, support, listed, n, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr,
+            parents_ptr, zbuf_ptr, start, node, upto, u, BLOCK: tl.constexpr, HAS_PARENTS: tl.constexpr,
+            HAS_Q: tl.constexpr):
     """Inverse CDF in id order over the residual, or over p when the residual has no mass: the first
     id whose cumulative weight exceeds u * total and whose weight is > 0 (on rounding at the top
     end, the last id with weight)."""
     total = tl.full([], 0.0, tl.float64)
-    for t in range(0, V, BLOCK):
-        w, ids, q = _weights(row, q_row, t, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr,
-                             parents_ptr, zbuf_ptr, start, node, upto, BLOCK, HAS_PARENTS, HAS_Q)
+    for t in range(0, n, BLOCK):
+        w, ids, q = _weights(row, q_row, support, listed, n, t, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2,
+                             tokens_ptr, parents_ptr, zbuf_ptr, start, node, upto, BLOCK, HAS_PARENTS, HAS_Q)
         total += tl.sum(w, 0)
     if not (total > 0.0):
         upto = node + 1  # replay no rejection: the weights are p
-        for t in range(0, V, BLOCK):
-            w, ids, q = _weights(row, q_row, t, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr,
-                                 parents_ptr, zbuf_ptr, start, node, upto, BLOCK, HAS_PARENTS, HAS_Q)
+        for t in range(0, n, BLOCK):
+            w, ids, q = _weights(row, q_row, support, listed, n, t, temperature, mx, inv, t1, tie1, k1, t2, tie2,
+                                 k2, tokens_ptr, parents_ptr, zbuf_ptr, start, node, upto, BLOCK, HAS_PARENTS, HAS_Q)
             total += tl.sum(w, 0)
     threshold = u * total
     carry = tl.full([], 0.0, tl.float64)
     found = tl.full([], -1, tl.int64)
     last = tl.full([], -1, tl.int64)
-    for t in range(0, V, BLOCK):
+    for t in range(0, n, BLOCK):
         if found < 0:
-            w, ids, q = _weights(row, q_row, t, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr,
-                                 parents_ptr, zbuf_ptr, start, node, upto, BLOCK, HAS_PARENTS, HAS_Q)
+            w, ids, q = _weights(row, q_row, support, listed, n, t, temperature, mx, inv, t1, tie1, k1, t2, tie2,
+                                 k2, tokens_ptr, parents_ptr, zbuf_ptr, start, node, upto, BLOCK, HAS_PARENTS, HAS_Q)
             cumulative = tl.cumsum(w, 0) + carry
             hit = tl.min(tl.where((cumulative > threshold) & (w > 0.0), ids, V), 0).to(tl.int64)
             found = tl.where(hit < V, hit, -1)
@@ -137,21 +144,22 @@ def _sample(row, q_row, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tok
 
 
 @triton.jit
-def _rejected_mass(row, q_row, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr, parents_ptr,
-                   zbuf_ptr, start, node, upto, BLOCK: tl.constexpr, HAS_PARENTS: tl.constexpr):
-    """sum(max(r - q, 0)) for the stochastic residual r before child `upto`: its next normaliser."""
+def _rejected_mass(row, q_row, support, listed, n, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr,
+                   parents_ptr, zbuf_ptr, start, node, upto, BLOCK: tl.constexpr, HAS_PARENTS: tl.constexpr):
+    """sum(max(r - q, 0)) for the stochastic residual r before child `upto`: its next normaliser
+    (outside the support r = 0, so max(r - q, 0) = 0 there)."""
     total = tl.full([], 0.0, tl.float64)
-    for t in range(0, V, BLOCK):
-        w, ids, q = _weights(row, q_row, t, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr,
-                             parents_ptr, zbuf_ptr, start, node, upto, BLOCK, HAS_PARENTS, True)
-        total += tl.sum(tl.maximum(w - q, 0.0), 0)  # lanes past V: w = q = 0
+    for t in range(0, n, BLOCK):
+        w, ids, q = _weights(row, q_row, support, listed, n, t, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2,
+                             tokens_ptr, parents_ptr, zbuf_ptr, start, node, upto, BLOCK, HAS_PARENTS, True)
+        total += tl.sum(tl.maximum(w - q, 0.0), 0)  # lanes past the end: w = q = 0
     return total
 
 
 @triton.jit
-def _judge(row, q_row, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr, parents_ptr, zbuf_ptr,
-           uniforms_ptr, start, node, c_hi, seed, offset, BLOCK: tl.constexpr, HAS_PARENTS: tl.constexpr,
-           HAS_Q: tl.constexpr, HAS_UNIFORMS: tl.constexpr):
+def _judge(row, q_row, support, listed, n, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr,
+           parents_ptr, zbuf_ptr, uniforms_ptr, start, node, c_hi, seed, offset, BLOCK: tl.constexpr,
+           HAS_PARENTS: tl.constexpr, HAS_Q: tl.constexpr, HAS_UNIFORMS: tl.constexpr):
     """Judges node's children in index order with a = uniforms[c, 0]; returns the accepted one or -1.
     Deterministic: accept iff a * sum(r) < r(x), else r(x) = 0. Stochastic (q = draft_probs row):
     accept iff a * q(x) < r(x), else r = norm(max(r - q, 0)) (its normaliser goes to zbuf)."""
@@ -175,8 +183,8 @@ def _judge(row, q_row, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, toke
             else:
                 if residual_mass < 0.0:
                     residual_mass = tl.full([], 0.0, tl.float64)
-                    for t in range(0, V, BLOCK):
-                        x_t, key, ids, mask = _load_row(row, t, V, BLOCK)
+                    for t in range(0, n, BLOCK):
+                        x_t, key, ids, mask = _load_support(row, support, listed, n, t, BLOCK)
                         p = _probs(x_t, ids, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2)
                         residual_mass += tl.sum(tl.where(mask, p, 0.0), 0)
                 bound = a * residual_mass
@@ -184,8 +192,8 @@ def _judge(row, q_row, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, toke
                 accepted = c
             else:
                 if HAS_Q:
-                    z = _rejected_mass(row, q_row, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr,
-                                       parents_ptr, zbuf_ptr, start, node, c, BLOCK, HAS_PARENTS)
+                    z = _rejected_mass(row, q_row, support, listed, n, temperature, mx, inv, t1, tie1, k1, t2, tie2,
+                                       k2, tokens_ptr, parents_ptr, zbuf_ptr, start, node, c, BLOCK, HAS_PARENTS)
                     tl.store(zbuf_ptr + start + c, z)
                     tl.debug_barrier()  # the whole program reads it back in later passes
                 else:
@@ -238,9 +246,9 @@ def _walk_greedy(stats_ptr, tokens_ptr, parents_ptr, nodes_out, tokens_out, r, s
 
 
 @triton.jit
-def _walk_sampled(logits_ptr, q_ptr, stats_ptr, tokens_ptr, parents_ptr, zbuf_ptr, uniforms_ptr, nodes_out,
-                  tokens_out, r, start, n, V, W, temperature, seed, offset, BLOCK: tl.constexpr,
-                  HAS_PARENTS: tl.constexpr, HAS_Q: tl.constexpr, HAS_UNIFORMS: tl.constexpr):
+def _walk_sampled(logits_ptr, q_ptr, stats_ptr, support_ptr, tokens_ptr, parents_ptr, zbuf_ptr, uniforms_ptr,
+                  nodes_out, tokens_out, r, start, n, V, W, temperature, seed, offset, BLOCK: tl.constexpr,
+                  CAP: tl.constexpr, HAS_PARENTS: tl.constexpr, HAS_Q: tl.constexpr, HAS_UNIFORMS: tl.constexpr):
     """Judge the children of each visited node; sample the correction (or bonus) where none is accepted."""
     node = tl.full([], 0, tl.int64)
     steps = tl.full([], 0, tl.int64)
@@ -252,16 +260,20 @@ def _walk_sampled(logits_ptr, q_ptr, stats_ptr, tokens_ptr, parents_ptr, zbuf_pt
         mx, inv = tl.load(stats), tl.load(stats + 1)
         t1, tie1, k1 = tl.load(stats + 2), tl.load(stats + 3).to(tl.int64), tl.load(stats + 4)
         t2, tie2, k2 = tl.load(stats + 5), tl.load(stats + 6).to(tl.int64), tl.load(stats + 7)
+        n_listed = tl.load(stats + 8).to(tl.int64)
+        support = support_ptr + (start + node) * CAP
+        listed = n_listed >= 0
+        n_support = tl.where(listed, n_listed, V)
         end = _children_end(n, node, HAS_PARENTS)
-        accepted = _judge(row, q_row, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr, parents_ptr,
-                          zbuf_ptr, uniforms_ptr, start, node, end, seed, offset, BLOCK, HAS_PARENTS, HAS_Q,
-                          HAS_UNIFORMS)
+        accepted = _judge(row, q_row, support, listed, n_support, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2,
+                          tokens_ptr, parents_ptr, zbuf_ptr, uniforms_ptr, start, node, end, seed, offset, BLOCK,
+                          HAS_PARENTS, HAS_Q, HAS_UNIFORMS)
         if accepted >= 0:
             token = tl.load(tokens_ptr + start + accepted)
         else:
             u = _uniform(uniforms_ptr, start, node, seed, offset, 1, HAS_UNIFORMS)
-            token = _sample(row, q_row, V, temperature, mx, inv, t1, tie1, k1, t2, tie2, k2, tokens_ptr,
-                            parents_ptr, zbuf_ptr, start, node, end, u, BLOCK, HAS_PARENTS, HAS_Q)
+            token = _sample(row, q_row, support, listed, n_support, V, temperature, mx, inv, t1, tie1, k1, t2, tie2,
+                            k2, tokens_ptr, parents_ptr, zbuf_ptr, start, node, end, u, BLOCK, HAS_PARENTS, HAS_Q)
         _emit(nodes_out, tokens_out, r, W, steps, node, token)
         steps += 1
         going = accepted >= 0
@@ -270,10 +282,11 @@ def _walk_sampled(logits_ptr, q_ptr, stats_ptr, tokens_ptr, parents_ptr, zbuf_pt
 
 
 @triton.jit
-def _row_stats_kernel(logits_ptr, indptr_ptr, temperature_ptr, top_k_ptr, top_p_ptr, stats_ptr, R, V,
-                      BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
+def _row_stats_kernel(logits_ptr, indptr_ptr, temperature_ptr, top_k_ptr, top_p_ptr, stats_ptr, support_ptr, R, V,
+                      BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr, CAP: tl.constexpr):
     """One program per node row: stats[t] = (argmax, 0, ...) for a greedy request, else the eight
-    scalars of p (mx, 1 / sum, t1, tie1, k1, t2, tie2, k2; the tie ids are exact in float64)."""
+    scalars of p (mx, 1 / sum, t1, tie1, k1, t2, tie2, k2; the tie ids are exact in float64) and the
+    length of its support list in support[t] (-1: the whole row)."""
     t = tl.program_id(0).to(tl.int64)
     lo = tl.full([], 0, tl.int64)  # the request r with indptr[r] <= t < indptr[r + 1]
     hi = tl.full([], 0, tl.int64) + R
@@ -290,8 +303,8 @@ def _row_stats_kernel(logits_ptr, indptr_ptr, temperature_ptr, top_k_ptr, top_p_
     else:
         top_k = tl.load(top_k_ptr + lo)
         top_p = tl.load(top_p_ptr + lo).to(tl.float64)
-        mx, inv, t1, tie1, k1, t2, tie2, k2 = _target_distribution(row, V, temperature, top_k, top_p, BLOCK,
-                                                                   RADIX_BITS)
+        mx, inv, t1, tie1, k1, t2, tie2, k2, n_listed = _target_distribution(
+            row, support_ptr + t * CAP, V, temperature, top_k, top_p, BLOCK, RADIX_BITS, CAP)
         tl.store(stats, mx)
         tl.store(stats + 1, inv)
         tl.store(stats + 2, t1)
@@ -300,12 +313,13 @@ def _row_stats_kernel(logits_ptr, indptr_ptr, temperature_ptr, top_k_ptr, top_p_
         tl.store(stats + 5, t2)
         tl.store(stats + 6, tie2.to(tl.float64))
         tl.store(stats + 7, k2)
+        tl.store(stats + 8, n_listed.to(tl.float64))
 
 
 @triton.jit
-def _rejection_sample_kernel(logits_ptr, stats_ptr, tokens_ptr, indptr_ptr, parents_ptr, q_ptr, temperature_ptr,
-                             uniforms_ptr, seed_ptr, offset_ptr, zbuf_ptr, nodes_out, count_out,
-                             tokens_out, V, W, BLOCK: tl.constexpr, W_BLOCK: tl.constexpr,
+def _rejection_sample_kernel(logits_ptr, stats_ptr, support_ptr, tokens_ptr, indptr_ptr, parents_ptr, q_ptr,
+                             temperature_ptr, uniforms_ptr, seed_ptr, offset_ptr, zbuf_ptr, nodes_out, count_out,
+                             tokens_out, V, W, BLOCK: tl.constexpr, W_BLOCK: tl.constexpr, CAP: tl.constexpr,
                              HAS_PARENTS: tl.constexpr, HAS_Q: tl.constexpr,
                              HAS_UNIFORMS: tl.constexpr, HAS_SEED: tl.constexpr):
     """One program per request: its walk, then the -1 padding of its output rows."""
@@ -324,15 +338,39 @@ def _rejection_sample_kernel(logits_ptr, stats_ptr, tokens_ptr, indptr_ptr, pare
         if HAS_SEED:
             seed = tl.load(seed_ptr + r)
             offset = tl.load(offset_ptr + r)
-        steps = _walk_sampled(logits_ptr, q_ptr, stats_ptr, tokens_ptr, parents_ptr, zbuf_ptr, uniforms_ptr,
-                              nodes_out, tokens_out, r, start, n, V, W, temperature, seed, offset, BLOCK,
-                              HAS_PARENTS, HAS_Q, HAS_UNIFORMS)
+        steps = _walk_sampled(logits_ptr, q_ptr, stats_ptr, support_ptr, tokens_ptr, parents_ptr, zbuf_ptr,
+                              uniforms_ptr, nodes_out, tokens_out, r, start, n, V, W, temperature, seed, offset,
+                              BLOCK, CAP, HAS_PARENTS, HAS_Q, HAS_UNIFORMS)
     steps = tl.minimum(steps, W)
     cols = tl.arange(0, W_BLOCK)
     pad = (cols >= steps) & (cols < W)
     tl.store(nodes_out + r * W + cols, tl.full([W_BLOCK], -1, tl.int32), mask=pad)
     tl.store(tokens_out + r * W + cols, tl.full([W_BLOCK], -1, tl.int64), mask=pad)
     tl.store(count_out + r, steps.to(tl.int32))
+
+
+def _tiles(device: torch.device, vocab: int) -> tuple[int, int]:
+    """(tile width, key bits per pass of top-p's mass search) for this device (see the knobs above)."""
+    interpreted = device.type == "cpu"
+    return (min(triton.next_power_of_2(vocab), MAX_BLOCK or (8192 if interpreted else 512)),
+            RADIX_BITS or (8 if interpreted else 4))
+
+
+def row_stats(target_logits, qo_indptr, temperature, top_k, top_p):
+    """The first launch alone, on validated inputs: (stats [T, 9] float64, support [T, cap] int32). Row t
+    holds its argmax (greedy requests), else mx, 1 / sum, t1, tie1, k1, t2, tie2, k2 and the length n of
+    its support list (-1: none), whose ids are support[t, :n]."""
+    device = target_logits.device
+    num_tokens, vocab = target_logits.shape
+    block, radix_bits = _tiles(device, vocab)
+    stats = torch.empty(max(num_tokens, 1), _STATS.value, dtype=torch.float64, device=device)
+    support = torch.empty(max(num_tokens, 1), max(1, min(SUPPORT_CAP, vocab)), dtype=torch.int32, device=device)
+    if num_tokens:
+        _row_stats_kernel[(num_tokens,)](
+            target_logits.contiguous(), qo_indptr.contiguous(), temperature.contiguous(), top_k.contiguous(),
+            top_p.contiguous(), stats, support, qo_indptr.numel() - 1, vocab, BLOCK=block, RADIX_BITS=radix_bits,
+            CAP=support.shape[1], num_warps=8, enable_fp_fusion=False)
+    return stats, support
 
 
 def rejection_sample(target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature, top_k, top_p,
@@ -354,21 +392,15 @@ def rejection_sample(target_logits, draft_tokens, qo_indptr, parents, draft_prob
 
     # Normalisers of stochastic rejections, one per judged child (written before they are read).
     zbuf = torch.empty(num_tokens if draft_probs is not None else 1, dtype=torch.float64, device=device)
-    interpreted = device.type == "cpu"
-    block = min(triton.next_power_of_2(vocab), MAX_BLOCK or (8192 if interpreted else 512))
-    radix_bits = RADIX_BITS or (8 if interpreted else 4)
     logits, indptr, temperature = target_logits.contiguous(), qo_indptr.contiguous(), temperature.contiguous()
-    stats = torch.empty(max(num_tokens, 1), _STATS.value, dtype=torch.float64, device=device)
-    if num_tokens:
-        _row_stats_kernel[(num_tokens,)](
-            logits, indptr, temperature, top_k.contiguous(), top_p.contiguous(), stats, num_requests, vocab,
-            BLOCK=block, RADIX_BITS=radix_bits, num_warps=8, enable_fp_fusion=False)
+    stats, support = row_stats(logits, indptr, temperature, top_k, top_p)
+    block, _ = _tiles(device, vocab)
     _rejection_sample_kernel[(num_requests,)](
-        logits, stats, draft_tokens.contiguous(), indptr, given(parents, torch.int32),
+        logits, stats, support, draft_tokens.contiguous(), indptr, given(parents, torch.int32),
         given(draft_probs, torch.float32), temperature,
         given(uniforms, torch.float64), given(seed, torch.int64), given(offset, torch.int64), zbuf,
         nodes, count, tokens, vocab, max_nodes,
-        BLOCK=block, W_BLOCK=triton.next_power_of_2(max_nodes),
+        BLOCK=block, W_BLOCK=triton.next_power_of_2(max_nodes), CAP=support.shape[1],
         HAS_PARENTS=parents is not None, HAS_Q=draft_probs is not None, HAS_UNIFORMS=uniforms is not None,
         HAS_SEED=seed is not None, num_warps=8, enable_fp_fusion=False,  # no FMA: the reference rounds a * b + c twice
     )
