@@ -221,7 +221,8 @@ def test_triton_matches_cpu_on_random_rounds(monkeypatch, case):
 def test_triton_lists_the_top_k_support(monkeypatch, cap):
     """The pre-pass lists, in id order, every id whose logit reaches the row's k-th largest (top-k's
     kept ids and the rest of their tie group) when there are at most SUPPORT_CAP of them, else none
-    (-1); rows without top-k list none. Tied logits make tie groups of every size at the boundary."""
+    (-1); rows without top-k list the ids whose p reaches (1 - top_p) / (2V) (top-p keeps none below),
+    and none under top_p 1. Tied logits make tie groups of every size at the boundary."""
     import dspark.triton_kernels.rejection_sampling as kernel
 
     monkeypatch.setattr(kernel, "SUPPORT_CAP", cap)
@@ -230,23 +231,27 @@ def test_triton_lists_the_top_k_support(monkeypatch, cap):
     logits = (torch.randn(rows, vocab, generator=gen) * 2).round()
     logits[1::3] = torch.randn(rows // 3, vocab, generator=gen)  # untied rows too
     top_k = torch.tensor([0, 1, 3, 5, 17, vocab, 2, 40, 1, 0, 7, 100], dtype=torch.int32)
+    top_p = torch.tensor([0.9, 0.9, 0.9, 0.9, 0.9, 0.5, 0.9, 0.9, 0.9, 1.0, 0.9, 0.9])
     device = device_of("triton")
     stats, support = kernel.row_stats(logits.to(device), torch.arange(rows + 1, dtype=torch.int32, device=device),
-                                      torch.full((rows,), 0.7, device=device), top_k.to(device),
-                                      torch.full((rows,), 0.9, device=device))
+                                      torch.full((rows,), 0.7, device=device), top_k.to(device), top_p.to(device))
     stats, support = stats.cpu(), support.cpu()
     listed = 0
-    for row, k in enumerate(top_k.tolist()):
-        n = int(stats[row, 8])
-        if not 0 < k < vocab:
+    for row, (k, top) in enumerate(zip(top_k.tolist(), top_p.tolist())):
+        n, reach = int(stats[row, 8]), None
+        if 0 < k < vocab:
+            reach = torch.nonzero(logits[row] >= logits[row].topk(k).values[-1]).flatten()
+        if (reach is None or reach.numel() > cap) and top < 1.0:  # top-p lists over the top-k-filtered p
+            probs = target_distribution(logits[row], 0.7, k, 1.0)
+            reach = torch.nonzero(probs >= (1.0 - top) / (2 * vocab)).flatten()
+        if reach is None:
             assert n == -1
             continue
-        reach = torch.nonzero(logits[row] >= logits[row].topk(k).values[-1]).flatten()
         assert n == (reach.numel() if reach.numel() <= cap else -1), row
         if n >= 0:
             assert support[row, :n].tolist() == reach.tolist(), row
             listed += 1
-    assert listed >= (3 if cap == 4 else 9)
+    assert listed >= (3 if cap == 4 else 10)
 
 
 def test_generator_draws_reproducible_uniforms(backend):

@@ -14,11 +14,14 @@ p is computed as dspark/reference/rejection_sample.py's target_distribution does
   filter), which lets the walk read p(x) of one token, stream weights for the sampling pass, etc.
 
 The support list: top-k's boundary pass also writes, in id order, the ids whose p reaches the k-th
-largest value (every id top-k keeps, and the rest of its tie group). When there are at most
-`SUPPORT_CAP` of them, every later pass over the row (top-p's searches, the walk's residual and
-sampling passes) reads only those ids: p is 0 elsewhere, so sums and inverse CDFs are unchanged and a
-pass costs O(k) instead of O(V). Functions that stream a row take its support as (support, listed, n):
-the ids support[:n] when listed, else the whole row (n = V).
+largest value (every id top-k keeps, and the rest of its tie group). Without top-k (or when its list
+overflowed), top-p lists the ids whose p (top-k-filtered) reaches floor = (1 - top_p) / (2V) in one
+pass: ids below it hold less than V * floor = (1 - top_p) / 2 of the mass, so every id ranked below
+them has more than top_p before it and top-p drops them all. When there are at most `SUPPORT_CAP`
+listed ids, every later pass over the row (top-p's searches, the walk's residual and sampling passes)
+reads only those: p is 0 elsewhere, so sums and inverse CDFs are unchanged and a pass costs O(list)
+instead of O(V). Functions that stream a row take its support as (support, listed, n): the ids
+support[:n] when listed, else the whole row (n = V).
 
 Greedy rounds only need the row's argmax (_argmax), read the same way.
 """
@@ -28,6 +31,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# Top-p lists its support (below) when 1 - top_p is at least this: far above float64's rounding of
+# the masses it compares.
+TOP_P_LIST_MARGIN = tl.constexpr(1e-6)
 COUNT_BITS = tl.constexpr(8)  # key bits per pass of the top-k search: a histogram of COUNT_BINS each
 COUNT_BINS = tl.constexpr(256)
 
@@ -264,6 +270,11 @@ def _target_distribution(row, support, V, temperature, top_k, top_p, BLOCK: tl.c
     tie2 = tl.full([], 0, tl.int64) + V
     k2 = tl.full([], 1.0, tl.float64)
     if top_p < 1.0:
+        if (n_listed < 0) & (top_p <= 1.0 - TOP_P_LIST_MARGIN):
+            floor = (1.0 - top_p) / (2.0 * V)  # top-p keeps no id below it (see the module's docstring)
+            greater, mass, ties = _boundary(row, support, False, V, V, temperature, mx, inv, t1, tie1, k1, floor,
+                                            BLOCK, True, CAP)
+            n_listed = tl.where(greater + ties <= CAP, greater + ties, -1)
         listed = n_listed >= 0
         t2, tie2, k2 = _top_p(row, support, listed, tl.where(listed, n_listed, V), V, temperature, mx, inv, t1,
                               tie1, k1, top_p, BLOCK, RADIX_BITS)
