@@ -94,10 +94,12 @@ def _load_support(row, support, listed, n, t, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _softmax_stats(row, V, temperature, BLOCK: tl.constexpr):
-    """Online max and sum over the row: m = max x / T, returns (m, 1 / sum exp(x / T - m))."""
+def _softmax_stats(row, V, temperature, with_counts, BLOCK: tl.constexpr):
+    """Online max and sum over the row: m = max x / T, returns (m, 1 / sum exp(x / T - m)) and, when
+    with_counts, the histogram of the keys' top COUNT_BITS (the top-k search's first pass, for free)."""
     mx = tl.full([], float("-inf"), tl.float64)
     total = tl.full([], 0.0, tl.float64)
+    counts = tl.zeros([COUNT_BINS], tl.int32)
     for t in range(0, V, BLOCK):
         x, key, ids, mask = _load_row(row, t, V, BLOCK)
         y = x.to(tl.float64) / temperature
@@ -106,7 +108,9 @@ def _softmax_stats(row, V, temperature, BLOCK: tl.constexpr):
         e = tl.where(y == float("-inf"), 0.0, tl.exp(y - new))
         total = total * scale + tl.sum(e, 0)
         mx = new
-    return mx, 1.0 / total
+        if with_counts:
+            counts += tl.histogram((key >> (32 - COUNT_BITS)).to(tl.int32), COUNT_BINS, mask=mask)
+    return mx, 1.0 / total, counts
 
 
 @triton.jit
@@ -126,20 +130,23 @@ def _argmax(row, V, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _kth_largest_key(row, V, k, BLOCK: tl.constexpr):
+def _kth_largest_key(row, V, k, top_counts, BLOCK: tl.constexpr):
     """The largest key y with count(key >= y) >= k, i.e. the k-th largest logit's key, COUNT_BITS per
     pass from the top: a pass histograms the next digit of the keys whose higher digits equal the
-    prefix found so far; `above` counts the keys already known to be larger than the prefix."""
+    prefix found so far (top_counts: the first digit's, counted in the softmax pass); `above` counts
+    the keys already known to be larger than the prefix."""
     digits = tl.arange(0, COUNT_BINS)
     prefix = tl.full([], 0, tl.int64)
     above = tl.full([], 0, tl.int64)
     for level in tl.static_range(32 // COUNT_BITS):
         shift = 32 - COUNT_BITS * (level + 1)
-        counts = tl.zeros([COUNT_BINS], tl.int32)
-        for t in range(0, V, BLOCK):
-            x, key, ids, mask = _load_row(row, t, V, BLOCK)
-            same = mask & ((key >> (shift + COUNT_BITS)) == (prefix >> (shift + COUNT_BITS)))
-            counts += tl.histogram(((key >> shift) & (COUNT_BINS - 1)).to(tl.int32), COUNT_BINS, mask=same)
+        counts = top_counts
+        if level > 0:
+            counts = tl.zeros([COUNT_BINS], tl.int32)
+            for t in range(0, V, BLOCK):
+                x, key, ids, mask = _load_row(row, t, V, BLOCK)
+                same = mask & ((key >> (shift + COUNT_BITS)) == (prefix >> (shift + COUNT_BITS)))
+                counts += tl.histogram(((key >> shift) & (COUNT_BINS - 1)).to(tl.int32), COUNT_BINS, mask=same)
         counts64 = counts.to(tl.int64)
         at_or_above = above + tl.sum(counts64, 0) - tl.cumsum(counts64, 0) + counts64  # keys >= digit d
         digit = tl.sum((at_or_above >= k).to(tl.int64), 0) - 1  # digit 0 always holds (the prefix did)
@@ -192,10 +199,10 @@ def _nth_tie(row, support, listed, n, V, temperature, mx, inv, t1, tie1, k1, v, 
 
 
 @triton.jit
-def _top_k(row, support, V, temperature, mx, inv, k, BLOCK: tl.constexpr, CAP: tl.constexpr):
+def _top_k(row, support, V, temperature, mx, inv, k, top_counts, BLOCK: tl.constexpr, CAP: tl.constexpr):
     """Top-k cut (t1, last tie id, kept mass, support length or -1): p of the k-th largest logit, ties
     to the lower ids; the ids with p >= t1 are listed in support when at most CAP."""
-    x_k = _unkey(_kth_largest_key(row, V, k, BLOCK))
+    x_k = _unkey(_kth_largest_key(row, V, k, top_counts, BLOCK))
     t1 = tl.exp(x_k.to(tl.float64) / temperature - mx) * inv
     off = tl.full([], -1.0, tl.float64)
     greater, mass, ties = _boundary(row, support, False, V, V, temperature, mx, inv, off, V, 1.0, t1, BLOCK,
@@ -259,13 +266,14 @@ def _target_distribution(row, support, V, temperature, top_k, top_p, BLOCK: tl.c
                          RADIX_BITS: tl.constexpr, CAP: tl.constexpr):
     """The scalars of p = target_distribution(row) (see _probs), and the length of its support list
     (-1: not listed, the support is the whole row)."""
-    mx, inv = _softmax_stats(row, V, temperature, BLOCK)
+    filtered = (top_k > 0) & (top_k < V)
+    mx, inv, top_counts = _softmax_stats(row, V, temperature, filtered, BLOCK)
     t1 = tl.full([], -1.0, tl.float64)
     tie1 = tl.full([], 0, tl.int64) + V
     k1 = tl.full([], 1.0, tl.float64)
     n_listed = tl.full([], -1, tl.int64)
-    if (top_k > 0) & (top_k < V):
-        t1, tie1, k1, n_listed = _top_k(row, support, V, temperature, mx, inv, top_k, BLOCK, CAP)
+    if filtered:
+        t1, tie1, k1, n_listed = _top_k(row, support, V, temperature, mx, inv, top_k, top_counts, BLOCK, CAP)
     t2 = tl.full([], -1.0, tl.float64)
     tie2 = tl.full([], 0, tl.int64) + V
     k2 = tl.full([], 1.0, tl.float64)
