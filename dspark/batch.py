@@ -79,8 +79,11 @@ class RowState:
         self.top_p = torch.ones(rows, dtype=torch.float32, device=device)
         self.seed = torch.zeros(rows, dtype=torch.int64, device=device)
         self.offset = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.sampled: set[int] = set()  # rows of requests with temperature > 0: the ones that read offsets
 
     def join(self, row: int, params, offset: int) -> None:
+        if params.temperature > 0:
+            self.sampled.add(row)
         self.temperature[row] = params.temperature
         self.top_k[row] = params.top_k
         self.top_p[row] = params.top_p
@@ -88,9 +91,12 @@ class RowState:
         self.offset[row] = offset
 
     def leave(self, row: int) -> None:
+        self.sampled.discard(row)
         self.temperature[row], self.top_k[row], self.top_p[row] = 0.0, 0, 1.0
         self.seed[row] = self.offset[row] = 0
 
     def advance(self, qo_indptr: torch.Tensor) -> None:
-        """One more round for every row that had tokens in it."""
-        self.offset += (qo_indptr[1:] > qo_indptr[:-1]).to(torch.int64)
+        """One more round for every row that had tokens in it. Greedy rows never read their offset, so
+        a round of greedy rows only skips the update (a row's offset is set again when it joins)."""
+        if self.sampled:
+            self.offset += (qo_indptr[1:] > qo_indptr[:-1]).to(torch.int64)

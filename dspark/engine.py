@@ -67,6 +67,7 @@ class Engine:
         # One request order for every op of a round: the cache's rows. by_row[row] is the request there.
         self.by_row: list[Request | None] = [None] * max_batch
         self.rows = RowState(max_batch, model.device)
+        self.sampler = ops.plan_rejection_sample(model.device)
         self.free_rows = list(range(max_batch - 1, -1, -1))
         self.next_id = 0
         self.finished: dict[int, Request] = {}
@@ -266,10 +267,10 @@ class Engine:
             flat_parents = torch.tensor([x for n, pa in zip(nodes, parents) for x in (pa or range(-1, len(n) - 1))],
                                         dtype=torch.int32, device=device)
         s = self.rows
-        path_nodes, counts, emitted = ops.rejection_sample(
+        path_nodes, counts, emitted = self.sampler.run(
             logits, torch.tensor([t for n in nodes for t in n], dtype=torch.int64, device=device), qo_indptr,
-            flat_parents, draft_probs, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
-            offset=s.offset, max_nodes=max(len(n) for n in nodes), draft_vocab=draft_vocab, trusted=True)
+            flat_parents, draft_probs, s.temperature, s.top_k, s.top_p, s.seed, s.offset,
+            max(len(n) for n in nodes), draft_vocab)
         s.advance(qo_indptr)
         return path_nodes.cpu(), counts.cpu(), emitted.cpu()
 

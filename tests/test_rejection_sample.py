@@ -74,6 +74,36 @@ def test_greedy_ties_pick_the_lowest_id(backend):
     assert out.tolist() == [[2, -1]] and count.tolist() == [1]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vocab", [1, 15, 16, 17, 333, 4099])
+def test_greedy_bonus_is_torch_argmax(backend, dtype, vocab):
+    """A lone anchor per request emits torch.argmax of its row (the first maximum). Rows: random, ties
+    spread over the row, the maximum in the tail past the last full vector. The C++ kernel, which a
+    trusted caller may hand +inf, NaN and rows of -inf, also follows torch there (the first NaN wins)."""
+    gen = torch.Generator().manual_seed(vocab)
+    rows = [torch.randn(vocab, generator=gen) for _ in range(3)]
+    rows.append((torch.randn(vocab, generator=gen) * 2).round())
+    tail = torch.randn(vocab, generator=gen)
+    tail[-1] = 9.0
+    rows.append(tail)
+    trusted = backend == "cpu"
+    if trusted:
+        inf, nan_body, nan_tail = (torch.randn(vocab, generator=gen) for _ in range(3))
+        inf[vocab // 2] = float("inf")
+        rows += [inf, torch.full((vocab,), float("-inf"))]
+        nan_body[vocab // 3] = float("nan")
+        nan_body[-1] = float("nan")
+        nan_tail[-1] = float("nan")
+        rows += [nan_body, nan_tail]
+    logits = torch.stack(rows).to(dtype)
+    count = logits.shape[0]
+    expected = [int(torch.argmax(row.float())) for row in logits]
+    device = device_of(backend)
+    args = on(device, logits, torch.zeros(count, dtype=torch.int64), torch.arange(count + 1, dtype=torch.int32))
+    _, _, out = cpu(ops.rejection_sample(*args, temperature=0.0, backend=backend, trusted=trusted))
+    assert out[:, 0].tolist() == expected
+
+
 def _random_batch(seed: int, vocab: int, num_requests: int, chain: bool, stochastic: bool, tied: bool = False):
     gen = torch.Generator().manual_seed(seed)
     rnd = random_round(gen, num_requests, max_nodes=16, max_committed=0, chain=chain, min_nodes=1)
@@ -252,6 +282,35 @@ def test_triton_lists_the_top_k_support(monkeypatch, cap):
             assert support[row, :n].tolist() == reach.tolist(), row
             listed += 1
     assert listed >= (3 if cap == 4 else 10)
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_plan_runs_the_op(backend, stochastic):
+    """plan_rejection_sample(...).run, the engine's path, returns what the op returns (seeded trees with
+    greedy and sampled requests, top-k and top-p), and still refuses shapes the kernel would misread."""
+    n = TRITON_REQUESTS if backend == "triton" else 12
+    batch, _ = _random_batch(21, 200, n, chain=False, stochastic=stochastic)
+    device = device_of(backend)
+    batch = _to(device, batch)
+    seed, offset = torch.arange(n, device=device) * 31 + 7, torch.full((n,), 2, device=device)
+    expected = cpu(ops.rejection_sample(**batch, seed=seed, offset=offset, max_nodes=16, backend=backend))
+    plan = ops.plan_rejection_sample(device, backend=backend)
+    args = [batch[k] for k in ("target_logits", "draft_tokens", "qo_indptr", "parents", "draft_probs", "temperature",
+                               "top_k", "top_p")]
+    got = cpu(plan.run(*args, seed, offset, 16))
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    with pytest.raises(ValueError, match="temperature"):
+        plan.run(*args[:5], batch["temperature"][:-1], *args[6:], seed, offset, 16)
+    with pytest.raises(ValueError, match="seed"):
+        plan.run(*args, seed.int(), offset, 16)
+
+
+def test_plan_refuses_another_device():
+    plan = ops.plan_rejection_sample("meta")
+    with pytest.raises(ValueError, match="plan's device"):
+        plan.run(torch.zeros(1, 4), torch.zeros(1, dtype=torch.int64), torch.tensor([0, 1], dtype=torch.int32), None,
+                 None, torch.zeros(1), torch.zeros(1, dtype=torch.int32), torch.ones(1),
+                 torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), 1)
 
 
 def test_generator_draws_reproducible_uniforms(backend):

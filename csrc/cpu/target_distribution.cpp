@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -22,11 +23,8 @@ namespace {
 
 // torch.argmax semantics: the first maximum; a NaN counts as the maximum (the first NaN wins).
 template <typename T>
-int64_t argmax_row(const T* x, int64_t vocab) {
-  int64_t best = 0;
-  float best_value = load_float(x, 0);
-  if (best_value != best_value) return 0;
-  for (int64_t i = 1; i < vocab; ++i) {
+int64_t argmax_row_scalar(const T* x, int64_t from, int64_t vocab, int64_t best, float best_value) {
+  for (int64_t i = from; i < vocab; ++i) {
     const float v = load_float(x, i);
     if (v != v) return i;
     if (v > best_value) {
@@ -35,6 +33,50 @@ int64_t argmax_row(const T* x, int64_t vocab) {
     }
   }
   return best;
+}
+
+// The same in 16 float lanes: each lane keeps its first maximum (strictly greater replaces), then the
+// lowest id among the lanes holding the row's maximum. A NaN anywhere in the vector body sends the
+// row to the scalar loop, which returns the first one.
+template <typename T>
+int64_t argmax_row(const T* x, int64_t vocab) {
+  constexpr int kWidth = 16;
+  typedef float VecF __attribute__((vector_size(kWidth * sizeof(float))));
+  typedef int32_t VecI __attribute__((vector_size(kWidth * sizeof(int32_t))));
+  const int64_t body = vocab - vocab % kWidth;
+  if (body == 0 || vocab > INT32_MAX) return argmax_row_scalar(x, 1, vocab, 0, load_float(x, 0));
+  auto load = [x](int64_t i) {
+    float lanes[kWidth];
+    for (int j = 0; j < kWidth; ++j) lanes[j] = load_float(x, i + j);
+    VecF v;
+    std::memcpy(&v, lanes, sizeof(v));
+    return v;
+  };
+  VecI ids;
+  for (int j = 0; j < kWidth; ++j) ids[j] = j;
+  VecF best = load(0);
+  VecI best_id = ids;
+  VecI nan = best != best;
+  for (int64_t i = kWidth; i < body; i += kWidth) {
+    ids += kWidth;
+    const VecF v = load(i);
+    nan |= v != v;
+    const VecI better = v > best;
+    best = (VecF)((better & (VecI)v) | (~better & (VecI)best));
+    best_id = (better & ids) | (~better & best_id);
+  }
+  bool any_nan = false;
+  float top = best[0];
+  for (int j = 0; j < kWidth; ++j) {
+    any_nan |= nan[j] != 0;
+    top = best[j] > top ? best[j] : top;
+  }
+  if (any_nan) return argmax_row_scalar(x, 1, vocab, 0, load_float(x, 0));
+  int64_t first = vocab;
+  for (int j = 0; j < kWidth; ++j) {
+    if (best[j] == top && best_id[j] < first) first = best_id[j];
+  }
+  return argmax_row_scalar(x, body, vocab, first, top);  // the tail (and its NaNs) in order
 }
 
 }  // namespace

@@ -130,8 +130,15 @@ def _rejection_sample_op(
 
         return triton_rejection_sample(target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature,
                                        top_k, top_p, uniforms, seed, offset, max_nodes)
+    return _run_extension(chosen, target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature, top_k,
+                          top_p, uniforms, seed, offset, max_nodes, draft_vocab)
+
+
+def _run_extension(chosen, target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature, top_k, top_p,
+                   uniforms, seed, offset, max_nodes, draft_vocab):
+    """The C++ (chosen == "cpu") or CUDA kernel on checked shapes; they write caller-allocated outputs."""
     num_requests = qo_indptr.shape[0] - 1
-    device = target_logits.device  # the C++ backends write into caller-allocated outputs
+    device = target_logits.device
     accepted_nodes = torch.empty(num_requests, max_nodes, dtype=torch.int32, device=device)
     num_accepted = torch.empty(num_requests, dtype=torch.int32, device=device)
     output_tokens = torch.empty(num_requests, max_nodes, dtype=torch.int64, device=device)
@@ -192,6 +199,43 @@ def _filters_on(top_k, top_p) -> bool | None:
         return bool((k > 0).any()) or bool((p < 1).any())
     except (TypeError, RuntimeError):  # a malformed value: _per_request names it
         return None
+
+
+class RejectionSamplePlan:
+    """rejection_sample for a caller that builds every round's inputs itself (the engine): the backend is
+    chosen once, by `plan_rejection_sample`, and `run` takes the op's own tensor forms only, so it skips
+    the wrapper's argument handling and, on the C++ backend, the custom-op dispatch. Shapes, dtypes and
+    devices are still checked (the kernels index by them); values are not, as with `trusted=True`."""
+
+    def __init__(self, backend: str, device: torch.device):
+        self.backend, self.device = backend, device
+
+    def run(self, target_logits: torch.Tensor, draft_tokens: torch.Tensor, qo_indptr: torch.Tensor,
+            parents: torch.Tensor | None, draft_probs: torch.Tensor | None, temperature: torch.Tensor,
+            top_k: torch.Tensor, top_p: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor, max_nodes: int,
+            draft_vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One round: draft_tokens int64 [T], qo_indptr int32 [R + 1], parents int32 [T] or None, draft_probs
+        [T, V] (or [T, V_d] over draft_vocab) or None, temperature float32 / top_k int32 / top_p float32 /
+        seed and offset int64, each [R], on the planned device. Returns what rejection_sample returns."""
+        if target_logits.device != self.device:
+            v.fail(f"target_logits must be on {self.device} (the plan's device), got {target_logits.device}")
+        if self.backend != "cpu":
+            return torch.ops.dspark.rejection_sample(target_logits, draft_tokens, qo_indptr, parents, draft_probs,
+                                                     temperature, top_k, top_p, None, seed, offset, max_nodes,
+                                                     self.backend, draft_vocab, True)
+        _check_shapes(target_logits, draft_tokens, qo_indptr, parents, draft_probs, temperature, top_k, top_p, None,
+                      seed, offset, max_nodes, draft_vocab)
+        return _run_extension("cpu", target_logits, draft_tokens.long(), qo_indptr, parents, draft_probs,
+                              temperature, top_k, top_p, None, seed, offset, max_nodes, draft_vocab)
+
+
+def plan_rejection_sample(device: torch.device | str, backend: str | None = None) -> RejectionSamplePlan:
+    """A RejectionSamplePlan for tensors on `device`; backend as rejection_sample's `backend=` (default:
+    the fastest available, or DSPARK_BACKEND), chosen now."""
+    device = torch.device(device)
+    if backend is not None:
+        check_backend_name(backend)
+    return RejectionSamplePlan(choose_backend(backend, device), device)
 
 
 def rejection_sample(
