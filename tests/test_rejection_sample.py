@@ -88,9 +88,10 @@ def test_greedy_bonus_is_torch_argmax(backend, dtype, vocab):
     rows.append(tail)
     trusted = backend == "cpu"
     if trusted:
-        inf, nan_body, nan_tail = (torch.randn(vocab, generator=gen) for _ in range(3))
+        inf, nan_body, nan_tail, nan_first = (torch.randn(vocab, generator=gen) for _ in range(4))
         inf[vocab // 2] = float("inf")
-        rows += [inf, torch.full((vocab,), float("-inf"))]
+        nan_first[0] = nan_first[-1] = float("nan")
+        rows += [inf, torch.full((vocab,), float("-inf")), nan_first, torch.full((vocab,), float("nan"))]
         nan_body[vocab // 3] = float("nan")
         nan_body[-1] = float("nan")
         nan_tail[-1] = float("nan")

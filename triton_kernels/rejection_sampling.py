@@ -3,8 +3,8 @@
 The executable spec is dspark/reference/rejection_sample.py; csrc/cpu/rejection_sample.cpp is the same
 algorithm in C++. First one program per node row reduces that row to what the walk needs: its argmax
 for a greedy request, else the scalars of its target distribution p (sampling_distribution.py:
-softmax, top-k and top-p without a sort) and, under top-k, the list of the ids where p can be
-nonzero. Rows are independent, so this runs at T-way parallelism instead of inside the walk; it also
+softmax, top-k and top-p without a sort) and, under top-k or top-p, the list of the ids where p
+can be nonzero (when it is short enough). Rows are independent, so this runs at T-way parallelism instead of inside the walk; it also
 reduces rows the walk will not reach, which costs idle SMs rather than time. Then one program per
 request walks its chain or tree from the anchor with those scalars, streaming a row (or only its
 listed ids) again only to judge against or sample from a residual.
@@ -285,8 +285,8 @@ def _walk_sampled(logits_ptr, q_ptr, stats_ptr, support_ptr, tokens_ptr, parents
 def _row_stats_kernel(logits_ptr, indptr_ptr, temperature_ptr, top_k_ptr, top_p_ptr, stats_ptr, support_ptr, R, V,
                       BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr, CAP: tl.constexpr):
     """One program per node row: stats[t] = (argmax, 0, ...) for a greedy request, else the eight
-    scalars of p (mx, 1 / sum, t1, tie1, k1, t2, tie2, k2; the tie ids are exact in float64) and the
-    length of its support list in support[t] (-1: the whole row)."""
+    scalars of p (mx, 1 / sum, t1, tie1, k1, t2, tie2, k2; the tie ids are exact in float64) and, in
+    stats[t, 8], the length of the support list whose ids it wrote to support[t] (-1: none, the whole row)."""
     t = tl.program_id(0).to(tl.int64)
     lo = tl.full([], 0, tl.int64)  # the request r with indptr[r] <= t < indptr[r + 1]
     hi = tl.full([], 0, tl.int64) + R

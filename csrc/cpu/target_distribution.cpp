@@ -43,8 +43,10 @@ int64_t argmax_row(const T* x, int64_t vocab) {
   constexpr int kWidth = 16;
   typedef float VecF __attribute__((vector_size(kWidth * sizeof(float))));
   typedef int32_t VecI __attribute__((vector_size(kWidth * sizeof(int32_t))));
+  const float first_value = load_float(x, 0);
+  if (first_value != first_value) return 0;  // the scalar loop below starts at id 1
   const int64_t body = vocab - vocab % kWidth;
-  if (body == 0 || vocab > INT32_MAX) return argmax_row_scalar(x, 1, vocab, 0, load_float(x, 0));
+  if (body == 0 || vocab > INT32_MAX) return argmax_row_scalar(x, 1, vocab, 0, first_value);
   auto load = [x](int64_t i) {
     float lanes[kWidth];
     for (int j = 0; j < kWidth; ++j) lanes[j] = load_float(x, i + j);
@@ -71,7 +73,7 @@ int64_t argmax_row(const T* x, int64_t vocab) {
     any_nan |= nan[j] != 0;
     top = best[j] > top ? best[j] : top;
   }
-  if (any_nan) return argmax_row_scalar(x, 1, vocab, 0, load_float(x, 0));
+  if (any_nan) return argmax_row_scalar(x, 1, vocab, 0, first_value);
   int64_t first = vocab;
   for (int j = 0; j < kWidth; ++j) {
     if (best[j] == top && best_id[j] < first) first = best_id[j];

@@ -233,6 +233,8 @@ def plan_rejection_sample(device: torch.device | str, backend: str | None = None
     """A RejectionSamplePlan for tensors on `device`; backend as rejection_sample's `backend=` (default:
     the fastest available, or DSPARK_BACKEND), chosen now."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # tensors on "cuda" report their index
+        device = torch.device("cuda", torch.cuda.current_device())
     if backend is not None:
         check_backend_name(backend)
     return RejectionSamplePlan(choose_backend(backend, device), device)
