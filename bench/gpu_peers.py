@@ -128,20 +128,26 @@ def _torch_greedy(x: SampleInputs):
 
 
 def _flashinfer_chain_sampling(x: SampleInputs):
-    """FlashInfer's chain_speculative_sampling (after a softmax of the target logits, which it needs)."""
+    """FlashInfer's chain_speculative_sampling after a softmax of the target logits (which it needs) and,
+    with top-k/top-p, its renormalising filters (top-k, then top-p on the renormalised top-k, as ours)."""
     try:
         import flashinfer.sampling
     except Exception as error:
         raise Unavailable(f"flashinfer: {type(error).__name__}: {error}") from None
-    if x.parents is not None or x.draft_probs is None or x.kwargs:
-        raise Unavailable("plain sampled chains only (no top-k/top-p)")
+    if x.parents is not None or x.draft_probs is None or set(x.kwargs) - {"top_k", "top_p"}:
+        raise Unavailable("sampled chains only")
     R, n, V = x.qo_indptr.numel() - 1, x.nodes, x.logits.shape[1]
     draft_ids = x.tokens.view(R, n)[:, 1:].to(torch.int32).contiguous()
     draft_probs = x.draft_probs.view(R, n, V)[:, :-1].contiguous()  # node i's token came from row i - 1
+    top_k, top_p = x.kwargs.get("top_k"), x.kwargs.get("top_p")
 
     def call():
-        target = torch.softmax(x.logits.view(R, n, V), -1)
-        return flashinfer.sampling.chain_speculative_sampling(draft_probs, draft_ids, target)
+        target = torch.softmax(x.logits, -1)
+        if top_k is not None:
+            target = flashinfer.sampling.top_k_renorm_probs(target, top_k)
+        if top_p is not None:
+            target = flashinfer.sampling.top_p_renorm_probs(target, top_p)
+        return flashinfer.sampling.chain_speculative_sampling(draft_probs, draft_ids, target.view(R, n, V))
 
     return call
 
