@@ -265,15 +265,15 @@ class ThroughputGate:
             # Settles the sources whose decision this round was to explore plain decoding. A source that was
             # to explore drafting but did not draft (another gate vetoed every request) was not measured:
             # its trial is dropped, its wait unchanged.
-            pending = {}
+            pending = []  # exploring plain means drafting was the better arm before this round
             for key in [k for k, exploring in self.exploring.items() if k[0] == bucket and exploring]:
                 if self._best(*key):
-                    pending[key] = True
+                    pending.append(key)
                 else:
                     del self.exploring[key]
             self._update((bucket, self.PLAIN), rate, per_request)
-            for key, before in pending.items():
-                self._settle(key, before)
+            for key in pending:
+                self._settle(key, True)
             return
         for source in sources or (DEFAULT_SOURCE,):
             key = (bucket, source)
