@@ -47,6 +47,9 @@ class Recording(VerificationPolicy):
     def __init__(self, inner):
         self.inner, self.lengths = inner, []
 
+    def may_draft(self, batch):
+        return self.inner.may_draft(batch)
+
     def should_draft(self, requests, sources=None):
         return self.inner.should_draft(requests, sources)
 

@@ -367,7 +367,19 @@ void llama_decoder_layers(at::Tensor& hidden, const std::vector<std::optional<at
   if (num_captured > 0) {
     TORCH_CHECK_VALUE(captured.has_value(), "captured is required when a layer is captured");
     expect(*captured, dtype, "captured");
-    TORCH_CHECK_VALUE(captured->numel() == rows * num_captured * hidden_size, "captured must be [rows, n * hidden]");
+    TORCH_CHECK_VALUE(captured->is_contiguous(), "captured must be contiguous");
+    const int64_t width = num_captured * hidden_size;
+    if (captured->dim() == 4) {  // a side cache [R, S, 1, width]: each token lands at (write_rows, write_slots)
+      TORCH_CHECK_VALUE(captured->size(2) == 1 && captured->size(3) == width,
+                        "a captured side cache must be [R, S, 1, n * hidden]");
+      for (int64_t t = 0; t < rows; ++t) {
+        TORCH_CHECK_VALUE(wr[t] < captured->size(0) && ws[t] < captured->size(1),
+                          "write_rows/write_slots outside the captured side cache at row ", t);
+      }
+      p.capture_slots_per_row = captured->size(1);
+    } else {
+      TORCH_CHECK_VALUE(captured->numel() == rows * width, "captured must be [rows, n * hidden] or [R, S, 1, n * hidden]");
+    }
     p.captured = captured->data_ptr();
   }
   p.capture_slot = slots.data();

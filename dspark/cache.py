@@ -72,17 +72,36 @@ class KVCache:
 
 class SideCache:
     """Per-token side data (e.g. target hidden states a drafter is conditioned on), [rows, S_max, 1, width],
-    written at the round's slots like K/V and compacted by the same kv_rollback, with its own lengths."""
+    written at the round's slots like K/V and compacted by the same kv_rollback. Its lengths are its own,
+    or a KV cache's (`seqlens=kv.seqlens`: the engine's captured hidden states, always as long as the K/V);
+    shared lengths are the KV cache's to advance, so rollback then compacts the data alone and must run
+    before the KV cache's."""
 
-    def __init__(self, rows: int, max_seq_len: int, width: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    def __init__(self, rows: int, max_seq_len: int, width: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 seqlens: torch.Tensor | None = None):
         self.data = torch.zeros(rows, max_seq_len, 1, width, dtype=dtype, device=device)
-        self.seqlens = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.shares_lengths = seqlens is not None
+        if seqlens is not None and (seqlens.shape != (rows,) or seqlens.dtype != torch.int32
+                                    or seqlens.device != self.data.device):
+            raise ValueError(f"seqlens must be int32 [{rows}] on {self.data.device}")
+        self.seqlens = seqlens if seqlens is not None else torch.zeros(rows, dtype=torch.int32, device=device)
 
     def write(self, rows: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+        if values.dim() != 2 or values.shape[1] != self.data.shape[3]:
+            raise ValueError(f"values must be [tokens, {self.data.shape[3]}] for this side cache, got {list(values.shape)}")
         self.data[rows, slots, 0] = values.to(self.data.dtype)
 
     def rollback(self, accepted_nodes: torch.Tensor, num_accepted: torch.Tensor) -> None:
-        ops.kv_rollback(self.data, None, self.seqlens, accepted_nodes, num_accepted)
+        seqlens = self.seqlens.clone() if self.shares_lengths else self.seqlens
+        ops.kv_rollback(self.data, None, seqlens, accepted_nodes, num_accepted)
+
+    def append(self, row: int, values: torch.Tensor) -> None:
+        """values [m, width] at a row's next m positions (a drafter driven without an engine, as in tests)."""
+        if self.shares_lengths:
+            raise ValueError("a side cache sharing a KV cache's lengths is written by the rounds, not appended to")
+        start = int(self.seqlens[row])
+        self.data[row, start: start + values.shape[0], 0] = values.to(self.data.dtype)
+        self.seqlens[row] += values.shape[0]
 
     def committed(self, row: int, start: int, end: int) -> torch.Tensor:
         """[end - start, width]: the side data of committed positions start..end-1 of a row."""

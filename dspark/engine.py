@@ -51,13 +51,14 @@ class Engine:
         self.max_seq_len = max_seq_len
         self.cache = KVCache(c.num_layers, max_batch, max_seq_len, c.num_kv_heads, c.head_dim, model.dtype,
                              model.device, block_size=block_size)
-        if drafter is not None:
-            drafter.bind(max_batch, max_seq_len, c.vocab_size)
         # Drafters conditioned on the target (DSpark) name the layers whose residual stream they read;
-        # those hidden states are kept per committed token in a side cache, rolled back like K/V.
+        # those hidden states are kept per committed token in a side cache as long as the K/V (it shares
+        # their lengths), rolled back like them, and read by the drafter when it needs them.
         self.capture_layers = tuple(drafter.capture_layers) if drafter is not None else ()
         self.hidden_cache = SideCache(max_batch, max_seq_len, c.hidden_size * len(self.capture_layers), model.dtype,
-                                      model.device) if self.capture_layers else None
+                                      model.device, seqlens=self.cache.seqlens) if self.capture_layers else None
+        if drafter is not None:
+            drafter.bind(max_batch, max_seq_len, c.vocab_size, self.hidden_cache)
         eos = set(c.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -184,14 +185,10 @@ class Engine:
         start = time.perf_counter()
         rnd = build_round(self.cache.rows, [(r.row, r.prompt[r.prefilled: r.prefilled + n], None) for r, n in chunks],
                           self.cache.seqlens.tolist(), self.model.device, prefill=True)
-        hidden, captured = self.model.forward(self.cache, rnd, self.capture_layers)
-        if self.hidden_cache is not None:
-            self.hidden_cache.write(rnd.write_rows, rnd.write_slots, torch.cat(captured, dim=-1))
+        hidden = self._forward(rnd)
         for r, n in chunks:
             r.prefilled += n
             self.cache.seqlens[r.row] = r.prefilled
-            if self.hidden_cache is not None:
-                self.hidden_cache.seqlens[r.row] = r.prefilled
         done = [i for i, (r, _) in enumerate(chunks) if r.prefilled == len(r.prompt)]
         admitted = [chunks[i][0] for i in done]
         events = []
@@ -210,9 +207,7 @@ class Engine:
                 r.rounds += 1
                 events.append(self._emit(r, [int(tokens[r.row, 0])]))
                 if r.finish_reason is None and self.drafter is not None:
-                    hidden_prompt = None if self.hidden_cache is None else \
-                        self.hidden_cache.committed(r.row, 0, len(r.prompt))
-                    self.drafter.start(r, hidden_prompt)
+                    self.drafter.start(r)
                 self.by_row[r.row] = r  # running only once the drafter holds its state
         self.stats.prefill_time += time.perf_counter() - start
         self.stats.prompt_tokens += sum(n for _, n in chunks)
@@ -231,9 +226,7 @@ class Engine:
         parents = [None if p.parents is None else [-1] + p.parents for p in proposals]
         rnd = build_round(self.cache.rows, [(r.row, n, pa) for r, n, pa in zip(requests, nodes, parents)],
                           self.cache.seqlens.tolist(), self.model.device)
-        hidden, captured = self.model.forward(self.cache, rnd, self.capture_layers)
-        if self.hidden_cache is not None:
-            self.hidden_cache.write(rnd.write_rows, rnd.write_slots, torch.cat(captured, dim=-1))
+        hidden = self._forward(rnd)
         # Rows are in the round's order and idle rows have no tokens: every hidden state is a running node.
         path_nodes, counts, emitted = self._verify(self.model.logits(hidden), rnd.qo_indptr, nodes, parents,
                                                    *self._draft_probs(requests, proposals, nodes))
@@ -253,9 +246,15 @@ class Engine:
             r.stats.record_round(len(proposal.tokens), m - 1, node_parents)
             events.append(self._emit(r, emitted[r.row, :m].tolist()))
         if self.drafter is not None:
-            self.drafter.accept(requests, paths, self._accepted_hidden(requests, paths))
+            self.drafter.accept(requests, paths)
         self._retire_finished()
         return events
+
+    def _forward(self, rnd) -> torch.Tensor:
+        """The target over the round; the drafter's captured layers go straight into the side cache."""
+        if self.hidden_cache is None:
+            return self.model.forward(self.cache, rnd)[0]
+        return self.model.forward_capturing(self.cache, rnd, self.capture_layers, self.hidden_cache)
 
     def _verify(self, logits: torch.Tensor, qo_indptr: torch.Tensor, nodes: list[list[int]], parents, draft_probs,
                 draft_vocab):
@@ -277,7 +276,7 @@ class Engine:
     def _propose(self, requests: list[Request]) -> list[Proposal]:
         """Drafts of the requests the policy wants drafted (all, unless it has should_draft)."""
         self._drafted, self._draft_sources = False, ()
-        if self.drafter is None:
+        if self.drafter is None or not self.policy.may_draft(len(requests)):
             return [Proposal([]) for _ in requests]
         sources = [self.drafter.source_for(r) for r in requests]
         wanted = self.policy.should_draft(requests, sources)
@@ -317,13 +316,6 @@ class Engine:
             at += len(n)
         return out, draft_vocab
 
-    def _accepted_hidden(self, requests, paths) -> list[torch.Tensor] | None:
-        """Per request, the captured target hidden states of its accepted nodes, [m, width]."""
-        if self.hidden_cache is None:
-            return None
-        ends = self.hidden_cache.seqlens.tolist()
-        return [self.hidden_cache.committed(r.row, ends[r.row] - len(p), ends[r.row]) for r, p in zip(requests, paths)]
-
     def _rollback(self, path_nodes: torch.Tensor, counts: torch.Tensor) -> None:
         """kv_rollback on the row-indexed outputs (idle rows accepted nothing and stay as they are)."""
         width = path_nodes.shape[1]
@@ -334,16 +326,13 @@ class Engine:
             prefix = bool(((path_nodes == columns) | (columns >= counts[:, None])).all())
         if prefix:
             # Every accepted path is the prefix 0..m-1 (plain decoding, fully accepted chains): kv_rollback
-            # would move nothing and only advance the lengths.
-            advance = counts.to(device, torch.int32)
-            self.cache.seqlens += advance
-            if self.hidden_cache is not None:
-                self.hidden_cache.seqlens += advance
+            # would move nothing and only advance the lengths (the side cache's are the same tensor).
+            self.cache.seqlens += counts.to(device, torch.int32)
             return
         path_nodes, counts = path_nodes.to(device), counts.to(device)
-        self.cache.rollback(path_nodes, counts)
-        if self.hidden_cache is not None:
+        if self.hidden_cache is not None:  # first: it reads the lengths the KV rollback advances
             self.hidden_cache.rollback(path_nodes, counts)
+        self.cache.rollback(path_nodes, counts)
 
     # -- emission and stopping ----------------------------------------------------------------------
     def _emit(self, r: Request, tokens: list[int]) -> Event:
@@ -377,8 +366,6 @@ class Engine:
         self.by_row[r.row] = None
         self.rows.leave(r.row)
         self.cache.free(r.row)
-        if self.hidden_cache is not None:
-            self.hidden_cache.seqlens[r.row] = 0
         self.free_rows.append(r.row)
 
     def _retire_finished(self) -> None:

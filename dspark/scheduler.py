@@ -24,6 +24,12 @@ from dspark.drafters.base import DEFAULT_SOURCE, Proposal
 class VerificationPolicy(abc.ABC):
     """How many draft nodes each request verifies this round; which requests draft at all."""
 
+    def may_draft(self, batch: int) -> bool:
+        """False when no request of this round (of `batch` requests) will draft whatever source would speak
+        for it: the engine then asks neither the drafter nor should_draft (default: True). Reads earlier
+        rounds only."""
+        return True
+
     def should_draft(self, requests: list, sources: list[str] | None = None) -> list[bool]:
         """Per request, whether to ask the drafter for a proposal this round (default: all); sources:
         per request, which of the drafter's sources would speak (Drafter.source_for). Must read earlier
@@ -238,6 +244,27 @@ class ThroughputGate:
             cost = (draft_yield / plain_yield) * (plain_rate / draft_rate - 1.0)
         return math.ceil(cost / self.explore_cost)
 
+    def _served(self, key: tuple[int, str]) -> tuple[int, int]:
+        """(rounds of its bucket before key's next exploration, the wait stored for it)."""
+        wait = self.wait.get(key) or self._nearest(self.wait, *key) or self.explore_every
+        return min(max(wait, self._least_wait(*key)), self.max_wait), wait
+
+    def quiet(self, batch: int) -> bool:
+        """Whether no source known so far would draft in a round of this batch size: each prefers plain
+        decoding in its bucket and its next exploration is not due. Such a round is counted towards every
+        known source's exploration (as though each would have spoken in it), so that the caller need not
+        ask which source speaks; a round that is not quiet is left to should_draft. A source never seen
+        yet is found at the next round that is not quiet (at most max_wait rounds on)."""
+        bucket = self.bucket(batch)
+        sources = {arm for _, arm in self.rates if arm != self.PLAIN}
+        keys = [(bucket, source) for source in sources]
+        if not keys or any(self._best(*key) is not False or self.since_other.get(key, 0) + 1 >= self._served(key)[0]
+                           for key in keys):
+            return False
+        for key in keys:
+            self.since_other[key] = self.since_other.get(key, 0) + 1
+        return True
+
     def should_draft(self, batch: int, source: str = DEFAULT_SOURCE) -> bool:
         bucket = self.bucket(batch)
         key = (bucket, source)
@@ -245,8 +272,7 @@ class ThroughputGate:
         if best is None:  # an arm measured nowhere yet: drafting first, then plain
             return self._nearest(self.rates, bucket, source) is None
         rounds = self.since_other.get(key, 0) + 1
-        wait = self.wait.get(key) or self._nearest(self.wait, bucket, source) or self.explore_every
-        served = min(max(wait, self._least_wait(bucket, source)), self.max_wait)
+        served, wait = self._served(key)
         exploring = rounds >= served
         self.wait[key] = wait
         self.since_other[key] = 0 if exploring else rounds
@@ -308,6 +334,9 @@ class SPSPolicy(VerificationPolicy):
             self.throughput = throughput_gate
         else:
             self.throughput = ThroughputGate(expected=lambda b: b * sps(b)) if throughput_gate else None
+
+    def may_draft(self, batch: int) -> bool:
+        return self.throughput is None or not self.throughput.quiet(batch)
 
     def should_draft(self, requests: list, sources: list[str] | None = None) -> list[bool]:
         allowed = [True] * len(requests)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dspark.batch import build_round
-from dspark.cache import KVCache
+from dspark.cache import KVCache, SideCache
 from dspark.models import cpu_decoder, load_model
 from test_model_families import write_checkpoint
 
@@ -68,6 +68,30 @@ def test_fused_layers_match_the_pytorch_layers(checkpoint, dtype, block_size, mo
         torch.testing.assert_close(a, b, **TOLERANCE[dtype])
     torch.testing.assert_close(fused_cache.k, eager_cache.k, **TOLERANCE[dtype])
     torch.testing.assert_close(fused_cache.v, eager_cache.v, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_captured_states_written_in_place(checkpoint, fused, block_size, monkeypatch):
+    """forward_capturing puts forward's captured states, concatenated, at each token's (row, slot) of the
+    side cache (the fused layers write them there themselves) and touches no other position."""
+    model = load_model(checkpoint, torch.bfloat16)
+    capture = (0, model.config.num_layers - 1)
+    if not fused:
+        monkeypatch.setenv("DSPARK_FUSED_CPU", "0")
+    cache, twin, rnd = _round_pair(model, block_size)
+    _, expected = model.forward(twin, rnd, capture)
+    side = SideCache(3, 64, 2 * model.config.hidden_size, torch.bfloat16)
+    side.data.normal_(generator=torch.Generator().manual_seed(5))
+    before = side.data.clone()
+    out = model.forward_capturing(cache, rnd, capture, side)
+    torch.testing.assert_close(out, model.forward(twin, rnd)[0], rtol=0, atol=0)
+    written = torch.zeros(3, 64, dtype=torch.bool)
+    written[rnd.write_rows, rnd.write_slots] = True
+    torch.testing.assert_close(side.data[rnd.write_rows, rnd.write_slots, 0], torch.cat(expected, -1), rtol=0, atol=0)
+    assert torch.equal(side.data[~written], before[~written])
+    with pytest.raises(ValueError, match="side cache"):
+        model.forward_capturing(cache, rnd, capture, SideCache(3, 64, model.config.hidden_size, torch.bfloat16))
 
 
 def test_fused_rows_are_batch_invariant(checkpoint):

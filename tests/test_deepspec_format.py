@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dspark.cache import SideCache
 from dspark.drafters.deepspec_format import export_deepspec
 from dspark.drafters.dspark import DSparkDrafter
 from dspark.drafters.dspark_layers import DSparkConfig
@@ -104,14 +105,17 @@ def drive_drafter(drafter: DSparkDrafter, features, tokens, contexts=(9, 12)):
     """The engine's calls on the drafter: start with a prompt of contexts[0] tokens and a first
     emitted token, propose, accept the next positions, propose again."""
     vocab = drafter.model.config.vocab_size
-    drafter.bind(1, 64, vocab)
+    side = SideCache(1, 64, features.shape[-1], torch.float32)  # the engine's captured hidden states
+    drafter.bind(1, 64, vocab, side)
     n1, n2 = contexts
     request = Request(0, tokens[:n1].tolist(), SamplingParams(temperature=0.0), row=0)
     request.tokens = tokens[:n1 + 1].tolist()
-    drafter.start(request, features[:n1])
+    side.append(0, features[:n1])
+    drafter.start(request)
     first = drafter.propose([request], drafter.num_draft)[0]
     request.tokens = tokens[:n2 + 1].tolist()
-    drafter.accept([request], [list(range(n2 - n1))], [features[n1:n2]])
+    side.append(0, features[n1:n2])
+    drafter.accept([request], [list(range(n2 - n1))])
     second = drafter.propose([request], drafter.num_draft)[0]
     return first, second
 

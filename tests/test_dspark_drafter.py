@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dspark.batch import build_round
-from dspark.cache import KVCache
+from dspark.cache import KVCache, SideCache
 from dspark.drafters.draft_model import processed_probs
 from dspark.drafters.dspark import DSparkDrafter
 from dspark.drafters.dspark_layers import DSparkConfig
@@ -136,15 +136,28 @@ def captured(target, tokens, layers):
     return torch.cat(caps, dim=-1).clone()
 
 
+def bind(drafter, rows: int, max_seq_len: int = 128) -> None:
+    """As the engine binds a drafter: with a side cache of the target's captured hidden states."""
+    c = drafter.model.config
+    drafter.bind(rows, max_seq_len, VOCAB, SideCache(rows, max_seq_len, len(c.target_layers) * c.target_hidden_size,
+                                                     torch.float32))
+
+
+def start(drafter, request, features) -> None:
+    """A request joins with its prompt's captured hidden states in the side cache."""
+    drafter.captured.append(request.row, features)
+    drafter.start(request)
+
+
 @pytest.mark.parametrize("kind,head", VARIANTS)
 def test_draft_probs_are_the_distributions_the_tokens_were_drawn_from(tiny, kind, head):
     model = make_model(tiny, kind, head)
     drafter = DSparkDrafter(model)
-    drafter.bind(2, 128, VOCAB)
+    bind(drafter, 2)
     params = SamplingParams(temperature=0.7, top_k=40, top_p=0.9, seed=3)
     prompt = [5, 6, 7, 8, 9, 10]
     request = Req(prompt + [11], params)  # the first generated token is the anchor
-    drafter.start(request, captured(tiny, prompt, model.config.target_layers))
+    start(drafter, request, captured(tiny, prompt, model.config.target_layers))
     [proposal] = drafter.propose([request], 8)
     n = len(proposal.tokens)
     assert n == model.config.gamma and proposal.draft_probs.shape == (n + 1, VOCAB)
@@ -161,7 +174,7 @@ def test_draft_probs_are_the_distributions_the_tokens_were_drawn_from(tiny, kind
     expected = torch.stack([processed_probs(logits[0, k], 0.7, 40, 0.9) for k in range(n)])
     torch.testing.assert_close(rows[:n], expected, rtol=1e-4, atol=1e-5)
     greedy = Req(prompt + [11], SamplingParams(), row=1)
-    drafter.start(greedy, captured(tiny, prompt, model.config.target_layers))
+    start(drafter, greedy, captured(tiny, prompt, model.config.target_layers))
     [deterministic] = drafter.propose([greedy], 3)
     assert deterministic.draft_probs is None and len(deterministic.tokens) == 3
     assert deterministic.tokens[0] == int(torch.argmax(logits[0, 0]))
@@ -209,11 +222,11 @@ def test_draft_vocabulary_subset_probs(tiny, kind, head):
     softmax over S of the full-vocabulary logits (the training forward's), replayable draws."""
     model = make_model(tiny, kind, head)
     drafter = DSparkDrafter(model, draft_vocab=SUBSET)
-    drafter.bind(1, 128, VOCAB)
+    bind(drafter, 1)
     params = SamplingParams(temperature=0.9, seed=4)
     prompt = [5, 6, 7, 8, 9, 10]
     request = Req(prompt + [11], params)
-    drafter.start(request, captured(tiny, prompt, model.config.target_layers))
+    start(drafter, request, captured(tiny, prompt, model.config.target_layers))
     [proposal] = drafter.propose([request], 8)
     n = len(proposal.tokens)
     # Rows come over the draft vocabulary itself (rejection_sample reads q = 0 elsewhere); widened here.

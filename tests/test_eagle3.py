@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dspark.cache import SideCache
 from dspark.drafters.eagle3 import Eagle3Drafter, load_eagle3
 from dspark.engine import Engine, Request
 from dspark.models import load_model
@@ -32,14 +33,17 @@ def test_drafter_reproduces_their_two_rounds(reference):
     drafter = Eagle3Drafter(load_eagle3(FIXTURE))
     steps = reference["output.round1.draft_tokens"].numel()
     assert drafter.num_draft == steps  # their ttt_length
-    drafter.bind(1, 64, 96)
+    side = SideCache(1, 64, features.shape[-1], torch.float32)  # the engine's captured hidden states
+    drafter.bind(1, 64, 96, side)
     request = Request(0, tokens[:9].tolist(), SamplingParams(), row=0)
     request.tokens = tokens[:10].tolist()
-    drafter.start(request, features[:9])
+    side.append(0, features[:9])
+    drafter.start(request)
     rounds = [drafter.propose([request], steps)[0]]
     last = [drafter.last[0].clone()]
     request.tokens = tokens[:13].tolist()
-    drafter.accept([request], [[0, 1, 2]], [features[9:12]])
+    side.append(0, features[9:12])
+    drafter.accept([request], [[0, 1, 2]])
     rounds.append(drafter.propose([request], steps)[0])
     last.append(drafter.last[0].clone())
     for name, proposal, hidden in zip(("round1", "round2"), rounds, last):
@@ -58,11 +62,14 @@ def test_layer_math_is_checked_by_the_fixture(reference):
     with torch.no_grad():
         model.layers[0].hidden_norm.fill_(1.0)
     drafter = Eagle3Drafter(model)
-    drafter.bind(1, 64, 96)
+    features = reference["input.features"]
+    side = SideCache(1, 64, features.shape[-1], torch.float32)
+    drafter.bind(1, 64, 96, side)
     tokens = reference["input.tokens"]
     request = Request(0, tokens[:9].tolist(), SamplingParams(), row=0)
     request.tokens = tokens[:10].tolist()
-    drafter.start(request, reference["input.features"][:9])
+    side.append(0, features[:9])
+    drafter.start(request)
     drafter.propose([request], 1)  # commits the prompt's positions
     assert float((drafter.last[0] - reference["output.round1.anchor_hidden"]).abs().max()) > 100 * TOLERANCE
 

@@ -159,7 +159,8 @@ def test_sampled_speculative_decoding_follows_the_target_distribution(tmp_path):
 
 
 class RecordingDrafter(NgramDrafter):
-    """An n-gram drafter that also asks for target hidden states and records what it is given."""
+    """An n-gram drafter that also asks for target hidden states and, at every hook, reads the committed
+    positions of the engine's captured side cache that are new since the last."""
 
     capture_layers = (0, 2)
 
@@ -167,13 +168,19 @@ class RecordingDrafter(NgramDrafter):
         super().__init__(4, branches=2)
         self.seen: dict[int, list[torch.Tensor]] = {}
 
-    def start(self, request, target_hidden=None):
-        self.seen[request.id] = [target_hidden.clone()]
+    def bind(self, rows, max_seq_len, vocab_size, captured=None):
+        self.captured = captured
 
-    def accept(self, requests, paths, target_hidden):
-        for request, path, hidden in zip(requests, paths, target_hidden):
-            assert hidden.shape[0] == len(path)
-            self.seen[request.id].append(hidden.clone())
+    def start(self, request):
+        n = int(self.captured.seqlens[request.row])
+        assert n == len(request.prompt)
+        self.seen[request.id] = [self.captured.committed(request.row, 0, n).clone()]
+
+    def accept(self, requests, paths):
+        for request, path in zip(requests, paths):
+            have, end = sum(h.shape[0] for h in self.seen[request.id]), int(self.captured.seqlens[request.row])
+            assert end - have == len(path)  # the round's accepted nodes, no more, no less
+            self.seen[request.id].append(self.captured.committed(request.row, have, end).clone())
 
 
 @pytest.mark.parametrize("prefill_budget", [512, 3])

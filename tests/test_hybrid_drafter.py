@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dspark.cache import SideCache
 from dspark.drafters.dspark import DSparkDrafter
 from dspark.drafters.hybrid import HybridDrafter
 from dspark.engine import Engine
@@ -65,18 +66,21 @@ def test_sampled_law_test_catches_non_point_mass_ngram_rows(tmp_path):
 
 def test_ngram_confidences_count_only_what_was_verified(tiny):
     drafter = HybridDrafter(DSparkDrafter(make_model(tiny, "dspark", "markov", gamma=4)), prior=(1.0, 2.0))
-    drafter.bind(2, 128, VOCAB)
-    torch.testing.assert_close(drafter.ngram_confidences(), torch.full((4,), 0.5))
     c = drafter.dspark.model.config
     width = len(c.target_layers) * c.hidden_size
+    side = SideCache(2, 128, width, torch.float32)
+    drafter.bind(2, 128, VOCAB, side)
+    torch.testing.assert_close(drafter.ngram_confidences(), torch.full((4,), 0.5))
     request = Req([5, 6, 7, 5, 6], SamplingParams())
-    drafter.start(request, torch.randn(4, width))
+    side.append(request.row, torch.randn(4, width))
+    drafter.start(request)
     [proposal] = drafter.propose([request], 4)
     assert proposal.tokens == [7, 5, 6] and drafter.source[request.id] == "ngram"
     torch.testing.assert_close(proposal.confidences, torch.full((3,), 0.5))
     request.verified = 2  # the policy let 2 of the 3 through; the target accepted the first only
     request.tokens += [7, 9]
-    drafter.accept([request], [[0, 1]], [torch.randn(2, width)])
+    side.append(request.row, torch.randn(2, width))
+    drafter.accept([request], [[0, 1]])
     torch.testing.assert_close(drafter.ngram_confidences(), torch.tensor([2 / 3, 1 / 3, 0.5, 0.5]))
     assert request.id not in drafter.source
 
@@ -85,10 +89,12 @@ def test_the_context_is_matched_through_its_own_index(tiny):
     """source_for and propose read one n-gram index per request, fed only the tokens each round adds;
     finish drops it."""
     drafter = HybridDrafter(DSparkDrafter(make_model(tiny, "dspark", "markov", gamma=4)))
-    drafter.bind(2, 128, VOCAB)
     c = drafter.dspark.model.config
+    side = SideCache(2, 128, len(c.target_layers) * c.hidden_size, torch.float32)
+    drafter.bind(2, 128, VOCAB, side)
     request = Req([5, 6, 7, 5, 6], SamplingParams())
-    drafter.start(request, torch.randn(4, len(c.target_layers) * c.hidden_size))
+    side.append(request.row, torch.randn(4, side.data.shape[-1]))
+    drafter.start(request)
     assert drafter.source_for(request) == "ngram"
     [proposal] = drafter.propose([request], 4)
     assert proposal.tokens == [7, 5, 6] and drafter.indexes[request.id].indexed == 5

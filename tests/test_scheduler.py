@@ -295,7 +295,11 @@ def test_engine_stops_paying_for_a_drafter_that_does_not_pay(tmp_path):
         num_draft, gives_confidences = 3, True
 
         def __init__(self):
-            self.calls = 0
+            self.calls = self.asked = 0
+
+        def source_for(self, request):
+            self.asked += 1
+            return super().source_for(request)
 
         def propose(self, requests, max_draft):
             self.calls += 1
@@ -313,6 +317,30 @@ def test_engine_stops_paying_for_a_drafter_that_does_not_pay(tmp_path):
                     max_batch=1)
     assert engine.generate([[5, 6, 7]], params)[0].generated == plain
     assert drafter.calls <= 2 + 60 // 16 + 1
+    # Once both arms are measured, a round in which no source would draft (a quiet one) does not even ask
+    # the drafter which source would speak: only the first rounds and those before the probes do.
+    assert drafter.asked <= drafter.calls + 1 + 60 // 16 + 1
+
+
+def test_quiet_rounds_count_towards_every_known_sources_exploration():
+    from dspark.scheduler import ThroughputGate
+
+    gate = ThroughputGate(explore_every=4, explore_cost=10.0)
+    assert not gate.quiet(1)  # nothing known: ask
+    gate.observe(1, True, 3, 0.01, ("ngram",))   # 300 tokens/s
+    gate.observe(1, True, 2, 0.04, ("dspark",))  # 50 tokens/s
+    gate.observe(1, False, 1, 0.01)              # plain: 100 tokens/s
+    assert not gate.quiet(1)  # n-gram drafting is the faster arm: its requests draft
+    for _ in range(20):
+        gate.observe(1, True, 1, 0.04, ("ngram",))  # ... until it is 25 tokens/s
+    assert [gate.quiet(1) for _ in range(4)] == [True, True, True, False]  # the 4th round is due for both
+    assert gate.should_draft(1, "ngram") and gate.should_draft(1, "dspark")  # both explore, their waits reset
+    assert gate.since_other == {(1, "ngram"): 0, (1, "dspark"): 0}
+    assert gate.quiet(1) and gate.since_other == {(1, "ngram"): 1, (1, "dspark"): 1}
+    assert gate.quiet(2)  # a new bucket takes the nearest one's estimates and waits
+    policy = PrefixScheduler(SPSCurve([1, 8], [100.0, 100.0]), gate=False, throughput_gate=gate)
+    assert not policy.may_draft(1)  # a quiet round: no request would draft
+    assert PrefixScheduler(SPSCurve([1, 8], [100.0, 100.0])).may_draft(1)  # without the throughput gate: always
 
 
 def test_async_scheduler_refuses_the_throughput_gate():

@@ -142,7 +142,9 @@ void run(const DecoderParams& p) {
     if (slot >= 0 && p.captured != nullptr) {
       T* captured = static_cast<T*>(p.captured);
       for (int64_t t = 0; t < rows; ++t) {
-        std::memcpy(captured + (t * p.num_captured + slot) * hidden, h + t * hidden, hidden * sizeof(T));
+        const int64_t at =
+            p.capture_slots_per_row > 0 ? p.write_rows[t] * p.capture_slots_per_row + p.write_slots[t] : t;
+        std::memcpy(captured + (at * p.num_captured + slot) * hidden, h + t * hidden, hidden * sizeof(T));
       }
     }
   }

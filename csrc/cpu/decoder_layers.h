@@ -43,7 +43,11 @@ struct DecoderParams {
   int64_t num_layers;
   const DecoderLayerWeights* layers;
   void* hidden;                 // [rows, hidden_size] residual stream: embeddings in, last layer's output out
-  void* captured;               // [rows, num_captured * hidden_size] or nullptr
+  // [rows, num_captured * hidden_size], or with capture_slots_per_row > 0 a per-token side cache
+  // [R, capture_slots_per_row, num_captured * hidden_size] written at (write_rows[t], write_slots[t]);
+  // or nullptr
+  void* captured;
+  int64_t capture_slots_per_row;
   const int32_t* capture_slot;  // [num_layers]: where layer i's output goes in `captured`, or -1
   int64_t num_captured;
   const float* cos;             // [rows, head_dim]: cos over both halves

@@ -7,6 +7,8 @@ import dataclasses
 
 import torch
 
+from dspark.cache import SideCache
+
 
 @dataclasses.dataclass
 class Proposal:
@@ -53,15 +55,17 @@ class Drafter(abc.ABC):
     gives_confidences: bool = False  # proposals carry per-node confidences (a DSpark confidence head)
     capture_layers: tuple[int, ...] = ()  # target layers whose residual stream the drafter reads
 
-    def bind(self, rows: int, max_seq_len: int, vocab_size: int) -> None:
-        """The engine's shape, once, before any request: allocate per-row state here."""
+    def bind(self, rows: int, max_seq_len: int, vocab_size: int, captured: SideCache | None = None) -> None:
+        """The engine's shape, once, before any request: allocate per-row state here. captured: when the
+        drafter set `capture_layers`, the engine's side cache of the target's residual stream after those
+        layers (concatenated, [rows, S, 1, width]). captured.seqlens[row] positions of a row are committed
+        (prompt and accepted tokens, the anchor excluded) and `captured.committed(row, start, end)` reads
+        them: a request's prompt before start(), each round's accepted nodes before accept(). The engine
+        hands nothing over per round; a drafter reads what it needs when it drafts (rounds it is not asked
+        to draft then cost it nothing, and the policy prices that deferred work with the round that drafts)."""
 
-    def start(self, request, target_hidden: torch.Tensor | None = None) -> None:
-        """A request joined (after its prefill); target_hidden [prompt length, width] when the
-        drafter set `capture_layers` (the residual stream after those target layers, concatenated).
-        The engine passes views of its side cache, valid until the request finishes: a drafter may
-        keep them without copying and defer its per-token work to the request's next proposal (the
-        policy prices that deferred work as part of the round that drafts)."""
+    def start(self, request) -> None:
+        """A request joined (after its prefill)."""
 
     def source_for(self, request) -> str:
         """Which of this drafter's sources would propose for the request now (a function of its
@@ -73,9 +77,8 @@ class Drafter(abc.ABC):
     def propose(self, requests: list, max_draft: int) -> list[Proposal]:
         """Drafts for the given requests, at most max_draft nodes each."""
 
-    def accept(self, requests: list, paths: list[list[int]], target_hidden: list[torch.Tensor] | None) -> None:
-        """The verified round: each request's accepted node path (starting with 0) and, when the
-        drafter asked for them, the target hidden states of those nodes (views, as in `start`)."""
+    def accept(self, requests: list, paths: list[list[int]]) -> None:
+        """The verified round: each request's accepted node path (starting with 0)."""
 
     def finish(self, request) -> None:
         """A request left; free what the drafter holds for it."""

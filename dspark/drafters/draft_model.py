@@ -56,7 +56,7 @@ class DraftModelDrafter(Drafter):
         """The target's first num_layers layers plus its final norm and head: no training needed."""
         return cls(target.truncated(num_layers), num_draft, branching)
 
-    def bind(self, rows: int, max_seq_len: int, vocab_size: int) -> None:
+    def bind(self, rows: int, max_seq_len: int, vocab_size: int, captured=None) -> None:
         c = self.model.config
         if c.vocab_size != vocab_size:
             raise ValueError(f"the draft model's vocabulary ({c.vocab_size}) differs from the target's ({vocab_size})")
@@ -64,7 +64,7 @@ class DraftModelDrafter(Drafter):
                              self.model.device)
         self.lengths = [0] * rows
 
-    def start(self, request, target_hidden=None) -> None:
+    def start(self, request) -> None:
         self.lengths[request.row] = 0
         self.generators[request.row] = torch.Generator(self.model.device).manual_seed(request.params.seed + 0x5EED)
 
@@ -72,7 +72,7 @@ class DraftModelDrafter(Drafter):
         self.lengths[request.row] = 0
         self.generators.pop(request.row, None)
 
-    def accept(self, requests, paths, target_hidden) -> None:
+    def accept(self, requests, paths) -> None:
         if self.branching is None:
             for request in requests:  # a chain keeps its slot order: trim to what the target committed
                 self.lengths[request.row] = min(self.lengths[request.row], len(request.tokens) - 1)

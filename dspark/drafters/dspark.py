@@ -9,9 +9,10 @@ Per request the drafter keeps, for every committed token before the anchor:
   instead would cost a [L, width] x [width, d] projection plus every layer's K/V projection per round,
   O(L) work that dominates drafting at L ~ 1-2k on a CPU; the cache makes a round O(gamma) in
   projections and O(gamma * L) only inside attention.
-The engine learns target features only at verification and hands the drafter those of the accepted
-nodes after its own kv_rollback of the captured-hidden SideCache, so the drafter's caches only ever
-append committed entries: nothing speculative is written, hence nothing to roll back here.
+The engine learns target features only at verification and keeps those of committed tokens in its
+captured side cache (rolled back with its K/V); the drafter reads the positions it has not committed
+yet when it next drafts, so its caches only ever append committed entries: nothing speculative is
+written, hence nothing to roll back here.
 
 Sampling follows DraftModelDrafter: greedy requests draft the argmax (draft_probs None, a
 deterministic proposal); sampled requests draw each x_k from processed_probs(U_k + B_k) under the
@@ -27,6 +28,7 @@ import torch
 
 from dspark.cache import KVCache, SideCache
 from dspark.drafters.base import Drafter, Proposal
+from dspark.drafters.captured import check_captured, pending_features
 from dspark.drafters.draft_model import processed_probs
 from dspark.drafters.dspark_layers import rms_norm
 from dspark.models.linear import linear
@@ -100,10 +102,11 @@ class DSparkDrafter(Drafter):
         self.capture_layers = tuple(c.target_layers)  # the engine captures these for us
         self.features: SideCache | None = None
         self.kv: KVCache | None = None
+        # The engine's captured target features; those of committed tokens past self.features' lengths
+        # are turned into context K/V at the row's next proposal, so rounds the policy does not draft for
+        # cost the drafter nothing.
+        self.captured: SideCache | None = None
         self.generators: dict[int, torch.Generator] = {}
-        # Target features of committed tokens not yet turned into context K/V, per row: committing is
-        # deferred to the next proposal, so rounds the policy does not draft for cost the drafter nothing.
-        self.pending: dict[int, list[torch.Tensor]] = {}
 
     @classmethod
     def from_pretrained(cls, path: str, target, num_draft: int | None = None, dtype: torch.dtype = torch.float32,
@@ -147,39 +150,33 @@ class DSparkDrafter(Drafter):
     def device(self) -> torch.device:
         return self.model.norm.device
 
-    def bind(self, rows: int, max_seq_len: int, vocab_size: int) -> None:
+    def bind(self, rows: int, max_seq_len: int, vocab_size: int, captured: SideCache | None = None) -> None:
         c = self.model.config
         if c.vocab_size != vocab_size:
             raise ValueError(f"the drafter's vocabulary ({c.vocab_size}) differs from the target's ({vocab_size})")
+        check_captured(captured, rows, max_seq_len, len(self.capture_layers) * c.target_hidden_size)
+        self.captured = captured
         self.features = SideCache(rows, max_seq_len, c.hidden_size, self.model.dtype, self.device)
         self.kv = KVCache(c.num_layers, rows, max_seq_len, c.num_kv_heads, c.head_dim, self.model.dtype, self.device)
 
-    def start(self, request, target_hidden=None) -> None:
-        if target_hidden is None:
-            raise ValueError("the DSpark drafter needs the target's hidden states (run it through the Engine)")
+    def start(self, request) -> None:
+        if self.captured is None:
+            raise ValueError("the DSpark drafter needs the target's hidden states: bind it with the captured "
+                             "side cache (the Engine does)")
         self.features.seqlens[request.row] = 0
         self.kv.seqlens[request.row] = 0
-        self.pending[request.row] = [target_hidden]
         self.generators[request.row] = torch.Generator(self.device).manual_seed(request.params.seed + 0xD5)
 
     def finish(self, request) -> None:
         self.features.seqlens[request.row] = 0
         self.kv.seqlens[request.row] = 0
         self.generators.pop(request.row, None)
-        self.pending.pop(request.row, None)
-
-    def accept(self, requests, paths, target_hidden) -> None:
-        # A finished request may not hold all its accepted tokens; it leaves anyway.
-        for request, hidden in zip(requests, target_hidden):
-            if request.finish_reason is None:  # views, kept until the next proposal commits them
-                self.pending.setdefault(request.row, []).append(hidden)
 
     def commit_pending(self, requests) -> None:
-        """Commit the pending features of the requests about to draft."""
-        rows = [r.row for r in requests if self.pending.get(r.row)]
+        """Commit the captured features of the requests about to draft that they have not committed yet."""
+        rows, hidden = pending_features(self.captured, self.features.seqlens, requests)
         if not rows:
             return
-        hidden = [torch.cat(self.pending.pop(row)) for row in rows]
         if self.model.config.kind == "dspark":  # context K/V depend on each token alone: one batched pass
             self._commit_rows(rows, hidden)
             return

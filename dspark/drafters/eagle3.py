@@ -26,8 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dspark.cache import KVCache
+from dspark.cache import KVCache, SideCache
 from dspark.drafters.base import Drafter, Proposal
+from dspark.drafters.captured import check_captured, pending_features
 from dspark.drafters.deepspec_format import _checkpoint_files, _rope_theta
 from dspark.drafters.dspark import choose_drafts, committed_context
 from dspark.drafters.dspark_layers import Linear, attend, rms_norm, rope
@@ -203,7 +204,7 @@ class Eagle3Drafter(Drafter):
         self.kv: KVCache | None = None
         self.last: torch.Tensor | None = None  # [rows, d]: the output at each row's last committed position
         self.generators: dict[int, torch.Generator] = {}
-        self.pending: dict[int, list[torch.Tensor]] = {}  # committed features not yet run, per row (as DSparkDrafter)
+        self.captured: SideCache | None = None  # the engine's target features, run at the next proposal (as DSparkDrafter)
 
     @classmethod
     def from_pretrained(cls, path: str, target, num_draft: int | None = None,
@@ -214,34 +215,31 @@ class Eagle3Drafter(Drafter):
     def device(self) -> torch.device:
         return self.model.norm.device
 
-    def bind(self, rows: int, max_seq_len: int, vocab_size: int) -> None:
+    def bind(self, rows: int, max_seq_len: int, vocab_size: int, captured: SideCache | None = None) -> None:
         c = self.model.config
         if c.vocab_size != vocab_size:
             raise ValueError(f"the drafter's vocabulary ({c.vocab_size}) differs from the target's ({vocab_size})")
+        check_captured(captured, rows, max_seq_len, len(c.target_layers) * c.hidden_size)
+        self.captured = captured
         self.kv = KVCache(c.num_layers, rows, max_seq_len, c.num_kv_heads, c.head_dim, self.model.dtype, self.device)
         self.last = torch.zeros(rows, c.hidden_size, dtype=self.model.dtype, device=self.device)
 
-    def start(self, request, target_hidden=None) -> None:
-        if target_hidden is None:
-            raise ValueError("the EAGLE-3 drafter needs the target's hidden states (run it through the Engine)")
+    def start(self, request) -> None:
+        if self.captured is None:
+            raise ValueError("the EAGLE-3 drafter needs the target's hidden states: bind it with the captured "
+                             "side cache (the Engine does)")
         self.kv.seqlens[request.row] = 0
-        self.pending[request.row] = [target_hidden]
         self.generators[request.row] = torch.Generator(self.device).manual_seed(request.params.seed + 0xE3)
 
     def finish(self, request) -> None:
         self.kv.seqlens[request.row] = 0
         self.generators.pop(request.row, None)
-        self.pending.pop(request.row, None)
-
-    def accept(self, requests, paths, target_hidden) -> None:
-        for request, hidden in zip(requests, target_hidden):
-            if request.finish_reason is None:  # a finished request may not hold all its accepted tokens
-                self.pending.setdefault(request.row, []).append(hidden)  # views, committed at the next proposal
 
     def _commit_pending(self, requests) -> None:
-        for request in requests:
-            if self.pending.get(request.row):
-                self._commit(request, torch.cat(self.pending.pop(request.row)))
+        rows, hidden = pending_features(self.captured, self.kv.seqlens, requests)
+        by_row = {r.row: r for r in requests}
+        for row, h in zip(rows, hidden):
+            self._commit(by_row[row], h)
 
     @torch.inference_mode()
     def _commit(self, request, hidden: torch.Tensor) -> None:

@@ -9,7 +9,8 @@ Lossless: which drafter speaks is a function of the committed context only, and 
 reports the distribution its tokens came from. An n-gram draft is deterministic, so for a sampled
 request its rows of draft_probs are point masses (rejection sampling then accepts x with probability
 p(x) and resamples from p without x, the exact residual). The DSpark drafter still commits every
-accepted token's target features, whoever drafted it, so its caches stay aligned.
+accepted token's target features (from the engine's captured side cache), whoever drafted it, so its
+caches stay aligned.
 
 Confidences: the schedulers need c_k for every draft token. For n-gram tokens they are the running
 conditional acceptance rates per position of earlier n-gram drafts (what was verified and how much of
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from dspark.cache import SideCache
 from dspark.drafters.base import Drafter, Proposal
 from dspark.drafters.dspark import DSparkDrafter
 from dspark.drafters.ngram import NgramDrafter, NgramIndex
@@ -51,13 +53,13 @@ class HybridDrafter(Drafter):
                         **kwargs) -> "HybridDrafter":
         return cls(DSparkDrafter.from_pretrained(path, target, num_draft, dtype=dtype), **kwargs)
 
-    def bind(self, rows: int, max_seq_len: int, vocab_size: int) -> None:
+    def bind(self, rows: int, max_seq_len: int, vocab_size: int, captured: SideCache | None = None) -> None:
         self.vocab_size = vocab_size
-        self.dspark.bind(rows, max_seq_len, vocab_size)
+        self.dspark.bind(rows, max_seq_len, vocab_size, captured)
 
-    def start(self, request, target_hidden=None) -> None:
+    def start(self, request) -> None:
         self.indexes.pop(request.id, None)  # ids restart with every engine sharing this drafter
-        self.dspark.start(request, target_hidden)
+        self.dspark.start(request)
 
     def finish(self, request) -> None:
         self.source.pop(request.id, None)
@@ -100,11 +102,11 @@ class HybridDrafter(Drafter):
         return Proposal(list(tokens), draft_probs=draft_probs,
                         confidences=self.ngram_confidences()[: len(tokens)].to(self.dspark.device))
 
-    def accept(self, requests, paths, target_hidden) -> None:
+    def accept(self, requests, paths) -> None:
         for r, path in zip(requests, paths):
             if self.source.pop(r.id, None) == "ngram":
                 verified, accepted = int(getattr(r, "verified", 0)), len(path) - 1
                 tried = min(verified, accepted + 1)  # positions 1..tried were verified with their prefix accepted
                 self.verified[:tried] += 1
                 self.accepted[:min(accepted, tried)] += 1
-        self.dspark.accept(requests, paths, target_hidden)
+        self.dspark.accept(requests, paths)

@@ -62,15 +62,6 @@ class NgramDrafter(Drafter):
             raise ValueError(f"branches must be >= 1, got {branches}")
         self.num_draft, self.max_ngram, self.min_ngram, self.branches = num_draft, max_ngram, min_ngram, branches
 
-    def start(self, request, target_hidden=None) -> None:
-        pass
-
-    def finish(self, request) -> None:
-        pass
-
-    def accept(self, requests, paths, target_hidden) -> None:
-        pass
-
     def continuations(self, tokens: list[int], limit: int) -> list[list[int]]:
         """Up to `branches` distinct continuations of the longest matching suffix, latest first. The
         occurrences of each suffix length are found by one vectorised comparison over the context

@@ -67,9 +67,10 @@ def _weights(model) -> tuple[list[torch.Tensor | None], list[int]] | None:
 
 
 def run(model, h: torch.Tensor, cache, rnd, plan, cos: torch.Tensor, sin: torch.Tensor,
-        capture_layers: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        capture_layers: tuple[int, ...], capture_into=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """All layers over the round's embeddings h [T, hidden]; returns the last layer's residual stream
-    and the residual stream after each layer in capture_layers."""
+    and the residual stream after each layer in capture_layers, or, given capture_into (a SideCache
+    [R, S, 1, n * hidden] of the dtype), writes those concatenated at the round's slots and returns []."""
     c = model.config
     h = h.contiguous()
     slots = [-1] * c.num_layers
@@ -77,11 +78,18 @@ def run(model, h: torch.Tensor, cache, rnd, plan, cos: torch.Tensor, sin: torch.
     for index, layer in enumerate(sorted({i for i in capture_layers if 0 <= i < c.num_layers})):
         slots[layer] = index
     num_captured = sum(s >= 0 for s in slots)
-    captured = torch.empty(h.shape[0], num_captured * c.hidden_size, dtype=h.dtype) if num_captured else None
+    if not num_captured:
+        captured = None
+    elif capture_into is not None:
+        captured = capture_into.data
+    else:
+        captured = torch.empty(h.shape[0], num_captured * c.hidden_size, dtype=h.dtype)
     weights, formats = _weights(model)
     _kernel(h, weights, formats, cache.k, cache.v, cos.reshape(h.shape[0], -1).contiguous(),
             sin.reshape(h.shape[0], -1).contiguous(), rnd.write_rows, rnd.write_slots, plan.qo_indptr,
             plan.cache_seqlens, plan.parents, plan.block_table, captured, slots, c.num_heads, c.intermediate_size,
             c.rms_norm_eps, 1.0 / c.head_dim ** 0.5)
+    if captured is None or capture_into is not None:
+        return h, []
     # In layer order, one per captured layer, as the PyTorch forward collects them.
-    return h, [] if captured is None else list(captured.view(h.shape[0], num_captured, c.hidden_size).unbind(1))
+    return h, list(captured.view(h.shape[0], num_captured, c.hidden_size).unbind(1))

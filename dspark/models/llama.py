@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from dspark import ops
 from dspark.batch import Round
-from dspark.cache import KVCache
+from dspark.cache import KVCache, SideCache
 from dspark.models import cpu_decoder, flash_prefill
 from dspark.models.config import ModelConfig, rope_type
 from dspark.models.layers import apply_rope, rms_norm, rope_tables
@@ -155,11 +155,22 @@ class LlamaModel(TargetModel):
         return linear(F.silu(gate) * up, w[prefix + "down_proj.weight"], w.get(prefix + "down_proj.bias"),
                       invariant)
 
-    @torch.inference_mode()
     def forward(self, cache: KVCache, rnd: Round,
                 capture_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Final-norm hidden states [T, hidden], and the residual stream after each layer in
         capture_layers (for drafters conditioned on the target's hidden states)."""
+        return self._forward(cache, rnd, capture_layers, None)
+
+    def forward_capturing(self, cache: KVCache, rnd: Round, capture_layers: tuple[int, ...],
+                          side: SideCache) -> torch.Tensor:
+        """The fused CPU layers write the captured streams straight into the side cache (no list, no
+        concatenation, no scatter: on the 2-core CPU those few small ops after a round's layers cost
+        ~2% of a batch-1 round, every cache line cold); the PyTorch path goes through the list."""
+        return self._forward(cache, rnd, capture_layers, side)[0]
+
+    @torch.inference_mode()
+    def _forward(self, cache: KVCache, rnd: Round, capture_layers: tuple[int, ...],
+                 side: SideCache | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         c, w = self.config, self.weights
         self.check_context(cache.max_seq_len)
         # Decoding and verification rounds must give a token the same result whatever else shares the
@@ -172,8 +183,19 @@ class LlamaModel(TargetModel):
                                        num_tokens=rnd.tokens.shape[0], num_q_heads=c.num_heads, k_cache=cache.k[0])
         h = self.embed(rnd.tokens)
         if cpu_decoder.applies(self, cache, plan, invariant):  # every layer in one C++ call
-            h, captured = cpu_decoder.run(self, h, cache, rnd, plan, cos, sin, capture_layers)
-            return rms_norm(h, w["norm.weight"], c.rms_norm_eps), captured
+            in_place = side is not None and side.data.dtype == h.dtype and side.data.is_contiguous()
+            h, captured = cpu_decoder.run(self, h, cache, rnd, plan, cos, sin, capture_layers,
+                                          side if in_place else None)
+        else:
+            h, captured = self._layers(h, cache, rnd, plan, cos, sin, capture_layers, invariant)
+        if side is not None and captured:
+            side.write(rnd.write_rows, rnd.write_slots, torch.cat(captured, dim=-1))
+            captured = []
+        return rms_norm(h, w["norm.weight"], c.rms_norm_eps), captured
+
+    def _layers(self, h, cache, rnd, plan, cos, sin, capture_layers, invariant):
+        """The PyTorch layers: the reference the fused ones are tested against, and every other round."""
+        c, w = self.config, self.weights
         captured = []
         for i in range(c.num_layers):
             h = h + self._attention(i, rms_norm(h, w[f"layers.{i}.input_layernorm.weight"], c.rms_norm_eps), cos, sin,
@@ -182,7 +204,7 @@ class LlamaModel(TargetModel):
                               invariant)
             if i in capture_layers:
                 captured.append(h)
-        return rms_norm(h, w["norm.weight"], c.rms_norm_eps), captured
+        return h, captured
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         table = self.weights["embed_tokens.weight"]

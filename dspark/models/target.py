@@ -11,7 +11,7 @@ import abc
 import torch
 
 from dspark.batch import Round
-from dspark.cache import KVCache
+from dspark.cache import KVCache, SideCache
 from dspark.models.config import ModelConfig
 
 
@@ -37,6 +37,15 @@ class TargetModel(abc.ABC):
         """One flattened round over the KV cache (its K/V written at the round's slots): final-norm hidden
         states [T, hidden] (or logits, see forward_returns_logits) and the residual stream after each of
         capture_layers, [T, hidden] each."""
+
+    def forward_capturing(self, cache: KVCache, rnd: Round, capture_layers: tuple[int, ...],
+                          side: SideCache) -> torch.Tensor:
+        """forward, with the captured residual streams concatenated (in forward's order) and written into
+        `side` at the round's slots instead of returned. Default: through forward's list; a model may
+        write them in place (LlamaModel's fused CPU layers do)."""
+        out, captured = self.forward(cache, rnd, capture_layers)
+        side.write(rnd.write_rows, rnd.write_slots, torch.cat(captured, dim=-1))
+        return out
 
     @abc.abstractmethod
     def logits(self, out: torch.Tensor) -> torch.Tensor:
