@@ -12,7 +12,7 @@ same for every policy) and the average verification
 budget (draft tokens verified per request per round). With --repeats N every cell runs N times, the
 policies interleaved, and reports the medians (JSON: every run's rates under "samples"); with --lockstep the
 policies' engines step in turn within each run, a step each, each timed on its own clock (the fairest A/B on a
-machine that drifts); with --keep-gate the gated policy keeps its throughput estimates from run to run, as a
+machine that drifts; every other run in the reverse order); with --keep-gate the gated policy keeps its throughput estimates from run to run, as a
 server would (the first, cold run reported apart). Writes <out>.json and
 <out>-throughput.png (aggregate against per-user tokens/s) and <out>-budget.png (budget against
 concurrency).
@@ -207,11 +207,15 @@ def main() -> None:
                   if not args.only or args.only in name or name == "no speculation"}
         samples: dict[str, list[dict]] = {name: [] for name in chosen}
         plain_outputs = None
-        for _ in range(args.repeats):  # interleaved: every policy once per pass, so drift hits all alike
+        for repeat in range(args.repeats):  # interleaved: every policy once per pass, so drift hits all alike
             arms = [(kind.from_pretrained(args.drafter, model, args.gamma, dtype=dtype) if speculative else None,
                      make_policy()) for speculative, make_policy in chosen.values()]
             if args.lockstep:
-                records = run(model, tokenizer, arms, prompts, params)
+                # Every other pass builds and steps the engines in the reverse order: what being first or
+                # last in a pass costs (allocation, cache state) reaches each arm alike.
+                flip = repeat % 2 == 1
+                records = run(model, tokenizer, arms[::-1] if flip else arms, prompts, params)
+                records = records[::-1] if flip else records
             else:
                 records = [run(model, tokenizer, [arm], prompts, params)[0] for arm in arms]
             for name, record in zip(chosen, records):

@@ -180,7 +180,7 @@ class ThroughputGate:
     priced with that.
 
     `expected(batch)`: the tokens/s plain decoding should reach at that batch size (SPSPolicy passes
-    batch * SPS(batch)). Rates are kept as measured over expected, so that rounds of different sizes in
+    batch * SPS(batch)), a function of the batch size alone (read once per size). Rates are kept as measured over expected, so that rounds of different sizes in
     one bucket, and buckets near each other, compare fairly; without it, tokens/s per request. An arm not yet
     measured in a bucket takes the nearest bucket's estimate, and a source's exploration wait too: as a
     batch grows or shrinks through the buckets, a drafter that lost in the last one is not tried again
@@ -209,7 +209,9 @@ class ThroughputGate:
         self.since_other: dict[tuple[int, str], int] = {}
         self.wait: dict[tuple[int, str], int] = {}  # rounds between explorations
         self.waited: dict[tuple[int, str], int] = {}  # the wait the last exploration came after
-        self.exploring: dict[tuple[int, str], bool] = {}  # the last decision tried the slower arm
+        self.exploring: dict[tuple[int, str], bool] = {}  # keys whose last decision tried the slower arm (True)
+        self.quiet_left: dict[int, tuple[int, list]] = {}  # bucket -> (rounds its quiet stretch still lasts, keys)
+        self._expected: dict[int, float] = {}  # batch -> expected(batch), a function of the batch alone
 
     def _nearest(self, table: dict, bucket: int, arm: str):
         """table's value for (bucket, arm), else for the nearest bucket holding one (the smaller on ties)."""
@@ -254,13 +256,20 @@ class ThroughputGate:
         decoding in its bucket and its next exploration is not due. Such a round is counted towards every
         known source's exploration (as though each would have spoken in it), so that the caller need not
         ask which source speaks; a round that is not quiet is left to should_draft. A source never seen
-        yet is found at the next round that is not quiet (at most max_wait rounds on)."""
+        yet is found at the next round that is not quiet (at most max_wait rounds on). A quiet stretch is
+        judged once, at its start, and lasts until the first source is due: plain rounds within it update
+        the plain rate without ending it (a drafted round or a settled trial does), so that a quiet round
+        costs a few dictionary updates (the gate runs between rounds, its Python at cold caches)."""
         bucket = self.bucket(batch)
-        sources = {arm for _, arm in self.rates if arm != self.PLAIN}
-        keys = [(bucket, source) for source in sources]
-        if not keys or any(self._best(*key) is not False or self.since_other.get(key, 0) + 1 >= self._served(key)[0]
-                           for key in keys):
-            return False
+        left, keys = self.quiet_left.get(bucket, (0, None))
+        if left <= 0:
+            keys = [(bucket, arm) for arm in dict.fromkeys(arm for _, arm in self.rates) if arm != self.PLAIN]
+            if not keys or any(self._best(*key) is not False for key in keys):
+                return False
+            left = min(self._served(key)[0] - self.since_other.get(key, 0) - 1 for key in keys)
+            if left <= 0:
+                return False
+        self.quiet_left[bucket] = (left - 1, keys)
         for key in keys:
             self.since_other[key] = self.since_other.get(key, 0) + 1
         return True
@@ -276,23 +285,28 @@ class ThroughputGate:
         exploring = rounds >= served
         self.wait[key] = wait
         self.since_other[key] = 0 if exploring else rounds
-        self.exploring[key] = exploring
         if exploring:
+            self.exploring[key] = True
             self.waited[key] = served
+        else:
+            self.exploring.pop(key, None)
         return best != exploring
 
     def observe(self, batch: int, drafted: bool, tokens: int, seconds: float, sources: tuple[str, ...] = ()) -> None:
         """A round of `batch` requests: whether it drafted, and the sources that did (default: one)."""
         if seconds <= 0 or tokens <= 0:
             return
-        rate, per_request = tokens / seconds / self.expected(batch), tokens / batch
+        expected = self._expected.get(batch)
+        if expected is None:
+            expected = self._expected[batch] = self.expected(batch)
+        rate, per_request = tokens / seconds / expected, tokens / batch
         bucket = self.bucket(batch)
         if not drafted:
             # Settles the sources whose decision this round was to explore plain decoding. A source that was
             # to explore drafting but did not draft (another gate vetoed every request) was not measured:
             # its trial is dropped, its wait unchanged.
             pending = []  # exploring plain means drafting was the better arm before this round
-            for key in [k for k, exploring in self.exploring.items() if k[0] == bucket and exploring]:
+            for key in [k for k in self.exploring if k[0] == bucket] if self.exploring else ():
                 if self._best(*key):
                     pending.append(key)
                 else:
@@ -301,6 +315,7 @@ class ThroughputGate:
             for key in pending:
                 self._settle(key, True)
             return
+        self.quiet_left.pop(bucket, None)  # a source's rate moved: judge the next quiet stretch afresh
         for source in sources or (DEFAULT_SOURCE,):
             key = (bucket, source)
             before = self._best(bucket, source)
@@ -314,6 +329,7 @@ class ThroughputGate:
 
     def _settle(self, key: tuple[int, str], before: bool | None) -> None:
         if self.exploring.pop(key, False):
+            self.quiet_left.pop(key[0], None)
             lost = self._best(*key) == before
             waited = self.waited.pop(key, self.wait.get(key, self.explore_every))
             self.wait[key] = min(2 * waited, self.max_wait) if lost else self.explore_every
@@ -366,8 +382,10 @@ class PrefixScheduler(SPSPolicy):
     whose recent confidences would not pay skip drafting (DraftGate)."""
 
     def choose(self, requests: list, proposals: list[Proposal]) -> list[int]:
-        survivals = self.survivals(requests, proposals)
         lengths = [0] * len(proposals)
+        if not any(p.tokens for p in proposals):  # nothing drafted (a plain round): nothing to rank or observe
+            return lengths
+        survivals = self.survivals(requests, proposals)
         tokens = tau = float(len(proposals))
         best = tau * self.sps(tokens)
         for a, k, r in ranked_candidates(survivals):

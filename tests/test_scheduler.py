@@ -338,6 +338,11 @@ def test_quiet_rounds_count_towards_every_known_sources_exploration():
     assert gate.since_other == {(1, "ngram"): 0, (1, "dspark"): 0}
     assert gate.quiet(1) and gate.since_other == {(1, "ngram"): 1, (1, "dspark"): 1}
     assert gate.quiet(2)  # a new bucket takes the nearest one's estimates and waits
+    assert gate.quiet_left[1][0] == 2  # a stretch is judged once: 2 more quiet rounds in bucket 1 ...
+    gate.observe(1, False, 1, 0.001)  # ... which a plain round does not end, however fast
+    assert gate.quiet_left[1][0] == 2
+    gate.observe(1, True, 1, 0.04, ("dspark",))  # a drafted round does: the next is judged afresh
+    assert 1 not in gate.quiet_left
     policy = PrefixScheduler(SPSCurve([1, 8], [100.0, 100.0]), gate=False, throughput_gate=gate)
     assert not policy.may_draft(1)  # a quiet round: no request would draft
     assert PrefixScheduler(SPSCurve([1, 8], [100.0, 100.0])).may_draft(1)  # without the throughput gate: always
