@@ -345,6 +345,7 @@ class SPSPolicy(VerificationPolicy):
     def __init__(self, sps, max_draft: int | None = None, gate: bool = True,
                  throughput_gate: "bool | ThroughputGate" = False):
         self.sps, self.max_draft = sps, max_draft
+        self._one_token_pays: dict[int, bool] = {}  # batch -> whether a certain draft token pays (PrefixScheduler)
         self.gate = DraftGate(sps) if gate else None
         if isinstance(throughput_gate, ThroughputGate):
             self.throughput = throughput_gate
@@ -379,7 +380,15 @@ class SPSPolicy(VerificationPolicy):
 class PrefixScheduler(SPSPolicy):
     """The hardware-aware prefix scheduler: admit candidates best first while the expected
     throughput tau * SPS(B) improves, and stop at the first one that does not. With `gate`, requests
-    whose recent confidences would not pay skip drafting (DraftGate)."""
+    whose recent confidences would not pay skip drafting (DraftGate). A batch size at which even a
+    certain token (a = 1) does not pay, (B + 1) * SPS(B + 1) <= B * SPS(B), admits nothing whatever
+    the confidences, so its rounds do not draft at all (nor try drafting)."""
+
+    def may_draft(self, batch: int) -> bool:
+        pays = self._one_token_pays.get(batch)
+        if pays is None:
+            pays = self._one_token_pays[batch] = (batch + 1) * self.sps(batch + 1) > batch * self.sps(batch)
+        return pays and super().may_draft(batch)
 
     def choose(self, requests: list, proposals: list[Proposal]) -> list[int]:
         lengths = [0] * len(proposals)

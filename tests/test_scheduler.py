@@ -348,6 +348,18 @@ def test_quiet_rounds_count_towards_every_known_sources_exploration():
     assert PrefixScheduler(SPSCurve([1, 8], [100.0, 100.0])).may_draft(1)  # without the throughput gate: always
 
 
+def test_no_drafting_where_a_certain_token_would_not_pay():
+    """At a batch size where (B + 1) * SPS(B + 1) <= B * SPS(B), the prefix scheduler would admit nothing
+    whatever the confidences: such rounds skip drafting (and the throughput gate's trials) altogether."""
+    sps = SPSCurve([1, 2, 4, 5, 8], [100.0, 90.0, 60.0, 40.0, 30.0])  # 4 -> 5 tokens: 240 -> 200 tokens/s
+    policy = PrefixScheduler(sps, throughput_gate=True)
+    assert [policy.may_draft(b) for b in (1, 2, 3, 4, 5)] == [True, True, True, False, True]
+    certain = [Proposal([7], confidences=torch.ones(1)) for _ in range(4)]
+    assert policy.choose([Req(i) for i in range(4)], certain) == [0, 0, 0, 0]  # what may_draft foresaw
+    assert policy.choose([Req(i) for i in range(3)], certain[:3]) != [0, 0, 0]
+    assert not policy.throughput.since_other  # nor did the throughput gate count a round
+
+
 def test_async_scheduler_refuses_the_throughput_gate():
     with pytest.raises(ValueError, match="throughput_gate"):
         AsyncScheduler(SPSCurve([1, 8], [10.0, 9.0]), throughput_gate=True)
