@@ -108,20 +108,26 @@ def test_greedy_is_token_identical_under_every_policy(tiny, plain, policy):
         assert isinstance(engine.policy, FixedLength) and engine.policy.num_draft == engine.drafter.num_draft
 
 
-def test_gated_scheduler_drafts_rarely_when_drafts_cannot_pay(tiny, plain):
-    """Verification that costs as much per token as decoding: no draft can pay, so requests draft only
-    on probe rounds (every 8th), and the output is still the target's."""
+@pytest.mark.parametrize("steps_per_second,batch", [((20.0, 10.0), 4), ((20.0, 10.2), 1)])
+def test_gated_scheduler_drafts_rarely_when_drafts_cannot_pay(tiny, plain, steps_per_second, batch):
+    """Verification that costs (about) as much per token as decoding. Where even a certain draft token would
+    not pay (20 steps/s of 1 token, 10 of 2), the prefix scheduler never asks the drafter. Where only a
+    near-certain one would (10.2: a_1 > 0.96), requests draft a first time and then only on the draft gate's
+    probe rounds (every 8th, then rarer). Either way nothing is verified and the output is the target's."""
     drafter = DSparkDrafter(bigram_oracle(tiny, plain))
     calls = []
     propose = drafter.propose
     drafter.propose = lambda requests, max_draft: calls.append(len(requests)) or propose(requests, max_draft)
-    engine = Engine(tiny, drafter=drafter, policy=PrefixScheduler(SPSCurve([1, 2], [20.0, 10.0])), max_batch=4,
-                    max_seq_len=128)
+    engine = Engine(tiny, drafter=drafter, policy=PrefixScheduler(SPSCurve([1, 2], list(steps_per_second))),
+                    max_batch=batch, max_seq_len=128)
     requests = engine.generate(PROMPTS, GREEDY)
     assert [r.generated for r in requests] == plain
     rounds = sum(r.stats.rounds for r in requests)  # per request; the first token comes from the prefill
     assert rounds == sum(len(t) for t in plain) - len(PROMPTS)  # nothing verified: plain decoding
-    assert 0 < sum(calls) <= rounds // 8 + 2 * len(PROMPTS)  # a first draft each, then probes
+    if steps_per_second[1] * 2 <= steps_per_second[0]:
+        assert not calls
+    else:
+        assert 0 < sum(calls) <= rounds // 8 + 2 * len(PROMPTS)  # a first draft each, then probes
 
 
 class Req:
