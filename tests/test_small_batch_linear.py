@@ -1,5 +1,8 @@
 """dspark._C.small_batch_linear (the CPU model code's linear layer) against F.linear in fp32."""
 
+import os
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -95,3 +98,37 @@ def test_bad_input_names_the_argument():
         small_batch_linear(x, torch.randn(8, 16), torch.randn(8).bfloat16())
     with pytest.raises(ValueError, match="x"):
         small_batch_linear(torch.randint(0, 3, (2, 16)), torch.randn(8, 16))
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+
+
+@pytest.mark.skipif("avx512_bf16" not in _cpu_flags() or os.environ.get("DSPARK_CPU_ARCH", "native") != "native",
+                    reason="the AVX512-BF16 path is built (-march=native) only on CPUs that have it")
+def test_bf16_path_sums_lanes_in_its_fixed_tree():
+    """The AVX512-BF16 path ends every dot with the 16-lane tree ((l0+l8) + (l4+l12)) + ... (halves added
+    256 -> 128 -> 64 -> 32 bits), reduced for four x rows at once. Lanes are set one product each (odd
+    elements zero, x = 1) to values whose sum depends on the order; a row alone or among 2-4 must give the
+    tree's float32 sum exactly (a left-to-right sum differs in a few percent of these dots)."""
+    f = np.float32
+
+    def tree(l):
+        return f(f(f(f(l[0] + l[8]) + f(l[4] + l[12])) + f(f(l[2] + l[10]) + f(l[6] + l[14])))
+                 + f(f(f(l[1] + l[9]) + f(l[5] + l[13])) + f(f(l[3] + l[11]) + f(l[7] + l[15]))))
+
+    g = torch.Generator().manual_seed(1)
+    values = torch.tensor([2.0 ** 25, -2.0 ** 25, 1.0, -1.0, 3.0, 2.0 ** 12, -2.0 ** 12, 0.5])
+    x = torch.zeros(4, 32)
+    x[:, 0::2] = 1.0
+    w = torch.zeros(64, 32)
+    w[:, 0::2] = values[torch.randint(0, len(values), (64, 16), generator=g)]
+    x, w = x.bfloat16(), w.bfloat16()
+    expected = torch.tensor([float(tree(row)) for row in w.float().numpy()[:, 0::2]]).bfloat16()
+    for rows in (1, 2, 3, 4):
+        y = small_batch_linear(x[:rows], w)
+        assert torch.equal(y, expected.expand(rows, -1))
