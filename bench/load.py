@@ -35,8 +35,8 @@ from dspark.engine import Engine
 from dspark.models import load_model, load_tokenizer
 from dspark.profiling import load_or_measure_sps
 from dspark.sampling_params import SamplingParams
-from dspark.scheduler import (AsyncScheduler, ConfidenceThreshold, FixedLength, PrefixScheduler, ThroughputGate,
-                              VerificationPolicy)
+from dspark.draft_gates import ThroughputGate
+from dspark.scheduler import AsyncScheduler, ConfidenceThreshold, FixedLength, PrefixScheduler, VerificationPolicy
 
 DOMAINS = ("humaneval.jsonl", "gsm8k.jsonl", "mt-bench.jsonl")
 

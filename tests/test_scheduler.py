@@ -178,7 +178,7 @@ def test_profile_cli_prints_and_plots(tmp_path, monkeypatch, capsys):
 
 
 def test_draft_gate_skips_drafting_that_cannot_pay_and_probes():
-    from dspark.scheduler import DraftGate
+    from dspark.draft_gates import DraftGate
 
     steep = SPSCurve([1, 2, 3], [17.5, 10.5, 7.0])  # one verified draft pays at batch 1 only if a_1 > 0.67
     gate = DraftGate(steep, probe_every=4, max_wait=8)
@@ -206,7 +206,7 @@ def test_draft_gate_skips_drafting_that_cannot_pay_and_probes():
 
 
 def test_draft_gate_spreads_probes_over_rounds():
-    from dspark.scheduler import DraftGate
+    from dspark.draft_gates import DraftGate
 
     flat = SPSCurve([1, 8], [10.0, 9.0])  # one more verified token pays from a_1 > ~0.11 at every batch here
     batch = [Req(i) for i in range(5)]
@@ -225,7 +225,7 @@ def test_draft_gate_spreads_probes_over_rounds():
 
 
 def test_throughput_gate_takes_the_faster_arm_and_explores():
-    from dspark.scheduler import ThroughputGate
+    from dspark.draft_gates import ThroughputGate
 
     gate = ThroughputGate(explore_every=4, explore_cost=1.0)
     assert gate.should_draft(1)  # nothing measured: draft first
@@ -250,7 +250,7 @@ def test_throughput_gate_takes_the_faster_arm_and_explores():
 def test_throughput_gate_prices_each_drafting_source_apart():
     """A hybrid drafter's sources (cheap n-gram lookup, a costly learned drafter) get arms of their
     own: the paying one keeps drafting while the other falls back to plain rounds, explored rarely."""
-    from dspark.scheduler import ThroughputGate
+    from dspark.draft_gates import ThroughputGate
 
     gate = ThroughputGate(explore_every=4, explore_cost=10.0)
     assert gate.should_draft(1, "ngram") and gate.should_draft(1, "dspark")  # nothing measured: try each
@@ -323,7 +323,7 @@ def test_engine_stops_paying_for_a_drafter_that_does_not_pay(tmp_path):
 
 
 def test_quiet_rounds_count_towards_every_known_sources_exploration():
-    from dspark.scheduler import ThroughputGate
+    from dspark.draft_gates import ThroughputGate
 
     gate = ThroughputGate(explore_every=4, explore_cost=10.0)
     assert not gate.quiet(1)  # nothing known: ask
@@ -368,7 +368,7 @@ def test_async_scheduler_refuses_the_throughput_gate():
 def test_drafting_must_beat_plain_by_the_margin():
     """A drafting arm within `margin` of plain decoding loses the tie: a round that drafts and verifies
     nothing costs a little more, and noise alone would otherwise keep choosing it."""
-    from dspark.scheduler import ThroughputGate
+    from dspark.draft_gates import ThroughputGate
 
     for margin, drafts in ((0.02, False), (0.0, True)):
         gate = ThroughputGate(margin=margin, explore_cost=1.0)
@@ -386,7 +386,7 @@ def test_drafting_must_beat_plain_by_the_margin():
 def test_throughput_gate_compares_rounds_against_what_plain_decoding_reaches_at_their_size():
     """Within a bucket (5-8), a drafting round of 8 requests beats a plain round of 5 in raw tokens/s only
     because it is larger: measured against `expected` (tokens/s of plain decoding at that size) it loses."""
-    from dspark.scheduler import ThroughputGate
+    from dspark.draft_gates import ThroughputGate
 
     gate = ThroughputGate(expected=lambda batch: 100.0 * batch)
     gate.observe(5, False, 5, 0.01)     # 500 tokens/s, as expected at 5
@@ -407,7 +407,7 @@ def test_throughput_gate_compares_rounds_against_what_plain_decoding_reaches_at_
 def test_a_new_bucket_inherits_a_losing_sources_backoff():
     """A batch shrinking through the buckets does not retry a drafter that kept losing in the last one:
     the new bucket starts plain, and waits as long as the old one before its first trial."""
-    from dspark.scheduler import ThroughputGate
+    from dspark.draft_gates import ThroughputGate
 
     gate = ThroughputGate(explore_every=4, max_wait=64, explore_cost=100.0, expected=lambda batch: 100.0 * batch)
     gate.observe(64, True, 64, 1.0)   # drafting: 1% of plain decoding's rate
@@ -423,7 +423,7 @@ def test_a_new_bucket_inherits_a_losing_sources_backoff():
 def test_exploring_a_far_slower_arm_waits_long_enough_to_cost_little():
     """Drafting measured at a quarter of plain decoding's rate: each trial costs three plain rounds, so with
     explore_cost 5% trials come 60 rounds apart, and the measured overhead stays within 5%."""
-    from dspark.scheduler import ThroughputGate
+    from dspark.draft_gates import ThroughputGate
 
     gate = ThroughputGate(explore_every=4, max_wait=1000, explore_cost=0.05)
     gate.observe(1, True, 1, 0.04)   # drafting: 25 tokens/s
@@ -444,7 +444,7 @@ def test_a_trial_is_priced_by_the_tokens_its_round_emits():
     """Drafting at half plain decoding's rate per token, but emitting three tokens per request per round
     where plain emits one: a trial round takes three plain rounds' worth of time for those tokens at half
     speed, i.e. costs three plain rounds, so with explore_cost 5% trials come 60 rounds apart (not 20)."""
-    from dspark.scheduler import ThroughputGate
+    from dspark.draft_gates import ThroughputGate
 
     gate = ThroughputGate(explore_every=4, max_wait=1000, explore_cost=0.05)
     gate.observe(1, True, 3, 0.06)   # 3 tokens in 60 ms: 50 tokens/s
@@ -456,7 +456,7 @@ def test_a_trial_is_priced_by_the_tokens_its_round_emits():
 def test_a_vetoed_trial_is_not_counted_as_a_loss():
     """The throughput gate explores drafting, but another gate (the per-request DraftGate) lets no request
     draft: the plain round that follows measured nothing about drafting, so the wait stays as it was."""
-    from dspark.scheduler import ThroughputGate
+    from dspark.draft_gates import ThroughputGate
 
     gate = ThroughputGate(explore_every=4, explore_cost=1.0)
     gate.observe(1, True, 1, 0.02)   # drafting: 50 tokens/s
@@ -470,7 +470,7 @@ def test_a_vetoed_trial_is_not_counted_as_a_loss():
 
 
 def test_throughput_gate_backs_off_while_the_explored_arm_keeps_losing():
-    from dspark.scheduler import ThroughputGate
+    from dspark.draft_gates import ThroughputGate
 
     gate = ThroughputGate(explore_every=4, max_wait=16, explore_cost=1.0)
     gate.observe(1, True, 1, 0.02)   # drafting: 50 tokens/s
@@ -490,7 +490,7 @@ def test_throughput_gate_backs_off_while_the_explored_arm_keeps_losing():
 def test_a_throughput_gate_can_outlive_its_policy():
     """One ThroughputGate passed to successive policies (a new engine per batch of requests) keeps what
     earlier ones measured: the second policy does not pay a drafting trial first."""
-    from dspark.scheduler import ThroughputGate
+    from dspark.draft_gates import ThroughputGate
 
     sps = SPSCurve([1, 8], [100.0, 100.0])
     shared = ThroughputGate(expected=lambda b: b * sps(b))
