@@ -1,0 +1,325 @@
+"""The draft gates (dspark/draft_gates.py): DraftGate (per request, from its drafts' confidences) and
+ThroughputGate (per round and source, from measured throughput), alone and inside the prefix scheduler and
+the engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dspark.drafters.base import DEFAULT_SOURCE, Proposal
+from dspark.profiling import SPSCurve
+from dspark.scheduler import AsyncScheduler, PrefixScheduler
+from test_scheduler import Req
+
+
+def test_draft_gate_skips_drafting_that_cannot_pay_and_probes():
+    from dspark.draft_gates import DraftGate
+
+    steep = SPSCurve([1, 2, 3], [17.5, 10.5, 7.0])  # one verified draft pays at batch 1 only if a_1 > 0.67
+    gate = DraftGate(steep, probe_every=4, max_wait=8)
+    assert gate.should_draft([Req(0)]) == [True]  # nothing known yet
+    gate.observe([Req(0)], [[0.9, 0.45]])
+    assert [gate.should_draft([Req(0)])[0] for _ in range(8)] == [True] * 8  # a confident request keeps drafting
+    gate.observe([Req(0)], [[0.2, 0.1]])
+    # a hopeless one probes after 4 rounds, then waits twice as long, up to max_wait
+    rounds = [gate.should_draft([Req(0)])[0] for _ in range(4 + 8 + 8)]
+    assert rounds == [False] * 3 + [True] + [False] * 7 + [True] + [False] * 7 + [True]
+    gate.observe([Req(0)], [[0.95]])  # a probe that pays: back to drafting every round, waits reset
+    assert gate.should_draft([Req(0)]) == [True] and gate.wait[0] == 4
+    gate.observe([Req(0)], [[0.1]])
+    assert [gate.should_draft([Req(0)])[0] for _ in range(4)] == [False] * 3 + [True]
+    # new requests take their predecessors' running mean a_1: here, not worth a first drafting round
+    fresh = DraftGate(steep, probe_every=4)
+    fresh.observe([Req(0)], [[0.3]])
+    assert fresh.should_draft([Req(0), Req(1)]) == [False, False] and fresh.prior == pytest.approx(0.3)
+    fresh.observe([Req(0)], [[0.9]])  # the same request again: the prior counts each request once
+    assert fresh.prior == pytest.approx(0.3)
+    fresh.observe([Req(5)], [[0.9]])
+    assert fresh.prior == pytest.approx(0.36)
+    assert set(fresh.first) == {0, 5} and fresh.should_draft([Req(2)]) == [False] and set(fresh.first) == set()
+    assert PrefixScheduler(steep, gate=False).should_draft([Req(0), Req(1)]) == [True, True]
+
+
+def test_draft_gate_spreads_probes_over_rounds():
+    from dspark.draft_gates import DraftGate
+
+    flat = SPSCurve([1, 8], [10.0, 9.0])  # one more verified token pays from a_1 > ~0.11 at every batch here
+    batch = [Req(i) for i in range(5)]
+    gate = DraftGate(flat, probe_every=4, max_probes=2)
+    assert gate.should_draft(batch) == [True, True, False, False, False]  # nothing known: two probe first
+    gate.observe(batch[:2], [[0.05], [0.05]])  # hopeless: the prior says so for the other three too
+    rounds = [gate.should_draft(batch) for _ in range(6)]
+    assert rounds[:2] == [[False] * 5] * 2
+    # after probe_every rounds all five are due: the idlest first, two per round, the others a round later
+    assert rounds[2] == [False, False, True, True, False] and rounds[3] == [True, False, False, False, True]
+    assert rounds[4] == [False, True, False, False, False]
+    assert sum(map(sum, rounds)) <= 2 * len(rounds)
+    paying = DraftGate(flat, max_probes=1)
+    paying.observe(batch, [[0.9]] * 5)
+    assert paying.should_draft(batch) == [True] * 5  # requests that pay are never limited
+
+
+def test_throughput_gate_takes_the_faster_arm_and_explores():
+    from dspark.draft_gates import ThroughputGate
+
+    gate = ThroughputGate(explore_every=4, explore_cost=1.0)
+    assert gate.should_draft(1)  # nothing measured: draft first
+    gate.observe(1, True, 3, 0.06)  # 50 tokens/s while drafting
+    assert not gate.should_draft(1)  # plain not measured yet
+    gate.observe(1, False, 1, 0.01)  # 100 tokens/s plain
+    assert [gate.should_draft(1) for _ in range(8)] == [False, False, False, True] * 2
+    assert not gate.should_draft(4)  # an unmeasured batch size takes the nearest one's estimates...
+    gate.observe(4, True, 12, 0.02)  # ... until it measures its own: drafting pays at 4
+    gate.observe(4, False, 4, 0.02)
+    assert gate.should_draft(4)  # while bucket 1 keeps its own (plain) estimates
+    for _ in range(30):  # drafting becomes the faster arm: plain is now the explored one
+        gate.observe(1, True, 5, 0.02)
+    # The first of those rounds settled the last exploration while drafting was only even with plain (not
+    # ahead by the margin): a loss, so the wait doubled to 8.
+    assert [gate.should_draft(1) for _ in range(16)] == ([True] * 7 + [False]) * 2
+    gate.observe(1, False, 0, 0.01)  # empty rounds and zero times are ignored
+    gate.observe(1, False, 1, 0.0)
+    assert gate.rates[(1, ThroughputGate.PLAIN)] == pytest.approx(100.0)
+
+
+def test_throughput_gate_prices_each_drafting_source_apart():
+    """A hybrid drafter's sources (cheap n-gram lookup, a costly learned drafter) get arms of their
+    own: the paying one keeps drafting while the other falls back to plain rounds, explored rarely."""
+    from dspark.draft_gates import ThroughputGate
+
+    gate = ThroughputGate(explore_every=4, explore_cost=10.0)
+    assert gate.should_draft(1, "ngram") and gate.should_draft(1, "dspark")  # nothing measured: try each
+    gate.observe(1, True, 3, 0.01, ("ngram",))   # 300 tokens/s
+    gate.observe(1, True, 2, 0.04, ("dspark",))  # 50 tokens/s
+    gate.observe(1, False, 1, 0.01)              # plain: 100 tokens/s
+    assert [gate.should_draft(1, "ngram") for _ in range(4)] == [True, True, True, False]
+    assert [gate.should_draft(1, "dspark") for _ in range(4)] == [False, False, False, True]
+    assert gate.rates[(1, "ngram")] == pytest.approx(300.0) and gate.rates[(1, "dspark")] == pytest.approx(50.0)
+    assert [ThroughputGate.bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 64)] == [1, 2, 4, 4, 8, 8, 16, 64]
+    policy = PrefixScheduler(SPSCurve([1, 8], [100.0, 100.0]), gate=False, throughput_gate=True)
+    policy.observe_round(2, True, 6, 0.01, ("ngram",))
+    policy.observe_round(2, True, 4, 0.04, ("dspark",))
+    policy.observe_round(2, False, 2, 0.01)
+    assert policy.should_draft([Req(0), Req(1)], ["ngram", "dspark"]) == [True, False]  # in one round
+
+
+def test_a_source_the_throughput_gate_blocks_keeps_its_draft_gate_state():
+    """The draft gate still sees the whole batch: a request blocked by the throughput gate keeps its a_1
+    and is priced at the batch's size, not dropped as if it had left."""
+    policy = PrefixScheduler(SPSCurve([1, 8], [100.0, 100.0]), throughput_gate=True)
+    policy.gate.observe([Req(0), Req(1)], [[0.9], [0.9]])
+    policy.observe_round(2, True, 6, 0.01, ("ngram",))
+    policy.observe_round(2, True, 4, 0.04, ("dspark",))
+    policy.observe_round(2, False, 2, 0.01)
+    assert policy.should_draft([Req(0), Req(1)], ["ngram", "dspark"]) == [True, False]
+    assert set(policy.gate.first) == {0, 1} and policy.gate.idle == {0: 0, 1: 1}
+
+
+def test_engine_stops_paying_for_a_drafter_that_does_not_pay(tmp_path):
+    """A slow drafter whose drafts are always rejected: after the first measurements most rounds skip
+    drafting (plain), probing it again every 16th round; the output is plain decoding's."""
+    import time
+
+    from dspark.drafters.base import Drafter
+    from dspark.engine import Engine
+    from dspark.models import load_model
+    from dspark.sampling_params import SamplingParams
+    from builders import write_tiny_llama
+
+    class SlowWrongDrafter(Drafter):
+        num_draft, gives_confidences = 3, True
+
+        def __init__(self):
+            self.calls = self.asked = 0
+
+        def source_for(self, request):
+            self.asked += 1
+            return super().source_for(request)
+
+        def propose(self, requests, max_draft):
+            self.calls += 1
+            time.sleep(0.02)
+            n = min(3, max_draft)
+            return [Proposal([(r.tokens[-1] + 1 + i) % 97 for i in range(n)],
+                             confidences=torch.full((n,), 0.99)) for r in requests]
+
+    write_tiny_llama(tmp_path, 97, 32, 2, seed=1)
+    model = load_model(str(tmp_path), torch.float32)
+    params = SamplingParams(max_tokens=60, ignore_eos=True)
+    plain = Engine(model, max_batch=1).generate([[5, 6, 7]], params)[0].generated
+    drafter = SlowWrongDrafter()
+    engine = Engine(model, drafter=drafter, policy=PrefixScheduler(SPSCurve([1, 64], [100.0, 100.0]), throughput_gate=True),
+                    max_batch=1)
+    assert engine.generate([[5, 6, 7]], params)[0].generated == plain
+    assert drafter.calls <= 2 + 60 // 16 + 1
+    # Once both arms are measured, a round in which no source would draft (a quiet one) does not even ask
+    # the drafter which source would speak: only the first rounds and those before the probes do.
+    assert drafter.asked <= drafter.calls + 1 + 60 // 16 + 1
+
+
+def test_quiet_rounds_count_towards_every_known_sources_exploration():
+    from dspark.draft_gates import ThroughputGate
+
+    gate = ThroughputGate(explore_every=4, explore_cost=10.0)
+    assert not gate.quiet(1)  # nothing known: ask
+    gate.observe(1, True, 3, 0.01, ("ngram",))   # 300 tokens/s
+    gate.observe(1, True, 2, 0.04, ("dspark",))  # 50 tokens/s
+    gate.observe(1, False, 1, 0.01)              # plain: 100 tokens/s
+    assert not gate.quiet(1)  # n-gram drafting is the faster arm: its requests draft
+    for _ in range(20):
+        gate.observe(1, True, 1, 0.04, ("ngram",))  # ... until it is 25 tokens/s
+    assert [gate.quiet(1) for _ in range(4)] == [True, True, True, False]  # the 4th round is due for both
+    assert gate.should_draft(1, "ngram") and gate.should_draft(1, "dspark")  # both explore, their waits reset
+    assert gate.since_other == {(1, "ngram"): 0, (1, "dspark"): 0}
+    assert gate.quiet(1) and gate.since_other == {(1, "ngram"): 1, (1, "dspark"): 1}
+    assert gate.quiet(2)  # a new bucket takes the nearest one's estimates and waits
+    assert gate.quiet_left[1][0] == 2  # a stretch is judged once: 2 more quiet rounds in bucket 1 ...
+    gate.observe(1, False, 1, 0.001)  # ... which a plain round does not end, however fast
+    assert gate.quiet_left[1][0] == 2
+    gate.observe(1, True, 1, 0.04, ("dspark",))  # a drafted round does: the next is judged afresh
+    assert 1 not in gate.quiet_left
+    policy = PrefixScheduler(SPSCurve([1, 8], [100.0, 100.0]), gate=False, throughput_gate=gate)
+    assert not policy.may_draft(1)  # a quiet round: no request would draft
+    assert PrefixScheduler(SPSCurve([1, 8], [100.0, 100.0])).may_draft(1)  # without the throughput gate: always
+
+
+def test_drafting_must_beat_plain_by_the_margin():
+    """A drafting arm within `margin` of plain decoding loses the tie: a round that drafts and verifies
+    nothing costs a little more, and noise alone would otherwise keep choosing it."""
+    from dspark.draft_gates import ThroughputGate
+
+    for margin, drafts in ((0.02, False), (0.0, True)):
+        gate = ThroughputGate(margin=margin, explore_cost=1.0)
+        gate.observe(1, True, 101, 1.0)  # 1% faster than plain
+        gate.observe(1, False, 100, 1.0)
+        assert gate.should_draft(1) == drafts
+    gate = ThroughputGate(explore_cost=1.0)
+    gate.observe(1, True, 103, 1.0)  # 3% faster: past the default margin
+    gate.observe(1, False, 100, 1.0)
+    assert gate.should_draft(1)
+    with pytest.raises(ValueError, match="margin"):
+        ThroughputGate(margin=-0.1)
+
+
+def test_throughput_gate_compares_rounds_against_what_plain_decoding_reaches_at_their_size():
+    """Within a bucket (5-8), a drafting round of 8 requests beats a plain round of 5 in raw tokens/s only
+    because it is larger: measured against `expected` (tokens/s of plain decoding at that size) it loses."""
+    from dspark.draft_gates import ThroughputGate
+
+    gate = ThroughputGate(expected=lambda batch: 100.0 * batch)
+    gate.observe(5, False, 5, 0.01)     # 500 tokens/s, as expected at 5
+    gate.observe(8, True, 8, 0.0125)    # 640 tokens/s, 80% of what plain reaches at 8
+    assert gate.rates[(8, ThroughputGate.PLAIN)] == pytest.approx(1.0)
+    assert gate.rates[(8, DEFAULT_SOURCE)] == pytest.approx(0.8)
+    assert not gate.should_draft(8)
+    per_request = ThroughputGate()  # the default: tokens/s per request
+    per_request.observe(5, False, 5, 0.01)
+    per_request.observe(8, True, 8, 0.0125)
+    assert not per_request.should_draft(8)
+    raw = ThroughputGate(expected=lambda batch: 1.0)
+    raw.observe(5, False, 5, 0.01)
+    raw.observe(8, True, 8, 0.0125)
+    assert raw.should_draft(8)  # the bias the normalisation removes
+
+
+def test_a_new_bucket_inherits_a_losing_sources_backoff():
+    """A batch shrinking through the buckets does not retry a drafter that kept losing in the last one:
+    the new bucket starts plain, and waits as long as the old one before its first trial."""
+    from dspark.draft_gates import ThroughputGate
+
+    gate = ThroughputGate(explore_every=4, max_wait=64, explore_cost=100.0, expected=lambda batch: 100.0 * batch)
+    gate.observe(64, True, 64, 1.0)   # drafting: 1% of plain decoding's rate
+    gate.observe(64, False, 64, 0.01)
+    for _ in range(200):
+        draft = gate.should_draft(64)
+        gate.observe(64, draft, 64, 1.0 if draft else 0.01)
+    assert gate.wait[(64, "draft")] == 64
+    first_trial = next(i for i in range(100) if gate.should_draft(20))
+    assert first_trial == 63 and gate.wait[(32, "draft")] == 64
+
+
+def test_exploring_a_far_slower_arm_waits_long_enough_to_cost_little():
+    """Drafting measured at a quarter of plain decoding's rate: each trial costs three plain rounds, so with
+    explore_cost 5% trials come 60 rounds apart, and the measured overhead stays within 5%."""
+    from dspark.draft_gates import ThroughputGate
+
+    gate = ThroughputGate(explore_every=4, max_wait=1000, explore_cost=0.05)
+    gate.observe(1, True, 1, 0.04)   # drafting: 25 tokens/s
+    gate.observe(1, False, 1, 0.01)  # plain: 100 tokens/s
+    decisions = [gate.should_draft(1) for _ in range(600)]
+    drafted_at = [i for i, d in enumerate(decisions) if d]
+    assert drafted_at[:3] == [59, 119, 179]  # unsettled trials (no observe): the wait stays at its floor
+    assert sum(0.04 if d else 0.01 for d in decisions) <= 1.05 * 600 * 0.01 + 1e-9  # 10 trials x 30 ms extra
+    capped = ThroughputGate(explore_every=4, max_wait=16, explore_cost=0.05)
+    capped.observe(1, True, 1, 0.04)
+    capped.observe(1, False, 1, 0.01)
+    assert [capped.should_draft(1) for _ in range(16)][-1]  # max_wait bounds the floor too
+    with pytest.raises(ValueError, match="explore_cost"):
+        ThroughputGate(explore_cost=0.0)
+
+
+def test_a_trial_is_priced_by_the_tokens_its_round_emits():
+    """Drafting at half plain decoding's rate per token, but emitting three tokens per request per round
+    where plain emits one: a trial round takes three plain rounds' worth of time for those tokens at half
+    speed, i.e. costs three plain rounds, so with explore_cost 5% trials come 60 rounds apart (not 20)."""
+    from dspark.draft_gates import ThroughputGate
+
+    gate = ThroughputGate(explore_every=4, max_wait=1000, explore_cost=0.05)
+    gate.observe(1, True, 3, 0.06)   # 3 tokens in 60 ms: 50 tokens/s
+    gate.observe(1, False, 1, 0.01)  # 1 token in 10 ms: 100 tokens/s
+    drafted_at = [i for i in range(200) if gate.should_draft(1)]
+    assert drafted_at[:2] == [59, 119]  # priced per round alone (cost 1), it would be 19, 39
+
+
+def test_a_vetoed_trial_is_not_counted_as_a_loss():
+    """The throughput gate explores drafting, but another gate (the per-request DraftGate) lets no request
+    draft: the plain round that follows measured nothing about drafting, so the wait stays as it was."""
+    from dspark.draft_gates import ThroughputGate
+
+    gate = ThroughputGate(explore_every=4, explore_cost=1.0)
+    gate.observe(1, True, 1, 0.02)   # drafting: 50 tokens/s
+    gate.observe(1, False, 1, 0.01)  # plain: 100 tokens/s
+    assert [gate.should_draft(1) for _ in range(4)] == [False, False, False, True]
+    gate.observe(1, False, 1, 0.01)  # vetoed: the round ran plain
+    assert gate.wait[(1, DEFAULT_SOURCE)] == 4 and not gate.exploring
+    assert [gate.should_draft(1) for _ in range(4)] == [False, False, False, True]
+    gate.observe(1, True, 1, 0.02)   # a real trial, lost: the wait doubles
+    assert gate.wait[(1, DEFAULT_SOURCE)] == 8
+
+
+def test_throughput_gate_backs_off_while_the_explored_arm_keeps_losing():
+    from dspark.draft_gates import ThroughputGate
+
+    gate = ThroughputGate(explore_every=4, max_wait=16, explore_cost=1.0)
+    gate.observe(1, True, 1, 0.02)   # drafting: 50 tokens/s
+    gate.observe(1, False, 1, 0.01)  # plain: 100 tokens/s
+    drafted_at = []
+    for i in range(60):
+        draft = gate.should_draft(1)
+        if draft:
+            drafted_at.append(i)
+        gate.observe(1, draft, 1, 0.02 if draft else 0.01)  # drafting keeps losing
+    gaps = [b - a for a, b in zip(drafted_at, drafted_at[1:])]
+    assert gaps[:3] == [8, 16, 16]  # 4, then doubled waits, capped at max_wait
+    assert drafted_at[0] == 3
+    gate.observe(1, True, 10, 0.01)  # drafting suddenly pays: after the next exploration the wait resets
+
+
+def test_a_throughput_gate_can_outlive_its_policy():
+    """One ThroughputGate passed to successive policies (a new engine per batch of requests) keeps what
+    earlier ones measured: the second policy does not pay a drafting trial first."""
+    from dspark.draft_gates import ThroughputGate
+
+    sps = SPSCurve([1, 8], [100.0, 100.0])
+    shared = ThroughputGate(expected=lambda b: b * sps(b))
+    first = PrefixScheduler(sps, gate=False, throughput_gate=shared)
+    assert first.should_draft([Req(0)]) == [True]  # nothing measured: a trial
+    first.observe_round(1, True, 1, 0.05)
+    first.observe_round(1, False, 1, 0.01)
+    second = PrefixScheduler(sps, gate=False, throughput_gate=shared)
+    assert second.throughput is shared and second.should_draft([Req(0)]) == [False]
+    fresh = PrefixScheduler(sps, gate=False, throughput_gate=True)
+    assert fresh.should_draft([Req(0)]) == [True]
+    with pytest.raises(ValueError, match="throughput_gate"):
+        AsyncScheduler(sps, throughput_gate=shared)
