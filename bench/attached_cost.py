@@ -81,8 +81,8 @@ def main() -> None:
                 **{f"{name}_over_plain": statistics.median(v) for name, v in ratios.items()},
                 "samples": ratios}
         results["cells"].append(cell)
-        print(f"c={concurrency:<3} plain {cell['plain_decode_tokens_per_s']:7.1f} tok/s  quiet x{cell['quiet_over_plain']:.3f}"
-              f"  asked x{cell['asked_over_plain']:.3f}", flush=True)
+        print(f"c={concurrency:<3} plain {cell['plain_decode_tokens_per_s']:7.1f} tok/s  "
+              f"quiet x{cell['quiet_over_plain']:.3f}  asked x{cell['asked_over_plain']:.3f}", flush=True)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))

@@ -12,8 +12,8 @@ same for every policy) and the average verification
 budget (draft tokens verified per request per round). With --repeats N every cell runs N times, the
 policies interleaved, and reports the medians (JSON: every run's rates under "samples"); with --lockstep the
 policies' engines step in turn within each run, a step each, each timed on its own clock (the fairest A/B on a
-machine that drifts; every other run in the reverse order); with --keep-gate the gated policy keeps its throughput estimates from run to run, as a
-server would (the first, cold run reported apart). Writes <out>.json and
+machine that drifts; every other run in the reverse order); with --keep-gate the gated policy keeps its
+throughput estimates from run to run, as a server would (the first, cold run reported apart). Writes <out>.json and
 <out>-throughput.png (aggregate against per-user tokens/s) and <out>-budget.png (budget against
 concurrency).
 """

@@ -88,7 +88,8 @@ class SideCache:
 
     def write(self, rows: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
         if values.dim() != 2 or values.shape[1] != self.data.shape[3]:
-            raise ValueError(f"values must be [tokens, {self.data.shape[3]}] for this side cache, got {list(values.shape)}")
+            raise ValueError(f"values must be [tokens, {self.data.shape[3]}] for this side cache, "
+                             f"got {list(values.shape)}")
         self.data[rows, slots, 0] = values.to(self.data.dtype)
 
     def rollback(self, accepted_nodes: torch.Tensor, num_accepted: torch.Tensor) -> None:

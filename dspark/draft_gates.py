@@ -90,8 +90,9 @@ class ThroughputGate:
     priced with that.
 
     `expected(batch)`: the tokens/s plain decoding should reach at that batch size (SPSPolicy passes
-    batch * SPS(batch)), a function of the batch size alone (read once per size). Rates are kept as measured over expected, so that rounds of different sizes in
-    one bucket, and buckets near each other, compare fairly; without it, tokens/s per request. An arm not yet
+    batch * SPS(batch)), a function of the batch size alone (read once per size). Rates are kept as
+    measured over expected, so that rounds of different sizes in one bucket, and buckets near each
+    other, compare fairly; without it, tokens/s per request. An arm not yet
     measured in a bucket takes the nearest bucket's estimate, and a source's exploration wait too: as a
     batch grows or shrinks through the buckets, a drafter that lost in the last one is not tried again
     at once. Only an arm measured in no bucket at all is tried first (drafting before plain).
@@ -216,7 +217,7 @@ class ThroughputGate:
             # to explore drafting but did not draft (another gate vetoed every request) was not measured:
             # its trial is dropped, its wait unchanged.
             pending = []  # exploring plain means drafting was the better arm before this round
-            for key in [k for k in self.exploring if k[0] == bucket] if self.exploring else ():
+            for key in [k for k in self.exploring if k[0] == bucket]:
                 if self._best(*key):
                     pending.append(key)
                 else:

@@ -20,14 +20,14 @@ def check_captured(captured: SideCache | None, rows: int, max_seq_len: int, widt
                          f"{rows} rows of {max_seq_len} positions, {width} wide (its target layers' hidden states)")
 
 
-def pending_features(captured: SideCache, committed: torch.Tensor, requests) -> tuple[list[int], list[torch.Tensor]]:
-    """The rows of the requests whose captured positions run past what the drafter committed
-    (`committed`: its per-row lengths), and those positions' features [m, width] (views)."""
+def pending_features(captured: SideCache, committed: torch.Tensor, requests) -> tuple[list, list[torch.Tensor]]:
+    """The requests whose captured positions run past what the drafter committed (`committed`: its
+    per-row lengths), and those positions' features [m, width] (views)."""
     ends, starts = captured.seqlens.tolist(), committed.tolist()
-    rows, hidden = [], []
+    pending, hidden = [], []
     for r in requests:
         start, end = starts[r.row], ends[r.row]
         if end > start:
-            rows.append(r.row)
+            pending.append(r)
             hidden.append(captured.committed(r.row, start, end))
-    return rows, hidden
+    return pending, hidden

@@ -174,15 +174,14 @@ class DSparkDrafter(Drafter):
 
     def commit_pending(self, requests) -> None:
         """Commit the captured features of the requests about to draft that they have not committed yet."""
-        rows, hidden = pending_features(self.captured, self.features.seqlens, requests)
-        if not rows:
+        pending, hidden = pending_features(self.captured, self.features.seqlens, requests)
+        if not pending:
             return
         if self.model.config.kind == "dspark":  # context K/V depend on each token alone: one batched pass
-            self._commit_rows(rows, hidden)
+            self._commit_rows([r.row for r in pending], hidden)
             return
-        tokens = {r.row: r.tokens for r in requests}
-        for row, h in zip(rows, hidden):
-            self._commit_eagle(row, tokens[row], h)
+        for r, h in zip(pending, hidden):
+            self._commit_eagle(r.row, r.tokens, h)
 
     @torch.inference_mode()
     def _commit_rows(self, rows: list[int], hidden: list[torch.Tensor]) -> None:

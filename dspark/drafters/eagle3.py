@@ -204,7 +204,7 @@ class Eagle3Drafter(Drafter):
         self.kv: KVCache | None = None
         self.last: torch.Tensor | None = None  # [rows, d]: the output at each row's last committed position
         self.generators: dict[int, torch.Generator] = {}
-        self.captured: SideCache | None = None  # the engine's target features, run at the next proposal (as DSparkDrafter)
+        self.captured: SideCache | None = None  # the engine's target features, run at the next proposal
 
     @classmethod
     def from_pretrained(cls, path: str, target, num_draft: int | None = None,
@@ -236,10 +236,8 @@ class Eagle3Drafter(Drafter):
         self.generators.pop(request.row, None)
 
     def _commit_pending(self, requests) -> None:
-        rows, hidden = pending_features(self.captured, self.kv.seqlens, requests)
-        by_row = {r.row: r for r in requests}
-        for row, h in zip(rows, hidden):
-            self._commit(by_row[row], h)
+        for request, hidden in zip(*pending_features(self.captured, self.kv.seqlens, requests)):
+            self._commit(request, hidden)
 
     @torch.inference_mode()
     def _commit(self, request, hidden: torch.Tensor) -> None:

@@ -103,10 +103,11 @@ class HybridDrafter(Drafter):
                         confidences=self.ngram_confidences()[: len(tokens)].to(self.dspark.device))
 
     def accept(self, requests, paths) -> None:
-        for r, path in zip(requests, paths) if self.source else ():  # nothing drafted: nothing to count
-            if self.source.pop(r.id, None) == "ngram":
-                verified, accepted = int(getattr(r, "verified", 0)), len(path) - 1
-                tried = min(verified, accepted + 1)  # positions 1..tried were verified with their prefix accepted
-                self.verified[:tried] += 1
-                self.accepted[:min(accepted, tried)] += 1
+        if self.source:  # else nothing was drafted: nothing to count
+            for r, path in zip(requests, paths):
+                if self.source.pop(r.id, None) == "ngram":
+                    verified, accepted = int(getattr(r, "verified", 0)), len(path) - 1
+                    tried = min(verified, accepted + 1)  # positions 1..tried were verified with their prefix accepted
+                    self.verified[:tried] += 1
+                    self.accepted[:min(accepted, tried)] += 1
         self.dspark.accept(requests, paths)
