@@ -5,8 +5,8 @@ tokens, two-sample chi-square), and plain / `--drafter auto` tokens/s at batch 1
     python bench/engine_check.py --device cuda --out bench/results/engine-check-<gpu>-<date>.json
     python bench/engine_check.py --device cpu --quick        # the same checks, small, on this machine
 
-bench/gpu_check.sh engine runs it on a GPU machine. CUDA graphs are not implemented yet: every number is
-eager mode.
+bench/gpu_check.sh engine runs it on a GPU machine. Every check runs with CUDA graphs off (eager) and on
+(dspark.round_graphs); on CPU "on" is the graphs' padded rounds run eagerly (there is nothing to capture).
 """
 
 from __future__ import annotations
@@ -37,9 +37,11 @@ def prompts_of(tokenizer, count: int) -> list[list[int]]:
     return [tokenizer(c).input_ids for c in chats]
 
 
-def decode(model, tokenizer, drafter, prompts, params, batch: int):
+def decode(model, tokenizer, drafter, prompts, params, batch: int, graphs: bool = False):
     longest = max(len(p) for p in prompts) + params.max_tokens + 16
-    engine = Engine(model, tokenizer, drafter, max_batch=batch, max_seq_len=longest)
+    engine = Engine(model, tokenizer, drafter, max_batch=batch, max_seq_len=longest, cuda_graphs=graphs)
+    if graphs:  # captured before the clock starts
+        engine.graphs.capture_up_to(batch * (1 + (drafter.num_draft if drafter is not None else 0)))
     start = time.perf_counter()
     requests = engine.generate(prompts, params)
     if model.device.type == "cuda":
@@ -86,7 +88,7 @@ def main() -> int:
     dtype = torch.bfloat16
     tokens = 24 if args.quick else 64
     report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "dtype": str(dtype),
-              "cuda_graphs": "not implemented (eager)", "identity": [], "sampled": None, "throughput": []}
+              "identity": [], "sampled": None, "throughput": []}
     tokenizer, smollm = load_tokenizer(None), load_model(None, dtype, args.device)
     prompts = prompts_of(tokenizer, 2 if args.quick else 6)
     greedy = SamplingParams(max_tokens=tokens)
@@ -100,11 +102,12 @@ def main() -> int:
         for batch in (1, 16):
             chosen = texts[:batch] if batch == 1 else (texts * 16)[:16]
             plain, _, _ = decode(model, tokenizer, None, chosen, greedy, batch)
-            for drafter_name, make in drafters.items():
-                out, _, tau = decode(model, tokenizer, make(), chosen, greedy, batch)
-                report["identity"].append({"model": name, "batch": batch, "drafter": drafter_name,
-                                           "identical": out == plain, "tau": tau})
-                print(report["identity"][-1], flush=True)
+            for graphs in (False, True):
+                for drafter_name, make in (({"none": lambda: None} if graphs else {}) | drafters).items():
+                    out, _, tau = decode(model, tokenizer, make(), chosen, greedy, batch, graphs)
+                    report["identity"].append({"model": name, "batch": batch, "drafter": drafter_name,
+                                               "cuda_graphs": graphs, "identical": out == plain, "tau": tau})
+                    print(report["identity"][-1], flush=True)
     samples = 300 if args.quick else 3000
     sampled = SamplingParams(max_tokens=2, temperature=1.0, ignore_eos=True)
     per = [SamplingParams(**{**sampled.__dict__, "seed": s}) for s in range(samples)]
@@ -118,11 +121,14 @@ def main() -> int:
     print(report["sampled"], flush=True)
     for batch in (1, 8, 32):
         chosen = (prompts * 32)[:batch]
-        for drafter_name in ("none", "auto"):
-            drafter = None if drafter_name == "none" else make_drafter("auto", smollm, None, dtype, args.device)
-            _, speed, tau = decode(smollm, tokenizer, drafter, chosen, greedy, batch)
-            report["throughput"].append({"batch": batch, "drafter": drafter_name, "tokens_per_s": speed, "tau": tau})
-            print(report["throughput"][-1], flush=True)
+        for graphs in (False, True):
+            for drafter_name in ("none", "auto"):
+                drafter = None if drafter_name == "none" else make_drafter("auto", smollm, None, dtype, args.device)
+                decode(smollm, tokenizer, drafter, chosen[:1], SamplingParams(max_tokens=4), 1, graphs)  # warm-up
+                _, speed, tau = decode(smollm, tokenizer, drafter, chosen, greedy, batch, graphs)
+                report["throughput"].append({"batch": batch, "drafter": drafter_name, "cuda_graphs": graphs,
+                                             "tokens_per_s": speed, "tau": tau})
+                print(report["throughput"][-1], flush=True)
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(report, indent=1))
     failed = [r for r in report["identity"] if not r["identical"]] + (

@@ -19,6 +19,7 @@ from dspark.cache import KVCache, SideCache
 from dspark.drafters.base import Drafter, Proposal
 from dspark.models.target import TargetModel
 from dspark.request import Event, Request  # noqa: F401 (Request, Event: re-exported)
+from dspark.round_graphs import RoundGraphs
 from dspark.sampling_params import SamplingParams
 from dspark.scheduler import FixedLength, VerificationPolicy
 from dspark.stats import RunStats
@@ -26,7 +27,8 @@ from dspark.stats import RunStats
 
 class Engine:
     def __init__(self, model: TargetModel, tokenizer=None, drafter=None, policy=None, max_batch: int = 8,
-                 max_seq_len: int = 2048, block_size: int | None = None, max_prefill_tokens: int = 512):
+                 max_seq_len: int = 2048, block_size: int | None = None, max_prefill_tokens: int = 512,
+                 cuda_graphs: bool = False):
         """policy: how many draft nodes each request verifies; default FixedLength(drafter.num_draft). The
         DSpark prefix scheduler needs the target's SPS curve: measure it explicitly
         (`PrefixScheduler(dspark.profiling.load_or_measure_sps(model, tokens))`, cached on disk).
@@ -34,7 +36,10 @@ class Engine:
         one is prefilled in chunks of this size over its cached prefix. Running requests decode between
         chunks, and a bounded prefill keeps its activations in cache: on the 2-core CPU one 7,538-token
         prefill of 64 prompts ran at 348 tokens/s, steps of 512 tokens at 473. A drafter's own pass over
-        a new prompt (its context) is not chunked: it runs whole at the request's first proposal."""
+        a new prompt (its context) is not chunked: it runs whole at the request's first proposal.
+        cuda_graphs: decoding and verification rounds replay CUDA graphs per padded token-count bucket
+        (dspark.round_graphs; the cache gets one more row, for padding). On CPU, where there are no
+        graphs, the same padded rounds run eagerly: a dry run of the captured path."""
         if not isinstance(model, TargetModel):
             raise TypeError(f"model must be a dspark.models.TargetModel (LlamaModel, HFCausalLM or your own), "
                             f"got {type(model).__name__}")
@@ -49,16 +54,17 @@ class Engine:
         self.model, self.tokenizer, self.drafter = model, tokenizer, drafter
         self.policy = policy or FixedLength(drafter.num_draft if drafter is not None else 0)
         self.max_seq_len = max_seq_len
-        self.cache = KVCache(c.num_layers, max_batch, max_seq_len, c.num_kv_heads, c.head_dim, model.dtype,
+        rows = max_batch + 1 if cuda_graphs else max_batch  # the last one pads graph rounds, holds no request
+        self.cache = KVCache(c.num_layers, rows, max_seq_len, c.num_kv_heads, c.head_dim, model.dtype,
                              model.device, block_size=block_size)
         # Drafters conditioned on the target (DSpark) name the layers whose residual stream they read;
         # those hidden states are kept per committed token in a side cache as long as the K/V (it shares
         # their lengths), rolled back like them, and read by the drafter when it needs them.
         self.capture_layers = tuple(drafter.capture_layers) if drafter is not None else ()
-        self.hidden_cache = SideCache(max_batch, max_seq_len, c.hidden_size * len(self.capture_layers), model.dtype,
+        self.hidden_cache = SideCache(rows, max_seq_len, c.hidden_size * len(self.capture_layers), model.dtype,
                                       model.device, seqlens=self.cache.seqlens) if self.capture_layers else None
         if drafter is not None:
-            drafter.bind(max_batch, max_seq_len, c.vocab_size, self.hidden_cache)
+            drafter.bind(rows, max_seq_len, c.vocab_size, self.hidden_cache)
         eos = set(c.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -66,14 +72,15 @@ class Engine:
         self.waiting: list[Request] = []
         self.prefilling: list[Request] = []  # hold cache rows, prompt not wholly cached yet, in admission order
         # One request order for every op of a round: the cache's rows. by_row[row] is the request there.
-        self.by_row: list[Request | None] = [None] * max_batch
-        self.rows = RowState(max_batch, model.device)
+        self.by_row: list[Request | None] = [None] * rows
+        self.rows = RowState(rows, model.device)
         self.sampler = ops.plan_rejection_sample(model.device)
         self.free_rows = list(range(max_batch - 1, -1, -1))
         self.next_id = 0
         self.finished: dict[int, Request] = {}
         self.stats = RunStats()
         self._drafted = False  # whether the current round asked the drafter for anything
+        self.graphs = RoundGraphs(model, self.cache, self.capture_layers, self.hidden_cache) if cuda_graphs else None
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt: list[int] | str, params: SamplingParams | None = None) -> int:
@@ -226,9 +233,8 @@ class Engine:
         parents = [None if p.parents is None else [-1] + p.parents for p in proposals]
         rnd = build_round(self.cache.rows, [(r.row, n, pa) for r, n, pa in zip(requests, nodes, parents)],
                           self.cache.seqlens.tolist(), self.model.device)
-        hidden = self._forward(rnd)
-        # Rows are in the round's order and idle rows have no tokens: every hidden state is a running node.
-        path_nodes, counts, emitted = self._verify(self.model.logits(hidden), rnd.qo_indptr, nodes, parents,
+        # Rows are in the round's order and idle rows have no tokens: every logits row is a running node.
+        path_nodes, counts, emitted = self._verify(self._round_logits(rnd), rnd.qo_indptr, nodes, parents,
                                                    *self._draft_probs(requests, proposals, nodes))
         self._rollback(path_nodes, counts)
         verified = time.perf_counter()
@@ -249,6 +255,11 @@ class Engine:
             self.drafter.accept(requests, paths)
         self._retire_finished()
         return events
+
+    def _round_logits(self, rnd) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.applies(rnd):
+            return self.graphs.logits(rnd)
+        return self.model.logits(self._forward(rnd))
 
     def _forward(self, rnd) -> torch.Tensor:
         """The target over the round; the drafter's captured layers go straight into the side cache."""

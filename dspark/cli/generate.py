@@ -71,6 +71,15 @@ def add_target_arguments(ap: argparse.ArgumentParser) -> None:
                     help="native: a GGUF file's Q4_0/Q4_1/Q8_0 matrices stay as blocks (the default for GGUF on CPU); "
                          "bf16/fp16/fp32: dequantised to that dtype")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="replay decoding and verification rounds as CUDA graphs, one per padded token-count bucket "
+                         "(needs --device cuda and dspark._C built with CUDA)")
+
+
+def cuda_graphs_of(args) -> bool:
+    if args.cuda_graphs and not str(args.device).startswith("cuda"):
+        raise SystemExit(f"--cuda-graphs needs --device cuda, got --device {args.device}")
+    return args.cuda_graphs
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -94,6 +103,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    graphs = cuda_graphs_of(args)
     dtype, native = resolve_weights(args.weights, args.dtype, args.model, args.device)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype, args.device, native=native)
@@ -112,7 +122,8 @@ def run(args) -> int:
     if drafter is not None and drafter.gives_confidences:  # the DSpark prefix scheduler on this machine's SPS curve
         policy = PrefixScheduler(load_or_measure_sps(model, 1 + num_draft),
                                  throughput_gate=not args.no_throughput_gate)
-    engine = Engine(model, tokenizer, drafter, policy=policy, max_batch=1, max_seq_len=max_seq_len)
+    engine = Engine(model, tokenizer, drafter, policy=policy, max_batch=1, max_seq_len=max_seq_len,
+                    cuda_graphs=graphs)
     shown = ""
     generated: list[int] = []
 
@@ -135,7 +146,7 @@ def run(args) -> int:
           f"{summary['generated_tokens']} tokens in {summary['wall_s']:.2f}s: {summary['tokens_per_s']:.1f} tokens/s, "
           f"tau {summary['tau']:.2f}, acceptance by depth [{acceptance}]")
     if drafter is not None and not args.no_baseline:
-        plain = Engine(model, tokenizer, None, max_batch=1, max_seq_len=max_seq_len)
+        plain = Engine(model, tokenizer, None, max_batch=1, max_seq_len=max_seq_len, cuda_graphs=graphs)
         warm_up(plain, prompt, params)
         [baseline] = plain.generate([prompt], params)
         base = plain.stats.summary([baseline])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dspark.cli.generate import add_target_arguments, make_drafter
+from dspark.cli.generate import add_target_arguments, cuda_graphs_of, make_drafter
 from dspark.models import load_model, load_tokenizer
 from dspark.models.dtypes import resolve_weights
 
@@ -33,6 +33,7 @@ def build(args):
     from dspark.scheduler import PrefixScheduler
     from dspark.serve import EngineLoop, Limits, create_app
 
+    graphs = cuda_graphs_of(args)
     dtype, native = resolve_weights(args.weights, args.dtype, args.model, args.device)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype, args.device, native=native)
@@ -43,7 +44,8 @@ def build(args):
         policy = PrefixScheduler(load_or_measure_sps(model, args.max_batch * (1 + num_draft)),
                                  throughput_gate=not args.no_throughput_gate)
     engine = Engine(model, tokenizer, drafter, policy=policy, max_batch=args.max_batch,
-                    max_seq_len=args.max_model_len + num_draft + 8, max_prefill_tokens=args.max_prefill_tokens)
+                    max_seq_len=args.max_model_len + num_draft + 8, max_prefill_tokens=args.max_prefill_tokens,
+                    cuda_graphs=graphs)
     name = args.served_model_name or (args.model or "SmolLM2-135M-Instruct")
     limits = Limits(name, model.config.vocab_size, args.max_model_len)
     loop = EngineLoop(engine, max_waiting=args.max_waiting)

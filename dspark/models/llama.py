@@ -46,6 +46,8 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
 
 
 class LlamaModel(TargetModel):
+    plans_rounds = True
+
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor | QuantizedWeight]):
         """weights: Hugging Face names without the `model.` prefix (embed_tokens.weight,
         layers.{i}.self_attn.q_proj.weight, ..., norm.weight, lm_head.weight). Matrices may be
@@ -168,19 +170,27 @@ class LlamaModel(TargetModel):
         ~2% of a batch-1 round, every cache line cold); the PyTorch path goes through the list."""
         return self._forward(cache, rnd, capture_layers, side)[0]
 
+    def plan(self, cache: KVCache, rnd: Round, backend: str | None = None) -> ops.TreeAttentionPlan:
+        """The round's attention metadata validated and prepared once for every layer (host reads)."""
+        self.check_context(cache.max_seq_len)
+        return ops.plan_tree_attention(rnd.qo_indptr, cache.seqlens, rnd.parents, cache.block_table,
+                                       num_tokens=rnd.tokens.shape[0], num_q_heads=self.config.num_heads,
+                                       k_cache=cache.k[0], backend=backend)
+
+    def forward_planned(self, cache: KVCache, rnd: Round, plan, capture_layers: tuple[int, ...] = (),
+                        side: SideCache | None = None) -> torch.Tensor:
+        return self._forward(cache, rnd, capture_layers, side, plan)[0]
+
     @torch.inference_mode()
     def _forward(self, cache: KVCache, rnd: Round, capture_layers: tuple[int, ...],
-                 side: SideCache | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                 side: SideCache | None, plan=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         c, w = self.config, self.weights
-        self.check_context(cache.max_seq_len)
+        plan = self.plan(cache, rnd) if plan is None else plan
         # Decoding and verification rounds must give a token the same result whatever else shares the
         # round (greedy speculative decoding = plain decoding); only prefills (fresh, or a long prompt's
         # later chunks) may take MKL's faster fp32 GEMM for many rows.
         invariant = not rnd.prefill
         cos, sin = rope_tables(rnd.positions, self.inv_freq)
-        # The round's metadata is validated and prepared once for every layer.
-        plan = ops.plan_tree_attention(rnd.qo_indptr, cache.seqlens, rnd.parents, cache.block_table,
-                                       num_tokens=rnd.tokens.shape[0], num_q_heads=c.num_heads, k_cache=cache.k[0])
         h = self.embed(rnd.tokens)
         if cpu_decoder.applies(self, cache, plan, invariant):  # every layer in one C++ call
             in_place = side is not None and side.data.dtype == h.dtype and side.data.is_contiguous()

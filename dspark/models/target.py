@@ -20,6 +20,8 @@ class TargetModel(abc.ABC):
     # True when forward's first output already is the logits (then `logits` passes it through): a
     # model that does not expose its final hidden states. Drafters trained on those states need False.
     forward_returns_logits: bool = False
+    # True when plan and forward_planned are implemented: the rounds can then be captured in CUDA graphs.
+    plans_rounds: bool = False
 
     @property
     @abc.abstractmethod
@@ -46,6 +48,18 @@ class TargetModel(abc.ABC):
         out, captured = self.forward(cache, rnd, capture_layers)
         side.write(rnd.write_rows, rnd.write_slots, torch.cat(captured, dim=-1))
         return out
+
+    def plan(self, cache: KVCache, rnd: Round, backend: str | None = None):
+        """The round's attention plan for forward_planned (validated once; host reads allowed). A model
+        that implements plan and forward_planned sets plans_rounds."""
+        raise NotImplementedError(f"{type(self).__name__} has no planned forward")
+
+    def forward_planned(self, cache: KVCache, rnd: Round, plan, capture_layers: tuple[int, ...] = (),
+                        side: SideCache | None = None) -> torch.Tensor:
+        """forward_capturing (or forward's first output, with no side cache) over a round planned by
+        `plan`, with no validation and no host reads, so that on CUDA it can be captured in a graph and
+        replayed over new values of the same round tensors (dspark.round_graphs)."""
+        raise NotImplementedError(f"{type(self).__name__} has no planned forward")
 
     @abc.abstractmethod
     def logits(self, out: torch.Tensor) -> torch.Tensor:
