@@ -178,3 +178,28 @@ def test_engine_through_graph_rounds_is_token_identical_to_eager(tiny, drafter, 
     through_graphs = Engine(model, drafter=make(), max_batch=4, max_seq_len=128, block_size=block_size,
                             cuda_graphs=True)
     assert generated(through_graphs, PROMPTS, sampled) == eager
+
+
+def test_a_planned_round_reads_nothing_back_from_the_device(tiny):
+    """What a CUDA graph captures must not read tensor values on the host (a sync breaks the capture).
+    On meta tensors every such read raises: the static-round loading, the layers, the cache and side-cache
+    writes and the LM head run here on meta, with the attention (a C++ launch) stood in for."""
+    from dspark.models.llama import LlamaModel
+
+    class MetaPlan:
+        backend = "meta"
+
+        def run(self, q, k_cache, v_cache, sm_scale=None):
+            return torch.empty_like(q)
+
+    model = LlamaModel(tiny.config, {name: w.to("meta") for name, w in tiny.weights.items()})
+    model.plan = lambda cache, rnd, backend=None: MetaPlan()
+    c = model.config
+    cache = KVCache(c.num_layers, 4, 64, c.num_kv_heads, c.head_dim, model.dtype, device="meta", block_size=8)
+    side = SideCache(4, 64, 2 * c.hidden_size, model.dtype, device="meta", seqlens=cache.seqlens)
+    graphs = RoundGraphs(model, cache, (0, 1), side, max_tokens=16, capture=False)
+    for tree in (False, True):
+        host = build_round(4, [(0, [5, 6, 7], [-1, 0, 0] if tree else None), (2, [8, 9], None)], [3, 0, 6, 0])
+        rnd = type(host)(**{k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in host.__dict__.items()})
+        logits = graphs.logits(rnd)
+        assert logits.shape == (5, c.vocab_size) and logits.device.type == "meta"
