@@ -77,7 +77,12 @@ def test_dispatch():
     # bf16 prefills go to oneDNN's bf16 GEMM where the CPU has AVX512-BF16 / AMX; invariant calls never do
     assert uses_kernel(many, w16) != linear_module.fast_bf16_gemm()
     assert uses_kernel(many, w16, batch_invariant=True)
-    assert uses_kernel(many[: linear_module.DENSE_GEMM_ROWS - 1], w16)
+    assert uses_kernel(many[:1], w16)
+    wide = torch.randn(8, linear_module.NARROW_IN_FEATURES + 1).bfloat16()
+    assert uses_kernel(torch.randn(linear_module.DENSE_BF16_ROWS - 1, wide.shape[1]).bfloat16(), wide)
+    assert uses_kernel(torch.randn(linear_module.DENSE_BF16_ROWS, wide.shape[1]).bfloat16(), wide) \
+        != linear_module.fast_bf16_gemm()
+    assert uses_kernel(many[:2], w16) != linear_module.fast_bf16_gemm()  # a narrow matrix: from 2 rows
     assert uses_kernel(many.float(), w16)  # mixed dtypes: the kernel
     trained = torch.randn(8, 16, requires_grad=True)
     assert not uses_kernel(torch.randn(3, 16), trained)  # autograd needs F.linear
