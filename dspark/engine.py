@@ -80,6 +80,7 @@ class Engine:
         self.finished: dict[int, Request] = {}
         self.stats = RunStats()
         self._drafted = False  # whether the current round asked the drafter for anything
+        self._captured_now = False  # whether this round captured a graph (its time is no round's)
         self.graphs = RoundGraphs(model, self.cache, self.capture_layers, self.hidden_cache) if cuda_graphs else None
 
     # -- requests ---------------------------------------------------------------------------------
@@ -241,8 +242,9 @@ class Engine:
         self.stats.draft_time += drafted - start
         self.stats.verify_time += verified - drafted
         self.stats.rounds += 1
-        self.policy.observe_round(len(requests), self._drafted, int(counts.sum()),
-                                  verified - start, self._draft_sources)
+        if not self._captured_now:  # a capture's time says nothing of the round's
+            self.policy.observe_round(len(requests), self._drafted, int(counts.sum()),
+                                      verified - start, self._draft_sources)
         events, paths = [], []
         for r, proposal, node_parents in zip(requests, proposals, parents):
             m = int(counts[r.row])
@@ -257,8 +259,11 @@ class Engine:
         return events
 
     def _round_logits(self, rnd) -> torch.Tensor:
+        self._captured_now = False
         if self.graphs is not None and self.graphs.applies(rnd):
-            return self.graphs.logits(rnd)
+            logits = self.graphs.logits(rnd)
+            self._captured_now = self.graphs.recorded_last
+            return logits
         return self.model.logits(self._forward(rnd))
 
     def _forward(self, rnd) -> torch.Tensor:

@@ -7,12 +7,18 @@ static ones; the b - n padding tokens go to a scratch cache row that no request 
 last), as one chain from slot 0. tree_attention lets a token see only its own row, and every layer
 treats tokens row by row, so padding never changes a real token's result. The scratch row's length
 stays 0: rejection_sample and kv_rollback get the round's own qo_indptr, where that row has no tokens.
-The static qo_indptr is the round's with its last entry set to b; chains get explicit local parents.
+The static qo_indptr is the round's with its last entry set to b. Chain rounds and tree rounds have
+graphs of their own (the padding is a chain too), so plain decoding keeps tree_attention's chain path.
 
-The attention plan is made once per bucket, at capture, over the static tensors. The engine's rounds come
-from build_round, valid by construction: the trusted path, no per-round validation. Prefills and rounds
-past the largest bucket run eagerly. Capturing needs a planned forward (TargetModel.plans_rounds) and
-tree_attention's CUDA backend (the Triton one plans its work list on the host every round).
+The attention plan is made once per graph, at capture, over the static tensors, and reused by every
+later round: its backend must read the round's values on the device at each run, as tree_attention's
+cuda, cpu and reference backends do (Triton's plans its work list from the values, on the host). The
+engine's rounds come from build_round, valid by construction: the trusted path, no per-round
+validation. Prefills and rounds past the largest bucket run eagerly. Capturing needs a planned forward
+(TargetModel.plans_rounds) and dspark._C built with CUDA.
+
+Graphs share one memory pool: they never run concurrently, and a round's logits (a view of its graph's
+static output) are read before the next round replays anything.
 
 On CPU there are no graphs: `capture=False` runs the same padded static rounds eagerly, which is how the
 CPU tests check the padding.
@@ -27,7 +33,7 @@ import torch
 from dspark.batch import Round
 from dspark.cache import KVCache, SideCache
 from dspark.models.target import TargetModel
-from dspark.ops._backend import cuda_extension_built
+from dspark.ops._backend import cpu_extension, cuda_extension_built
 
 # Steps of ~1.5x: a round pays at most ~50% padding; buckets are captured only when a round needs them.
 BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -58,8 +64,13 @@ class RoundGraphs:
         self.capture = device.type == "cuda" if capture is None else capture
         if self.capture and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a model on a CUDA device, got {device}")
-        if self.capture and not cuda_extension_built:
-            raise ValueError("CUDA graphs need tree_attention's CUDA backend: build dspark._C with CUDA (DSPARK_CUDA=1)")
+        if device.type == "cuda" and not cuda_extension_built:
+            raise ValueError("graph rounds on CUDA need tree_attention's CUDA backend: build dspark._C with CUDA "
+                             "(DSPARK_CUDA=1)")
+        if device.type == "cuda" and model.config.head_dim > 256:
+            raise ValueError(f"tree_attention's CUDA backend supports head_dim <= 256, got {model.config.head_dim}")
+        # A backend whose plan reads the values at every run (see the module's docstring).
+        self.backend = "cuda" if device.type == "cuda" else ("cpu" if cpu_extension is not None else "reference")
         if (side is None) != (not capture_layers):
             raise ValueError("capture_layers and a side cache go together")
         self.model, self.cache, self.capture_layers, self.side = model, cache, tuple(capture_layers), side
@@ -78,7 +89,9 @@ class RoundGraphs:
         self.write_slots = torch.zeros(size, **as_long)
         self.parents = torch.zeros(size, dtype=torch.int32, device=device)
         self.qo_indptr = torch.zeros(cache.rows + 1, dtype=torch.int32, device=device)
-        self._captured: dict[int, _Bucket] = {}
+        self._captured: dict[tuple[int, bool], _Bucket] = {}  # (bucket, tree) -> its graph
+        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.recorded_last = False  # whether the last round captured (or planned) a new graph
 
     def applies(self, rnd: Round) -> bool:
         return not rnd.prefill and 0 < rnd.tokens.shape[0] <= self.buckets[-1]
@@ -88,10 +101,12 @@ class RoundGraphs:
         before the next round)."""
         n = rnd.tokens.shape[0]
         bucket = next(b for b in self.buckets if b >= n)
+        key = (bucket, rnd.parents is not None)
         self._load(rnd, n, bucket)
-        entry = self._captured.get(bucket)
+        entry = self._captured.get(key)
+        self.recorded_last = entry is None
         if entry is None:
-            entry = self._captured[bucket] = self._record(bucket)
+            entry = self._captured[key] = self._record(*key)
         return entry.run()[:n]
 
     def capture_up_to(self, num_tokens: int) -> None:
@@ -99,9 +114,10 @@ class RoundGraphs:
         benchmark's warm-up) rather than at the first such round. The rounds captured hold padding only:
         they write the scratch row alone, so this is safe between any two rounds."""
         for bucket in self.buckets:
-            if bucket not in self._captured:
-                self._load(None, 0, bucket)
-                self._captured[bucket] = self._record(bucket)
+            for tree in (False, True):
+                if (bucket, tree) not in self._captured:
+                    self._load(None, 0, bucket)
+                    self._captured[(bucket, tree)] = self._record(bucket, tree)
             if bucket >= num_tokens:
                 break
 
@@ -117,8 +133,6 @@ class RoundGraphs:
             self.qo_indptr.copy_(rnd.qo_indptr)
             if rnd.parents is not None:
                 self.parents[:n].copy_(rnd.parents)
-            else:  # a chain: each token's parent is the one before it in its row
-                self.parents[:n].copy_(self.ramp[:n] - self.qo_indptr[self.write_rows[:n]] - 1)
         pad = bucket - n
         if pad:
             # Stale tokens past n are earlier rounds' ids: valid, and only the scratch row sees them.
@@ -128,12 +142,12 @@ class RoundGraphs:
             self.parents[n:bucket].copy_(self.ramp[:pad] - 1)
         self.qo_indptr[-1:].fill_(bucket)
 
-    def _record(self, bucket: int) -> _Bucket:
-        """The bucket's plan over the static tensors (which hold a valid round now) and its graph. The
+    def _record(self, bucket: int, tree: bool) -> _Bucket:
+        """The graph's plan over the static tensors (which hold a valid round now) and the graph. The
         warm-up runs the current round itself, so its cache writes are the replay's own."""
-        rnd = Round(self.tokens[:bucket], self.qo_indptr, self.parents[:bucket], self.positions[:bucket],
-                    self.write_rows[:bucket], self.write_slots[:bucket], self.ramp[:0])
-        plan = self.model.plan(self.cache, rnd, backend="cuda" if self.capture else None)
+        rnd = Round(self.tokens[:bucket], self.qo_indptr, self.parents[:bucket] if tree else None,
+                    self.positions[:bucket], self.write_rows[:bucket], self.write_slots[:bucket], self.ramp[:0])
+        plan = self.model.plan(self.cache, rnd, backend=self.backend)
 
         def forward() -> torch.Tensor:
             return self.model.logits(self.model.forward_planned(self.cache, rnd, plan, self.capture_layers, self.side))
@@ -146,10 +160,10 @@ class RoundGraphs:
             forward()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self._pool):
             logits = forward()
         return _Bucket(forward, graph, logits)
 
     @property
     def captured_buckets(self) -> tuple[int, ...]:
-        return tuple(sorted(self._captured))
+        return tuple(sorted({bucket for bucket, _ in self._captured}))

@@ -92,6 +92,17 @@ def test_greedy_is_token_identical_to_plain(tiny, plain, kind, head, batch, bloc
         assert engine.stats.rounds * 2 < sum(len(t) for t in plain)
 
 
+@pytest.mark.parametrize("kind,head", [("oracle", "markov"), ("eagle", "none")])
+def test_greedy_through_graph_rounds_is_token_identical_to_plain(tiny, plain, kind, head):
+    """The captured hidden states a drafter reads go through the padded graph rounds (dspark.round_graphs;
+    on CPU they run eagerly), padding into a scratch row the drafter's own caches also hold."""
+    model = bigram_oracle(tiny, plain) if kind == "oracle" else make_model(tiny, kind, head)
+    engine = Engine(tiny, drafter=DSparkDrafter(model), policy=FixedLength(model.config.gamma), max_batch=3,
+                    max_seq_len=128, block_size=4, cuda_graphs=True)
+    assert [r.generated for r in engine.generate(PROMPTS, GREEDY)] == plain
+    assert engine.graphs.captured_buckets
+
+
 # A CPU-like curve (flat for a few tokens, then falling) so that the schedulers cut drafts short.
 SPS = SPSCurve([1, 4, 8, 16, 32], [20.0, 19.0, 15.0, 9.0, 5.0])
 POLICIES = {"threshold": lambda: ConfidenceThreshold(0.3), "prefix": lambda: PrefixScheduler(SPS),

@@ -203,3 +203,24 @@ def test_a_planned_round_reads_nothing_back_from_the_device(tiny):
         rnd = type(host)(**{k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in host.__dict__.items()})
         logits = graphs.logits(rnd)
         assert logits.shape == (5, c.vocab_size) and logits.device.type == "meta"
+
+
+def test_reused_plans_read_the_round_values_at_every_run(tiny, monkeypatch):
+    """A graph's plan serves every later round of its bucket, so its attention backend must not plan
+    from the values (Triton's does): with Triton asked for, the graphs still take the C++ backend, and a
+    second round of a bucket, with other rows, lengths and tree, gets that backend's eager results."""
+    monkeypatch.setenv("DSPARK_BACKEND", "triton")
+    model = tiny
+    gen = torch.Generator().manual_seed(5)
+    cache, _ = random_state(model, gen, 5, 64, None, 0)
+    graphs = RoundGraphs(model, cache, max_tokens=16, capture=False)
+    assert graphs.backend == "cpu"
+    graphs.capture_up_to(8)  # planned over padding alone
+    for sizes in ([3, 4], [2, 5], [6, 1]):
+        rnd = build_round(5, random_entries(gen, 4, True, sizes), cache.seqlens.tolist())
+        eager_cache, _ = clone_state(cache, None)
+        monkeypatch.setenv("DSPARK_BACKEND", "cpu")
+        expected = model.logits(model.forward(eager_cache, rnd)[0])
+        monkeypatch.setenv("DSPARK_BACKEND", "triton")
+        assert torch.equal(graphs.logits(rnd), expected)
+        assert not graphs.recorded_last  # every round replayed a graph planned before it
