@@ -11,7 +11,7 @@ import torch
 
 from dspark.batch import build_round
 from dspark.cache import KVCache, SideCache
-from dspark.drafters.draft_model import processed_probs
+from dspark.drafters.draft_sampling import processed_probs
 from dspark.drafters.dspark import DSparkDrafter
 from dspark.drafters.dspark_layers import DSparkConfig
 from dspark.drafters.dspark_model import DSparkModel, save_drafter
@@ -182,8 +182,10 @@ def test_draft_probs_are_the_distributions_the_tokens_were_drawn_from(tiny, kind
     torch.testing.assert_close(rows[:n].sum(-1), torch.ones(n))
     assert (rows[n] == 0).all() and proposal.confidences.shape == (n,)
     assert ((proposal.confidences > 0) & (proposal.confidences < 1)).all()
-    generator = torch.Generator().manual_seed(params.seed + 0xD5)  # replay the drafter's draws
-    assert [int(torch.multinomial(rows[k], 1, generator=generator)) for k in range(n)] == proposal.tokens
+    # Replay the drafter's draws: one uniform per step from the request's generator, by inverse CDF.
+    uniforms = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(params.seed + 0xD5))
+    cdfs = rows[:n].double().cumsum(-1)
+    assert [int(torch.searchsorted(cdfs[k], uniforms[k] * cdfs[k, -1], right=True)) for k in range(n)] == proposal.tokens
     # The rows are processed softmaxes of the teacher-forced training forward on the drafted prefix.
     tokens = torch.tensor(request.tokens + proposal.tokens)
     logits, _ = model.train_forward(captured(tiny, tokens.tolist(), model.config.target_layers), tokens,
@@ -254,8 +256,10 @@ def test_draft_vocabulary_subset_probs(tiny, kind, head):
     outside[SUBSET] = False
     assert (rows[:, outside] == 0).all()
     torch.testing.assert_close(rows[:n].sum(-1), torch.ones(n))
-    generator = torch.Generator().manual_seed(params.seed + 0xD5)
-    assert [int(SUBSET[torch.multinomial(rows[k, SUBSET], 1, generator=generator)]) for k in range(n)] == proposal.tokens
+    uniforms = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(params.seed + 0xD5))
+    cdfs = proposal.draft_probs[:n].double().cumsum(-1)
+    assert [int(proposal.draft_vocab[torch.searchsorted(cdfs[k], uniforms[k] * cdfs[k, -1], right=True)])
+            for k in range(n)] == proposal.tokens
     tokens = torch.tensor(request.tokens + proposal.tokens)
     logits, _ = model.train_forward(captured(tiny, tokens.tolist(), model.config.target_layers), tokens,
                                     torch.tensor([len(prompt)]))

@@ -109,7 +109,7 @@ def test_sampled_drafts_report_their_distributions(target):
     params = SamplingParams(max_tokens=12, temperature=0.8, top_k=20, seed=3, ignore_eos=True)
     engine.generate(PROMPTS[:2], params)
     assert seen
-    for p in seen:
+    for p in (p for p in seen if p.tokens):  # a request's last token leaves no room to draft: nothing to report
         assert p.draft_probs.shape == (len(p.tokens) + 1, 96)
         assert torch.allclose(p.draft_probs[:-1].sum(-1), torch.ones(len(p.tokens)), atol=1e-5)
         assert all(p.draft_probs[i, t] > 0 for i, t in enumerate(p.tokens))

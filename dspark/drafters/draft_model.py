@@ -15,21 +15,8 @@ from dspark import ops
 from dspark.batch import build_round
 from dspark.cache import KVCache
 from dspark.drafters.base import Drafter, Proposal
+from dspark.drafters.draft_sampling import DraftSampler, processed_probs  # noqa: F401 (processed_probs: re-exported)
 from dspark.models.llama import LlamaModel
-
-
-def processed_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """softmax(logits / temperature) restricted to the top-k, then to the top-p nucleus (float32)."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if 0 < top_k < probs.shape[-1]:
-        kth = torch.topk(probs, top_k, dim=-1).values[..., -1:]
-        probs = torch.where(probs >= kth, probs, 0.0)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        mass_before = torch.cumsum(sorted_probs, -1) - sorted_probs
-        keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, mass_before < top_p * probs.sum(-1, True))
-        probs = torch.where(keep, probs, 0.0)
-    return probs / probs.sum(-1, keepdim=True)
 
 
 class DraftModelDrafter(Drafter):
@@ -137,30 +124,18 @@ class DraftModelDrafter(Drafter):
         if self.branching is not None:
             return self._propose_tree(requests, steps)
         rows = self.cache.rows
-        feeds = {r.row: r.tokens[self.lengths[r.row]:] for r in requests}
-        drafted: dict[int, list[int]] = {r.row: [] for r in requests}
-        probs: dict[int, list[torch.Tensor]] = {r.row: [] for r in requests}
-        for _ in range(steps):
-            rnd = build_round(rows, [(r.row, feeds[r.row], None) for r in requests], self.lengths, self.model.device)
+        feeds = [r.tokens[self.lengths[r.row]:] for r in requests]
+        sampler = DraftSampler(requests, steps, self.generators, self.model.device)
+        drafted = []
+        for k in range(steps):
+            rnd = build_round(rows, [(r.row, feed, None) for r, feed in zip(requests, feeds)], self.lengths,
+                              self.model.device)
             self.cache.seqlens.copy_(torch.tensor(self.lengths, dtype=torch.int32))
             hidden, _ = self.model.forward(self.cache, rnd)
             logits = self.model.logits(hidden[rnd.last_index])
-            for i, r in enumerate(requests):
-                self.lengths[r.row] += len(feeds[r.row])
-                p = r.params
-                if p.temperature == 0:
-                    token = int(torch.argmax(logits[i]))
-                    q = torch.zeros_like(logits[i])
-                else:
-                    q = processed_probs(logits[i], p.temperature, p.top_k, p.top_p)
-                    token = int(torch.multinomial(q, 1, generator=self.generators[r.row]))
-                drafted[r.row].append(token)
-                probs[r.row].append(q)
-                feeds[r.row] = [token]
-        vocab = self.model.config.vocab_size
-        out = []
-        for r in requests:
-            rows_q = probs[r.row] + [torch.zeros(vocab, device=self.model.device)]  # the last node has no children
-            stochastic = r.params.temperature > 0
-            out.append(Proposal(drafted[r.row], draft_probs=torch.stack(rows_q) if stochastic else None))
-        return out
+            for r, feed in zip(requests, feeds):
+                self.lengths[r.row] += len(feed)
+            drafted.append(sampler.choose(logits, k))
+            feeds = [[token] for token in drafted[-1].tolist()]  # the next step's round is built on the host
+        tokens = torch.stack(drafted, dim=1).tolist()
+        return [Proposal(tokens[i], draft_probs=q) for i, q in enumerate(sampler.draft_probs())]

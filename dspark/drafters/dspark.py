@@ -14,9 +14,10 @@ captured side cache (rolled back with its K/V); the drafter reads the positions 
 yet when it next drafts, so its caches only ever append committed entries: nothing speculative is
 written, hence nothing to roll back here.
 
-Sampling follows DraftModelDrafter: greedy requests draft the argmax (draft_probs None, a
-deterministic proposal); sampled requests draw each x_k from processed_probs(U_k + B_k) under the
-request's temperature/top-k/top-p with a per-request generator, and report exactly those rows.
+Sampling follows DraftModelDrafter (dspark.drafters.draft_sampling): greedy requests draft the argmax
+(draft_probs None, a deterministic proposal); sampled requests draw each x_k from processed_probs(U_k +
+B_k) under the request's temperature/top-k/top-p, batched over the requests, with uniforms from a
+per-request generator, and report exactly those rows.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from dspark.cache import KVCache, SideCache
 from dspark.drafters.base import Drafter, Proposal
 from dspark.drafters.captured import check_captured, pending_features
-from dspark.drafters.draft_model import processed_probs
+from dspark.drafters.draft_sampling import DraftSampler
 from dspark.drafters.dspark_layers import rms_norm
 from dspark.models.linear import linear
 from dspark.drafters.dspark_model import DSparkModel, load_drafter_model
@@ -65,25 +66,6 @@ def committed_context(kv: KVCache, requests, num_layers: int):
     starts = torch.tensor(lengths, device=device)
     valid = None if min(lengths) == longest else torch.arange(longest, device=device)[None] < starts[:, None]
     return layers, valid, starts
-
-
-def choose_drafts(requests, logits: torch.Tensor, generators: dict, vocab_ids: torch.Tensor | None, vocab: int):
-    """Per request: the next draft token (a [R] tensor on the device, full-vocabulary ids) and the
-    distribution it was drawn from (None if greedy), over the columns of logits [R, V or |S| =
-    len(vocab_ids)]. Greedy rows take one batched argmax (ties: lowest id); sampled rows draw from
-    their request's own generator."""
-    picked = torch.argmax(logits, dim=-1)
-    rows = [None] * len(requests)
-    for i, r in enumerate(requests):
-        p = r.params
-        if p.temperature == 0:
-            continue
-        q = processed_probs(logits[i], p.temperature, p.top_k, p.top_p)
-        picked[i] = torch.multinomial(q, 1, generator=generators[r.row])[0]
-        rows[i] = q
-    if vocab_ids is not None:
-        picked = vocab_ids[picked]
-    return picked, rows
 
 
 class DSparkDrafter(Drafter):
@@ -220,9 +202,6 @@ class DSparkDrafter(Drafter):
     def _context(self, requests):
         return committed_context(self.kv, requests, self.model.config.num_layers)
 
-    def _choose(self, requests, logits: torch.Tensor):
-        return choose_drafts(requests, logits, self.generators, self.vocab_ids, self.model.config.vocab_size)
-
     def _confidence(self, logit: torch.Tensor | None, k: int, logits: torch.Tensor, picked: torch.Tensor):
         """sigmoid of the confidence head's logit (STS-scaled), or without a confidence head (DFlash
         checkpoints) the drafter's own probability of each drafted token."""
@@ -244,56 +223,47 @@ class DSparkDrafter(Drafter):
         self.commit_pending(requests)
         kv, valid, starts = self._context(requests)
         anchors = torch.tensor([r.tokens[-1] for r in requests], device=self.device)
+        sampler = DraftSampler(requests, steps, self.generators, self.device, self.vocab_ids)
         if self.model.config.kind == "eagle":
-            drafts = self._draft_eagle(requests, steps, kv, valid, starts, anchors)
+            tokens, confs = self._draft_eagle(requests, sampler, steps, kv, valid, starts, anchors)
         else:
-            drafts = self._draft_block(requests, steps, kv, valid, starts, anchors)
-        tokens, probs, confs = drafts
-        width = self.model.config.vocab_size if self.vocab_ids is None else self.vocab_ids.numel()
+            tokens, confs = self._draft_block(sampler, steps, kv, valid, starts, anchors)
         token_rows = torch.stack(tokens, dim=1).tolist()  # the one host read of the drafted tokens
         confidences = torch.stack(confs, dim=1)
-        out = []
-        for i, r in enumerate(requests):
-            draft_probs = None
-            if r.params.temperature > 0:  # the last node has no children: a zero row, as DraftModelDrafter
-                draft_probs = torch.stack([q[i] for q in probs] + [torch.zeros(width, device=self.device)])
-            # Rows over the draft vocabulary stay that narrow: rejection_sample reads them as q = 0 elsewhere.
-            out.append(Proposal(token_rows[i], draft_probs=draft_probs, confidences=confidences[i],
-                                draft_vocab=self.vocab_ids))
-        return out
+        # Rows over the draft vocabulary stay that narrow: rejection_sample reads them as q = 0 elsewhere.
+        return [Proposal(token_rows[i], draft_probs=q, confidences=confidences[i], draft_vocab=self.vocab_ids)
+                for i, q in enumerate(sampler.draft_probs())]
 
-    def _draft_block(self, requests, steps, kv, valid, starts, anchors):
+    def _draft_block(self, sampler, steps, kv, valid, starts, anchors):
         """One backbone pass over the block, then the sequential head left to right."""
         model = self.model
         h = model.block(anchors, starts, kv, valid, max(model.config.gamma, steps))
         base = self._logits(h[:, :steps])
-        tokens, probs, confs, prev, state = [], [], [], anchors, None
+        tokens, confs, prev, state = [], [], anchors, None
         for k in range(steps):
             bias, conf, state = model.head_step(h[:, k], prev, state, self.w2_rows)
             logits = base[:, k] if bias is None else base[:, k] + bias
-            picked, rows = self._choose(requests, logits)
+            picked = sampler.choose(logits, k)
             tokens.append(picked)
-            probs.append(rows)
             confs.append(self._confidence(conf, k, logits, picked))
             prev = picked
-        return tokens, probs, confs
+        return tokens, confs
 
-    def _draft_eagle(self, requests, steps, kv, valid, starts, anchors):
+    def _draft_eagle(self, requests, sampler, steps, kv, valid, starts, anchors):
         """Step by step: the anchor's input uses the last committed context feature, each later
         input the drafter's own previous residual stream (the drafted block is re-run causally)."""
         model = self.model
         rows = torch.tensor([r.row for r in requests], device=self.device)
         last = self.features.data[rows, starts - 1, 0]
         inputs = [model.eagle_input(anchors, last)]
-        tokens, probs, confs = [], [], []
+        tokens, confs = [], []
         for k in range(steps):
             positions = starts[:, None] + torch.arange(k + 1, device=self.device)
             y, _ = model.eagle_run(torch.stack(inputs, dim=1), positions, kv, valid)
             h = rms_norm(y[:, -1], model.norm, model.config.rms_norm_eps)
             logits = self._logits(h)
-            picked, rows_q = self._choose(requests, logits)
+            picked = sampler.choose(logits, k)
             tokens.append(picked)
-            probs.append(rows_q)
             confs.append(self._confidence(model.confidence_logit(h, None), k, logits, picked))
             inputs.append(model.eagle_input(picked, y[:, -1]))
-        return tokens, probs, confs
+        return tokens, confs

@@ -30,7 +30,8 @@ from dspark.cache import KVCache, SideCache
 from dspark.drafters.base import Drafter, Proposal
 from dspark.drafters.captured import check_captured, pending_features
 from dspark.drafters.deepspec_format import _checkpoint_files, _rope_theta
-from dspark.drafters.dspark import choose_drafts, committed_context
+from dspark.drafters.draft_sampling import DraftSampler
+from dspark.drafters.dspark import committed_context
 from dspark.drafters.dspark_layers import Linear, attend, rms_norm, rope
 from dspark.drafters.dspark_model import check_shared_weights
 from dspark.models.linear import linear
@@ -261,7 +262,7 @@ class Eagle3Drafter(Drafter):
         steps = min(self.num_draft, max_draft)
         if steps <= 0 or not requests:
             return [Proposal([]) for _ in requests]
-        model, vocab = self.model, self.model.config.vocab_size
+        model = self.model
         self._commit_pending(requests)
         layer_kv, valid, starts = committed_context(self.kv, requests, model.config.num_layers)
         hidden = self.last[torch.tensor([r.row for r in requests], device=self.device)][:, None]
@@ -269,12 +270,12 @@ class Eagle3Drafter(Drafter):
         ones = torch.ones(batch, 1, dtype=torch.bool, device=self.device)
         if valid is None:
             valid = torch.ones(batch, layer_kv[0][0].shape[1], dtype=torch.bool, device=self.device)
-        tokens, probs, confs = [], [], []
+        sampler = DraftSampler(requests, steps, self.generators, self.device)
+        tokens, confs = [], []
         for k in range(steps):
             logits = model.logits(hidden[:, 0])
-            picked, rows = choose_drafts(requests, logits, self.generators, None, vocab)
+            picked = sampler.choose(logits, k)
             tokens.append(picked)
-            probs.append(rows)
             confs.append(torch.softmax(logits, -1).gather(-1, picked[:, None])[:, 0])
             if k + 1 == steps:
                 break
@@ -285,10 +286,5 @@ class Eagle3Drafter(Drafter):
             valid = torch.cat([valid, ones], dim=1)
         token_rows = torch.stack(tokens, dim=1).tolist()
         confidences = torch.stack(confs, dim=1)
-        out = []
-        for i, r in enumerate(requests):
-            draft_probs = None
-            if r.params.temperature > 0:  # the last node has no children: a zero row
-                draft_probs = torch.stack([q[i] for q in probs] + [torch.zeros(vocab, device=self.device)])
-            out.append(Proposal(token_rows[i], draft_probs=draft_probs, confidences=confidences[i]))
-        return out
+        return [Proposal(token_rows[i], draft_probs=q, confidences=confidences[i])
+                for i, q in enumerate(sampler.draft_probs())]
