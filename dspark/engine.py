@@ -25,6 +25,13 @@ from dspark.scheduler import FixedLength, VerificationPolicy
 from dspark.stats import RunStats
 
 
+def outputs_to_host(path_nodes: torch.Tensor, counts: torch.Tensor, emitted: torch.Tensor):
+    """rejection_sample's three outputs on the host in one device-to-host copy (one sync per round)."""
+    width = path_nodes.shape[1]
+    packed = torch.cat([path_nodes.long(), counts.long()[:, None], emitted], dim=1).cpu()
+    return packed[:, :width].int(), packed[:, width].int(), packed[:, width + 1:]
+
+
 class Engine:
     def __init__(self, model: TargetModel, tokenizer=None, drafter=None, policy=None, max_batch: int = 8,
                  max_seq_len: int = 2048, block_size: int | None = None, max_prefill_tokens: int = 512,
@@ -287,7 +294,8 @@ class Engine:
             flat_parents, draft_probs, s.temperature, s.top_k, s.top_p, s.seed, s.offset,
             max(len(n) for n in nodes), draft_vocab)
         s.advance(qo_indptr)
-        return path_nodes.cpu(), counts.cpu(), emitted.cpu()
+        return (path_nodes, counts, emitted) if path_nodes.device.type == "cpu" else \
+            outputs_to_host(path_nodes, counts, emitted)
 
     def _propose(self, requests: list[Request]) -> list[Proposal]:
         """Drafts of the requests the policy wants drafted (all, unless it has should_draft)."""

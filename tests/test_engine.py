@@ -368,3 +368,15 @@ def test_engine_takes_any_target_model_and_refuses_other_objects(tiny):
     assert generated(Engine(Delegating(), drafter=NgramDrafter(4), max_batch=3, max_seq_len=128), PROMPTS) == plain
     with pytest.raises(TypeError, match="model must be a dspark.models.TargetModel"):
         Engine(model.weights, max_seq_len=64)
+
+
+def test_round_outputs_come_to_the_host_in_one_copy_unchanged():
+    from dspark.engine import outputs_to_host
+
+    gen = torch.Generator().manual_seed(0)
+    path_nodes = torch.randint(-1, 8, (5, 4), generator=gen, dtype=torch.int32)
+    counts = torch.randint(0, 5, (5,), generator=gen, dtype=torch.int32)
+    emitted = torch.randint(-1, 50_000, (5, 4), generator=gen)
+    got = outputs_to_host(path_nodes, counts, emitted)
+    for a, b in zip(got, (path_nodes, counts, emitted)):
+        assert a.dtype == b.dtype and torch.equal(a, b)

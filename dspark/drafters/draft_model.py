@@ -73,7 +73,8 @@ class DraftModelDrafter(Drafter):
             kept[request.row, : len(written)] = torch.tensor(written, dtype=torch.int32)
             counts[request.row] = len(written)
         self.cache.seqlens.copy_(torch.tensor(self.lengths, dtype=torch.int32))
-        ops.kv_rollback(self.cache.k, self.cache.v, self.cache.seqlens, kept, counts)
+        device = self.cache.seqlens.device
+        ops.kv_rollback(self.cache.k, self.cache.v, self.cache.seqlens, kept.to(device), counts.to(device))
         self.lengths = self.cache.seqlens.tolist()
 
     def _forward_last(self, entries, positions_of_interest):

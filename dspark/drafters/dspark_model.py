@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dspark.drafters.dspark_layers import DraftLayer, DSparkConfig, Linear, rms_norm
+from dspark.drafters.dspark_layers import DraftLayer, DSparkConfig, Linear, RopeModule, rms_norm
 from dspark.models.dtypes import compute_dtype
 from dspark.models.linear import linear
 
@@ -38,7 +38,7 @@ def check_shared_weights(embed: torch.Tensor, head: torch.Tensor, vocab: int, wi
                          f"the drafter's vocabulary {vocab} and width {width}")
 
 
-class DSparkModel(nn.Module):
+class DSparkModel(RopeModule):
     def __init__(self, config: DSparkConfig):
         super().__init__()
         c = self.config = config
@@ -62,8 +62,7 @@ class DSparkModel(nn.Module):
             self.markov_gate = Linear(d + r, r)
         self.conf_reads_head = c.head != "none" and c.confidence_with_head
         self.conf = Linear(d + (r if self.conf_reads_head else 0), 1) if c.confidence else None
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.init_rope(c.rope_theta, c.head_dim)
         self.embed_weight: torch.Tensor | None = None
         self.lm_head_weight: torch.Tensor | None = None
         self._heads: dict = {}  # (draft vocabulary, dtype) -> (its ids, the frozen head's rows in that dtype)

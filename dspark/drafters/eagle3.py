@@ -32,7 +32,7 @@ from dspark.drafters.captured import check_captured, pending_features
 from dspark.drafters.deepspec_format import _checkpoint_files, _rope_theta
 from dspark.drafters.draft_sampling import DraftSampler
 from dspark.drafters.dspark import committed_context
-from dspark.drafters.dspark_layers import Linear, attend, rms_norm, rope
+from dspark.drafters.dspark_layers import Linear, RopeModule, attend, rms_norm, rope
 from dspark.drafters.dspark_model import check_shared_weights
 from dspark.models.linear import linear
 
@@ -106,15 +106,14 @@ class Eagle3Layer(nn.Module):
         return hidden + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)), (k, v)
 
 
-class Eagle3Model(nn.Module):
+class Eagle3Model(RopeModule):
     def __init__(self, config: Eagle3Config):
         super().__init__()
         c = self.config = config
         self.fc = Linear(len(c.target_layers) * c.hidden_size, c.hidden_size, bias=False)
         self.layers = nn.ModuleList(Eagle3Layer(c) for _ in range(c.num_layers))
         self.norm = nn.Parameter(torch.ones(c.hidden_size))
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.init_rope(c.rope_theta, c.head_dim)
         self.embed_weight: torch.Tensor | None = None
         self.lm_head_weight: torch.Tensor | None = None
 
