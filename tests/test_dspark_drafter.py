@@ -188,10 +188,13 @@ def test_draft_probs_are_the_distributions_the_tokens_were_drawn_from(tiny, kind
     assert [int(torch.searchsorted(cdfs[k], uniforms[k] * cdfs[k, -1], right=True)) for k in range(n)] == proposal.tokens
     # The rows are processed softmaxes of the teacher-forced training forward on the drafted prefix.
     tokens = torch.tensor(request.tokens + proposal.tokens)
-    logits, _ = model.train_forward(captured(tiny, tokens.tolist(), model.config.target_layers), tokens,
-                                    torch.tensor([len(prompt)]))
+    logits, confidence_logits = model.train_forward(captured(tiny, tokens.tolist(), model.config.target_layers),
+                                                    tokens, torch.tensor([len(prompt)]))
     expected = torch.stack([processed_probs(logits[0, k], 0.7, 40, 0.9) for k in range(n)])
     torch.testing.assert_close(rows[:n], expected, rtol=1e-4, atol=1e-5)
+    if confidence_logits is not None:  # confidences: the head's, of the drafted prefix (no calibration here)
+        torch.testing.assert_close(proposal.confidences, torch.sigmoid(confidence_logits[0, :n].float()),
+                                   rtol=1e-4, atol=1e-5)
     greedy = Req(prompt + [11], SamplingParams(), row=1)
     start(drafter, greedy, captured(tiny, prompt, model.config.target_layers))
     [deterministic] = drafter.propose([greedy], 3)

@@ -239,15 +239,20 @@ class DSparkDrafter(Drafter):
         model = self.model
         h = model.block(anchors, starts, kv, valid, max(model.config.gamma, steps))
         base = self._logits(h[:, :steps])
-        tokens, confs, prev, state = [], [], anchors, None
+        tokens, prev, state, own_probs = [], anchors, None, []
         for k in range(steps):
-            bias, conf, state = model.head_step(h[:, k], prev, state, self.w2_rows)
+            bias, _, state = model.head_step(h[:, k], prev, state, self.w2_rows, confidence=False)
             logits = base[:, k] if bias is None else base[:, k] + bias
             picked = sampler.choose(logits, k)
             tokens.append(picked)
-            confs.append(self._confidence(conf, k, logits, picked))
+            if model.conf is None:  # no confidence head: a draft's confidence is its own probability
+                own_probs.append(self._confidence(None, k, logits, picked))
             prev = picked
-        return tokens, confs
+        if model.conf is None:
+            return tokens, own_probs
+        # The confidence head reads h_k and W1[x_{k-1}]: every position at once, once the tokens are known.
+        logits = model.block_confidence_logits(h[:, :steps], torch.stack([anchors] + tokens[:-1], dim=1))
+        return tokens, [self._confidence(logits[:, k], k, None, None) for k in range(steps)]
 
     def _draft_eagle(self, requests, sampler, steps, kv, valid, starts, anchors):
         """Step by step: the anchor's input uses the last committed context feature, each later

@@ -120,13 +120,15 @@ class DSparkModel(RopeModule):
             x, _ = layer(x, positions, self.inv_freq, k, v, ctx_valid, causal=False)
         return rms_norm(x, self.norm, self.config.rms_norm_eps)
 
-    def head_step(self, h_k: torch.Tensor, prev: torch.Tensor, state, w2_rows: torch.Tensor | None = None):
+    def head_step(self, h_k: torch.Tensor, prev: torch.Tensor, state, w2_rows: torch.Tensor | None = None,
+                  confidence: bool = True):
         """Block position k: (B_k [B, V] or None, confidence logit [B] or None, new state) from h_k [B, d]
         and the previous token x_{k-1} [B] (the anchor for k = 1). w2_rows: W2's rows of a draft
-        vocabulary subset, for B_k over that subset only."""
+        vocabulary subset, for B_k over that subset only. confidence=False leaves the confidence out
+        (inference computes every position's at once: block_confidence_logits)."""
         c = self.config
         if c.head == "none":
-            return None, self.confidence_logit(h_k, None), None
+            return None, self.confidence_logit(h_k, None) if confidence else None, None
         e = self.w1(prev).to(h_k.dtype)
         w2 = self.w2.weight if w2_rows is None else w2_rows
         if c.head == "markov":
@@ -139,7 +141,14 @@ class DSparkModel(RopeModule):
             gate = torch.sigmoid(self.rnn_gate(z))
             bias = linear(torch.tanh(self.rnn_out(z)), w2)
             state = gate * s + (1 - gate) * torch.tanh(self.rnn_cand(z))
-        return bias.float(), self.confidence_logit(h_k, e), state
+        return bias.float(), self.confidence_logit(h_k, e) if confidence else None, state
+
+    def block_confidence_logits(self, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor | None:
+        """Every block position's confidence logit [B, n] at once, from h [B, n, d] and the previous tokens
+        prev [B, n]: what head_step gives position by position (rows are independent: the same values)."""
+        if self.conf is None:
+            return None
+        return self.confidence_logit(h, self.w1(prev).to(h.dtype) if self.conf_reads_head else None)
 
     def confidence_logit(self, h_k: torch.Tensor, e: torch.Tensor | None) -> torch.Tensor | None:
         if self.conf is None:
