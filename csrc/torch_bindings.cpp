@@ -277,7 +277,8 @@ void llama_decoder_layers(at::Tensor& hidden, const std::vector<std::optional<at
                           const at::Tensor& qo_indptr, const at::Tensor& cache_seqlens,
                           const std::optional<at::Tensor>& parents, const std::optional<at::Tensor>& block_table,
                           const std::optional<at::Tensor>& captured, const std::vector<int64_t>& capture_slot,
-                          int64_t num_heads, int64_t intermediate_size, double eps, double sm_scale) {
+                          int64_t num_heads, int64_t intermediate_size, double eps, double sm_scale,
+                          const std::optional<at::Tensor>& final_norm) {
   expect_float(hidden, "hidden");
   const auto dtype = hidden.scalar_type();
   TORCH_CHECK_VALUE(hidden.dim() == 2, "hidden must be [rows, hidden_size]");
@@ -395,6 +396,11 @@ void llama_decoder_layers(at::Tensor& hidden, const std::vector<std::optional<at
   p.head_dim = dim;
   p.intermediate_size = intermediate_size;
   p.eps = static_cast<float>(eps);
+  if (final_norm.has_value()) {
+    expect(*final_norm, dtype, "final_norm");
+    TORCH_CHECK_VALUE(final_norm->numel() == hidden_size, "final_norm must be [hidden_size]");
+    p.final_norm = final_norm->data_ptr();
+  }
   auto& a = p.attention;
   a.dtype = p.dtype;
   a.qo_indptr = qo_indptr.data_ptr<int32_t>();

@@ -148,6 +148,9 @@ void run(const DecoderParams& p) {
       }
     }
   }
+  if (p.final_norm != nullptr) {  // rms_norm_row reads a row whole before writing it: in place is safe
+    for (int64_t t = 0; t < rows; ++t) rms_norm_row(h + t * hidden, static_cast<const T*>(p.final_norm), h + t * hidden, hidden, p.eps);
+  }
 }
 
 }  // namespace

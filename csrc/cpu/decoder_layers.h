@@ -61,6 +61,9 @@ struct DecoderParams {
   int64_t head_dim;
   int64_t intermediate_size;
   float eps;
+  // [hidden_size] in the activation dtype: the model's final RMSNorm, applied to `hidden` after the last
+  // layer (nullptr: hidden stays the last layer's residual stream)
+  const void* final_norm = nullptr;
   // The round's metadata (qo_indptr, cache_seqlens, parents, block_table, counts, slots_per_row,
   // max_blocks, sm_scale); q, k_cache, v_cache and out are set per layer.
   TreeAttentionParams attention;

@@ -67,10 +67,13 @@ def _weights(model) -> tuple[list[torch.Tensor | None], list[int]] | None:
 
 
 def run(model, h: torch.Tensor, cache, rnd, plan, cos: torch.Tensor, sin: torch.Tensor,
-        capture_layers: tuple[int, ...], capture_into=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        capture_layers: tuple[int, ...], capture_into=None,
+        final_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """All layers over the round's embeddings h [T, hidden]; returns the last layer's residual stream
-    and the residual stream after each layer in capture_layers, or, given capture_into (a SideCache
-    [R, S, 1, n * hidden] of the dtype), writes those concatenated at the round's slots and returns []."""
+    (given final_norm, a weight of the dtype, normalised by it: right after the layers, in cache, that
+    costs ~1 us where the PyTorch norm's seven ops cost ~100 at batch 1) and the residual stream after each
+    layer in capture_layers, or, given capture_into (a SideCache [R, S, 1, n * hidden] of the dtype),
+    writes those concatenated at the round's slots and returns []."""
     c = model.config
     h = h.contiguous()
     slots = [-1] * c.num_layers
@@ -88,7 +91,7 @@ def run(model, h: torch.Tensor, cache, rnd, plan, cos: torch.Tensor, sin: torch.
     _kernel(h, weights, formats, cache.k, cache.v, cos.reshape(h.shape[0], -1).contiguous(),
             sin.reshape(h.shape[0], -1).contiguous(), rnd.write_rows, rnd.write_slots, plan.qo_indptr,
             plan.cache_seqlens, plan.parents, plan.block_table, captured, slots, c.num_heads, c.intermediate_size,
-            c.rms_norm_eps, 1.0 / c.head_dim ** 0.5)
+            c.rms_norm_eps, 1.0 / c.head_dim ** 0.5, final_norm)
     if captured is None or capture_into is not None:
         return h, []
     # In layer order, one per captured layer, as the PyTorch forward collects them.

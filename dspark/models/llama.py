@@ -192,16 +192,19 @@ class LlamaModel(TargetModel):
         invariant = not rnd.prefill
         cos, sin = rope_tables(rnd.positions, self.inv_freq)
         h = self.embed(rnd.tokens)
-        if cpu_decoder.applies(self, cache, plan, invariant):  # every layer in one C++ call
+        norm = w["norm.weight"]
+        normed = False
+        if cpu_decoder.applies(self, cache, plan, invariant):  # every layer, and the final norm, in one C++ call
             in_place = side is not None and side.data.dtype == h.dtype and side.data.is_contiguous()
+            normed = norm.dtype == h.dtype and norm.is_contiguous()
             h, captured = cpu_decoder.run(self, h, cache, rnd, plan, cos, sin, capture_layers,
-                                          side if in_place else None)
+                                          side if in_place else None, norm if normed else None)
         else:
             h, captured = self._layers(h, cache, rnd, plan, cos, sin, capture_layers, invariant)
         if side is not None and captured:
             side.write(rnd.write_rows, rnd.write_slots, torch.cat(captured, dim=-1))
             captured = []
-        return rms_norm(h, w["norm.weight"], c.rms_norm_eps), captured
+        return (h if normed else rms_norm(h, norm, c.rms_norm_eps)), captured
 
     def _layers(self, h, cache, rnd, plan, cos, sin, capture_layers, invariant):
         """The PyTorch layers: the reference the fused ones are tested against, and every other round."""
