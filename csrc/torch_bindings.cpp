@@ -272,8 +272,8 @@ const void* projection_ptr(const std::optional<at::Tensor>& t, int64_t format, a
 
 void llama_decoder_layers(at::Tensor& hidden, const std::vector<std::optional<at::Tensor>>& weights,
                           const std::vector<int64_t>& weight_formats,
-                          const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cos,
-                          const at::Tensor& sin, const at::Tensor& write_rows, const at::Tensor& write_slots,
+                          const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& positions,
+                          const at::Tensor& inv_freq, const at::Tensor& write_rows, const at::Tensor& write_slots,
                           const at::Tensor& qo_indptr, const at::Tensor& cache_seqlens,
                           const std::optional<at::Tensor>& parents, const std::optional<at::Tensor>& block_table,
                           const std::optional<at::Tensor>& captured, const std::vector<int64_t>& capture_slot,
@@ -293,9 +293,26 @@ void llama_decoder_layers(at::Tensor& hidden, const std::vector<std::optional<at
   const int64_t kv_heads = k_cache.size(3), dim = k_cache.size(4);
   TORCH_CHECK_VALUE(num_heads >= kv_heads && kv_heads > 0 && num_heads % kv_heads == 0 && dim % 2 == 0,
                     "num_heads must be a multiple of the cache's KV heads, head_dim even");
-  for (const auto* t : {&cos, &sin}) {
-    expect(*t, at::kFloat, "cos/sin");
-    TORCH_CHECK_VALUE(t->numel() == rows * dim, "cos and sin must be [rows, head_dim]");
+  expect(positions, at::kLong, "positions");
+  expect(inv_freq, at::kFloat, "inv_freq");
+  TORCH_CHECK_VALUE(positions.numel() == rows && inv_freq.numel() == dim / 2,
+                    "positions must be [rows] and inv_freq [head_dim / 2]");
+  // The rotate-half RoPE tables of dspark.models.layers.rope_tables: angle = float(position) * inv_freq in
+  // fp32; cos over both halves, -sin over the first and sin over the second.
+  std::vector<float> cos(rows * dim), sin(rows * dim);
+  {
+    const int64_t half = dim / 2;
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    const float* freq = inv_freq.data_ptr<float>();
+    for (int64_t t = 0; t < rows; ++t) {
+      const float position = static_cast<float>(pos[t]);
+      for (int64_t i = 0; i < half; ++i) {
+        const float angle = position * freq[i], c = std::cos(angle), s = std::sin(angle);
+        cos[t * dim + i] = cos[t * dim + half + i] = c;
+        sin[t * dim + i] = -s;
+        sin[t * dim + half + i] = s;
+      }
+    }
   }
   expect(write_rows, at::kLong, "write_rows");
   expect(write_slots, at::kLong, "write_slots");
@@ -385,8 +402,8 @@ void llama_decoder_layers(at::Tensor& hidden, const std::vector<std::optional<at
   }
   p.capture_slot = slots.data();
   p.num_captured = num_captured;
-  p.cos = cos.data_ptr<float>();
-  p.sin = sin.data_ptr<float>();
+  p.cos = cos.data();
+  p.sin = sin.data();
   p.write_rows = wr;
   p.write_slots = ws;
   p.rows = rows;

@@ -66,10 +66,11 @@ def _weights(model) -> tuple[list[torch.Tensor | None], list[int]] | None:
     return cached[1]
 
 
-def run(model, h: torch.Tensor, cache, rnd, plan, cos: torch.Tensor, sin: torch.Tensor,
-        capture_layers: tuple[int, ...], capture_into=None,
+def run(model, h: torch.Tensor, cache, rnd, plan, capture_layers: tuple[int, ...], capture_into=None,
         final_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """All layers over the round's embeddings h [T, hidden]; returns the last layer's residual stream
+    """All layers over the round's embeddings h [T, hidden], their RoPE tables made in the same call from
+    the round's positions (rope_tables' formula; its eight small ops cost ~60 us at batch 1, cold caches);
+    returns the last layer's residual stream
     (given final_norm, a weight of the dtype, normalised by it: right after the layers, in cache, that
     costs ~1 us where the PyTorch norm's seven ops cost ~100 at batch 1) and the residual stream after each
     layer in capture_layers, or, given capture_into (a SideCache [R, S, 1, n * hidden] of the dtype),
@@ -88,8 +89,8 @@ def run(model, h: torch.Tensor, cache, rnd, plan, cos: torch.Tensor, sin: torch.
     else:
         captured = torch.empty(h.shape[0], num_captured * c.hidden_size, dtype=h.dtype)
     weights, formats = _weights(model)
-    _kernel(h, weights, formats, cache.k, cache.v, cos.reshape(h.shape[0], -1).contiguous(),
-            sin.reshape(h.shape[0], -1).contiguous(), rnd.write_rows, rnd.write_slots, plan.qo_indptr,
+    _kernel(h, weights, formats, cache.k, cache.v, rnd.positions.contiguous(), model.inv_freq.contiguous(),
+            rnd.write_rows, rnd.write_slots, plan.qo_indptr,
             plan.cache_seqlens, plan.parents, plan.block_table, captured, slots, c.num_heads, c.intermediate_size,
             c.rms_norm_eps, 1.0 / c.head_dim ** 0.5, final_norm)
     if captured is None or capture_into is not None:

@@ -190,16 +190,16 @@ class LlamaModel(TargetModel):
         # round (greedy speculative decoding = plain decoding); only prefills (fresh, or a long prompt's
         # later chunks) may take MKL's faster fp32 GEMM for many rows.
         invariant = not rnd.prefill
-        cos, sin = rope_tables(rnd.positions, self.inv_freq)
         h = self.embed(rnd.tokens)
         norm = w["norm.weight"]
         normed = False
         if cpu_decoder.applies(self, cache, plan, invariant):  # every layer, and the final norm, in one C++ call
             in_place = side is not None and side.data.dtype == h.dtype and side.data.is_contiguous()
             normed = norm.dtype == h.dtype and norm.is_contiguous()
-            h, captured = cpu_decoder.run(self, h, cache, rnd, plan, cos, sin, capture_layers,
-                                          side if in_place else None, norm if normed else None)
+            h, captured = cpu_decoder.run(self, h, cache, rnd, plan, capture_layers, side if in_place else None,
+                                          norm if normed else None)
         else:
+            cos, sin = rope_tables(rnd.positions, self.inv_freq)
             h, captured = self._layers(h, cache, rnd, plan, cos, sin, capture_layers, invariant)
         if side is not None and captured:
             side.write(rnd.write_rows, rnd.write_slots, torch.cat(captured, dim=-1))
