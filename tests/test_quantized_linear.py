@@ -144,6 +144,9 @@ def test_dequantize_kernel_matches_the_reference(fmt, dtype):
     ours = QuantizedWeight(data, fmt, 160).dequantize(dtype)
     assert ours.dtype == dtype and ours.shape == (37, 160)
     assert torch.equal(ours, ref.dequantize(data, fmt, 160).to(dtype))
+    tokens = torch.tensor([[3, 0, 36], [3, 17, 5]])  # an embedding lookup: the same rows, any token shape
+    looked_up = QuantizedWeight(data, fmt, 160).embedding(tokens, dtype)
+    assert looked_up.shape == (2, 3, 160) and torch.equal(looked_up, ours[tokens])
 
 
 @pytest.mark.parametrize("dtype", X_DTYPES)
