@@ -216,8 +216,8 @@ class Engine:
             counts = torch.zeros(self.cache.rows, dtype=torch.int32)
             counts[[r.row for r in admitted]] = 1
             qo_indptr = torch.cat([counts.new_zeros(1), counts.cumsum(0, dtype=torch.int32)]).to(self.model.device)
-            _, _, tokens = self._verify(logits, qo_indptr, [[r.prompt[-1]] for r in admitted], [None] * len(admitted),
-                                        None, None)
+            anchors = torch.tensor([r.prompt[-1] for r in admitted], dtype=torch.int64, device=self.model.device)
+            _, _, tokens = self._verify(logits, qo_indptr, anchors, None, 1, None, None)
             for r in admitted:
                 r.rounds += 1
                 events.append(self._emit(r, [int(tokens[r.row, 0])]))
@@ -241,8 +241,10 @@ class Engine:
         parents = [None if p.parents is None else [-1] + p.parents for p in proposals]
         rnd = build_round(self.cache.rows, [(r.row, n, pa) for r, n, pa in zip(requests, nodes, parents)],
                           self.cache.seqlens.tolist(), self.model.device)
-        # Rows are in the round's order and idle rows have no tokens: every logits row is a running node.
-        path_nodes, counts, emitted = self._verify(self._round_logits(rnd), rnd.qo_indptr, nodes, parents,
+        # Rows are in the round's order and idle rows have no tokens: every logits row is a running node, and
+        # the round's own tokens and parents are the nodes' (chains get local parents in a tree round).
+        path_nodes, counts, emitted = self._verify(self._round_logits(rnd), rnd.qo_indptr, rnd.tokens, rnd.parents,
+                                                   max(len(n) for n in nodes),
                                                    *self._draft_probs(requests, proposals, nodes))
         self._rollback(path_nodes, counts)
         verified = time.perf_counter()
@@ -279,20 +281,15 @@ class Engine:
             return self.model.forward(self.cache, rnd)[0]
         return self.model.forward_capturing(self.cache, rnd, self.capture_layers, self.hidden_cache)
 
-    def _verify(self, logits: torch.Tensor, qo_indptr: torch.Tensor, nodes: list[list[int]], parents, draft_probs,
-                draft_vocab):
+    def _verify(self, logits: torch.Tensor, qo_indptr: torch.Tensor, tokens: torch.Tensor,
+                parents: torch.Tensor | None, max_nodes: int, draft_probs, draft_vocab):
         """rejection_sample over every cache row (idle ones have n_r = 0) with the rows' persistent
-        sampling state; the outputs, row-indexed, come back to the host once."""
-        device = logits.device
-        flat_parents = None
-        if any(pa is not None for pa in parents):
-            flat_parents = torch.tensor([x for n, pa in zip(nodes, parents) for x in (pa or range(-1, len(n) - 1))],
-                                        dtype=torch.int32, device=device)
+        sampling state: the round's flat tokens and local parents (None: chains) on the device; the
+        outputs, row-indexed, come back to the host once."""
         s = self.rows
         path_nodes, counts, emitted = self.sampler.run(
-            logits, torch.tensor([t for n in nodes for t in n], dtype=torch.int64, device=device), qo_indptr,
-            flat_parents, draft_probs, s.temperature, s.top_k, s.top_p, s.seed, s.offset,
-            max(len(n) for n in nodes), draft_vocab)
+            logits, tokens, qo_indptr, parents, draft_probs, s.temperature, s.top_k, s.top_p, s.seed, s.offset,
+            max_nodes, draft_vocab)
         s.advance(qo_indptr)
         return (path_nodes, counts, emitted) if path_nodes.device.type == "cpu" else \
             outputs_to_host(path_nodes, counts, emitted)
