@@ -58,13 +58,14 @@ def build_round(num_rows: int, entries: list[tuple[int, list[int], list[int] | N
     last = [offsets[row + 1] - 1 for row, _, _ in entries]
     fresh = not any_tree and all(seqlens[row] == 0 for row, _, _ in entries)
 
-    def tensor(values, dtype):
-        return torch.tensor(values, dtype=dtype, device=device)
-
-    return Round(tensor(flat, torch.int64), tensor(offsets, torch.int32),
-                 tensor(parents_flat, torch.int32) if any_tree else None, tensor(positions, torch.int64),
-                 tensor(rows, torch.int64), tensor(slots, torch.int64), tensor(last, torch.int64),
-                 max(counts, default=0) if fresh else 0, prefill or fresh)
+    # The int64 fields travel as one tensor (one host-to-device copy; a batch-1 round's small tensors are
+    # much of the Python around its kernels), then split into contiguous views.
+    t = len(flat)
+    packed = torch.tensor(flat + positions + rows + slots + last, dtype=torch.int64, device=device)
+    tokens, positions_t, rows_t, slots_t, last_t = packed.split([t, t, t, t, len(last)])
+    int32 = dict(dtype=torch.int32, device=device)
+    return Round(tokens, torch.tensor(offsets, **int32), torch.tensor(parents_flat, **int32) if any_tree else None,
+                 positions_t, rows_t, slots_t, last_t, max(counts, default=0) if fresh else 0, prefill or fresh)
 
 
 class RowState:
