@@ -381,10 +381,10 @@ def test_export_ships_bf16_weights_and_only_the_drafter_files(tiny, tmp_path):
 
 def test_rope_frequencies_stay_fp32_when_the_drafter_is_cast(tiny):
     """Training runs RoPE in fp32; a drafter cast to bf16 for inference must rotate by the same angles."""
-    from dspark.drafters.dspark_layers import rope_frequencies
+    from dspark.models.layers import rope_frequencies
 
     model = make_model(tiny, "dspark", "markov").to(torch.bfloat16)
     c = model.config
     assert model.norm.dtype == torch.bfloat16 and model.inv_freq.dtype == torch.float32
-    assert torch.equal(model.inv_freq, rope_frequencies(c.rope_theta, c.head_dim))
+    assert torch.equal(model.inv_freq, rope_frequencies(c.rope_theta, c.head_dim).float())
     assert not torch.equal(model.inv_freq, model.inv_freq.bfloat16().float())  # bf16 would have rounded them

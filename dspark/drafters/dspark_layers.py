@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dspark.models.layers import rms_norm, rope
+from dspark.models.layers import rms_norm, rope, rope_frequencies
 from dspark.models.linear import linear
 
 KINDS = ("dspark", "eagle")
@@ -113,11 +113,6 @@ def attend(q, k_ctx, v_ctx, ctx_valid, k_blk, v_blk, causal: bool) -> torch.Tens
     return out.view(B, Hkv, G, n, D).permute(0, 3, 1, 2, 4).reshape(B, n, H * D)
 
 
-def rope_frequencies(rope_theta: float, head_dim: int) -> torch.Tensor:
-    """RoPE inverse frequencies [head_dim / 2], computed in fp64, as fp32."""
-    return (1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))).float()
-
-
 class RopeModule(nn.Module):
     """A drafter holding RoPE inverse frequencies (`inv_freq`, a buffer not saved) that stay fp32 whatever
     dtype the module is cast to. Training runs them in fp32 (autocast leaves buffers alone); cast to bf16
@@ -125,11 +120,12 @@ class RopeModule(nn.Module):
     away from where training put it."""
 
     def init_rope(self, rope_theta: float, head_dim: int) -> None:
-        self.register_buffer("inv_freq", rope_frequencies(rope_theta, head_dim), persistent=False)
+        self.register_buffer("inv_freq", rope_frequencies(rope_theta, head_dim).float(), persistent=False)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        self.inv_freq = rope_frequencies(self.config.rope_theta, self.config.head_dim).to(self.inv_freq.device)
+        fp32 = rope_frequencies(self.config.rope_theta, self.config.head_dim).float()
+        self.inv_freq = fp32.to(self.inv_freq.device)
         return self
 
 

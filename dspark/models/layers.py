@@ -12,6 +12,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
+def rope_frequencies(rope_theta: float, head_dim: int) -> torch.Tensor:
+    """Unscaled RoPE inverse frequencies [head_dim / 2] in fp64: theta^(-2i / head_dim)."""
+    return 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+
+
 def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and signed sin over the full head dim, [..., T, 1, D] fp32 for positions [..., T], so that
     rotating is x * cos + swap(x) * sin with swap exchanging the two halves (rotate-half convention)."""

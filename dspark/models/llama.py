@@ -17,15 +17,14 @@ from dspark.batch import Round
 from dspark.cache import KVCache, SideCache
 from dspark.models import cpu_decoder, flash_prefill
 from dspark.models.config import ModelConfig, rope_type
-from dspark.models.layers import apply_rope, rms_norm, rope_tables
+from dspark.models.layers import apply_rope, rms_norm, rope_frequencies, rope_tables
 from dspark.models.linear import linear
 from dspark.models.quantized import QuantizedWeight
 from dspark.models.target import TargetModel
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    inv_freq = rope_frequencies(config.rope_theta, config.head_dim)
     scaling = config.rope_scaling
     if not scaling:
         return inv_freq
