@@ -83,3 +83,31 @@ def write_tiny_llama(path, vocab: int, hidden: int = 64, layers: int = 3, heads:
         hf.lm_head.weight.mul_(sharpen)
     hf.save_pretrained(path)
     return hf
+
+
+def delegating_target(model):
+    """A TargetModel of one's own (a serving stack's), forwarding to `model`: the abstract interface only,
+    no planned forward."""
+    from dspark.models import TargetModel
+
+    class Delegating(TargetModel):
+        config = model.config
+
+        @property
+        def dtype(self):
+            return model.dtype
+
+        @property
+        def device(self):
+            return model.device
+
+        def forward(self, cache, rnd, capture_layers=()):
+            return model.forward(cache, rnd, capture_layers)
+
+        def logits(self, out):
+            return model.logits(out)
+
+        def shared_weights(self):
+            return model.shared_weights()
+
+    return Delegating()

@@ -12,7 +12,7 @@ from dspark.engine import Engine
 from dspark.models import load_model
 from dspark.sampling_params import SamplingParams
 from dspark.scheduler import FixedLength
-from builders import write_tiny_llama
+from builders import delegating_target, write_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -340,32 +340,10 @@ def test_chunked_prefill_through_the_transformers_adapter_and_sampling(tiny):
 
 
 def test_engine_takes_any_target_model_and_refuses_other_objects(tiny):
-    from dspark.models import TargetModel
-
     _, model = tiny
-
-    class Delegating(TargetModel):  # a serving stack's own target: the interface, nothing else
-        config = model.config
-
-        @property
-        def dtype(self):
-            return model.dtype
-
-        @property
-        def device(self):
-            return model.device
-
-        def forward(self, cache, rnd, capture_layers=()):
-            return model.forward(cache, rnd, capture_layers)
-
-        def logits(self, out):
-            return model.logits(out)
-
-        def shared_weights(self):
-            return model.shared_weights()
-
     plain = generated(Engine(model, max_batch=8, max_seq_len=128), PROMPTS)
-    assert generated(Engine(Delegating(), drafter=NgramDrafter(4), max_batch=3, max_seq_len=128), PROMPTS) == plain
+    own = delegating_target(model)  # a serving stack's own target: the interface, nothing else
+    assert generated(Engine(own, drafter=NgramDrafter(4), max_batch=3, max_seq_len=128), PROMPTS) == plain
     with pytest.raises(TypeError, match="model must be a dspark.models.TargetModel"):
         Engine(model.weights, max_seq_len=64)
 

@@ -15,7 +15,7 @@ from dspark.engine import Engine
 from dspark.models import load_model
 from dspark.round_graphs import RoundGraphs
 from dspark.sampling_params import SamplingParams
-from builders import random_parents, write_tiny_llama
+from builders import delegating_target, random_parents, write_tiny_llama
 
 pytest.importorskip("transformers")
 
@@ -133,26 +133,10 @@ def test_graph_rounds_refuse_what_they_cannot_capture(tiny):
 
 
 def test_models_without_a_planned_forward_are_refused(tiny):
-    from dspark.models.target import TargetModel
-
-    class Opaque(TargetModel):
-        config = tiny.config
-        dtype = tiny.dtype
-        device = tiny.device
-
-        def forward(self, cache, rnd, capture_layers=()):
-            return tiny.forward(cache, rnd, capture_layers)
-
-        def logits(self, out):
-            return tiny.logits(out)
-
-        def shared_weights(self):
-            return tiny.shared_weights()
-
     c = tiny.config
     cache = KVCache(c.num_layers, 2, 32, c.num_kv_heads, c.head_dim, tiny.dtype)
     with pytest.raises(ValueError, match="has no planned forward"):
-        RoundGraphs(Opaque(), cache, capture=False)
+        RoundGraphs(delegating_target(tiny), cache, capture=False)
 
 
 def generated(engine: Engine, prompts, params) -> list[list[int]]:

@@ -15,7 +15,7 @@ from dspark import ops
 from dspark.batch import build_round
 from dspark.cache import KVCache
 from dspark.drafters.base import Drafter, Proposal
-from dspark.drafters.draft_sampling import DraftSampler, processed_probs  # noqa: F401 (processed_probs: re-exported)
+from dspark.drafters.draft_sampling import DraftSampler
 from dspark.models.llama import LlamaModel
 
 
