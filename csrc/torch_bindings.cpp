@@ -297,23 +297,6 @@ void llama_decoder_layers(at::Tensor& hidden, const std::vector<std::optional<at
   expect(inv_freq, at::kFloat, "inv_freq");
   TORCH_CHECK_VALUE(positions.numel() == rows && inv_freq.numel() == dim / 2,
                     "positions must be [rows] and inv_freq [head_dim / 2]");
-  // The rotate-half RoPE tables of dspark.models.layers.rope_tables: angle = float(position) * inv_freq in
-  // fp32; cos over both halves, -sin over the first and sin over the second.
-  std::vector<float> cos(rows * dim), sin(rows * dim);
-  {
-    const int64_t half = dim / 2;
-    const int64_t* pos = positions.data_ptr<int64_t>();
-    const float* freq = inv_freq.data_ptr<float>();
-    for (int64_t t = 0; t < rows; ++t) {
-      const float position = static_cast<float>(pos[t]);
-      for (int64_t i = 0; i < half; ++i) {
-        const float angle = position * freq[i], c = std::cos(angle), s = std::sin(angle);
-        cos[t * dim + i] = cos[t * dim + half + i] = c;
-        sin[t * dim + i] = -s;
-        sin[t * dim + half + i] = s;
-      }
-    }
-  }
   expect(write_rows, at::kLong, "write_rows");
   expect(write_slots, at::kLong, "write_slots");
   expect(qo_indptr, at::kInt, "qo_indptr");
@@ -402,8 +385,8 @@ void llama_decoder_layers(at::Tensor& hidden, const std::vector<std::optional<at
   }
   p.capture_slot = slots.data();
   p.num_captured = num_captured;
-  p.cos = cos.data();
-  p.sin = sin.data();
+  p.positions = positions.data_ptr<int64_t>();
+  p.inv_freq = inv_freq.data_ptr<float>();
   p.write_rows = wr;
   p.write_slots = ws;
   p.rows = rows;

@@ -79,6 +79,23 @@ int64_t slot_offset(const DecoderParams& p, int64_t row, int64_t slot) {
   return (block * a.slots_per_row + slot % a.slots_per_row) * slot_elems;
 }
 
+// The rotate-half RoPE tables of dspark.models.layers.rope_tables, [rows, dim] each: angle =
+// float(position) * inv_freq in fp32; cos over both halves, -sin over the first and sin over the second.
+void rope_tables(const DecoderParams& p, std::vector<float>& cos_table, std::vector<float>& sin_table) {
+  const int64_t dim = p.head_dim, half = dim / 2;
+  cos_table.resize(p.rows * dim);
+  sin_table.resize(p.rows * dim);
+  for (int64_t t = 0; t < p.rows; ++t) {
+    const float position = static_cast<float>(p.positions[t]);
+    for (int64_t i = 0; i < half; ++i) {
+      const float angle = position * p.inv_freq[i], c = std::cos(angle), s = std::sin(angle);
+      cos_table[t * dim + i] = cos_table[t * dim + half + i] = c;
+      sin_table[t * dim + i] = -s;
+      sin_table[t * dim + half + i] = s;
+    }
+  }
+}
+
 template <typename T>
 void run(const DecoderParams& p) {
   const int64_t rows = p.rows, hidden = p.hidden_size, dim = p.head_dim;
@@ -86,6 +103,8 @@ void run(const DecoderParams& p) {
   const int64_t qkv_width = (heads + 2 * kv_heads) * dim;
   std::vector<T> x(rows * hidden), qkv(rows * qkv_width), q(rows * heads * dim), normed(dim),
       attn(rows * heads * dim), proj(rows * hidden), gate_up(rows * 2 * inter), act(rows * inter);
+  std::vector<float> cos_table, sin_table;
+  rope_tables(p, cos_table, sin_table);
   T* h = static_cast<T*>(p.hidden);
   for (int64_t layer = 0; layer < p.num_layers; ++layer) {
     const DecoderLayerWeights& w = p.layers[layer];
@@ -96,8 +115,8 @@ void run(const DecoderParams& p) {
     T* k_cache = static_cast<T*>(w.k_cache);
     T* v_cache = static_cast<T*>(w.v_cache);
     for (int64_t t = 0; t < rows; ++t) {
-      const float* cos = p.cos + t * dim;
-      const float* sin = p.sin + t * dim;
+      const float* cos = cos_table.data() + t * dim;
+      const float* sin = sin_table.data() + t * dim;
       const T* row = qkv.data() + t * qkv_width;
       const int64_t cache_at = slot_offset<T>(p, p.write_rows[t], p.write_slots[t]);
       for (int64_t head = 0; head < heads + kv_heads; ++head) {

@@ -50,8 +50,8 @@ struct DecoderParams {
   int64_t capture_slots_per_row;
   const int32_t* capture_slot;  // [num_layers]: where layer i's output goes in `captured`, or -1
   int64_t num_captured;
-  const float* cos;             // [rows, head_dim]: cos over both halves
-  const float* sin;             // [rows, head_dim]: -sin over the first half, sin over the second
+  const int64_t* positions;     // [rows]: each token's RoPE position
+  const float* inv_freq;        // [head_dim / 2]: RoPE inverse frequencies (fp32)
   const int64_t* write_rows;    // [rows]: the cache row (request) of each token
   const int64_t* write_slots;   // [rows]: its slot in that row
   int64_t rows;
