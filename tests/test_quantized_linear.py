@@ -25,6 +25,17 @@ FORMATS = ("q4_0", "q4_1", "q8_0")
 X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+CPU_FLAGS = _cpu_flags()
+
+
 def random_blocks(fmt: str, out: int, in_features: int, seed: int) -> torch.Tensor:
     """uint8 [out, blocks * bytes] with random codes and fp16 scales (and mins) of both signs."""
     g = torch.Generator().manual_seed(seed)
@@ -197,11 +208,14 @@ def test_bad_arguments_name_themselves():
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")
-@pytest.mark.parametrize("march", ["x86-64-v2", "x86-64-v3"])
+@pytest.mark.parametrize("march", ["x86-64-v2", "x86-64-v3", "x86-64-v4", "icelake-server"])
 def test_other_builds_match_the_extension_bit_for_bit(tmp_path, march):
     """Without AVX2 (x86-64-v2) the kernel runs the same lanes in plain C++; with AVX2 but no AVX512-VNNI
-    (x86-64-v3) its integer dots take maddubs/madd and Q8_0 its sign form: same results, bit for bit, as
+    (x86-64-v3, x86-64-v4) its integer dots take maddubs/madd over tiles of 8 W rows and Q8_0 its sign form;
+    with AVX512-VNNI at 512 bits (icelake-server) tiles of 16 rows and dpbusd: same results, bit for bit, as
     the extension's build for this machine."""
+    if march in ("x86-64-v4", "icelake-server") and not CPU_FLAGS >= {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}:
+        pytest.skip(f"this CPU cannot run a {march} build")
     root = pathlib.Path(__file__).resolve().parents[1]
     binary = tmp_path / "quantized_linear_cli"
     compile_ = subprocess.run(["g++", "-std=c++17", "-O2", "-fopenmp", "-ffp-contract=fast", f"-march={march}",
@@ -210,10 +224,10 @@ def test_other_builds_match_the_extension_bit_for_bit(tmp_path, march):
                               capture_output=True, text=True)
     assert compile_.returncode == 0, compile_.stderr
     # Rows 1, 5, 9: each block used as it is prepared, or chunks of prepared blocks swept in passes of x rows
-    # (which path depends on the build: up to 8 rows fused with AVX-512, 2 without); 13 outputs: a partial
-    # tile of W rows.
-    for fmt, rows in itertools.product(FORMATS, (1, 5, 9)):
-        in_features, out = 96, 13
+    # (which path depends on the build: up to 8 rows fused with AVX-512, 2 without); 13 and 37 outputs: a
+    # partial tile of W rows alone, and after whole tiles.
+    for fmt, rows, out in itertools.product(FORMATS, (1, 5, 9), (13, 37)):
+        in_features = 96
         data = random_blocks(fmt, out, in_features, seed=11)
         x = random_x(rows, in_features, torch.float32, seed=12)
         x.numpy().tofile(tmp_path / "x.f32")
@@ -223,7 +237,7 @@ def test_other_builds_match_the_extension_bit_for_bit(tmp_path, march):
                              capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
         portable = torch.from_numpy(np.fromfile(tmp_path / "y.f32", dtype=np.float32)).view(rows, out)
-        assert torch.equal(portable, kernel(x, data, fmt)), (fmt, rows)
+        assert torch.equal(portable, kernel(x, data, fmt)), (fmt, rows, out)
 
 
 def test_blocks_too_small_for_a_finite_scale_quantise_to_zeros():

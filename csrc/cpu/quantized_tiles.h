@@ -15,6 +15,9 @@
 #define DSPARK_QL_AVX2 1
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define DSPARK_QL_VNNI 1
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define DSPARK_QL_512 1
+#endif
 #endif
 #endif
 
@@ -27,7 +30,11 @@
 
 namespace dspark::cpu::quantized_tiles {
 
+#ifdef DSPARK_QL_512
+constexpr int kTileRows = 16;  // W rows per tile: one 32-bit lane each of a 512-bit vector
+#else
 constexpr int kTileRows = 8;  // W rows per tile: one 32-bit lane each
+#endif
 constexpr int kChunks = 8;    // 4-weight chunks of a block
 constexpr int64_t kChunkBlocks = 8;  // blocks prepared at a time: the prepared chunk stays in L1
 // x rows per pass over a chunk of prepared blocks, and the most rows that use each block as it is prepared
@@ -62,7 +69,7 @@ constexpr int32_t zero_point() {
   return F == BlockFormat::kQ4_0 ? 8 : F == BlockFormat::kQ8_0 && kUnsignedQ8 ? 128 : 0;
 }
 
-struct alignas(32) Lanes {
+struct alignas(64) Lanes {
   float v[kTileRows];
 };
 
@@ -70,7 +77,12 @@ struct alignas(32) Lanes {
 // the codes of weights 4k..4k+3 of row j. Q4 formats store the nibbles (0..15, Q4_0's zero point 8 is
 // subtracted through x's code sum); Q8_0 stores |w| in `codes` and w itself in `signs`, whose signs
 // move onto x, so that every product is unsigned x signed as the integer dot instructions take them.
-#ifdef DSPARK_QL_AVX2
+#if defined(DSPARK_QL_512)
+struct TileBlock {  // vectors, so that a block prepared and used at once can stay in registers
+  __m512i codes[kChunks];
+  __m512 d, m;  // m: Q4_1 only
+};
+#elif defined(DSPARK_QL_AVX2)
 struct TileBlock {  // vectors, so that a block prepared and used at once can stay in registers
   __m256i codes[kChunks];
   __m256i signs[kChunks];  // Q8_0 without VNNI only
@@ -107,28 +119,73 @@ inline void transpose_dwords(const uint8_t* const rows[kTileRows], int64_t offse
 }
 #endif
 
+#ifdef DSPARK_QL_AVX2
+// The headers' first dwords (d, or d and m) of 8 rows at byte `at`, halves regrouped to [d0..d7 | m0..m7]
+// and converted at once.
+template <BlockFormat F>
+DSPARK_QL_INLINE void headers8(const uint8_t* const* rows, int64_t at, __m256& d, __m256& m) {
+  auto word = [&](int j) {
+    int32_t w;
+    std::memcpy(&w, rows[j] + at, sizeof(w));
+    return w;
+  };
+  __m128i low = _mm_cvtsi32_si128(word(0)), high = _mm_cvtsi32_si128(word(4));
+  low = _mm_insert_epi32(_mm_insert_epi32(_mm_insert_epi32(low, word(1), 1), word(2), 2), word(3), 3);
+  high = _mm_insert_epi32(_mm_insert_epi32(_mm_insert_epi32(high, word(5), 1), word(6), 2), word(7), 3);
+  const __m256i pairs = _mm256_shuffle_epi8(_mm256_set_m128i(high, low),
+                                            _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+                                                             0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
+  const __m256i grouped = _mm256_permute4x64_epi64(pairs, 0xd8);  // qwords 0, 2, 1, 3
+  d = _mm256_cvtph_ps(_mm256_castsi256_si128(grouped));
+  m = F == BlockFormat::kQ4_1 ? _mm256_cvtph_ps(_mm256_extracti128_si256(grouped, 1)) : _mm256_setzero_ps();
+}
+#endif
+
+#ifdef DSPARK_QL_512
+inline __m512i join(__m256i low, __m256i high) { return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1); }
+inline __m512 join(__m256 low, __m256 high) {
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(low)), _mm256_castps_pd(high), 1));
+}
+
+// Block b of the 16 rows into `out`: each half of 8 rows as the AVX2 path transposes it, then joined.
+template <BlockFormat F>
+DSPARK_QL_INLINE void prepare_block(const uint8_t* const rows[kTileRows], int64_t b, TileBlock& out) {
+  constexpr int64_t bytes = block_bytes(F), header = header_bytes<F>();
+  const int64_t at = b * bytes;
+  __m256 d0, m0, d1, m1;
+  headers8<F>(rows, at, d0, m0);
+  headers8<F>(rows + 8, at, d1, m1);
+  out.d = join(d0, d1);
+  out.m = join(m0, m1);
+  __m256i low[4], high[4];
+  transpose_dwords(rows, at + header, low);
+  transpose_dwords(rows + 8, at + header, high);
+  if constexpr (F == BlockFormat::kQ8_0) {
+    __m256i low2[4], high2[4];
+    transpose_dwords(rows, at + header + 16, low2);
+    transpose_dwords(rows + 8, at + header + 16, high2);
+    const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
+    for (int k = 0; k < 4; ++k) {
+      out.codes[k] = _mm512_xor_si512(join(low[k], high[k]), offset);
+      out.codes[k + 4] = _mm512_xor_si512(join(low2[k], high2[k]), offset);
+    }
+  } else {
+    const __m512i low_nibbles = _mm512_set1_epi8(0x0f);
+    for (int k = 0; k < 4; ++k) {
+      const __m512i words = join(low[k], high[k]);
+      out.codes[k] = _mm512_and_si512(words, low_nibbles);
+      out.codes[k + 4] = _mm512_and_si512(_mm512_srli_epi16(words, 4), low_nibbles);
+    }
+  }
+}
+#else
 // Block b of the 8 rows into `out`.
 template <BlockFormat F>
 DSPARK_QL_INLINE void prepare_block(const uint8_t* const rows[kTileRows], int64_t b, TileBlock& out) {
   constexpr int64_t bytes = block_bytes(F), header = header_bytes<F>();
   const int64_t at = b * bytes;
 #ifdef DSPARK_QL_AVX2
-  {  // the 8 headers' first dwords (d, or d and m), halves regrouped to [d0..d7 | m0..m7], converted at once
-    auto word = [&](int j) {
-      int32_t w;
-      std::memcpy(&w, rows[j] + at, sizeof(w));
-      return w;
-    };
-    __m128i low = _mm_cvtsi32_si128(word(0)), high = _mm_cvtsi32_si128(word(4));
-    low = _mm_insert_epi32(_mm_insert_epi32(_mm_insert_epi32(low, word(1), 1), word(2), 2), word(3), 3);
-    high = _mm_insert_epi32(_mm_insert_epi32(_mm_insert_epi32(high, word(5), 1), word(6), 2), word(7), 3);
-    const __m256i pairs = _mm256_shuffle_epi8(_mm256_set_m128i(high, low),
-                                              _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
-                                                               0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
-    const __m256i grouped = _mm256_permute4x64_epi64(pairs, 0xd8);  // qwords 0, 2, 1, 3
-    out.d = _mm256_cvtph_ps(_mm256_castsi256_si128(grouped));
-    out.m = F == BlockFormat::kQ4_1 ? _mm256_cvtph_ps(_mm256_extracti128_si256(grouped, 1)) : _mm256_setzero_ps();
-  }
+  headers8<F>(rows, at, out.d, out.m);
   __m256i words[4];
   transpose_dwords(rows, at + header, words);
   if constexpr (F == BlockFormat::kQ8_0) {
@@ -175,8 +232,62 @@ DSPARK_QL_INLINE void prepare_block(const uint8_t* const rows[kTileRows], int64_
   }
 #endif
 }
+#endif  // DSPARK_QL_512
 
-#ifdef DSPARK_QL_AVX2
+#if defined(DSPARK_QL_512)
+inline __m512i x_chunk(const int8_t* xq, int k) {
+  int32_t word;
+  std::memcpy(&word, xq + 4 * k, sizeof(word));
+  return _mm512_set1_epi32(word);
+}
+
+// Block b of a prepared tile into the lanes of MR rows of x: the exact integer dot (minus the zero point
+// times x's code sum), then acc = fma(float(dot), d * dx, acc) and, for Q4_1, mins = fma(m, x's sum, mins),
+// the same operations per lane as the 8-lane paths.
+template <BlockFormat F, int MR>
+DSPARK_QL_INLINE void accumulate(const TileBlock& t, int64_t b, const QuantizedX& qx, int64_t first_row, int64_t in,
+                                 __m512 acc[MR], __m512 mins[MR]) {
+  const int64_t stride = in / kBlockWeights;
+  for (int m = 0; m < MR; ++m) {
+    const int64_t xb = (first_row + m) * stride + b;
+    const int8_t* xq = qx.q.data() + (first_row + m) * in + b * kBlockWeights;
+    __m512i low = _mm512_setzero_si512(), high = _mm512_setzero_si512();
+    for (int k = 0; k < 4; ++k) {
+      low = _mm512_dpbusd_epi32(low, t.codes[k], x_chunk(xq, k));
+      high = _mm512_dpbusd_epi32(high, t.codes[k + 4], x_chunk(xq, k + 4));
+    }
+    __m512i dot = _mm512_add_epi32(low, high);
+    if constexpr (zero_point<F>() != 0) dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(zero_point<F>() * qx.codes[xb]));
+    const __m512 scale = _mm512_mul_ps(t.d, _mm512_set1_ps(qx.scale[xb]));
+    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[m]);
+    if constexpr (F == BlockFormat::kQ4_1) {
+      mins[m] = _mm512_fmadd_ps(t.m, _mm512_set1_ps(qx.sum[xb]), mins[m]);
+    }
+  }
+}
+
+template <int MR>
+struct Accumulators {
+  __m512 acc[MR], mins[MR];
+  explicit Accumulators(const Lanes* io) {
+    for (int m = 0; m < MR; ++m) {
+      acc[m] = _mm512_load_ps(io[2 * m].v);
+      mins[m] = _mm512_load_ps(io[2 * m + 1].v);
+    }
+  }
+  void store(Lanes* io) const {
+    for (int m = 0; m < MR; ++m) {
+      _mm512_store_ps(io[2 * m].v, acc[m]);
+      _mm512_store_ps(io[2 * m + 1].v, mins[m]);
+    }
+  }
+};
+template <BlockFormat F, int MR>
+DSPARK_QL_INLINE void accumulate(const TileBlock& t, int64_t b, const QuantizedX& qx, int64_t first_row, int64_t in,
+                                 Accumulators<MR>& a) {
+  accumulate<F, MR>(t, b, qx, first_row, in, a.acc, a.mins);
+}
+#elif defined(DSPARK_QL_AVX2)
 // Lane j += sum over i of u_i * s_i, bytes 4j..4j+3 (exact: |u_i s_i + u_i+1 s_i+1| <= 2 * 128 * 127 < 2^15).
 inline __m256i dot_add(__m256i acc, __m256i u, __m256i s) {
 #ifdef DSPARK_QL_VNNI
