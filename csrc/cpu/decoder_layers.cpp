@@ -3,6 +3,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/exp_nonpositive.h"
 #include "cpu/small_batch_linear.h"
 
 namespace dspark::cpu {
@@ -15,19 +16,42 @@ inline T round_to(float x) {
 }
 
 // y = round(round(x * rsqrt(mean(x^2) + eps)) * w), per row of `width` elements (as the PyTorch
-// rms_norm: normalise in fp32, cast to the dtype, multiply by the weight in the dtype).
+// rms_norm: normalise in fp32, cast to the dtype, multiply by the weight in the dtype). The sum of squares
+// runs in vector lanes (its order is the same for every row, whatever the number of rows).
 template <typename T>
 void rms_norm_row(const T* x, const T* w, T* y, int64_t width, float eps) {
   float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
   for (int64_t e = 0; e < width; ++e) {
     const float v = to_float(x[e]);
     sum += v * v;
   }
   const float scale = 1.0f / std::sqrt(sum / static_cast<float>(width) + eps);
+#pragma omp simd
   for (int64_t e = 0; e < width; ++e) {
     const float normed = to_float(round_to<T>(to_float(x[e]) * scale));
     y[e] = round_to<T>(normed * to_float(w[e]));
   }
+}
+
+// out = round(round(SiLU(gate)) * up) over a row. SiLU(g) = g / (1 + e^-g) taken as (g or g e^g) / (1 + e^-|g|)
+// so that the exp only sees x <= 0 (exp_nonpositive: vector lanes, relative error below 1e-7).
+template <typename T>
+void silu_mul_row(const T* gate, const T* up, T* out, int64_t width) {
+#pragma omp simd
+  for (int64_t e = 0; e < width; ++e) {
+    const float g = to_float(gate[e]);
+    const float t = exp_nonpositive(-std::fabs(g));
+    const float silu = to_float(round_to<T>((g >= 0.0f ? g : g * t) / (1.0f + t)));
+    out[e] = round_to<T>(silu * to_float(up[e]));
+  }
+}
+
+// h = round(h + delta), elementwise.
+template <typename T>
+void add_residual(T* h, const T* delta, int64_t n) {
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) h[e] = round_to<T>(to_float(h[e]) + to_float(delta[e]));
 }
 
 // Rotate-half RoPE of one head: out = x * cos + swap_halves(x) * sin, in fp32, rounded once.
@@ -140,23 +164,17 @@ void run(const DecoderParams& p) {
     a.out = attn.data();
     tree_attention(a);
     linear(attn.data(), w.o_proj, w.o_format, w.o_bias, proj.data(), rows, heads * dim, hidden, p.dtype);
-    for (int64_t e = 0; e < rows * hidden; ++e) h[e] = round_to<T>(to_float(h[e]) + to_float(proj[e]));
+    add_residual(h, proj.data(), rows * hidden);
     for (int64_t t = 0; t < rows; ++t) {
       rms_norm_row(h + t * hidden, static_cast<const T*>(w.post_norm), x.data() + t * hidden, hidden, p.eps);
     }
     linear(x.data(), w.gate_up, w.gate_up_format, w.gate_up_bias, gate_up.data(), rows, hidden, 2 * inter, p.dtype);
     for (int64_t t = 0; t < rows; ++t) {
       const T* g = gate_up.data() + t * 2 * inter;
-      const T* u = g + inter;
-      T* a_row = act.data() + t * inter;
-      for (int64_t e = 0; e < inter; ++e) {
-        const float gate = to_float(g[e]);
-        const float silu = to_float(round_to<T>(gate / (1.0f + std::exp(-gate))));
-        a_row[e] = round_to<T>(silu * to_float(u[e]));
-      }
+      silu_mul_row(g, g + inter, act.data() + t * inter, inter);
     }
     linear(act.data(), w.down, w.down_format, w.down_bias, proj.data(), rows, inter, hidden, p.dtype);
-    for (int64_t e = 0; e < rows * hidden; ++e) h[e] = round_to<T>(to_float(h[e]) + to_float(proj[e]));
+    add_residual(h, proj.data(), rows * hidden);
     const int32_t slot = p.capture_slot == nullptr ? -1 : p.capture_slot[layer];
     if (slot >= 0 && p.captured != nullptr) {
       T* captured = static_cast<T*>(p.captured);
