@@ -21,7 +21,7 @@ import torch
 from dspark.batch import build_round
 from dspark.cache import KVCache
 
-FORMAT = 4  # 2: after the CPU small-batch linear kernel changed what a step costs; 3: after its AVX512-BF16 path and the VNNI quantized kernel; 4: after the quantized kernel went to tiles of 8 W rows
+FORMAT = 5  # 2: after the CPU small-batch linear kernel changed what a step costs; 3: after its AVX512-BF16 path and the VNNI quantized kernel; 4: after the quantized kernel went to tiles of 8 W rows; 5: after 16-row tiles and the vectorised decoder made several-token steps cheaper
 
 
 def token_grid(max_tokens: int) -> list[int]:

@@ -10,7 +10,8 @@
 // 127, q = round-to-even(x * 127 / max|x|)) and the block dot products run in integers.
 //
 // Verification rounds have several rows, where integer work, not bytes, was the cost. So W is read in
-// tiles of 8 rows (one 32-bit lane per row, as llama.cpp's repacked kernels do, but transposed on the fly
+// tiles of 8 rows (16 with AVX512-VNNI at 512 bits: one 32-bit lane each of a zmm, half the instructions
+// per weight for the same operations per output) (one 32-bit lane per row, as llama.cpp's repacked kernels do, but transposed on the fly
 // from the file's layout: nothing is stored twice): per block the 8 rows' codes are transposed into 8
 // vectors of 4-byte chunks, and each row of x then costs 8 broadcasts and 8 dpbusd (AVX512-VNNI; AVX2:
 // maddubs/madd; a portable build: lane by lane) for 8 outputs, with no horizontal sums. Per output and
