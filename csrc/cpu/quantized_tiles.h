@@ -234,119 +234,94 @@ DSPARK_QL_INLINE void prepare_block(const uint8_t* const rows[kTileRows], int64_
 }
 #endif  // DSPARK_QL_512
 
+#if defined(DSPARK_QL_AVX2)
+// The vector operations of the lanes, at the tile's width: 16 lanes (zmm) with 512-bit VNNI, else 8 (ymm).
 #if defined(DSPARK_QL_512)
-inline __m512i x_chunk(const int8_t* xq, int k) {
-  int32_t word;
-  std::memcpy(&word, xq + 4 * k, sizeof(word));
-  return _mm512_set1_epi32(word);
-}
-
-// Block b of a prepared tile into the lanes of MR rows of x: the exact integer dot (minus the zero point
-// times x's code sum), then acc = fma(float(dot), d * dx, acc) and, for Q4_1, mins = fma(m, x's sum, mins),
-// the same operations per lane as the 8-lane paths.
-template <BlockFormat F, int MR>
-DSPARK_QL_INLINE void accumulate(const TileBlock& t, int64_t b, const QuantizedX& qx, int64_t first_row, int64_t in,
-                                 __m512 acc[MR], __m512 mins[MR]) {
-  const int64_t stride = in / kBlockWeights;
-  for (int m = 0; m < MR; ++m) {
-    const int64_t xb = (first_row + m) * stride + b;
-    const int8_t* xq = qx.q.data() + (first_row + m) * in + b * kBlockWeights;
-    __m512i low = _mm512_setzero_si512(), high = _mm512_setzero_si512();
-    for (int k = 0; k < 4; ++k) {
-      low = _mm512_dpbusd_epi32(low, t.codes[k], x_chunk(xq, k));
-      high = _mm512_dpbusd_epi32(high, t.codes[k + 4], x_chunk(xq, k + 4));
-    }
-    __m512i dot = _mm512_add_epi32(low, high);
-    if constexpr (zero_point<F>() != 0) dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(zero_point<F>() * qx.codes[xb]));
-    const __m512 scale = _mm512_mul_ps(t.d, _mm512_set1_ps(qx.scale[xb]));
-    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[m]);
-    if constexpr (F == BlockFormat::kQ4_1) {
-      mins[m] = _mm512_fmadd_ps(t.m, _mm512_set1_ps(qx.sum[xb]), mins[m]);
-    }
-  }
-}
-
-template <int MR>
-struct Accumulators {
-  __m512 acc[MR], mins[MR];
-  explicit Accumulators(const Lanes* io) {
-    for (int m = 0; m < MR; ++m) {
-      acc[m] = _mm512_load_ps(io[2 * m].v);
-      mins[m] = _mm512_load_ps(io[2 * m + 1].v);
-    }
-  }
-  void store(Lanes* io) const {
-    for (int m = 0; m < MR; ++m) {
-      _mm512_store_ps(io[2 * m].v, acc[m]);
-      _mm512_store_ps(io[2 * m + 1].v, mins[m]);
-    }
-  }
-};
-template <BlockFormat F, int MR>
-DSPARK_QL_INLINE void accumulate(const TileBlock& t, int64_t b, const QuantizedX& qx, int64_t first_row, int64_t in,
-                                 Accumulators<MR>& a) {
-  accumulate<F, MR>(t, b, qx, first_row, in, a.acc, a.mins);
-}
-#elif defined(DSPARK_QL_AVX2)
+using VecI = __m512i;
+using VecF = __m512;
+inline VecI splat_i32(int32_t x) { return _mm512_set1_epi32(x); }
+inline VecF splat_f32(float x) { return _mm512_set1_ps(x); }
+inline VecI zero_i32() { return _mm512_setzero_si512(); }
+inline VecI add_i32(VecI a, VecI b) { return _mm512_add_epi32(a, b); }
+inline VecI sub_i32(VecI a, VecI b) { return _mm512_sub_epi32(a, b); }
+inline VecF to_f32(VecI a) { return _mm512_cvtepi32_ps(a); }
+inline VecF mul_f32(VecF a, VecF b) { return _mm512_mul_ps(a, b); }
+inline VecF fma_f32(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
+inline VecF load_f32(const float* p) { return _mm512_load_ps(p); }
+inline void store_f32(float* p, VecF a) { _mm512_store_ps(p, a); }
+inline VecI dot_add(VecI acc, VecI u, VecI s) { return _mm512_dpbusd_epi32(acc, u, s); }
+#else
+using VecI = __m256i;
+using VecF = __m256;
+inline VecI splat_i32(int32_t x) { return _mm256_set1_epi32(x); }
+inline VecF splat_f32(float x) { return _mm256_set1_ps(x); }
+inline VecI zero_i32() { return _mm256_setzero_si256(); }
+inline VecI add_i32(VecI a, VecI b) { return _mm256_add_epi32(a, b); }
+inline VecI sub_i32(VecI a, VecI b) { return _mm256_sub_epi32(a, b); }
+inline VecF to_f32(VecI a) { return _mm256_cvtepi32_ps(a); }
+inline VecF mul_f32(VecF a, VecF b) { return _mm256_mul_ps(a, b); }
+inline VecF fma_f32(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
+inline VecF load_f32(const float* p) { return _mm256_load_ps(p); }
+inline void store_f32(float* p, VecF a) { _mm256_store_ps(p, a); }
 // Lane j += sum over i of u_i * s_i, bytes 4j..4j+3 (exact: |u_i s_i + u_i+1 s_i+1| <= 2 * 128 * 127 < 2^15).
-inline __m256i dot_add(__m256i acc, __m256i u, __m256i s) {
+inline VecI dot_add(VecI acc, VecI u, VecI s) {
 #ifdef DSPARK_QL_VNNI
   return _mm256_dpbusd_epi32(acc, u, s);
 #else
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 #endif
 }
-inline __m256i x_chunk(const int8_t* xq, int k) {
+#endif
+
+inline VecI x_chunk(const int8_t* xq, int k) {
   int32_t word;
   std::memcpy(&word, xq + 4 * k, sizeof(word));
-  return _mm256_set1_epi32(word);
+  return splat_i32(word);
 }
 
 // Block b of a prepared tile into the lanes of MR rows of x: the exact integer dot (minus the zero point
 // times x's code sum), then acc = fma(float(dot), d * dx, acc) and, for Q4_1, mins = fma(m, x's sum, mins).
 template <BlockFormat F, int MR>
 DSPARK_QL_INLINE void accumulate(const TileBlock& t, int64_t b, const QuantizedX& qx, int64_t first_row, int64_t in,
-                                 __m256 acc[MR], __m256 mins[MR]) {
+                                 VecF acc[MR], VecF mins[MR]) {
   const int64_t stride = in / kBlockWeights;
-  const __m256 d = t.d;
   for (int m = 0; m < MR; ++m) {
     const int64_t xb = (first_row + m) * stride + b;
     const int8_t* xq = qx.q.data() + (first_row + m) * in + b * kBlockWeights;
-    __m256i low = _mm256_setzero_si256(), high = _mm256_setzero_si256();
+    VecI low = zero_i32(), high = zero_i32();
     for (int k = 0; k < 4; ++k) {
-      const __m256i u0 = t.codes[k], u1 = t.codes[k + 4];
-      __m256i s0 = x_chunk(xq, k), s1 = x_chunk(xq, k + 4);
+      VecI s0 = x_chunk(xq, k), s1 = x_chunk(xq, k + 4);
+#ifndef DSPARK_QL_512
       if constexpr (F == BlockFormat::kQ8_0 && !kUnsignedQ8) {
         s0 = _mm256_sign_epi8(s0, t.signs[k]);
         s1 = _mm256_sign_epi8(s1, t.signs[k + 4]);
       }
-      low = dot_add(low, u0, s0);
-      high = dot_add(high, u1, s1);
+#endif
+      low = dot_add(low, t.codes[k], s0);
+      high = dot_add(high, t.codes[k + 4], s1);
     }
-    __m256i dot = _mm256_add_epi32(low, high);
-    if constexpr (zero_point<F>() != 0) dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(zero_point<F>() * qx.codes[xb]));
-    const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(qx.scale[xb]));
-    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[m]);
-    if constexpr (F == BlockFormat::kQ4_1) {
-      mins[m] = _mm256_fmadd_ps(t.m, _mm256_set1_ps(qx.sum[xb]), mins[m]);
-    }
+    VecI dot = add_i32(low, high);
+    if constexpr (zero_point<F>() != 0) dot = sub_i32(dot, splat_i32(zero_point<F>() * qx.codes[xb]));
+    const VecF scale = mul_f32(t.d, splat_f32(qx.scale[xb]));
+    acc[m] = fma_f32(to_f32(dot), scale, acc[m]);
+    if constexpr (F == BlockFormat::kQ4_1) mins[m] = fma_f32(t.m, splat_f32(qx.sum[xb]), mins[m]);
   }
 }
 
 // Lanes of MR rows of x, carried in `io` between calls: zeroed by the caller, (acc, mins) per row.
 template <int MR>
 struct Accumulators {
-  __m256 acc[MR], mins[MR];
+  VecF acc[MR], mins[MR];
   explicit Accumulators(const Lanes* io) {
     for (int m = 0; m < MR; ++m) {
-      acc[m] = _mm256_load_ps(io[2 * m].v);
-      mins[m] = _mm256_load_ps(io[2 * m + 1].v);
+      acc[m] = load_f32(io[2 * m].v);
+      mins[m] = load_f32(io[2 * m + 1].v);
     }
   }
   void store(Lanes* io) const {
     for (int m = 0; m < MR; ++m) {
-      _mm256_store_ps(io[2 * m].v, acc[m]);
-      _mm256_store_ps(io[2 * m + 1].v, mins[m]);
+      store_f32(io[2 * m].v, acc[m]);
+      store_f32(io[2 * m + 1].v, mins[m]);
     }
   }
 };
