@@ -388,3 +388,45 @@ def test_rope_frequencies_stay_fp32_when_the_drafter_is_cast(tiny):
     assert model.norm.dtype == torch.bfloat16 and model.inv_freq.dtype == torch.float32
     assert torch.equal(model.inv_freq, rope_frequencies(c.rope_theta, c.head_dim).float())
     assert not torch.equal(model.inv_freq, model.inv_freq.bfloat16().float())  # bf16 would have rounded them
+
+
+def natively_quantized(target):
+    """The target with its tied embedding / LM head as Q8_0 blocks, as a natively loaded GGUF keeps it."""
+    from dspark.models.llama import LlamaModel
+    from dspark.models.quantized import QuantizedWeight
+    from test_quantized_linear import q8_0_blocks
+
+    weights = dict(target.weights)
+    head = weights["lm_head.weight"]
+    weights["embed_tokens.weight"] = weights["lm_head.weight"] = QuantizedWeight(q8_0_blocks(head), "q8_0",
+                                                                                 head.shape[1])
+    return LlamaModel(target.config, weights)
+
+
+@pytest.mark.parametrize("vocab", [None, SUBSET])
+def test_natively_quantized_head_drafts_through_its_blocks(tiny, vocab):
+    """A few block rows take the target's own GGUF head (its rows of the draft vocabulary): exactly
+    quantized_linear over those blocks; many rows take the dense copy, exactly its product."""
+    from dspark.drafters.dspark import QUANTIZED_HEAD_MAX_ROWS
+    from dspark.models.linear import linear
+    from dspark.models.quantized import quantized_linear
+
+    target = natively_quantized(tiny)
+    model = make_model(target, "dspark", "markov")
+    drafter = DSparkDrafter(model, draft_vocab=vocab)
+    ids = torch.arange(VOCAB) if vocab is None else vocab.unique()
+    blocks = target.lm_head().rows(ids)
+    gen = torch.Generator().manual_seed(7)
+    few = torch.randn(2, 3, 64, generator=gen)
+    assert torch.equal(drafter._logits(few), quantized_linear(few, blocks).float())
+    many = torch.randn(QUANTIZED_HEAD_MAX_ROWS + 1, 64, generator=gen)
+    assert torch.equal(drafter._logits(many), linear(many, model.lm_head_weight[ids].contiguous()).float())
+    assert not torch.equal(quantized_linear(many, blocks), linear(many, model.lm_head_weight[ids]))
+
+
+def test_natively_quantized_head_keeps_greedy_identity(tiny):
+    target = natively_quantized(tiny)
+    plain = [r.generated for r in Engine(target, max_batch=8, max_seq_len=128).generate(PROMPTS, GREEDY)]
+    drafter = DSparkDrafter(make_model(target, "dspark", "markov"), draft_vocab=SUBSET)
+    engine = Engine(target, drafter=drafter, policy=FixedLength(4), max_batch=4, max_seq_len=128)
+    assert [r.generated for r in engine.generate(PROMPTS, GREEDY)] == plain

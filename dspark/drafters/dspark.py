@@ -32,10 +32,15 @@ from dspark.drafters.base import Drafter, Proposal
 from dspark.drafters.captured import check_captured, pending_features
 from dspark.drafters.draft_sampling import DraftSampler
 from dspark.drafters.dspark_layers import rms_norm
-from dspark.models.linear import linear
 from dspark.drafters.dspark_model import DSparkModel, load_drafter_model
+from dspark.models.linear import linear
+from dspark.models.quantized import QuantizedWeight, quantized_linear
 
 DRAFT_VOCAB_FILE = "draft_vocab.json"
+# Up to this many block rows (requests x draft positions) a natively loaded target's quantized head
+# is cheaper than the dense copy; the dense GEMM wins from ~20 rows (measured on the head's draft
+# vocabulary, 16k x 576: Q8_0 0.6 ms against bf16 1.6 ms at 7 rows, 1.3 against 1.1 at 28).
+QUANTIZED_HEAD_MAX_ROWS = 16
 
 
 def save_draft_vocab(folder: str, token_ids: list[int], coverage: float, data: str) -> None:
@@ -108,6 +113,8 @@ class DSparkDrafter(Drafter):
         sampling's residual covers every token the drafter cannot propose."""
         model, vocab = self.model, self.model.config.vocab_size
         self.vocab_ids = self.head_rows = self.w2_rows = None
+        native = model.inference_head if isinstance(model.inference_head, QuantizedWeight) else None
+        self.quantized_head_rows = native
         if draft_vocab is None:
             return
         ids = torch.as_tensor(draft_vocab)
@@ -120,10 +127,15 @@ class DSparkDrafter(Drafter):
             raise ValueError(f"draft_vocab ids must lie in [0, {vocab})")
         self.vocab_ids = ids.to(self.device)
         self.head_rows = model.lm_head_weight[self.vocab_ids].contiguous()
+        if native is not None:
+            self.quantized_head_rows = native.rows(ids.to(native.device))
         if model.config.head != "none":
             self.w2_rows = model.w2.weight.detach()[self.vocab_ids].contiguous()
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """U over the draft vocabulary (or all of it): with the target's own GGUF blocks for a few rows."""
+        if self.quantized_head_rows is not None and h.numel() // h.shape[-1] <= QUANTIZED_HEAD_MAX_ROWS:
+            return quantized_linear(h, self.quantized_head_rows).float()
         if self.head_rows is None:
             return self.model.lm_logits(h)
         return linear(h.to(self.head_rows.dtype), self.head_rows).float()

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from dspark.drafters.dspark_layers import DraftLayer, DSparkConfig, Linear, RopeModule, rms_norm
 from dspark.models.dtypes import compute_dtype
 from dspark.models.linear import linear
+from dspark.models.quantized import QuantizedWeight
 
 FORMAT_VERSION = 1
 
@@ -65,16 +66,22 @@ class DSparkModel(RopeModule):
         self.init_rope(c.rope_theta, c.head_dim)
         self.embed_weight: torch.Tensor | None = None
         self.lm_head_weight: torch.Tensor | None = None
+        # The target's head as the target computes with it (GGUF blocks when loaded natively): drafting
+        # may take it where it is cheaper than the dense copy; training never does.
+        self.inference_head: torch.Tensor | QuantizedWeight | None = None
         self._heads: dict = {}  # (draft vocabulary, dtype) -> (its ids, the frozen head's rows in that dtype)
 
     # -- shared, frozen target pieces ---------------------------------------------------------------
     def attach(self, target) -> "DSparkModel":
-        return self.attach_weights(*target.shared_weights())
+        self.attach_weights(*target.shared_weights())
+        self.inference_head = target.lm_head()
+        return self
 
     def attach_weights(self, embed: torch.Tensor, head: torch.Tensor) -> "DSparkModel":
         """The frozen embedding [V, d] and LM head [V, d] (the target's, or a checkpoint's own copies)."""
         check_shared_weights(embed, head, self.config.vocab_size, self.config.hidden_size)
         self.embed_weight, self.lm_head_weight = embed, head
+        self.inference_head = head
         self._heads = {}
         return self
 

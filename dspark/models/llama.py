@@ -103,6 +103,9 @@ class LlamaModel(TargetModel):
     def shared_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.dense_weight("embed_tokens.weight"), self.dense_weight("lm_head.weight")
 
+    def lm_head(self) -> torch.Tensor | QuantizedWeight:
+        return self.weights["lm_head.weight"]
+
     def _fuse_projections(self) -> None:
         """q/k/v and gate/up become one matrix each: one pass over x instead of three and two (the
         originals are dropped, so memory does not grow)."""

@@ -13,6 +13,7 @@ import torch
 from dspark.batch import Round
 from dspark.cache import KVCache, SideCache
 from dspark.models.config import ModelConfig
+from dspark.models.quantized import QuantizedWeight
 
 
 class TargetModel(abc.ABC):
@@ -69,6 +70,12 @@ class TargetModel(abc.ABC):
     def shared_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(embedding [V, hidden], LM head [V, hidden]) as dense tensors of the compute dtype, which
         drafters share."""
+
+    def lm_head(self) -> torch.Tensor | QuantizedWeight:
+        """The LM head [V, hidden] as the model computes with it: GGUF blocks when it was loaded natively.
+        Drafters' inference-time logits may use it where it is cheaper than the dense copy (default:
+        shared_weights()'s dense head)."""
+        return self.shared_weights()[1]
 
     def check_context(self, max_seq_len: int) -> None:
         """Raise if caches of max_seq_len tokens are beyond what the model supports (default: any is fine)."""
