@@ -24,6 +24,7 @@ import statistics
 import torch
 
 from dspark.drafters import HybridDrafter
+from dspark.drafters.dspark import drafter_weights_for
 from dspark.models import load_model, load_tokenizer
 from dspark.models.dtypes import WEIGHTS, resolve_weights
 from dspark.sampling_params import SamplingParams
@@ -69,7 +70,8 @@ def main() -> None:
         for repeat in range(args.repeats):
             arms = {"plain": (None, None)}
             for name in ("quiet", "asked"):
-                drafter = HybridDrafter.from_pretrained(args.drafter, model, 7, dtype=dtype)
+                drafter = HybridDrafter.from_pretrained(args.drafter, model, 7, dtype=dtype,
+                                                       weights=drafter_weights_for(model))
                 arms[name] = (drafter, NeverDrafts(quiet=name == "quiet"))
             order = list(names) if repeat % 2 == 0 else list(reversed(names))
             records = dict(zip(order, run(model, tokenizer, [arms[n] for n in order], prompts, params)))

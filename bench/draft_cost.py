@@ -20,6 +20,7 @@ import torch
 
 from dspark.batch import build_round
 from dspark.drafters import DSparkDrafter
+from dspark.drafters.dspark import drafter_weights_for
 from dspark.engine import Engine
 from dspark.models import load_model, load_tokenizer
 from dspark.models.dtypes import resolve_weights
@@ -54,7 +55,8 @@ def main() -> None:
                "weights": "native" if native else str(dtype), "prompt_tokens": len(prompt), "drafters": {}}
     for spec in args.drafter:
         name, folder = spec.split("=", 1)
-        drafter = DSparkDrafter.from_pretrained(folder, model, max(gammas), dtype=dtype)
+        drafter = DSparkDrafter.from_pretrained(folder, model, max(gammas), dtype=dtype,
+                                                weights=drafter_weights_for(model))
         engine = Engine(model, tokenizer, drafter, max_batch=1, max_seq_len=len(prompt) + args.context + 64)
         engine.add_request(prompt, SamplingParams(max_tokens=args.context + 32, temperature=0.0, ignore_eos=True))
         engine.step()  # prefill: the drafter starts with the prompt's features

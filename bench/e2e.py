@@ -24,6 +24,7 @@ import torch
 
 from dspark.cli.generate import warm_up
 from dspark.drafters import DraftModelDrafter, DSparkDrafter, HybridDrafter, NgramDrafter
+from dspark.drafters.dspark import drafter_weights_for
 from dspark.engine import Engine
 from dspark.models import default_model_path, load_model, load_tokenizer
 from dspark.models.dtypes import WEIGHTS, resolve_weights
@@ -45,16 +46,19 @@ def drafters(model, trained: list[str], only: str | None) -> dict:
         "self-draft 8/30 layers gamma=3": lambda: DraftModelDrafter.self_draft(model, 8, 3),
     }
     makers = {name: (make, None) for name, make in makers.items()}
+    def load(kind, folder, gamma):  # as `dspark generate`: the target's dtype, Q8_0 blocks beside a native target
+        return kind.from_pretrained(folder, model, gamma, dtype=model.dtype, weights=drafter_weights_for(model))
+
     for folder in trained:
         for gamma in (3, 5, 7):  # fixed length: every drafted token is verified
             makers[f"{pathlib.Path(folder).name} gamma={gamma}"] = (
-                lambda folder=folder, gamma=gamma: DSparkDrafter.from_pretrained(folder, model, gamma),
+                lambda folder=folder, gamma=gamma: load(DSparkDrafter, folder, gamma),
                 lambda gamma=gamma: FixedLength(gamma))
         prefix = lambda: PrefixScheduler(load_or_measure_sps(model, 8), throughput_gate=True)  # noqa: E731 (as `dspark generate`)
         makers[f"{pathlib.Path(folder).name} gamma=7 prefix scheduler"] = (
-            lambda folder=folder: DSparkDrafter.from_pretrained(folder, model, 7), prefix)
+            lambda folder=folder: load(DSparkDrafter, folder, 7), prefix)
         makers[f"{pathlib.Path(folder).name} + n-gram gamma=7 prefix scheduler"] = (
-            lambda folder=folder: HybridDrafter.from_pretrained(folder, model, 7), prefix)  # `--drafter auto`
+            lambda folder=folder: load(HybridDrafter, folder, 7), prefix)  # `--drafter auto`
     return {name: pair for name, pair in makers.items() if only is None or re.search(only, name)}
 
 

@@ -31,6 +31,7 @@ import torch
 
 from dspark.models.dtypes import WEIGHTS, resolve_weights
 from dspark.drafters import DSparkDrafter, HybridDrafter
+from dspark.drafters.dspark import drafter_weights_for
 from dspark.engine import Engine
 from dspark.models import load_model, load_tokenizer
 from dspark.profiling import load_or_measure_sps
@@ -198,7 +199,10 @@ def main() -> None:
     kind = HybridDrafter if args.hybrid else DSparkDrafter
     results["hybrid"] = args.hybrid
     warm = mixed_prompts(pathlib.Path(args.datasets), 1, tokenizer)
-    run(model, tokenizer, [(kind.from_pretrained(args.drafter, model, args.gamma, dtype=dtype), None)], warm,
+    def new_drafter():  # as `dspark generate`: Q8_0 blocks beside a natively loaded target
+        return kind.from_pretrained(args.drafter, model, args.gamma, dtype=dtype, weights=drafter_weights_for(model))
+
+    run(model, tokenizer, [(new_drafter(), None)], warm,
         SamplingParams(max_tokens=8))  # first calls pay one-time costs (allocator, thread pools)
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
         prompts = mixed_prompts(pathlib.Path(args.datasets), concurrency, tokenizer)
@@ -208,7 +212,7 @@ def main() -> None:
         samples: dict[str, list[dict]] = {name: [] for name in chosen}
         plain_outputs = None
         for repeat in range(args.repeats):  # interleaved: every policy once per pass, so drift hits all alike
-            arms = [(kind.from_pretrained(args.drafter, model, args.gamma, dtype=dtype) if speculative else None,
+            arms = [(new_drafter() if speculative else None,
                      make_policy()) for speculative, make_policy in chosen.values()]
             if args.lockstep:
                 # Every other pass builds and steps the engines in the reverse order: what being first or

@@ -252,13 +252,40 @@ def test_blocks_too_small_for_a_finite_scale_quantise_to_zeros():
     assert (xq[0, :32] == 0).all()
 
 
-def q8_0_blocks(weight: torch.Tensor) -> torch.Tensor:
-    """A dense matrix quantised to Q8_0 blocks (what a GGUF writer does)."""
-    out, in_features = weight.shape
-    w = weight.float().view(out, in_features // 32, 32)
-    d = (w.abs().amax(-1, keepdim=True) / 127).half()
-    codes = torch.round(w / d.float().clamp(min=1e-12)).clamp(-127, 127).to(torch.int8)
-    return torch.cat([d.view(torch.uint8), codes.view(torch.uint8)], dim=-1).reshape(out, -1)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_q8_0_writer_matches_the_gguf_package(dtype):
+    """from_dense writes what ggml's Q8_0 quantizer writes, byte for byte: halves of a scale round away from
+    zero, an all-zero block gets d = 0, and the blocks decode to within half a step of each weight."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    gen = torch.Generator().manual_seed(17)
+    weight = (torch.randn(40, 160, generator=gen) * 0.05).to(dtype)
+    weight[3, :32] = 0
+    weight[5, 32:64] = torch.arange(32) - 15.5  # scaled codes land on halves
+    theirs = quantize(weight.float().numpy(), GGMLQuantizationType.Q8_0)
+    ours = QuantizedWeight.from_dense(weight)
+    assert ours.shape == (40, 160) and ours.format == "q8_0"
+    assert torch.equal(ours.data, torch.from_numpy(np.asarray(theirs)))
+    decoded = ref.dequantize(ours.data, "q8_0", 160)
+    d = weight.float().view(40, 5, 32).abs().amax(-1, keepdim=True) / 127
+    bound = d / 2 + 127 * (d.half().float() - d).abs()  # half a step, plus fp16's rounding of d over 127 codes
+    assert ((decoded - weight.float()).view(40, 5, 32).abs() <= bound * 1.0001).all()
+
+
+def test_q8_0_writer_rejects_what_it_cannot_write():
+    with pytest.raises(ValueError, match="only q8_0"):
+        QuantizedWeight.from_dense(torch.randn(4, 64), "q4_0")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        QuantizedWeight.from_dense(torch.randn(4, 48))
+    with pytest.raises(ValueError, match=r"float \[out, in\]"):
+        QuantizedWeight.from_dense(torch.randn(64))
+    with pytest.raises(ValueError, match=r"float \[out, in\]"):
+        QuantizedWeight.from_dense(torch.ones(4, 64, dtype=torch.int32))
+    weight = torch.randn(4, 64)
+    weight[2, 7] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        QuantizedWeight.from_dense(weight)
 
 
 def test_fused_projections_of_mixed_formats_are_decoded_to_dense(tmp_path):
@@ -283,7 +310,7 @@ def test_fused_projections_of_mixed_formats_are_decoded_to_dense(tmp_path):
             c = dense.config
             q, k, v = t.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim])
             for part, value in (("q_proj", q), ("k_proj", k)):
-                blocks = QuantizedWeight(q8_0_blocks(value), "q8_0", value.shape[1])
+                blocks = QuantizedWeight.from_dense(value)
                 mixed[f"{prefix}{part}.weight"] = blocks
                 reference[f"{prefix}{part}.weight"] = blocks.dequantize()
             mixed[f"{prefix}v_proj.weight"] = reference[f"{prefix}v_proj.weight"] = v

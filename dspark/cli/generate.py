@@ -11,6 +11,7 @@ import sys
 import torch
 
 from dspark.drafters import DraftModelDrafter, DSparkDrafter, Eagle3Drafter, HybridDrafter, NgramDrafter
+from dspark.drafters.dspark import drafter_weights_for
 from dspark.engine import Engine
 from dspark.models import load_model, load_tokenizer
 from dspark.models.dtypes import DTYPES, WEIGHTS, resolve_weights
@@ -37,11 +38,13 @@ def make_drafter(spec: str, target, num_draft: int | None, dtype, device, model_
         folder = shipped_drafter(model_arg)
         spec = f"hybrid:{folder}" if folder else "ngram"
     if spec.startswith("dspark:"):  # a folder written by `dspark train-drafter`, or a DeepSpec DSpark/DFlash one
-        return DSparkDrafter.from_pretrained(spec.split(":", 1)[1], target, num_draft, dtype=dtype)
+        return DSparkDrafter.from_pretrained(spec.split(":", 1)[1], target, num_draft, dtype=dtype,
+                                             weights=drafter_weights_for(target))
     if spec.startswith("eagle3:"):  # an EAGLE-3 drafter in DeepSpec's format
         return Eagle3Drafter.from_pretrained(spec.split(":", 1)[1], target, num_draft, dtype=dtype)
     if spec.startswith("hybrid:"):  # n-gram lookup when the context repeats, that DSpark drafter otherwise
-        return HybridDrafter.from_pretrained(spec.split(":", 1)[1], target, num_draft, dtype=dtype)
+        return HybridDrafter.from_pretrained(spec.split(":", 1)[1], target, num_draft, dtype=dtype,
+                                             weights=drafter_weights_for(target))
     num_draft = num_draft or 4
     if spec == "ngram":
         return NgramDrafter(num_draft)

@@ -43,6 +43,12 @@ DRAFT_VOCAB_FILE = "draft_vocab.json"
 QUANTIZED_HEAD_MAX_ROWS = 16
 
 
+def drafter_weights_for(target) -> str | None:
+    """The `weights` a drafter of this target drafts from: Q8_0 blocks where the target itself computes with
+    GGUF blocks (loaded natively, on the CPU), so both stream compact weights; dense otherwise."""
+    return "q8_0" if isinstance(target.lm_head(), QuantizedWeight) else None
+
+
 def save_draft_vocab(folder: str, token_ids: list[int], coverage: float, data: str) -> None:
     """Write a drafter folder's draft vocabulary (read back by DSparkDrafter.from_pretrained)."""
     os.makedirs(folder, exist_ok=True)
@@ -97,14 +103,18 @@ class DSparkDrafter(Drafter):
 
     @classmethod
     def from_pretrained(cls, path: str, target, num_draft: int | None = None, dtype: torch.dtype = torch.float32,
-                        use_draft_vocab: bool = True) -> "DSparkDrafter":
-        """use_draft_vocab: draft over the folder's draft_vocab.json when it has one."""
+                        use_draft_vocab: bool = True, weights: str | None = None) -> "DSparkDrafter":
+        """use_draft_vocab: draft over the folder's draft_vocab.json when it has one. weights "q8_0": draft
+        from Q8_0 blocks of the drafter's matrices on the CPU (DSparkModel.quantize_weights); None: dense."""
         vocab_file = os.path.join(path, DRAFT_VOCAB_FILE)
         draft_vocab = None
         if use_draft_vocab and os.path.exists(vocab_file):
             with open(vocab_file) as f:
                 draft_vocab = torch.tensor(json.load(f)["token_ids"], dtype=torch.long)
-        return cls(load_drafter_model(path, target, dtype=dtype), num_draft, draft_vocab)
+        model = load_drafter_model(path, target, dtype=dtype)
+        if weights is not None:
+            model.quantize_weights(weights)
+        return cls(model, num_draft, draft_vocab)
 
     def _restrict_vocabulary(self, draft_vocab: torch.Tensor | None) -> None:
         """Drafting over a subset S of the vocabulary (frequent tokens, as FR-Spec): the LM head and the
@@ -130,7 +140,9 @@ class DSparkDrafter(Drafter):
         if native is not None:
             self.quantized_head_rows = native.rows(ids.to(native.device))
         if model.config.head != "none":
-            self.w2_rows = model.w2.weight.detach()[self.vocab_ids].contiguous()
+            blocks = model.w2.blocks
+            self.w2_rows = (model.w2.weight.detach()[self.vocab_ids].contiguous() if blocks is None
+                            else blocks.rows(ids.to(blocks.device)))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """U over the draft vocabulary (or all of it): with the target's own GGUF blocks for a few rows."""

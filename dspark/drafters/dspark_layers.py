@@ -20,16 +20,33 @@ import torch.nn.functional as F
 
 from dspark.models.layers import rms_norm, rope, rope_frequencies
 from dspark.models.linear import linear
+from dspark.models.quantized import QuantizedWeight
 
 KINDS = ("dspark", "eagle")
 HEADS = ("markov", "gated", "rnn", "none")
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose inference calls (no autograd) take the CPU small-batch kernel of the model code."""
+    """nn.Linear whose inference calls (no autograd) take the CPU small-batch kernel of the model code, or
+    GGUF blocks of its weight once `quantize` wrote them: inference only; a call that trains the weight, and
+    saving, take the dense weight, which stays."""
+
+    blocks: QuantizedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.inference_weight()
+        if weight is not self.weight:
+            return linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
         return linear(x, self.weight, self.bias)
+
+    def inference_weight(self) -> torch.Tensor | QuantizedWeight:
+        """The blocks, unless this call trains the weight."""
+        if self.blocks is None or (torch.is_grad_enabled() and self.weight.requires_grad):
+            return self.weight
+        return self.blocks
+
+    def quantize(self, fmt: str = "q8_0") -> None:
+        self.blocks = QuantizedWeight.from_dense(self.weight, fmt)
 
 
 @dataclasses.dataclass

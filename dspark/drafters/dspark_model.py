@@ -71,6 +71,17 @@ class DSparkModel(RopeModule):
         self.inference_head: torch.Tensor | QuantizedWeight | None = None
         self._heads: dict = {}  # (draft vocabulary, dtype) -> (its ids, the frozen head's rows in that dtype)
 
+    def quantize_weights(self, fmt: str = "q8_0") -> "DSparkModel":
+        """Inference on a CPU from GGUF blocks (dspark._C.quantized_linear) instead of dense weights: each
+        draft layer's projections, the context projection and the Markov / RNN head's W2. Between the
+        target's rounds the drafter's weights are out of cache, and Q8_0 streams about half of bf16's bytes
+        through a kernel that handles a block's few rows better. Drafts change slightly; what is accepted
+        stays the target's."""
+        for module in self.modules():
+            if isinstance(module, Linear) and module.in_features % 32 == 0 and module.out_features >= 32:
+                module.quantize(fmt)
+        return self
+
     # -- shared, frozen target pieces ---------------------------------------------------------------
     def attach(self, target) -> "DSparkModel":
         self.attach_weights(*target.shared_weights())
@@ -137,7 +148,7 @@ class DSparkModel(RopeModule):
         if c.head == "none":
             return None, self.confidence_logit(h_k, None) if confidence else None, None
         e = self.w1(prev).to(h_k.dtype)
-        w2 = self.w2.weight if w2_rows is None else w2_rows
+        w2 = self.w2.inference_weight() if w2_rows is None else w2_rows
         if c.head == "markov":
             bias = linear(e, w2)
         elif c.head == "gated":

@@ -50,8 +50,9 @@ class HybridDrafter(Drafter):
 
     @classmethod
     def from_pretrained(cls, path: str, target, num_draft: int | None = None, dtype: torch.dtype = torch.float32,
-                        **kwargs) -> "HybridDrafter":
-        return cls(DSparkDrafter.from_pretrained(path, target, num_draft, dtype=dtype), **kwargs)
+                        weights: str | None = None, **kwargs) -> "HybridDrafter":
+        """weights: as DSparkDrafter.from_pretrained's."""
+        return cls(DSparkDrafter.from_pretrained(path, target, num_draft, dtype=dtype, weights=weights), **kwargs)
 
     def bind(self, rows: int, max_seq_len: int, vocab_size: int, captured: SideCache | None = None) -> None:
         self.vocab_size = vocab_size

@@ -54,6 +54,26 @@ class QuantizedWeight:
     def __repr__(self) -> str:
         return f"QuantizedWeight({self.format}, shape={self.shape})"
 
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, fmt: str = "q8_0") -> "QuantizedWeight":
+        """A dense [out, in] matrix written as GGUF blocks, as llama.cpp's quantizer does (Q8_0: d = max|w| / 127
+        rounded to fp16, codes roundf(w / d) from the unrounded d: bit-identical to ggml's). Only Q8_0 is written."""
+        if fmt != "q8_0":
+            raise ValueError(f"only q8_0 blocks can be written, got {fmt!r}")
+        if weight.dim() != 2 or not weight.is_floating_point() or weight.shape[1] % reference.BLOCK:
+            raise ValueError(f"weight must be a float [out, in] matrix with in a multiple of 32, got "
+                             f"{weight.dtype} {tuple(weight.shape)}")
+        if not torch.isfinite(weight).all():
+            raise ValueError("weight holds NaN or inf: it has no Q8_0 blocks")
+        out, in_features = weight.shape
+        w = weight.detach().float().cpu().view(out, in_features // reference.BLOCK, reference.BLOCK)
+        d = w.abs().amax(-1, keepdim=True) / 127
+        scaled = w * torch.where(d > 0, 1 / d, torch.zeros_like(d))
+        whole = scaled.abs().floor()  # C's roundf (halves away from zero), as ggml rounds
+        codes = (torch.sign(scaled) * (whole + torch.floor(2 * (scaled.abs() - whole)))).to(torch.int8)
+        data = torch.cat([d.half().view(torch.uint8), codes.view(torch.uint8)], dim=-1)
+        return cls(data.reshape(out, -1), fmt, in_features)
+
     def rows(self, index: torch.Tensor) -> "QuantizedWeight":
         """The matrix of the selected rows (a permutation or a subset)."""
         return QuantizedWeight(self.data[index], self.format, self.in_features)
