@@ -278,7 +278,7 @@ void llama_decoder_layers(at::Tensor& hidden, const std::vector<std::optional<at
                           const std::optional<at::Tensor>& parents, const std::optional<at::Tensor>& block_table,
                           const std::optional<at::Tensor>& captured, const std::vector<int64_t>& capture_slot,
                           int64_t num_heads, int64_t intermediate_size, double eps, double sm_scale,
-                          const std::optional<at::Tensor>& final_norm) {
+                          const std::optional<at::Tensor>& final_norm, bool bidirectional_rounds) {
   expect_float(hidden, "hidden");
   const auto dtype = hidden.scalar_type();
   TORCH_CHECK_VALUE(hidden.dim() == 2, "hidden must be [rows, hidden_size]");
@@ -315,6 +315,16 @@ void llama_decoder_layers(at::Tensor& hidden, const std::vector<std::optional<at
     expect(*block_table, at::kInt, "block_table");
     TORCH_CHECK_VALUE(block_table->dim() == 2 && block_table->size(0) == num_requests, "block_table must be [R, max_blocks]");
     table = block_table->data_ptr<int32_t>();
+  }
+  {  // the round's token counts must fit each request's cache: attention reads slots [0, seqlen + count)
+    const int32_t* indptr = qo_indptr.data_ptr<int32_t>();
+    const int32_t* seqlens = cache_seqlens.data_ptr<int32_t>();
+    TORCH_CHECK_VALUE(indptr[0] == 0 && indptr[num_requests] == rows, "qo_indptr must run from 0 to the row count");
+    for (int64_t r = 0; r < num_requests; ++r) {
+      const int64_t count = static_cast<int64_t>(indptr[r + 1]) - indptr[r];
+      TORCH_CHECK_VALUE(count >= 0 && seqlens[r] >= 0 && seqlens[r] + count <= capacity, "request ", r,
+                        ": cache_seqlens + its token count must lie in [0, capacity] with a count >= 0");
+    }
   }
   for (int64_t t = 0; t < rows; ++t) {  // the plan validated the round; these must agree with it
     TORCH_CHECK_VALUE(0 <= wr[t] && wr[t] < num_requests && 0 <= ws[t] && ws[t] < capacity,
@@ -415,6 +425,7 @@ void llama_decoder_layers(at::Tensor& hidden, const std::vector<std::optional<at
   a.slots_per_row = slots_per_row;
   a.max_blocks = paged ? block_table->size(1) : 0;
   a.sm_scale = static_cast<float>(sm_scale);
+  a.bidirectional_rounds = bidirectional_rounds;
   dspark::cpu::llama_decoder_layers(p);
 }
 

@@ -20,7 +20,8 @@
 // see contributes exactly nothing to the merge (a single visible chunk merges to its own value).
 //
 // Round slots L_r + j are visible to token i when j is i or an ancestor of i: a per-request bit
-// matrix built from parents (a chain needs none: j <= i).
+// matrix built from parents (a chain needs none: j <= i); with bidirectional_rounds (a drafter's block,
+// set by the fused decoder layers only), every round slot of the request is.
 #include "tree_attention.h"
 
 #include <omp.h>
@@ -137,6 +138,7 @@ void run_item(Context& ctx, const Item& it, Scratch& sc) {
   const bool chain = ctx.mask_offset[r] < 0;
   const uint64_t* mask = chain ? nullptr : ctx.mask.data() + ctx.mask_offset[r];
   const int64_t words = ctx.mask_words[r];
+  const bool bidirectional = p.bidirectional_rounds;
 
   for (int64_t t0 = it.key_begin; t0 < it.key_end; t0 += kTile) {
     const int64_t tk = std::min<int64_t>(kTile, it.key_end - t0);
@@ -169,7 +171,7 @@ void run_item(Context& ctx, const Item& it, Scratch& sc) {
         bool visible = j < tk;
         if (visible && has_round && slot >= committed) {
           const int64_t jj = slot - committed;
-          visible = jj <= i && (chain || ((mask[i * words + (jj >> 6)] >> (jj & 63)) & 1u));
+          visible = bidirectional || (jj <= i && (chain || ((mask[i * words + (jj >> 6)] >> (jj & 63)) & 1u)));
         }
         vis[j] = visible;
       }
@@ -265,6 +267,7 @@ void run(const TreeAttentionParams& p) {
       if (ctx.mask_offset[r] < 0) continue;
       const int64_t n = p.qo_indptr[r + 1] - p.qo_indptr[r];
       const int64_t words = ctx.mask_words[r];
+  const bool bidirectional = p.bidirectional_rounds;
       const int32_t* par = p.parents + p.qo_indptr[r];
       uint64_t* mk = ctx.mask.data() + ctx.mask_offset[r];
       for (int64_t i = 0; i < n; ++i) {
@@ -285,7 +288,7 @@ void run(const TreeAttentionParams& p) {
     const int64_t committed = p.cache_seqlens[r];
     for (int64_t b = 0; b < n; b += ctx.block_tokens) {
       const int64_t e = std::min(n, b + ctx.block_tokens);
-      const int64_t keys = committed + e;
+      const int64_t keys = committed + (p.bidirectional_rounds ? n : e);
       bases.push_back({static_cast<int32_t>(r), static_cast<int32_t>(b), static_cast<int32_t>(e),
                        static_cast<int32_t>(keys)});
     }

@@ -27,6 +27,10 @@ struct TreeAttentionParams {
   int64_t slots_per_row;
   int64_t max_blocks;  // block_table row length (paged only)
   float sm_scale;
+  // Every round token sees all of its request's round tokens, not only its ancestors: a DSpark drafter's
+  // block of positions decoded in parallel (bidirectional within the block). Not part of the tree_attention
+  // op's contract: only the fused decoder layers set it, for a drafter's block (dspark/drafters/dspark_cpu.py).
+  bool bidirectional_rounds = false;
 };
 
 // Inputs are validated by the caller; this function trusts every index.

@@ -30,6 +30,7 @@ import torch
 from dspark.cache import KVCache, SideCache
 from dspark.drafters.base import Drafter, Proposal
 from dspark.drafters.captured import check_captured, pending_features
+from dspark.drafters import dspark_cpu
 from dspark.drafters.draft_sampling import DraftSampler
 from dspark.drafters.dspark_layers import rms_norm
 from dspark.drafters.dspark_model import DSparkModel, load_drafter_model
@@ -57,15 +58,22 @@ def save_draft_vocab(folder: str, token_ids: list[int], coverage: float, data: s
                    "token_ids": token_ids}, f)
 
 
+def context_lengths(kv: KVCache, requests) -> list[int]:
+    """Each request's committed drafter context length; every row must hold exactly the positions before its
+    anchor."""
+    lengths = kv.seqlens[[r.row for r in requests]].tolist()
+    for r, n in zip(requests, lengths):
+        if n != len(r.tokens) - 1:
+            raise RuntimeError(f"drafter context of request {r.id} holds {n} tokens, expected {len(r.tokens) - 1}")
+    return lengths
+
+
 def committed_context(kv: KVCache, requests, num_layers: int):
     """Per layer the committed context K/V of the requests' rows [R, Lmax, Hkv, D], a validity mask
     (None when every row is full length) and the anchors' positions; every row must hold exactly the
     positions before its anchor."""
     rows = [r.row for r in requests]
-    lengths = [int(kv.seqlens[row]) for row in rows]
-    for r, n in zip(requests, lengths):
-        if n != len(r.tokens) - 1:
-            raise RuntimeError(f"drafter context of request {r.id} holds {n} tokens, expected {len(r.tokens) - 1}")
+    lengths = context_lengths(kv, requests)
     longest = max(lengths)
     device = kv.k.device
     if len(rows) == 1:  # a slice is a view: no copy of the context
@@ -163,7 +171,10 @@ class DSparkDrafter(Drafter):
         check_captured(captured, rows, max_seq_len, len(self.capture_layers) * c.target_hidden_size)
         self.captured = captured
         self.features = SideCache(rows, max_seq_len, c.hidden_size, self.model.dtype, self.device)
-        self.kv = KVCache(c.num_layers, rows, max_seq_len, c.num_kv_heads, c.head_dim, self.model.dtype, self.device)
+        # Room past the longest context for a block's own K/V (the fused CPU block writes them there).
+        block = max(c.gamma, self.num_draft)
+        self.kv = KVCache(c.num_layers, rows, max_seq_len + block, c.num_kv_heads, c.head_dim, self.model.dtype,
+                          self.device)
 
     def start(self, request) -> None:
         if self.captured is None:
@@ -245,23 +256,23 @@ class DSparkDrafter(Drafter):
         if steps <= 0 or not requests:
             return [Proposal([]) for _ in requests]
         self.commit_pending(requests)
-        kv, valid, starts = self._context(requests)
         anchors = torch.tensor([r.tokens[-1] for r in requests], device=self.device)
         sampler = DraftSampler(requests, steps, self.generators, self.device, self.vocab_ids)
         if self.model.config.kind == "eagle":
+            kv, valid, starts = self._context(requests)
             tokens, confs = self._draft_eagle(requests, sampler, steps, kv, valid, starts, anchors)
         else:
-            tokens, confs = self._draft_block(sampler, steps, kv, valid, starts, anchors)
+            tokens, confs = self._draft_block(requests, sampler, steps, anchors)
         token_rows = torch.stack(tokens, dim=1).tolist()  # the one host read of the drafted tokens
         confidences = torch.stack(confs, dim=1)
         # Rows over the draft vocabulary stay that narrow: rejection_sample reads them as q = 0 elsewhere.
         return [Proposal(token_rows[i], draft_probs=q, confidences=confidences[i], draft_vocab=self.vocab_ids)
                 for i, q in enumerate(sampler.draft_probs())]
 
-    def _draft_block(self, sampler, steps, kv, valid, starts, anchors):
+    def _draft_block(self, requests, sampler, steps, anchors):
         """One backbone pass over the block, then the sequential head left to right."""
         model = self.model
-        h = model.block(anchors, starts, kv, valid, max(model.config.gamma, steps))
+        h = self._block(requests, anchors, max(model.config.gamma, steps))
         base = self._logits(h[:, :steps])
         tokens, prev, state, own_probs = [], anchors, None, []
         for k in range(steps):
@@ -277,6 +288,14 @@ class DSparkDrafter(Drafter):
         # The confidence head reads h_k and W1[x_{k-1}]: every position at once, once the tokens are known.
         logits = model.block_confidence_logits(h[:, :steps], torch.stack([anchors] + tokens[:-1], dim=1))
         return tokens, [self._confidence(logits[:, k], k, None, None) for k in range(steps)]
+
+    def _block(self, requests, anchors, n: int) -> torch.Tensor:
+        """h_1..h_n [B, n, d]: the fused C++ layers on a CPU (dspark_cpu), else DSparkModel.block."""
+        starts = torch.tensor(context_lengths(self.kv, requests), device=self.device)
+        if dspark_cpu.applies(self.model, self.kv, starts, n):
+            return dspark_cpu.block(self.model, self.kv, [r.row for r in requests], anchors, starts, n)
+        kv, valid, starts = self._context(requests)
+        return self.model.block(anchors, starts, kv, valid, n)
 
     def _draft_eagle(self, requests, sampler, steps, kv, valid, starts, anchors):
         """Step by step: the anchor's input uses the last committed context feature, each later

@@ -92,7 +92,7 @@ def run(model, h: torch.Tensor, cache, rnd, plan, capture_layers: tuple[int, ...
     _kernel(h, weights, formats, cache.k, cache.v, rnd.positions.contiguous(), model.inv_freq.contiguous(),
             rnd.write_rows, rnd.write_slots, plan.qo_indptr,
             plan.cache_seqlens, plan.parents, plan.block_table, captured, slots, c.num_heads, c.intermediate_size,
-            c.rms_norm_eps, 1.0 / c.head_dim ** 0.5, final_norm)
+            c.rms_norm_eps, 1.0 / c.head_dim ** 0.5, final_norm, False)
     if captured is None or capture_into is not None:
         return h, []
     # In layer order, one per captured layer, as the PyTorch forward collects them.
