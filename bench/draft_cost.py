@@ -4,6 +4,11 @@ context, in one run. The drafting side of "tau per unit of drafting cost" (issue
 
     python bench/draft_cost.py --drafter L1=runs/layers/L1 --drafter L2=runs/layers/L2 --gammas 1,3,7
 
+--arms compares ways of computing the same drafter on a CPU beside a natively loaded target: "dense" (its
+matrices in the target's dtype, the PyTorch block), "q8_0" (Q8_0 blocks of its matrices, the PyTorch block) and
+"q8_0+fused" (Q8_0 blocks, the block in the fused C++ layers: what `dspark generate` runs). Each arm drafts on
+the same context, in one run.
+
 Prints lower-quartile milliseconds of 40 calls each (the machine's timings drift; the lower quartile is the
 steady state), and writes --out JSON when given.
 """
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import time
@@ -43,6 +49,7 @@ def main() -> None:
     ap.add_argument("--gammas", default="1,3,7")
     ap.add_argument("--context", type=int, default=256, help="reply tokens generated before timing")
     ap.add_argument("--datasets", default=str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+    ap.add_argument("--arms", default="q8_0+fused", help="comma-separated: dense, q8_0, q8_0+fused")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dtype, native = resolve_weights(None, None, None, "cpu")
@@ -55,20 +62,24 @@ def main() -> None:
                "weights": "native" if native else str(dtype), "prompt_tokens": len(prompt), "drafters": {}}
     for spec in args.drafter:
         name, folder = spec.split("=", 1)
-        drafter = DSparkDrafter.from_pretrained(folder, model, max(gammas), dtype=dtype,
-                                                weights=drafter_weights_for(model))
-        engine = Engine(model, tokenizer, drafter, max_batch=1, max_seq_len=len(prompt) + args.context + 64)
-        engine.add_request(prompt, SamplingParams(max_tokens=args.context + 32, temperature=0.0, ignore_eos=True))
-        engine.step()  # prefill: the drafter starts with the prompt's features
-        request = engine.running[0]
-        while len(request.generated) < args.context:
-            engine.step()
-        drafter.commit_pending([request])  # the features deferred while the engine decoded
-        row = {}
-        for g in gammas:
-            row[f"propose_gamma{g}_ms"] = lower_quartile_ms(lambda: drafter.propose([request], g))
-        results["drafters"][name] = row
-        print(name, {k: round(v, 2) for k, v in row.items()}, flush=True)
+        for arm in args.arms.split(","):
+            weights = {"dense": None, "q8_0": "q8_0", "q8_0+fused": "q8_0"}[arm]
+            drafter = DSparkDrafter.from_pretrained(folder, model, max(gammas), dtype=dtype,
+                                                    weights=weights if drafter_weights_for(model) else None)
+            engine = Engine(model, tokenizer, drafter, max_batch=1, max_seq_len=len(prompt) + args.context + 64)
+            engine.add_request(prompt, SamplingParams(max_tokens=args.context + 32, temperature=0.0, ignore_eos=True))
+            engine.step()  # prefill: the drafter starts with the prompt's features
+            request = engine.running[0]
+            while len(request.generated) < args.context:
+                engine.step()
+            drafter.commit_pending([request])  # the features deferred while the engine decoded
+            row = {}
+            os.environ["DSPARK_FUSED_CPU"] = "1" if arm.endswith("+fused") else "0"  # read at each proposal
+            for g in gammas:
+                row[f"propose_gamma{g}_ms"] = lower_quartile_ms(lambda: drafter.propose([request], g))
+            os.environ.pop("DSPARK_FUSED_CPU")
+            results["drafters"][f"{name} {arm}"] = row
+            print(name, arm, {k: round(v, 2) for k, v in row.items()}, flush=True)
     # The target's verification step on the same context (cache positions past the prompt; nothing is kept).
     cache, base = engine.cache, int(engine.cache.seqlens[0])
     for g in gammas:
