@@ -74,9 +74,10 @@ def test_the_fused_block_matches_the_pytorch_block(tiny, dtype, weights, qk_norm
     starts = torch.tensor([lengths[r.row] for r in requests])
     n = 6
     with torch.inference_mode():  # as the drafter proposes
-        assert dspark_cpu.applies(model, kv, starts, n)
+        weights = dspark_cpu.block_weights(model, kv, int(starts.max()), n)
+    assert weights is not None
     before = (kv.k.clone(), kv.v.clone(), kv.seqlens.clone())
-    fused = dspark_cpu.block(model, kv, [r.row for r in requests], anchors, starts, n)
+    fused = dspark_cpu.block(model, kv, weights, [r.row for r in requests], anchors, starts, n)
     layers, valid, _ = committed_context(kv, requests, model.config.num_layers)
     with torch.no_grad():
         want = model.block(anchors, starts, layers, valid, n)
@@ -96,10 +97,12 @@ def test_a_block_sees_the_whole_block_and_the_context(tiny):  # noqa: F811
     model = drafter_model(tiny, torch.float32, num_layers=1)
     kv = filled_context(model, 2, {0: 12}, seed=2)
     starts, anchors = torch.tensor([12]), torch.tensor([7])
-    first = dspark_cpu.block(model, kv, [0], anchors, starts, 4)
+    with torch.inference_mode():
+        weights = dspark_cpu.block_weights(model, kv, 12, 4)
+    first = dspark_cpu.block(model, kv, weights, [0], anchors, starts, 4)
     with torch.no_grad():
         model.mask_embedding.mul_(-1.5)
-    second = dspark_cpu.block(model, kv, [0], anchors, starts, 4)
+    second = dspark_cpu.block(model, kv, weights, [0], anchors, starts, 4)
     assert not torch.allclose(first[0, 0], second[0, 0], atol=1e-4)
 
 
@@ -107,17 +110,36 @@ def test_fallbacks_to_the_pytorch_block(tiny, monkeypatch):  # noqa: F811
     model = drafter_model(tiny, torch.float32)
     kv = filled_context(model, 2, {0: 60}, seed=4)
     with torch.inference_mode():
-        assert not dspark_cpu.applies(model, kv, torch.tensor([60]), 5)  # no room past the context for the block
-        assert dspark_cpu.applies(model, kv, torch.tensor([59]), 5)
+        assert dspark_cpu.block_weights(model, kv, 60, 5) is None  # no room past the context for the block
+        assert dspark_cpu.block_weights(model, kv, 59, 5) is not None
         monkeypatch.setenv("DSPARK_FUSED_CPU", "0")
-        assert not dspark_cpu.applies(model, kv, torch.tensor([10]), 5)
+        assert dspark_cpu.block_weights(model, kv, 10, 5) is None
     monkeypatch.delenv("DSPARK_FUSED_CPU")
-    assert not dspark_cpu.applies(model, kv, torch.tensor([10]), 5)  # autograd on: training keeps PyTorch
+    assert dspark_cpu.block_weights(model, kv, 10, 5) is None  # autograd on: training keeps PyTorch
+
+
+def test_the_weights_follow_the_drafter(tiny):  # noqa: F811
+    """Cached per model, and rebuilt when a weight changes in place or gets blocks."""
+    model = drafter_model(tiny, torch.float32)
+    kv = filled_context(model, 1, {0: 8}, seed=6)
+    with torch.inference_mode():
+        dense = dspark_cpu.block_weights(model, kv, 8, 5)
+        assert dspark_cpu.block_weights(model, kv, 8, 5) is dense
+    with torch.no_grad():
+        model.layers[0].o_proj.weight.mul_(2)
+    with torch.inference_mode():
+        doubled = dspark_cpu.block_weights(model, kv, 8, 5)
+        assert doubled is not dense and torch.equal(doubled[0][5], 2 * dense[0][5])
+        model.quantize_weights("q8_0")
+        quantized = dspark_cpu.block_weights(model, kv, 8, 5)
+    assert quantized[1][1] != 0 and dense[1][1] == 0  # qkv now in blocks
 
 
 def test_the_kernel_refuses_a_block_past_the_cache(tiny):  # noqa: F811
     """The binding checks that every request's context plus its token count fits its cache row."""
     model = drafter_model(tiny, torch.float32)
     kv = filled_context(model, 2, {0: 62}, seed=5)
+    with torch.inference_mode():
+        weights = dspark_cpu._layer_weights(model)
     with pytest.raises(ValueError, match="cache_seqlens"):
-        dspark_cpu.block(model, kv, [0], torch.tensor([3]), torch.tensor([62]), 5)
+        dspark_cpu.block(model, kv, weights, [0], torch.tensor([3]), torch.tensor([62]), 5)

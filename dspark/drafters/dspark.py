@@ -205,9 +205,13 @@ class DSparkDrafter(Drafter):
         """DSpark kind: the context features and each layer's context K/V of every row's new
         positions, one projection for all of them."""
         counts = [h.shape[0] for h in hidden]
-        starts = [int(self.features.seqlens[row]) for row in rows]
-        positions = torch.cat([torch.arange(s, s + m) for s, m in zip(starts, counts)]).to(self.device)
-        row_index = torch.repeat_interleave(torch.tensor(rows), torch.tensor(counts)).to(self.device)
+        starts = self.features.seqlens[rows].tolist()  # one host read
+        if len(rows) == 1:  # the batch-1 round: no concatenations
+            positions = torch.arange(starts[0], starts[0] + counts[0], device=self.device)
+            row_index = torch.full((counts[0],), rows[0], device=self.device)
+        else:
+            positions = torch.cat([torch.arange(s, s + m) for s, m in zip(starts, counts)]).to(self.device)
+            row_index = torch.repeat_interleave(torch.tensor(rows), torch.tensor(counts)).to(self.device)
         ctx = self.model.context(torch.cat(hidden).to(self.device))
         self._store(rows, counts, row_index, positions, ctx, self.model.context_kv(ctx, positions))
 
@@ -230,9 +234,9 @@ class DSparkDrafter(Drafter):
         self.features.write(row_index, positions, ctx)
         for i, (k, v) in enumerate(kvs):
             self.kv.write(i, row_index, positions, k, v)
-        for row, m in zip(rows, counts):
-            self.features.seqlens[row] += m
-            self.kv.seqlens[row] += m
+        index, added = torch.tensor(rows), torch.tensor(counts, dtype=torch.int32)
+        self.features.seqlens[index] += added.to(self.features.seqlens.device)
+        self.kv.seqlens[index] += added.to(self.kv.seqlens.device)
 
     def _context(self, requests):
         return committed_context(self.kv, requests, self.model.config.num_layers)
@@ -291,9 +295,11 @@ class DSparkDrafter(Drafter):
 
     def _block(self, requests, anchors, n: int) -> torch.Tensor:
         """h_1..h_n [B, n, d]: the fused C++ layers on a CPU (dspark_cpu), else DSparkModel.block."""
-        starts = torch.tensor(context_lengths(self.kv, requests), device=self.device)
-        if dspark_cpu.applies(self.model, self.kv, starts, n):
-            return dspark_cpu.block(self.model, self.kv, [r.row for r in requests], anchors, starts, n)
+        lengths = context_lengths(self.kv, requests)
+        weights = dspark_cpu.block_weights(self.model, self.kv, max(lengths), n)
+        if weights is not None:
+            return dspark_cpu.block(self.model, self.kv, weights, [r.row for r in requests], anchors,
+                                    torch.tensor(lengths), n)
         kv, valid, starts = self._context(requests)
         return self.model.block(anchors, starts, kv, valid, n)
 

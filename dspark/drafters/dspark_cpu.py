@@ -38,10 +38,14 @@ def _fused(parts: list[Linear]) -> torch.Tensor | QuantizedWeight | None:
 def _layer_weights(model) -> tuple[list, list[int]] | None:
     """The kernel's 12 entries per layer (cpu_decoder._LAYER_WEIGHTS' order) and their formats, or None when a
     weight has another dtype or layout; cached on the model until a weight is replaced or changed in place."""
-    linears = [m for m in model.layers.modules() if isinstance(m, Linear)]
-    key = tuple((id(m.weight), m.weight._version, id(m.blocks)) for m in linears)
+    linears = model.__dict__.get("_fused_cpu_linears")
+    if linears is None or linears[0] is not model.layers:
+        linears = model.__dict__["_fused_cpu_linears"] = (
+            model.layers, [m for m in model.layers.modules() if isinstance(m, Linear)])
+    key = [(m.weight, m.weight._version, m.blocks) for m in linears[1]]
     cached = model.__dict__.get("_fused_cpu_block")
-    if cached is not None and cached[0] == key:
+    if cached is not None and len(cached[0]) == len(key) and all(
+            a[0] is b[0] and a[1] == b[1] and a[2] is b[2] for a, b in zip(cached[0], key)):
         return cached[1]
     dtype, entries = model.dtype, []
     for layer in model.layers:
@@ -61,19 +65,23 @@ def _layer_weights(model) -> tuple[list, list[int]] | None:
     return result
 
 
-def applies(model, kv: KVCache, starts: torch.Tensor, n: int) -> bool:
-    """Whether the fused block serves this proposal: a DSpark-kind drafter on the CPU without autograd,
-    weights the kernel reads, and room after every row's context for the block's n slots."""
-    return (cpu_decoder.enabled() and model.config.kind == "dspark" and model.norm.device.type == "cpu"
+def block_weights(model, kv: KVCache, longest: int, n: int) -> tuple[list, list[int]] | None:
+    """The kernel's weights when the fused block serves this proposal, else None: a DSpark-kind drafter on the
+    CPU without autograd, weights the kernel reads, and room after every row's context (the longest: `longest`
+    positions) for the block's n slots."""
+    if not (cpu_decoder.enabled() and model.config.kind == "dspark" and model.norm.device.type == "cpu"
             and model.dtype in _FLOATS and kv.k.dtype == model.dtype and kv.block_table is None
             and kv.k.is_contiguous() and kv.v.is_contiguous() and not torch.is_grad_enabled()
-            and int(starts.max()) + n <= kv.k.shape[2] and _layer_weights(model) is not None)
+            and longest + n <= kv.k.shape[2]):
+        return None
+    return _layer_weights(model)
 
 
 @torch.inference_mode()
-def block(model, kv: KVCache, rows: list[int], anchors: torch.Tensor, starts: torch.Tensor, n: int) -> torch.Tensor:
+def block(model, kv: KVCache, weights: tuple[list, list[int]], rows: list[int], anchors: torch.Tensor,
+          starts: torch.Tensor, n: int) -> torch.Tensor:
     """DSparkModel.block for the requests in cache rows `rows` (their committed context: kv.seqlens[rows],
-    which must equal starts): the normed h_1..h_n [B, n, d], in the given order."""
+    which must equal starts), with block_weights' weights: the normed h_1..h_n [B, n, d], in the given order."""
     c, B = model.config, len(rows)
     order = sorted(range(B), key=lambda i: rows[i])  # the kernel takes the tokens in cache-row order
     index = torch.tensor(order)
@@ -84,8 +92,8 @@ def block(model, kv: KVCache, rows: list[int], anchors: torch.Tensor, starts: to
     counts = torch.zeros(kv.k.shape[1], dtype=torch.int32)
     counts[sorted_rows] = n
     qo_indptr = torch.cat([torch.zeros(1, dtype=torch.int32), counts.cumsum(0, dtype=torch.int32)])
-    weights, formats = _layer_weights(model)
-    cpu_decoder._kernel(x, weights, formats, kv.k, kv.v, positions, model.inv_freq.contiguous(),
+    flat, formats = weights
+    cpu_decoder._kernel(x, flat, formats, kv.k, kv.v, positions, model.inv_freq.contiguous(),
                         sorted_rows.repeat_interleave(n), positions, qo_indptr, kv.seqlens, None, None, None,
                         [-1] * c.num_layers, c.num_heads, c.intermediate_size, c.rms_norm_eps,
                         1.0 / c.head_dim ** 0.5, model.norm.detach().contiguous(), True)
