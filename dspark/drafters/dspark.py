@@ -234,9 +234,9 @@ class DSparkDrafter(Drafter):
         self.features.write(row_index, positions, ctx)
         for i, (k, v) in enumerate(kvs):
             self.kv.write(i, row_index, positions, k, v)
-        index, added = torch.tensor(rows), torch.tensor(counts, dtype=torch.int32)
-        self.features.seqlens[index] += added.to(self.features.seqlens.device)
-        self.kv.seqlens[index] += added.to(self.kv.seqlens.device)
+        for lengths in (self.features.seqlens, self.kv.seqlens):
+            lengths[torch.tensor(rows, device=lengths.device)] += torch.tensor(counts, dtype=torch.int32,
+                                                                              device=lengths.device)
 
     def _context(self, requests):
         return committed_context(self.kv, requests, self.model.config.num_layers)
