@@ -5,6 +5,7 @@ round and drafting source from measured throughput. Both read earlier rounds onl
 from __future__ import annotations
 
 import math
+import statistics
 
 from dspark.drafters.base import DEFAULT_SOURCE
 
@@ -90,6 +91,10 @@ class ThroughputGate:
     deferred from rounds it did not draft in: a drafter that must catch up before it drafts again is
     priced with that.
 
+    Estimates start as the median of their first rounds (a moving average from 1 / smoothing rounds on), and
+    drafting is chosen over plain decoding only once plain decoding has `plain_samples` rounds measured in the
+    bucket: a single cold plain round measured slow would otherwise hand a losing drafter a long run of rounds.
+
     `expected(batch)`: the tokens/s plain decoding should reach at that batch size (SPSPolicy passes
     batch * SPS(batch)), a function of the batch size alone (read once per size). Rates are kept as
     measured over expected, so that rounds of different sizes in one bucket, and buckets near each
@@ -108,16 +113,21 @@ class ThroughputGate:
         return 1 << max(batch - 1, 0).bit_length()
 
     def __init__(self, explore_every: int = 16, smoothing: float = 0.25, max_wait: int = 1024,
-                 explore_cost: float = 0.005, margin: float = 0.02, expected=None):
+                 explore_cost: float = 0.005, margin: float = 0.02, expected=None, plain_samples: int = 3):
+        if not 0 < smoothing <= 1:
+            raise ValueError(f"smoothing must lie in (0, 1], got {smoothing}")
         if not explore_cost > 0:
             raise ValueError(f"explore_cost must be > 0, got {explore_cost}")
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
         self.explore_every, self.smoothing, self.max_wait = explore_every, smoothing, max_wait
-        self.explore_cost, self.margin = explore_cost, margin
+        self.explore_cost, self.margin, self.plain_samples = explore_cost, margin, plain_samples
         self.expected = expected if expected is not None else float
         self.rates: dict[tuple[int, str], float] = {}  # (bucket, source or PLAIN) -> (relative) throughput
         self.yields: dict[tuple[int, str], float] = {}  # the same keys -> tokens per request per round
+        self.samples: dict[tuple[int, str], int] = {}  # the same keys -> rounds measured
+        self._first: dict[tuple[int, str], tuple[list, list]] = {}  # the same keys -> their first rounds' values
+        self._median_rounds = max(1, round(1 / smoothing))
         self.since_other: dict[tuple[int, str], int] = {}
         self.wait: dict[tuple[int, str], int] = {}  # rounds between explorations
         self.waited: dict[tuple[int, str], int] = {}  # the wait the last exploration came after
@@ -192,6 +202,8 @@ class ThroughputGate:
         best = self._best(bucket, source)
         if best is None:  # an arm measured nowhere yet: drafting first, then plain
             return self._nearest(self.rates, bucket, source) is None
+        if best and self.samples.get((bucket, self.PLAIN), 0) < self.plain_samples:
+            return False  # drafting wins only against a plain rate of a few rounds of this bucket, not one
         rounds = self.since_other.get(key, 0) + 1
         served, wait = self._served(key)
         exploring = rounds >= served
@@ -235,9 +247,18 @@ class ThroughputGate:
             self._settle(key, before)
 
     def _update(self, key: tuple[int, str], rate: float, per_request: float) -> None:
-        for table, value in ((self.rates, rate), (self.yields, per_request)):
-            old = table.get(key)
-            table[key] = value if old is None else old + self.smoothing * (value - old)
+        # The median of the first rounds, then a moving average from there: a moving average from the first
+        # round would keep that round (often a cold one: the first plain round after a prefill, the first
+        # drafting round committing a whole prompt) at weight (1 - smoothing)^n, mispricing the arm for many
+        # rounds.
+        n = self.samples[key] = self.samples.get(key, 0) + 1
+        first = self._first.setdefault(key, ([], []))
+        for table, value, seen in ((self.rates, rate, first[0]), (self.yields, per_request, first[1])):
+            if n <= self._median_rounds:
+                seen.append(value)
+                table[key] = statistics.median(seen)
+            else:
+                table[key] += self.smoothing * (value - table[key])
 
     def _settle(self, key: tuple[int, str], before: bool | None) -> None:
         if self.exploring.pop(key, False):

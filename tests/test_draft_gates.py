@@ -63,7 +63,7 @@ def test_draft_gate_spreads_probes_over_rounds():
 def test_throughput_gate_takes_the_faster_arm_and_explores():
     from dspark.draft_gates import ThroughputGate
 
-    gate = ThroughputGate(explore_every=4, explore_cost=1.0)
+    gate = ThroughputGate(explore_every=4, explore_cost=1.0, plain_samples=1)
     assert gate.should_draft(1)  # nothing measured: draft first
     gate.observe(1, True, 3, 0.06)  # 50 tokens/s while drafting
     assert not gate.should_draft(1)  # plain not measured yet
@@ -75,9 +75,9 @@ def test_throughput_gate_takes_the_faster_arm_and_explores():
     assert gate.should_draft(4)  # while bucket 1 keeps its own (plain) estimates
     for _ in range(30):  # drafting becomes the faster arm: plain is now the explored one
         gate.observe(1, True, 5, 0.02)
-    # The first of those rounds settled the last exploration while drafting was only even with plain (not
-    # ahead by the margin): a loss, so the wait doubled to 8.
-    assert [gate.should_draft(1) for _ in range(16)] == ([True] * 7 + [False]) * 2
+    # The first of those rounds settled the last exploration: drafting's estimate, the mean of its two rounds
+    # (50 and 250 tokens/s), is past plain's by the margin, a win, so the wait is back to explore_every.
+    assert [gate.should_draft(1) for _ in range(16)] == ([True] * 3 + [False]) * 4
     gate.observe(1, False, 0, 0.01)  # empty rounds and zero times are ignored
     gate.observe(1, False, 1, 0.0)
     assert gate.rates[(1, ThroughputGate.PLAIN)] == pytest.approx(100.0)
@@ -88,7 +88,7 @@ def test_throughput_gate_prices_each_drafting_source_apart():
     own: the paying one keeps drafting while the other falls back to plain rounds, explored rarely."""
     from dspark.draft_gates import ThroughputGate
 
-    gate = ThroughputGate(explore_every=4, explore_cost=10.0)
+    gate = ThroughputGate(explore_every=4, explore_cost=10.0, plain_samples=1)
     assert gate.should_draft(1, "ngram") and gate.should_draft(1, "dspark")  # nothing measured: try each
     gate.observe(1, True, 3, 0.01, ("ngram",))   # 300 tokens/s
     gate.observe(1, True, 2, 0.04, ("dspark",))  # 50 tokens/s
@@ -100,7 +100,8 @@ def test_throughput_gate_prices_each_drafting_source_apart():
     policy = PrefixScheduler(SPSCurve([1, 8], [100.0, 100.0]), gate=False, throughput_gate=True)
     policy.observe_round(2, True, 6, 0.01, ("ngram",))
     policy.observe_round(2, True, 4, 0.04, ("dspark",))
-    policy.observe_round(2, False, 2, 0.01)
+    for _ in range(3):
+        policy.observe_round(2, False, 2, 0.01)
     assert policy.should_draft([Req(0), Req(1)], ["ngram", "dspark"]) == [True, False]  # in one round
 
 
@@ -111,7 +112,8 @@ def test_a_source_the_throughput_gate_blocks_keeps_its_draft_gate_state():
     policy.gate.observe([Req(0), Req(1)], [[0.9], [0.9]])
     policy.observe_round(2, True, 6, 0.01, ("ngram",))
     policy.observe_round(2, True, 4, 0.04, ("dspark",))
-    policy.observe_round(2, False, 2, 0.01)
+    for _ in range(3):  # the plain rounds the gate wants before it prefers drafting
+        policy.observe_round(2, False, 2, 0.01)
     assert policy.should_draft([Req(0), Req(1)], ["ngram", "dspark"]) == [True, False]
     assert set(policy.gate.first) == {0, 1} and policy.gate.idle == {0: 0, 1: 1}
 
@@ -190,11 +192,11 @@ def test_drafting_must_beat_plain_by_the_margin():
     from dspark.draft_gates import ThroughputGate
 
     for margin, drafts in ((0.02, False), (0.0, True)):
-        gate = ThroughputGate(margin=margin, explore_cost=1.0)
+        gate = ThroughputGate(margin=margin, explore_cost=1.0, plain_samples=1)
         gate.observe(1, True, 101, 1.0)  # 1% faster than plain
         gate.observe(1, False, 100, 1.0)
         assert gate.should_draft(1) == drafts
-    gate = ThroughputGate(explore_cost=1.0)
+    gate = ThroughputGate(explore_cost=1.0, plain_samples=1)
     gate.observe(1, True, 103, 1.0)  # 3% faster: past the default margin
     gate.observe(1, False, 100, 1.0)
     assert gate.should_draft(1)
@@ -217,7 +219,7 @@ def test_throughput_gate_compares_rounds_against_what_plain_decoding_reaches_at_
     per_request.observe(5, False, 5, 0.01)
     per_request.observe(8, True, 8, 0.0125)
     assert not per_request.should_draft(8)
-    raw = ThroughputGate(expected=lambda batch: 1.0)
+    raw = ThroughputGate(expected=lambda batch: 1.0, plain_samples=1)
     raw.observe(5, False, 5, 0.01)
     raw.observe(8, True, 8, 0.0125)
     assert raw.should_draft(8)  # the bias the normalisation removes
@@ -323,3 +325,41 @@ def test_a_throughput_gate_can_outlive_its_policy():
     assert fresh.should_draft([Req(0)]) == [True]
     with pytest.raises(ValueError, match="throughput_gate"):
         AsyncScheduler(sps, throughput_gate=shared)
+
+
+def test_estimates_start_as_medians_and_drafting_waits_for_a_settled_plain_rate():
+    """One cold plain round measured slow must not hand a losing drafter a long run of rounds (a cold plain
+    estimate also makes exploring plain look costly, so it would be retried only after many rounds): the
+    estimates are medians of their first rounds (a moving average from 1 / smoothing rounds on), and drafting
+    is chosen only against plain_samples plain rounds of the bucket."""
+    from dspark.draft_gates import ThroughputGate
+
+    def run(gate):
+        gate.observe(1, True, 2, 0.01)   # drafting: 200 tokens/s (a lucky first round)
+        gate.observe(1, False, 1, 0.02)  # plain: 50 tokens/s (a cold first round)
+        decisions = []
+        for _ in range(60):  # then the true rates: drafting 90, plain 100 tokens/s
+            draft = gate.should_draft(1)
+            decisions.append(draft)
+            gate.observe(1, draft, 1, 1 / 90 if draft else 1 / 100)
+        return decisions
+
+    gate = ThroughputGate()
+    decisions = run(gate)
+    assert decisions[:2] == [False, False]  # plain first: one round of it is not an estimate
+    assert sum(decisions) <= 4  # drafting loses within a few rounds and is only explored after that
+    assert gate.rates[(1, ThroughputGate.PLAIN)] == pytest.approx(100.0)  # the cold round is gone from it
+    assert sum(run(ThroughputGate(plain_samples=1))) == 60  # trusting the one cold round: drafting throughout
+    with pytest.raises(ValueError, match="smoothing"):
+        ThroughputGate(smoothing=0.0)
+
+
+def test_the_first_rounds_median_then_a_moving_average():
+    from dspark.draft_gates import ThroughputGate
+
+    gate = ThroughputGate(smoothing=0.25, plain_samples=1)
+    for seconds, median in ((0.02, 50.0), (0.01, 75.0), (0.01, 100.0), (0.005, 100.0)):
+        gate.observe(1, False, 1, seconds)
+        assert gate.rates[(1, ThroughputGate.PLAIN)] == pytest.approx(median)
+    gate.observe(1, False, 1, 1 / 300)  # the fifth round: moving average from the median
+    assert gate.rates[(1, ThroughputGate.PLAIN)] == pytest.approx(100 + 0.25 * 200)
