@@ -143,3 +143,19 @@ def test_the_kernel_refuses_a_block_past_the_cache(tiny):  # noqa: F811
         weights = dspark_cpu._layer_weights(model)
     with pytest.raises(ValueError, match="cache_seqlens"):
         dspark_cpu.block(model, kv, weights, [0], torch.tensor([3]), torch.tensor([62]), 5)
+
+
+def test_projections_the_kernel_cannot_take_keep_the_pytorch_block(tiny):  # noqa: F811
+    """A projection with a bias, or one projection of a fused group in blocks and another dense: no fused
+    weights (the PyTorch block runs), never a silently dropped bias or a mixed stack."""
+    kv_rows = {0: 8}
+    biased = drafter_model(tiny, torch.float32)
+    layer = biased.layers[0]
+    layer.k_proj.bias = torch.nn.Parameter(torch.randn(layer.k_proj.out_features))
+    mixed = drafter_model(tiny, torch.float32)
+    mixed.layers[1].gate_proj.quantize("q8_0")  # its partner up_proj stays dense
+    with torch.inference_mode():
+        for model in (biased, mixed):
+            assert dspark_cpu.block_weights(model, filled_context(model, 1, kv_rows, seed=7), 8, 5) is None
+        biased.quantize_weights("q8_0")
+        assert dspark_cpu.block_weights(biased, filled_context(biased, 1, kv_rows, seed=7), 8, 5) is None

@@ -24,13 +24,15 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 def _fused(parts: list[Linear]) -> torch.Tensor | QuantizedWeight | None:
     """The projections' weights stacked by rows, as the kernel computes them: all Q8_0 blocks or all dense."""
+    if any(p.bias is not None for p in parts):  # the kernel's draft layers take no biases
+        return None
     weights = [p.inference_weight() for p in parts]
     if all(isinstance(w, QuantizedWeight) for w in weights):
         if len({(w.format, w.in_features) for w in weights}) != 1:
             return None
         return QuantizedWeight(torch.cat([w.data for w in weights]).contiguous(), weights[0].format,
                                weights[0].in_features)
-    if any(isinstance(w, QuantizedWeight) or p.bias is not None for w, p in zip(weights, parts)):
+    if any(isinstance(w, QuantizedWeight) for w in weights):
         return None
     return torch.cat([w.detach() for w in weights]).contiguous()
 
