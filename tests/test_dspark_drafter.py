@@ -449,6 +449,9 @@ def test_q8_0_drafter_weights_replace_every_quantizable_projection(tiny):
         assert not torch.allclose(layer(x), x @ layer.weight.T, rtol=1e-4, atol=1e-5)
     layer(x).sum().backward()
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    meta = make_model(tiny, "dspark", "markov").to("meta")
+    with pytest.raises(ValueError, match="CPU only"):
+        meta.quantize_weights("q8_0")
 
 
 @pytest.mark.parametrize("kind,head", [("dspark", "markov"), ("eagle", "none")])

@@ -77,6 +77,8 @@ class DSparkModel(RopeModule):
         target's rounds the drafter's weights are out of cache, and Q8_0 streams about half of bf16's bytes
         through a kernel that handles a block's few rows better. Drafts change slightly; what is accepted
         stays the target's."""
+        if self.norm.device.type != "cpu":
+            raise ValueError(f"quantized drafter weights run on the CPU only; this drafter is on {self.norm.device}")
         for module in self.modules():
             if isinstance(module, Linear) and module.in_features % 32 == 0 and module.out_features >= 32:
                 module.quantize(fmt)
