@@ -146,10 +146,12 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--drafter", default="none", help="as for dspark serve (none, ngram, auto, ...)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating offline/served runs per level")
+    ap.add_argument("--batch-invariant-prefill", action="store_true", help="as for dspark serve")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dtype = default_dtype("cpu")
     tokenizer, model = load_tokenizer(None), load_model(None, dtype)
+    model.batch_invariant_prefill = args.batch_invariant_prefill
     report = {"machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads", "dtype": str(dtype),
               "drafter": args.drafter, "max_tokens": args.max_tokens, "levels": []}
     for c in [int(x) for x in args.concurrency.split(",")]:

@@ -139,3 +139,45 @@ def test_native_speculative_greedy_is_token_identical(native, smollm2):
         requests = engine.generate(prompts, params)
         assert [r.generated for r in requests] == plain
         assert engine.stats.summary(requests)["tau"] > 1.1
+
+
+# Without batch_invariant_prefill, 5 of these 8 replies differed between batch 1 and batch 8 (AVX512-BF16 Xeon).
+BATCHING_QUESTIONS = [
+    "Write a function that checks whether a number is prime.", "What is 17 times 23? Explain briefly.",
+    "Explain how a hash map works, with an example in Python, and discuss collisions and resizing.",
+    "Write a short poem about the sea at night.", "Summarise the causes of the French Revolution in three sentences.",
+    "A train travels 120 km in 1.5 hours. What is its average speed? Show your work.",
+    "Write a SQL query that returns the ten customers with the largest total order value.",
+    "Give me a packing list for a three-day hiking trip in the mountains."]
+
+
+def test_batch_invariant_prefill_makes_greedy_outputs_independent_of_batching(native, smollm2, monkeypatch):
+    """With batch_invariant_prefill every linear call of a prefill asks for the batch-invariant kernels, and a
+    request's greedy output is the same whether its prompt was prefilled alone or beside others. (Without it,
+    prefills take dense GEMMs whose rows depend on the row count on some CPUs.)"""
+    import dspark.models.llama as llama
+
+    _, tokenizer, _ = smollm2
+    prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                       tokenize=False)).input_ids for q in BATCHING_QUESTIONS]
+    assert min(len(p) for p in prompts) >= 32  # past the row count where prefills leave the kernels
+    asked = []
+    real_linear = llama.linear
+
+    def spy(x, weight, bias=None, batch_invariant=False):
+        asked.append(batch_invariant)
+        return real_linear(x, weight, bias, batch_invariant)
+
+    monkeypatch.setattr(llama, "linear", spy)
+    params = SamplingParams(max_tokens=32)
+    native.batch_invariant_prefill = True
+    try:
+        alone = [r.generated for r in Engine(native, tokenizer, max_batch=1, max_seq_len=256).generate(prompts, params)]
+        assert asked and all(asked)
+        together = Engine(native, tokenizer, max_batch=8, max_seq_len=256).generate(prompts, params)
+        assert [r.generated for r in together] == alone
+    finally:
+        native.batch_invariant_prefill = False
+    asked.clear()
+    Engine(native, tokenizer, max_batch=4, max_seq_len=256).generate(prompts[:1], SamplingParams(max_tokens=2))
+    assert not all(asked)  # the default: prefills take the dense GEMMs

@@ -73,6 +73,9 @@ def add_target_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--weights", choices=WEIGHTS, default=None,
                     help="native: a GGUF file's Q4_0/Q4_1/Q8_0 matrices stay as blocks (the default for GGUF on CPU); "
                          "bf16/fp16/fp32: dequantised to that dtype")
+    ap.add_argument("--batch-invariant-prefill", action="store_true",
+                    help="prefill through the batch-invariant kernels too, so that a greedy request's output never "
+                         "depends on which prompts were prefilled beside it (slower prefills at high load)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="replay decoding and verification rounds as CUDA graphs, one per padded token-count bucket "
@@ -110,6 +113,7 @@ def run(args) -> int:
     dtype, native = resolve_weights(args.weights, args.dtype, args.model, args.device)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype, args.device, native=native)
+    model.batch_invariant_prefill = args.batch_invariant_prefill
     if args.raw:
         prompt = tokenizer(args.prompt).input_ids
     else:

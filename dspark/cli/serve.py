@@ -37,6 +37,7 @@ def build(args):
     dtype, native = resolve_weights(args.weights, args.dtype, args.model, args.device)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype, args.device, native=native)
+    model.batch_invariant_prefill = args.batch_invariant_prefill
     drafter = make_drafter(args.drafter, model, args.num_draft, dtype, args.device, args.model)
     num_draft = drafter.num_draft if drafter is not None else 0
     policy = None

@@ -57,6 +57,11 @@ class LlamaModel(TargetModel):
         self._dtype = weights["embed_tokens.weight"].dtype if isinstance(weights["embed_tokens.weight"], torch.Tensor) \
             else (dense[0].dtype if dense else torch.float32)
         self._dense_cache: dict[int, torch.Tensor] = {}
+        # Prefills take dense GEMMs (oneDNN / MKL, faster at many rows) whose per-row results depend on the row
+        # count on some CPUs, so a greedy request's output can depend on the prompts prefilled beside it
+        # (SmolLM2 native on an AVX512-BF16 Xeon: 11 of 16 replies differed between batch 1 and batch 8).
+        # True: prefills take the batch-invariant kernels too, and outputs never depend on batching.
+        self.batch_invariant_prefill = False
         self.inv_freq = rope_inverse_frequencies(config).float().to(weights["embed_tokens.weight"].device)
         # Tied checkpoints may still carry a (stale or identical) lm_head; transformers uses the embedding.
         if config.tie_word_embeddings or "lm_head.weight" not in weights:
@@ -202,7 +207,8 @@ class LlamaModel(TargetModel):
                                           norm if normed else None)
         else:
             cos, sin = rope_tables(rnd.positions, self.inv_freq)
-            h, captured = self._layers(h, cache, rnd, plan, cos, sin, capture_layers, invariant)
+            h, captured = self._layers(h, cache, rnd, plan, cos, sin, capture_layers,
+                                       invariant or self.batch_invariant_prefill)
         if side is not None and captured:
             side.write(rnd.write_rows, rnd.write_slots, torch.cat(captured, dim=-1))
             captured = []
