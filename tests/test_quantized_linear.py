@@ -288,6 +288,34 @@ def test_q8_0_writer_rejects_what_it_cannot_write():
         QuantizedWeight.from_dense(weight)
 
 
+@pytest.mark.parametrize("dtype", X_DTYPES)
+@pytest.mark.parametrize("quantized", [False, True])
+def test_row_stable_rows_depend_on_themselves_alone(dtype, quantized):
+    """linear(..., row_stable=True): a row's result is the same bits whether it comes alone, among a few rows or
+    among hundreds, at any position; close to the exact product; dense and block weights alike."""
+    from dspark.models.linear import ROW_STABLE_ROWS
+
+    gen = torch.Generator().manual_seed(31)
+    dense = (torch.randn(96, 1536, generator=gen) * 0.05).to(dtype)
+    weight = QuantizedWeight.from_dense(dense) if quantized else dense
+    bias = torch.randn(96, generator=gen).to(dtype)
+    rows = random_x(45, 1536, dtype, seed=32)
+    alone = linear(rows, weight, bias, row_stable=True)
+    assert alone.dtype == dtype and alone.shape == (45, 96)
+    for before, total in ((0, 45), (3, 50), (100, 3 * ROW_STABLE_ROWS + 7), (7, 370)):
+        batch = random_x(total, 1536, dtype, seed=total)
+        batch[before: before + 45] = rows
+        assert torch.equal(linear(batch, weight, bias, row_stable=True)[before: before + 45], alone)
+    first = linear(rows[:1], weight, bias, row_stable=True)
+    assert torch.equal(first, alone[:1])
+    decoded = ref.dequantize(weight.data, "q8_0", 1536) if quantized else dense.float()
+    exact = rows.double() @ decoded.double().T + bias.double()
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    assert (alone.double() - exact).abs().max() / exact.abs().max() < tolerance
+    assert torch.equal(linear(rows, weight, bias, batch_invariant=True, row_stable=True),
+                       linear(rows, weight, bias, batch_invariant=True))  # batch invariance wins
+
+
 def test_fused_projections_of_mixed_formats_are_decoded_to_dense(tmp_path):
     """q and k in blocks, v dense (GGUF files mix types): the fused qkv is dense and the model computes
     exactly what the same weights loaded dense do."""

@@ -152,8 +152,8 @@ BATCHING_QUESTIONS = [
 
 
 def test_batch_invariant_prefill_makes_greedy_outputs_independent_of_batching(native, smollm2, monkeypatch):
-    """With batch_invariant_prefill every linear call of a prefill asks for the batch-invariant kernels, and a
-    request's greedy output is the same whether its prompt was prefilled alone or beside others. (Without it,
+    """With batch_invariant_prefill every linear call of a prefill asks for row-stable (or batch-invariant)
+    products, and a request's greedy output is the same whether its prompt was prefilled alone or beside others. (Without it,
     prefills take dense GEMMs whose rows depend on the row count on some CPUs.)"""
     import dspark.models.llama as llama
 
@@ -164,9 +164,9 @@ def test_batch_invariant_prefill_makes_greedy_outputs_independent_of_batching(na
     asked = []
     real_linear = llama.linear
 
-    def spy(x, weight, bias=None, batch_invariant=False):
-        asked.append(batch_invariant)
-        return real_linear(x, weight, bias, batch_invariant)
+    def spy(x, weight, bias=None, batch_invariant=False, row_stable=False):
+        asked.append(batch_invariant or row_stable)
+        return real_linear(x, weight, bias, batch_invariant, row_stable)
 
     monkeypatch.setattr(llama, "linear", spy)
     params = SamplingParams(max_tokens=32)

@@ -60,7 +60,8 @@ class LlamaModel(TargetModel):
         # Prefills take dense GEMMs (oneDNN / MKL, faster at many rows) whose per-row results depend on the row
         # count on some CPUs, so a greedy request's output can depend on the prompts prefilled beside it
         # (SmolLM2 native on an AVX512-BF16 Xeon: 11 of 16 replies differed between batch 1 and batch 8).
-        # True: prefills take the batch-invariant kernels too, and outputs never depend on batching.
+        # True: prefills compute each row alone (linear's row_stable: dense GEMMs over fixed-size row chunks), and
+        # outputs never depend on batching.
         self.batch_invariant_prefill = False
         self.inv_freq = rope_inverse_frequencies(config).float().to(weights["embed_tokens.weight"].device)
         # Tied checkpoints may still carry a (stale or identical) lm_head; transformers uses the embedding.
@@ -136,10 +137,10 @@ class LlamaModel(TargetModel):
         return torch.cat([p.dequantize(self.dtype) if isinstance(p, QuantizedWeight) else p for p in parts])
 
     def _attention(self, i: int, x: torch.Tensor, cos, sin, cache: KVCache, rnd: Round, plan,
-                   invariant: bool) -> torch.Tensor:
+                   invariant: bool, row_stable: bool = False) -> torch.Tensor:
         c, w = self.config, self.weights
         prefix = f"layers.{i}.self_attn."
-        qkv = linear(x, w[prefix + "qkv_proj.weight"], w.get(prefix + "qkv_proj.bias"), invariant)
+        qkv = linear(x, w[prefix + "qkv_proj.weight"], w.get(prefix + "qkv_proj.bias"), invariant, row_stable)
         qkv = qkv.view(-1, c.num_heads + 2 * c.num_kv_heads, c.head_dim)
         q, k, v = qkv.split([c.num_heads, c.num_kv_heads, c.num_kv_heads], dim=1)
         if c.qk_norm:
@@ -153,16 +154,16 @@ class LlamaModel(TargetModel):
         else:
             out = plan.run(q, cache.k[i], cache.v[i])
         return linear(out.reshape(x.shape[0], -1), w[prefix + "o_proj.weight"], w.get(prefix + "o_proj.bias"),
-                      invariant)
+                      invariant, row_stable)
 
-    def _mlp(self, i: int, x: torch.Tensor, invariant: bool) -> torch.Tensor:
+    def _mlp(self, i: int, x: torch.Tensor, invariant: bool, row_stable: bool = False) -> torch.Tensor:
         w = self.weights
         prefix = f"layers.{i}.mlp."
         # Biases exist only in Llama checkpoints with mlp_bias=True; absent ones read as None.
         gate, up = linear(x, w[prefix + "gate_up_proj.weight"], w.get(prefix + "gate_up_proj.bias"),
-                          invariant).chunk(2, dim=-1)
+                          invariant, row_stable).chunk(2, dim=-1)
         return linear(F.silu(gate) * up, w[prefix + "down_proj.weight"], w.get(prefix + "down_proj.bias"),
-                      invariant)
+                      invariant, row_stable)
 
     def forward(self, cache: KVCache, rnd: Round,
                 capture_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -207,22 +208,22 @@ class LlamaModel(TargetModel):
                                           norm if normed else None)
         else:
             cos, sin = rope_tables(rnd.positions, self.inv_freq)
-            h, captured = self._layers(h, cache, rnd, plan, cos, sin, capture_layers,
-                                       invariant or self.batch_invariant_prefill)
+            h, captured = self._layers(h, cache, rnd, plan, cos, sin, capture_layers, invariant,
+                                       rnd.prefill and self.batch_invariant_prefill)
         if side is not None and captured:
             side.write(rnd.write_rows, rnd.write_slots, torch.cat(captured, dim=-1))
             captured = []
         return (h if normed else rms_norm(h, norm, c.rms_norm_eps)), captured
 
-    def _layers(self, h, cache, rnd, plan, cos, sin, capture_layers, invariant):
+    def _layers(self, h, cache, rnd, plan, cos, sin, capture_layers, invariant, row_stable=False):
         """The PyTorch layers: the reference the fused ones are tested against, and every other round."""
         c, w = self.config, self.weights
         captured = []
         for i in range(c.num_layers):
             h = h + self._attention(i, rms_norm(h, w[f"layers.{i}.input_layernorm.weight"], c.rms_norm_eps), cos, sin,
-                                    cache, rnd, plan, invariant)
+                                    cache, rnd, plan, invariant, row_stable)
             h = h + self._mlp(i, rms_norm(h, w[f"layers.{i}.post_attention_layernorm.weight"], c.rms_norm_eps),
-                              invariant)
+                              invariant, row_stable)
             if i in capture_layers:
                 captured.append(h)
         return h, captured
