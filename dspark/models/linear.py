@@ -116,7 +116,7 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
     return F.linear(x, weight, bias)
 
 
-ROW_STABLE_ROWS = 64
+ROW_STABLE_ROWS = 128
 
 
 @torch.inference_mode()
