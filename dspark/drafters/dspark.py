@@ -68,12 +68,12 @@ def context_lengths(kv: KVCache, requests) -> list[int]:
     return lengths
 
 
-def committed_context(kv: KVCache, requests, num_layers: int):
+def committed_context(kv: KVCache, requests, num_layers: int, lengths: list[int] | None = None):
     """Per layer the committed context K/V of the requests' rows [R, Lmax, Hkv, D], a validity mask
     (None when every row is full length) and the anchors' positions; every row must hold exactly the
-    positions before its anchor."""
+    positions before its anchor. lengths: context_lengths(kv, requests) when the caller has them."""
     rows = [r.row for r in requests]
-    lengths = context_lengths(kv, requests)
+    lengths = context_lengths(kv, requests) if lengths is None else lengths
     longest = max(lengths)
     device = kv.k.device
     if len(rows) == 1:  # a slice is a view: no copy of the context
@@ -300,7 +300,7 @@ class DSparkDrafter(Drafter):
         if weights is not None:
             return dspark_cpu.block(self.model, self.kv, weights, [r.row for r in requests], anchors,
                                     torch.tensor(lengths), n)
-        kv, valid, starts = self._context(requests)
+        kv, valid, starts = committed_context(self.kv, requests, self.model.config.num_layers, lengths)
         return self.model.block(anchors, starts, kv, valid, n)
 
     def _draft_eagle(self, requests, sampler, steps, kv, valid, starts, anchors):

@@ -30,8 +30,7 @@ def _fused(parts: list[Linear]) -> torch.Tensor | QuantizedWeight | None:
     if all(isinstance(w, QuantizedWeight) for w in weights):
         if len({(w.format, w.in_features) for w in weights}) != 1:
             return None
-        return QuantizedWeight(torch.cat([w.data for w in weights]).contiguous(), weights[0].format,
-                               weights[0].in_features)
+        return QuantizedWeight.cat(weights)
     if any(isinstance(w, QuantizedWeight) for w in weights):
         return None
     return torch.cat([w.detach() for w in weights]).contiguous()

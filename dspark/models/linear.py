@@ -58,6 +58,12 @@ def fast_bf16_gemm() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def dense_gemm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a dense GEMM over GGUF blocks decoded for x runs in: x's if fp32, or bf16 where the CPU
+    multiplies it natively; fp32 otherwise."""
+    return x.dtype if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and fast_bf16_gemm()) else torch.float32
+
+
 def dense_bf16_gemm(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
     """bf16 calls that ask for no batch invariance (prefills, drafters) go to F.linear's bf16 GEMM where
     the CPU runs it natively, from DENSE_BF16_ROWS rows (from 2 for narrow matrices)."""
@@ -108,7 +114,7 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
         rows = x.numel() // max(x.shape[-1], 1)
         if batch_invariant or rows < DENSE_GEMM_ROWS or x.device.type != "cpu":
             return quantized_linear(x, weight, bias)
-        dense = x.dtype if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and fast_bf16_gemm()) else torch.float32
+        dense = dense_gemm_dtype(x)
         y = F.linear(x.to(dense), weight.dequantize(dense), None if bias is None else bias.to(dense))
         return y.to(x.dtype)
     if uses_kernel(x, weight, batch_invariant):
@@ -128,7 +134,7 @@ def row_stable_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None)
     between 45 and 370 rows). For prefills as fast as one GEMM over all rows, where the few-row kernels
     would take many times longer; a QuantizedWeight is decoded once per call."""
     if isinstance(weight, QuantizedWeight):
-        dense = x.dtype if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and fast_bf16_gemm()) else torch.float32
+        dense = dense_gemm_dtype(x)
         weight, bias = weight.dequantize(dense), None if bias is None else bias.to(dense)
     flat = x.reshape(-1, x.shape[-1]).to(weight.dtype)
     rows = flat.shape[0]
