@@ -74,8 +74,8 @@ def add_target_arguments(ap: argparse.ArgumentParser) -> None:
                     help="native: a GGUF file's Q4_0/Q4_1/Q8_0 matrices stay as blocks (the default for GGUF on CPU); "
                          "bf16/fp16/fp32: dequantised to that dtype")
     ap.add_argument("--batch-invariant-prefill", action="store_true",
-                    help="prefill through the batch-invariant kernels too, so that a greedy request's output never "
-                         "depends on which prompts were prefilled beside it (slower prefills at high load)")
+                    help="prefill each row alone (dense GEMMs over fixed 128-row chunks), so that a greedy request's "
+                         "output never depends on which prompts were prefilled beside it (slower prefills)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="replay decoding and verification rounds as CUDA graphs, one per padded token-count bucket "
