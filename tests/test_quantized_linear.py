@@ -160,6 +160,63 @@ def test_dequantize_kernel_matches_the_reference(fmt, dtype):
     assert looked_up.shape == (2, 3, 160) and torch.equal(looked_up, ours[tokens])
 
 
+def blocks_with_special_scales(fmt: str, out: int, in_features: int, seed: int) -> torch.Tensor:
+    """random_blocks with ~30% of the scales (and Q4_1's mins) NaN (any payload), infinite, subnormal, signed
+    zeros or fp16's largest."""
+    data = random_blocks(fmt, out, in_features, seed).view(out, in_features // 32, -1)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 6e-8, -3e-5, 0.0, -0.0, 65504.0, 1.0 / 3]).half()
+    # NaNs whose payload is all ones: rounding them as numbers would carry into the sign (a zero, not a NaN).
+    special = torch.cat([special, torch.tensor([0x7FFF, -1], dtype=torch.int16).view(torch.float16)])
+    g = torch.Generator().manual_seed(seed + 1)
+    for field in range(2 if fmt == "q4_1" else 1):  # d, then m
+        picks = special[torch.randint(0, len(special), (out, in_features // 32), generator=g)]
+        chosen = torch.rand(out, in_features // 32, generator=g) < 0.3
+        halves = data[..., 2 * field: 2 * field + 2].contiguous().view(torch.float16).squeeze(-1)
+        data[..., 2 * field: 2 * field + 2] = torch.where(chosen, picks, halves).unsqueeze(-1).view(torch.uint8)
+    return data.reshape(out, -1).contiguous()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", X_DTYPES)
+def test_dequantize_kernel_on_special_scales(fmt, dtype):
+    """Special scales over enough rows for the threads to split them: the kernel's vector lanes (fp32, bf16) and
+    scalar code (fp16) give the reference's values, NaN exactly where it has NaN (d = inf times a zero code
+    is one)."""
+    data = blocks_with_special_scales(fmt, 300, 256, seed=24)
+    ours = QuantizedWeight(data, fmt, 256).dequantize(dtype)
+    expected = ref.dequantize(data, fmt, 256).to(dtype)
+    nan = expected.isnan()
+    assert nan.any() and torch.equal(ours.isnan(), nan)
+    assert torch.equal(ours[~nan], expected[~nan])
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")
+@pytest.mark.parametrize("march", ["x86-64-v2", "x86-64-v3", "x86-64-v4", "cooperlake"])
+def test_dequantize_builds_match_the_extension_bit_for_bit(tmp_path, march):
+    """dequantize_blocks built portable (x86-64-v2), with AVX2 lanes (x86-64-v3), with AVX-512 lanes rounding
+    to bf16 in integer code (x86-64-v4) or by AVX512-BF16's conversion (cooperlake): the extension's bytes,
+    NaN payloads included."""
+    needs = {"x86-64-v4": {"avx512f", "avx512bw"}, "cooperlake": {"avx512f", "avx512bw", "avx512_bf16"}}
+    if not CPU_FLAGS >= needs.get(march, set()):
+        pytest.skip(f"this CPU cannot run a {march} build")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    binary = tmp_path / "dequantize_cli"
+    compile_ = subprocess.run(["g++", "-std=c++17", "-O2", "-fopenmp", f"-march={march}", f"-I{root / 'csrc'}",
+                               str(root / "csrc/cpu/tests/dequantize_cli.cpp"),
+                               str(root / "csrc/cpu/dequantize_blocks.cpp"), "-o", str(binary)],
+                              capture_output=True, text=True)
+    assert compile_.returncode == 0, compile_.stderr
+    for fmt, (dtype, dtype_id) in itertools.product(FORMATS, ((torch.float32, 0), (torch.bfloat16, 2))):
+        data = blocks_with_special_scales(fmt, 40, 96, seed=26)
+        data.numpy().tofile(tmp_path / "w.u8")
+        run = subprocess.run([str(binary), str(TYPE_IDS[fmt]), "40", "96", str(dtype_id), str(tmp_path / "w.u8"),
+                              str(tmp_path / "y.bin")], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        theirs = torch.from_numpy(np.fromfile(tmp_path / "y.bin", dtype=np.uint8))
+        ours = QuantizedWeight(data, fmt, 96).dequantize(dtype).view(torch.uint8).flatten()
+        assert torch.equal(theirs, ours), (fmt, dtype)
+
+
 @pytest.mark.parametrize("dtype", X_DTYPES)
 def test_many_rows_without_invariance_take_a_dense_gemm(dtype):
     """From DENSE_GEMM_ROWS rows, unless batch invariance is asked for, linear() decodes the blocks and runs

@@ -2,6 +2,17 @@
 
 #include <omp.h>
 
+#include <cstring>
+#include <type_traits>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define DSPARK_DQ_AVX2 1
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define DSPARK_DQ_512 1
+#endif
+#endif
+
 namespace dspark::cpu {
 namespace {
 
@@ -30,12 +41,146 @@ void decode_row(const uint8_t* row, int64_t blocks, Y* y) {
   }
 }
 
+#ifdef DSPARK_DQ_AVX2
+// half_at by F16C: the same value for every fp16 (a NaN comes out quiet, which the multiply below makes
+// it anyway), without the scalar conversion's branches.
+inline float half_lane(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  return _cvtsh_ss(bits);
+}
+
+#ifdef DSPARK_DQ_512
+// A block's 32 weights in two vectors of 16 fp32 lanes.
+constexpr int kVectors = 2;
+using Vec = __m512;
+inline Vec splat(float x) { return _mm512_set1_ps(x); }
+inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+
+// The block's 32 codes as fp32 lanes, weights 0..31 in order (Q4_0's zero point 8 subtracted).
+template <BlockFormat F>
+inline void block_codes(const uint8_t* quants, Vec out[kVectors]) {
+  if constexpr (F == BlockFormat::kQ8_0) {
+    for (int k = 0; k < 2; ++k)
+      out[k] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(quants + 16 * k))));
+  } else {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(quants));
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    const __m512i zero_point = _mm512_set1_epi32(F == BlockFormat::kQ4_0 ? 8 : 0);
+    const __m128i nibbles[2] = {_mm_and_si128(packed, mask), _mm_and_si128(_mm_srli_epi16(packed, 4), mask)};
+    for (int k = 0; k < 2; ++k)
+      out[k] = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(nibbles[k]), zero_point));
+  }
+}
+
+inline void store(float* out, const Vec w[kVectors]) {
+  for (int k = 0; k < kVectors; ++k) _mm512_storeu_ps(out + 16 * k, w[k]);
+}
+
+// from_float<BFloat16> in 16 lanes: nearest even, a NaN kept with its upper bits and made quiet. AVX512-BF16's
+// conversion is that rule except that it flushes fp32 subnormals, which never occur here (every decoded
+// weight is 0 or a multiple of 2^-24, fp16's least step).
+inline __m256i to_bf16(Vec v) {
+#ifdef __AVX512BF16__
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+#else
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, quiet));
+#endif
+}
+
+inline void store(BFloat16* out, const Vec w[kVectors]) {
+  for (int k = 0; k < kVectors; ++k) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * k), to_bf16(w[k]));
+}
+#else
+// A block's 32 weights in four vectors of 8 fp32 lanes.
+constexpr int kVectors = 4;
+using Vec = __m256;
+inline Vec splat(float x) { return _mm256_set1_ps(x); }
+inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+
+template <BlockFormat F>
+inline void block_codes(const uint8_t* quants, Vec out[kVectors]) {
+  if constexpr (F == BlockFormat::kQ8_0) {
+    for (int k = 0; k < 4; ++k) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(quants + 8 * k));
+      out[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+    }
+  } else {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(quants));
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    const __m128i low = _mm_and_si128(packed, mask), high = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+    const __m256i zero_point = _mm256_set1_epi32(F == BlockFormat::kQ4_0 ? 8 : 0);
+    const __m128i halves[4] = {low, _mm_srli_si128(low, 8), high, _mm_srli_si128(high, 8)};
+    for (int k = 0; k < 4; ++k)
+      out[k] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(halves[k]), zero_point));
+  }
+}
+
+inline void store(float* out, const Vec w[kVectors]) {
+  for (int k = 0; k < kVectors; ++k) _mm256_storeu_ps(out + 8 * k, w[k]);
+}
+
+// from_float<BFloat16> in 16 lanes (two vectors): nearest even, a NaN kept with its upper bits and made quiet.
+inline __m256i to_bf16(Vec a, Vec b) {
+  auto round = [](Vec v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(rounded, quiet, nan);  // 0..0xffff per lane
+  };
+  // packus works within 128-bit halves: a0-3 b0-3 a4-7 b4-7, then the 64-bit quarters back in order.
+  return _mm256_permute4x64_epi64(_mm256_packus_epi32(round(a), round(b)), 0xd8);
+}
+
+inline void store(BFloat16* out, const Vec w[kVectors]) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), to_bf16(w[0], w[1]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), to_bf16(w[2], w[3]));
+}
+#endif
+
+// decode_row in vector lanes, for fp32 and bf16 outputs: the same fp32 values (d * q is exact, so the
+// fma rounds once, as the scalar add does) and the same rounding.
+template <BlockFormat F, typename Y>
+void decode_row_lanes(const uint8_t* row, int64_t blocks, Y* y) {
+  constexpr int64_t bytes = block_bytes(F);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* block = row + b * bytes;
+    const Vec d = splat(half_lane(block));
+    Vec w[kVectors];
+    block_codes<F>(block + (F == BlockFormat::kQ4_1 ? 4 : 2), w);
+    if constexpr (F == BlockFormat::kQ4_1) {
+      const Vec m = splat(half_lane(block + 2));
+      for (int k = 0; k < kVectors; ++k) w[k] = fma(d, w[k], m);
+    } else {
+      for (int k = 0; k < kVectors; ++k) w[k] = mul(d, w[k]);
+    }
+    store(y + b * kBlockWeights, w);
+  }
+}
+#endif
+
 template <BlockFormat F, typename Y>
 void run(const DequantizeParams& p) {
   const int64_t blocks = p.in_features / kBlockWeights, row_bytes = blocks * block_bytes(F);
   Y* y = static_cast<Y*>(p.y);
 #pragma omp parallel for schedule(static) if (p.out_features * p.in_features >= 65536)
-  for (int64_t o = 0; o < p.out_features; ++o) decode_row<F>(p.weight + o * row_bytes, blocks, y + o * p.in_features);
+  for (int64_t o = 0; o < p.out_features; ++o) {
+#ifdef DSPARK_DQ_AVX2
+    if constexpr (!std::is_same_v<Y, Half>) {  // fp16 (rare on CPU) keeps the scalar conversion
+      decode_row_lanes<F>(p.weight + o * row_bytes, blocks, y + o * p.in_features);
+      continue;
+    }
+#endif
+    decode_row<F>(p.weight + o * row_bytes, blocks, y + o * p.in_features);
+  }
 }
 
 template <typename Y>
