@@ -149,7 +149,7 @@ class LlamaModel(TargetModel):
         else:  # q and k are adjacent in qkv: rotate them in one go
             q, k = apply_rope(qkv[:, :c.num_heads + c.num_kv_heads], cos, sin).split([c.num_heads, c.num_kv_heads], 1)
         cache.write(i, rnd.write_rows, rnd.write_slots, k, v)
-        if flash_prefill.applies(q, rnd):
+        if flash_prefill.applies(q, rnd, row_stable):
             out = flash_prefill.attention(q, k, v, rnd, 1.0 / math.sqrt(c.head_dim))
         else:
             out = plan.run(q, cache.k[i], cache.v[i])
