@@ -103,3 +103,49 @@ def test_fused_rows_are_batch_invariant(checkpoint):
     alone_round = build_round(3, [(1, [11], None)], twin.seqlens.tolist())
     alone, _ = model.forward(twin, alone_round)
     assert torch.equal(together[5], alone[0])  # request 1's single token is flat index 5
+
+
+def test_short_prefills_over_gguf_blocks_take_the_fused_layers(tmp_path, monkeypatch):
+    """Prefill rounds of up to QUANTIZED_PREFILL_TOKENS tokens over block-quantized matrices run in the fused
+    layers, with the PyTorch layers' results (both take quantized_linear below DENSE_GEMM_ROWS rows); longer
+    rounds, and every prefill of a model asked for batch-invariant prefills, keep the PyTorch layers."""
+    from builders import write_tiny_llama
+    from dspark.models.llama import LlamaModel
+    from dspark.models.quantized import QuantizedWeight
+
+    write_tiny_llama(tmp_path, 97, 64, 2, seed=3)
+    dense = load_model(str(tmp_path), torch.float32)
+    model = LlamaModel(dense.config, {name: QuantizedWeight.from_dense(t) if name.startswith("layers.") and t.dim() == 2
+                                      else t for name, t in dense.weights.items()})
+    calls = []
+    run = cpu_decoder.run
+    monkeypatch.setattr(cpu_decoder, "run", lambda *a: calls.append(1) or run(*a))
+
+    def prefill(lengths):
+        c = model.config
+        cache = KVCache(c.num_layers, len(lengths), 80, c.num_kv_heads, c.head_dim, model.dtype)
+        gen = torch.Generator().manual_seed(sum(lengths))
+        entries = [(row, torch.randint(3, 97, (n,), generator=gen).tolist(), None) for row, n in enumerate(lengths)]
+        hidden, _ = model.forward(cache, build_round(len(lengths), entries, [0] * len(lengths)))
+        return hidden, cache
+
+    fused, fused_cache = prefill([9, 17])
+    assert calls
+    monkeypatch.setenv("DSPARK_FUSED_CPU", "0")
+    eager, eager_cache = prefill([9, 17])
+    monkeypatch.delenv("DSPARK_FUSED_CPU")
+    torch.testing.assert_close(fused, eager, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(fused_cache.k, eager_cache.k, **TOLERANCE[torch.float32])
+    limit = cpu_decoder.QUANTIZED_PREFILL_TOKENS
+    calls.clear()
+    prefill([limit - 20, 20])
+    assert calls
+    calls.clear()
+    prefill([limit - 20, 21])
+    assert not calls
+    model.batch_invariant_prefill = True
+    prefill([8])
+    assert not calls
+    # Dense fp32 matrices: while linear() would give the rows to small_batch_linear anyway.
+    from dspark.models.linear import FP32_MAX_ROWS
+    assert cpu_decoder.takes_prefill(dense, FP32_MAX_ROWS) and not cpu_decoder.takes_prefill(dense, FP32_MAX_ROWS + 1)

@@ -122,11 +122,40 @@ def test_native_weights_stay_close_to_transformers_dequantised_model(smollm2):
     assert float((ours.argmax(-1) == reference.argmax(-1)).float().mean()) >= 0.95
 
 
-def test_native_fused_layers_equal_the_pytorch_layers(native, smollm2, monkeypatch):
+def test_native_fused_layers_match_the_pytorch_layers(native, smollm2, monkeypatch):
+    """A verification round of 5 tokens after a prompt, and a prefill short enough for the fused layers: the
+    PyTorch layers' logits within bf16's rounding. Not bit for bit: the layers take the same kernels, but
+    RoPE's cos / sin come from libm in C++ and from torch's vectorised functions (1 ulp apart at 59 of the
+    first 20 positions' 640 angles); measured over these 25 rows: mean |logit difference| 0.12, the same
+    top token at 24."""
+    from dspark.batch import build_round
+    from dspark.cache import KVCache
+    from dspark.models import cpu_decoder
+
     _, _, prompts = smollm2
-    fused = prompt_logits(native, prompts[1])
-    monkeypatch.setenv("DSPARK_FUSED_CPU", "0")
-    assert torch.equal(prompt_logits(native, prompts[1]), fused)
+    c = native.config
+    calls = []
+    run = cpu_decoder.run
+    monkeypatch.setattr(cpu_decoder, "run", lambda *a: calls.append(1) or run(*a))
+
+    def logits(fused: bool):
+        cache = KVCache(c.num_layers, 1, 256, c.num_kv_heads, c.head_dim, native.dtype, native.device)
+        monkeypatch.setenv("DSPARK_FUSED_CPU", "0")  # the same prefill for both
+        native.forward(cache, build_round(1, [(0, prompts[1], None)], [0]))
+        cache.seqlens.fill_(len(prompts[1]))
+        monkeypatch.setenv("DSPARK_FUSED_CPU", "1" if fused else "0")
+        calls.clear()
+        hidden, _ = native.forward(cache, build_round(1, [(0, [504, 28, 1794, 17, 30], None)], [len(prompts[1])]))
+        verified = native.logits(hidden)
+        assert bool(calls) == fused
+        calls.clear()
+        prefilled = prompt_logits(native, prompts[1][:20])
+        assert bool(calls) == fused
+        return torch.cat([verified, prefilled])
+
+    fused, eager = logits(True), logits(False)
+    assert float((fused - eager).abs().mean()) <= 0.3
+    assert float((fused.argmax(-1) == eager.argmax(-1)).float().mean()) >= 0.9
 
 
 def test_native_speculative_greedy_is_token_identical(native, smollm2):
@@ -179,5 +208,6 @@ def test_batch_invariant_prefill_makes_greedy_outputs_independent_of_batching(na
     finally:
         native.batch_invariant_prefill = False
     asked.clear()
-    Engine(native, tokenizer, max_batch=4, max_seq_len=256).generate(prompts[:1], SamplingParams(max_tokens=2))
-    assert not all(asked)  # the default: prefills take the dense GEMMs
+    # The default: prefills past cpu_decoder.QUANTIZED_PREFILL_TOKENS tokens take the dense GEMMs.
+    Engine(native, tokenizer, max_batch=8, max_seq_len=256).generate(prompts, SamplingParams(max_tokens=2))
+    assert not all(asked)

@@ -64,23 +64,24 @@ def dense_gemm_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and fast_bf16_gemm()) else torch.float32
 
 
-def dense_bf16_gemm(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
-    """bf16 calls that ask for no batch invariance (prefills, drafters) go to F.linear's bf16 GEMM where
-    the CPU runs it natively, from DENSE_BF16_ROWS rows (from 2 for narrow matrices)."""
-    least = 2 if weight.shape[-1] <= NARROW_IN_FEATURES else DENSE_BF16_ROWS
-    return (rows >= least and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and fast_bf16_gemm())
-
-
 def uses_kernel(x: torch.Tensor, weight: torch.Tensor, batch_invariant: bool = False) -> bool:
     if x.dim() == 0 or x.shape[-1] == 0:
         return False
-    rows = x.numel() // x.shape[-1]
-    return (_kernel is not None and x.device.type == "cpu" and weight.device.type == "cpu"
-            and x.dtype in _FLOATS and weight.dtype in _FLOATS and weight.dim() == 2
-            and (batch_invariant or (rows <= FP32_MAX_ROWS if weight.dtype == torch.float32
-                                     else not dense_bf16_gemm(x, weight, rows)))
+    return (x.device.type == "cpu" and kernel_takes(x.numel() // x.shape[-1], x.dtype, weight, batch_invariant)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def kernel_takes(rows: int, x_dtype: torch.dtype, weight: torch.Tensor, batch_invariant: bool = False) -> bool:
+    """Whether linear() gives `rows` rows of x_dtype (CPU, no autograd) to small_batch_linear over this dense
+    weight. Calls that ask for no batch invariance (prefills, drafters) go to F.linear past FP32_MAX_ROWS rows
+    of fp32 weights, and from DENSE_BF16_ROWS (2 for narrow matrices) of bf16 ones where the CPU runs bf16
+    GEMMs natively."""
+    least = 2 if weight.shape[-1] <= NARROW_IN_FEATURES else DENSE_BF16_ROWS
+    dense_gemm = (rows >= least and x_dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+                  and fast_bf16_gemm())
+    return (_kernel is not None and weight.device.type == "cpu" and x_dtype in _FLOATS and weight.dtype in _FLOATS
+            and weight.dim() == 2
+            and (batch_invariant or (rows <= FP32_MAX_ROWS if weight.dtype == torch.float32 else not dense_gemm)))
 
 
 def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -201,7 +201,10 @@ class LlamaModel(TargetModel):
         h = self.embed(rnd.tokens)
         norm = w["norm.weight"]
         normed = False
-        if cpu_decoder.applies(self, cache, plan, invariant):  # every layer, and the final norm, in one C++ call
+        # Short prefills too, unless they must not depend on batching: whether a prompt's round is short depends
+        # on what shares it, and the fused layers' arithmetic is not the batch-invariant prefill's.
+        fused = invariant or (not self.batch_invariant_prefill and cpu_decoder.takes_prefill(self, rnd.tokens.shape[0]))
+        if cpu_decoder.applies(self, cache, plan, fused):  # every layer, and the final norm, in one C++ call
             in_place = side is not None and side.data.dtype == h.dtype and side.data.is_contiguous()
             normed = norm.dtype == h.dtype and norm.is_contiguous()
             h, captured = cpu_decoder.run(self, h, cache, rnd, plan, capture_layers, side if in_place else None,
