@@ -1,6 +1,7 @@
 """What a prefill costs: SmolLM2-135M-Instruct with native GGUF weights, fresh prompts of 8-1,000 tokens (one
-request, and 8 x 60 tokens in one round), the model's forward over the prompt (prefill, no LM head), lower
-quartile of `--repeats`; the default prefill and the batch-invariant one. Two checkouts are compared by
+request, and 8 x 60 tokens in one round) and one of 2,048 tokens in the engine's 512-token chunks (each later
+chunk over the cached prefix), the model's forward over the prompt (prefill, no LM head), lower quartile of
+`--repeats`; the default prefill and the batch-invariant one. Two checkouts are compared by
 running it alternately from each (PYTHONPATH=<other checkout>, its extension built in place:
 `python setup.py build_ext --inplace`):
 
@@ -23,19 +24,26 @@ from dspark.models import load_model
 from dspark.models.dtypes import resolve_weights
 
 CASES = {"8": [8], "40": [40], "170": [170], "512": [512], "1000": [1000], "8x60": [60] * 8}
+CHUNKED = 2048, 512  # one prompt, prefilled in chunks of this many tokens
 
 
-def prefill_ms(model, lengths: list[int], repeats: int) -> float:
+def prefill_ms(model, lengths: list[int], repeats: int, chunk: int | None = None) -> float:
+    """Fresh prompts of these lengths in one round, or (chunk given) one prompt in rounds of `chunk` tokens."""
     c = model.config
     cache = KVCache(c.num_layers, len(lengths), max(lengths) + 8, c.num_kv_heads, c.head_dim, model.dtype, model.device)
     gen = torch.Generator().manual_seed(sum(lengths))
-    entries = [(row, torch.randint(0, c.vocab_size, (n,), generator=gen).tolist(), None) for row, n in enumerate(lengths)]
+    prompts = [torch.randint(0, c.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+    step = chunk or max(lengths)
     times = []
     for _ in range(repeats + 1):  # the first call warms up
         cache.seqlens.zero_()
-        rnd = build_round(len(lengths), entries, [0] * len(lengths), prefill=True)
         start = time.perf_counter()
-        model.forward(cache, rnd)
+        for begin in range(0, max(lengths), step):
+            entries = [(row, p[begin: begin + step], None) for row, p in enumerate(prompts) if len(p) > begin]
+            rnd = build_round(len(lengths), entries, cache.seqlens.tolist(), prefill=True)
+            model.forward(cache, rnd)
+            for row, p in enumerate(prompts):
+                cache.seqlens[row] = min(len(p), begin + step)
         times.append(time.perf_counter() - start)
     return round(1e3 * sorted(times[1:])[(len(times) - 1) // 4], 1)
 
@@ -49,8 +57,9 @@ def main() -> None:
     result = {"checkout": str(pathlib.Path(dspark.__file__).parents[1])}
     for invariant in (False, True):
         model.batch_invariant_prefill = invariant
-        result["batch_invariant" if invariant else "default"] = {
-            name: prefill_ms(model, lengths, args.repeats) for name, lengths in CASES.items()}
+        times = {name: prefill_ms(model, lengths, args.repeats) for name, lengths in CASES.items()}
+        times[f"{CHUNKED[0]} in {CHUNKED[1]}s"] = prefill_ms(model, [CHUNKED[0]], args.repeats, CHUNKED[1])
+        result["batch_invariant" if invariant else "default"] = times
     print(json.dumps(result))
 
 

@@ -149,9 +149,9 @@ class LlamaModel(TargetModel):
         else:  # q and k are adjacent in qkv: rotate them in one go
             q, k = apply_rope(qkv[:, :c.num_heads + c.num_kv_heads], cos, sin).split([c.num_heads, c.num_kv_heads], 1)
         cache.write(i, rnd.write_rows, rnd.write_slots, k, v)
-        if flash_prefill.applies(q, rnd, row_stable):
+        if flash_prefill.applies(q, rnd):
             out = flash_prefill.attention(q, k, v, rnd, 1.0 / math.sqrt(c.head_dim))
-        else:
+        else:  # the round's tree_attention plan, or a CPU prefill's SDPA plan (flash_prefill.plan_cpu)
             out = plan.run(q, cache.k[i], cache.v[i])
         return linear(out.reshape(x.shape[0], -1), w[prefix + "o_proj.weight"], w.get(prefix + "o_proj.bias"),
                       invariant, row_stable)
@@ -211,8 +211,9 @@ class LlamaModel(TargetModel):
                                           norm if normed else None)
         else:
             cos, sin = rope_tables(rnd.positions, self.inv_freq)
-            h, captured = self._layers(h, cache, rnd, plan, cos, sin, capture_layers, invariant,
-                                       rnd.prefill and self.batch_invariant_prefill)
+            row_stable = rnd.prefill and self.batch_invariant_prefill
+            plan = flash_prefill.plan_cpu(rnd, cache, self.dtype, 1.0 / math.sqrt(c.head_dim), row_stable) or plan
+            h, captured = self._layers(h, cache, rnd, plan, cos, sin, capture_layers, invariant, row_stable)
         if side is not None and captured:
             side.write(rnd.write_rows, rnd.write_slots, torch.cat(captured, dim=-1))
             captured = []
