@@ -25,7 +25,7 @@ import uvicorn
 from dspark.cli.generate import make_drafter
 from dspark.engine import Engine
 from dspark.models import load_model, load_tokenizer
-from dspark.models.dtypes import default_dtype
+from dspark.models.dtypes import WEIGHTS, resolve_weights
 from dspark.sampling_params import SamplingParams
 from dspark.serve import EngineLoop, Limits, create_app
 
@@ -147,13 +147,16 @@ def main() -> int:
     ap.add_argument("--drafter", default="none", help="as for dspark serve (none, ngram, auto, ...)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating offline/served runs per level")
     ap.add_argument("--batch-invariant-prefill", action="store_true", help="as for dspark serve")
+    ap.add_argument("--weights", choices=WEIGHTS, default=None,
+                    help="as for dspark serve (default: native, the GGUF's own blocks, as `dspark serve` on a CPU)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    dtype = default_dtype("cpu")
-    tokenizer, model = load_tokenizer(None), load_model(None, dtype)
+    dtype, native = resolve_weights(args.weights, None, None, "cpu")
+    tokenizer, model = load_tokenizer(None), load_model(None, dtype, native=native)
     model.batch_invariant_prefill = args.batch_invariant_prefill
     report = {"machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads", "dtype": str(dtype),
-              "drafter": args.drafter, "max_tokens": args.max_tokens, "levels": []}
+              "weights": "native" if native else str(dtype), "drafter": args.drafter,
+              "max_tokens": args.max_tokens, "levels": []}
     for c in [int(x) for x in args.concurrency.split(",")]:
         prompts = prompts_of(tokenizer, max(args.requests if c > 1 else min(args.requests, 8), c))
         level = run_level(model, tokenizer, args.drafter, prompts, c, args.max_tokens, dtype, args.repeats)
@@ -161,7 +164,8 @@ def main() -> int:
         print(json.dumps({k: v for k, v in level.items() if k != "error_samples"}), flush=True)
     if args.out:
         pathlib.Path(args.out + ".json").write_text(json.dumps(report, indent=1))
-        lines = [f"# dspark serve load check ({report['machine']}, {report['dtype']}, drafter {args.drafter}, "
+        lines = [f"# dspark serve load check ({report['machine']}, {report['weights']} weights, {report['dtype']} compute, "
+                 f"drafter {args.drafter}, "
                  f"{args.max_tokens} tokens/request, greedy)", "",
                  "| clients | requests | errors | identical to offline | server tok/s (mean) | Engine.generate tok/s (mean) | ratio |",
                  "|---|---|---|---|---|---|---|"]
