@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "cpu/dequantize_blocks.h"
+#include "cpu/tests/raw_files.h"
 
 int main(int argc, char** argv) {
   if (argc != 7) {
@@ -16,13 +17,7 @@ int main(int argc, char** argv) {
   const auto format = static_cast<BlockFormat>(std::atoi(argv[1]));
   const int64_t out = std::atoll(argv[2]), in = std::atoll(argv[3]);
   const auto dtype = static_cast<DType>(std::atoi(argv[4]));
-  std::vector<uint8_t> w(out * in / kBlockWeights * block_bytes(format));
-  FILE* f = std::fopen(argv[5], "rb");
-  if (f == nullptr || std::fread(w.data(), 1, w.size(), f) != w.size()) {
-    std::fprintf(stderr, "cannot read %zu bytes from %s\n", w.size(), argv[5]);
-    return 2;
-  }
-  std::fclose(f);
+  const auto w = test_files::read_all<uint8_t>(argv[5], out * in / kBlockWeights * block_bytes(format));
   std::vector<uint8_t> y(out * in * (dtype == DType::kFloat32 ? 4 : 2));
   DequantizeParams p{};
   p.weight = w.data();
@@ -32,8 +27,6 @@ int main(int argc, char** argv) {
   p.y_dtype = dtype;
   p.y = y.data();
   dequantize_blocks(p);
-  f = std::fopen(argv[6], "wb");
-  std::fwrite(y.data(), 1, y.size(), f);
-  std::fclose(f);
+  test_files::write_all(argv[6], y);
   return 0;
 }

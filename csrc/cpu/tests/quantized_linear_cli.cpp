@@ -5,20 +5,7 @@
 #include <vector>
 
 #include "cpu/quantized_linear.h"
-
-namespace {
-template <typename T>
-std::vector<T> read_all(const char* path, size_t count) {
-  std::vector<T> data(count);
-  FILE* f = std::fopen(path, "rb");
-  if (f == nullptr || std::fread(data.data(), sizeof(T), count, f) != count) {
-    std::fprintf(stderr, "cannot read %zu items from %s\n", count, path);
-    std::exit(2);
-  }
-  std::fclose(f);
-  return data;
-}
-}  // namespace
+#include "cpu/tests/raw_files.h"
 
 int main(int argc, char** argv) {
   if (argc != 8) {
@@ -26,6 +13,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   using namespace dspark::cpu;
+  using test_files::read_all;
   const auto format = static_cast<BlockFormat>(std::atoi(argv[1]));
   const int64_t rows = std::atoll(argv[2]), in = std::atoll(argv[3]), out = std::atoll(argv[4]);
   const auto x = read_all<float>(argv[5], rows * in);
@@ -41,8 +29,6 @@ int main(int argc, char** argv) {
   p.in_features = in;
   p.out_features = out;
   quantized_linear(p);
-  FILE* f = std::fopen(argv[7], "wb");
-  std::fwrite(y.data(), sizeof(float), y.size(), f);
-  std::fclose(f);
+  test_files::write_all(argv[7], y);
   return 0;
 }
