@@ -6,6 +6,10 @@ running it alternately from each (PYTHONPATH=<other checkout>, its extension bui
 `python setup.py build_ext --inplace`):
 
     for i in 1 2 3; do python bench/prefill_cost.py; PYTHONPATH=/tmp/old python bench/prefill_cost.py; done
+
+--llama-cpp adds llama.cpp's prefill of the same prompt ids on the same GGUF (llama-cpp-python, its own
+weights, batches of 512 tokens, this machine's threads), timed in the same run: Llama.eval over the prompt
+after a reset.
 """
 
 from __future__ import annotations
@@ -48,9 +52,24 @@ def prefill_ms(model, lengths: list[int], repeats: int, chunk: int | None = None
     return round(1e3 * sorted(times[1:])[(len(times) - 1) // 4], 1)
 
 
+def llama_cpp_ms(llm, lengths: list[int], vocab: int, repeats: int) -> float | None:
+    """llama.cpp's prefill of one prompt of these tokens (the same ids as prefill_ms draws); None for several."""
+    if len(lengths) != 1:
+        return None
+    prompt = torch.randint(0, vocab, (lengths[0],), generator=torch.Generator().manual_seed(sum(lengths))).tolist()
+    times = []
+    for _ in range(repeats + 1):
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prompt)
+        times.append(time.perf_counter() - start)
+    return round(1e3 * sorted(times[1:])[(len(times) - 1) // 4], 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--llama-cpp", action="store_true", help="also time llama.cpp's prefill (one-prompt cases)")
     args = parser.parse_args()
     dtype, native = resolve_weights(None, None, None, "cpu")
     model = load_model(None, dtype, native=native)
@@ -60,6 +79,20 @@ def main() -> None:
         times = {name: prefill_ms(model, lengths, args.repeats) for name, lengths in CASES.items()}
         times[f"{CHUNKED[0]} in {CHUNKED[1]}s"] = prefill_ms(model, [CHUNKED[0]], args.repeats, CHUNKED[1])
         result["batch_invariant" if invariant else "default"] = times
+    if args.llama_cpp:
+        import sys
+
+        sys.path.insert(0, str(pathlib.Path(__file__).parent))
+        from e2e import load_llama_cpp
+        from dspark.models import default_model_path
+
+        llm = load_llama_cpp(default_model_path(), None)
+        if llm is None:
+            raise SystemExit("--llama-cpp: llama-cpp-python is not installed")
+        cases = {name: lengths for name, lengths in CASES.items() if max(lengths) + 8 <= 2048}
+        cases[f"{CHUNKED[0]} in {CHUNKED[1]}s"] = [CHUNKED[0]]
+        result["llama.cpp"] = {name: llama_cpp_ms(llm, lengths, model.config.vocab_size, args.repeats)
+                               for name, lengths in cases.items() if len(lengths) == 1}
     print(json.dumps(result))
 
 
