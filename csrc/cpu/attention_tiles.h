@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -45,11 +46,6 @@ inline float load_float(const Half* p) {
   return bits_to_float(bits | ((h & 0x8000u) << 16));
 }
 
-template <typename T>
-inline void convert_row(const T* __restrict src, float* __restrict dst, int64_t n) {
-#pragma omp simd
-  for (int64_t d = 0; d < n; ++d) dst[d] = load_float(src + d);
-}
 
 
 
@@ -57,9 +53,28 @@ inline void convert_row(const T* __restrict src, float* __restrict dst, int64_t 
 // ([dim, kTile]) so that the keys run along the vector lanes: each score is one fma chain over d in
 // order, with no horizontal sums. Every row of every item goes through this arithmetic over whole
 // tiles (slots past a short tile are scored, then masked), whatever NR, so a row's scores never depend
-// on how many rows or keys share its item: the batch invariance of tree_attention.cpp rests on it.
+// on how many rows or keys share its item: the batch invariance of tree_attention.cpp rests on it. The
+// AVX-512 version keeps the NR x kTile accumulators in registers (the generic loop, vectorised by the
+// compiler at its preferred width, kept them on the stack); the fma chains are the same.
 template <int NR>
 inline void tile_scores(const float* __restrict q, const float* __restrict kt, int64_t dim, float* __restrict s) {
+#if defined(__AVX512F__)
+  static_assert(kTile == 32, "two 16-lane vectors per row");
+  __m512 a0[NR], a1[NR];
+  for (int i = 0; i < NR; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dim; ++d) {
+    const __m512 k0 = _mm512_loadu_ps(kt + d * kTile), k1 = _mm512_loadu_ps(kt + d * kTile + 16);
+    for (int i = 0; i < NR; ++i) {
+      const __m512 x = _mm512_set1_ps(q[i * dim + d]);
+      a0[i] = _mm512_fmadd_ps(x, k0, a0[i]);
+      a1[i] = _mm512_fmadd_ps(x, k1, a1[i]);
+    }
+  }
+  for (int i = 0; i < NR; ++i) {
+    _mm512_storeu_ps(s + i * kTile, a0[i]);
+    _mm512_storeu_ps(s + i * kTile + 16, a1[i]);
+  }
+#else
   float a[NR][kTile];
   for (int i = 0; i < NR; ++i)
     for (int64_t j = 0; j < kTile; ++j) a[i][j] = 0.0f;
@@ -73,6 +88,7 @@ inline void tile_scores(const float* __restrict q, const float* __restrict kt, i
   }
   for (int i = 0; i < NR; ++i)
     for (int64_t j = 0; j < kTile; ++j) s[i * kTile + j] = a[i][j];
+#endif
 }
 
 #if defined(__AVX512F__)
@@ -116,11 +132,41 @@ inline void transpose16(__m512 r[16]) {
 }
 #endif
 
+template <typename T>
+inline void convert_row(const T* __restrict src, float* __restrict dst, int64_t n) {
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  for (; d + 16 <= n; d += 16) _mm512_storeu_ps(dst + d, load16(src + d));
+#endif
+#pragma omp simd
+  for (int64_t e = d; e < n; ++e) dst[e] = load_float(src + e);
+}
+
 // The tile's keys (keys[j] for j < tk) into its transposed scratch: kt[d * kTile + j] = k_j[d]. Slots
 // past tk hold zeros or what they held before: finite, and masked after scoring.
 template <typename T>
 inline void convert_keys(const T* const keys[], int64_t tk, int64_t dim, float* __restrict kt) {
 #if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    if (dim % 32 == 0) {  // 16 keys x 16 pairs of dims at a time: half the shuffles of transposing floats
+      const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+      for (int64_t j0 = 0; j0 < tk; j0 += 16) {
+        for (int64_t d0 = 0; d0 < dim; d0 += 32) {
+          __m512 r[16];
+          for (int i = 0; i < 16; ++i) {
+            r[i] = j0 + i < tk ? _mm512_loadu_ps(reinterpret_cast<const float*>(keys[j0 + i] + d0)) : _mm512_setzero_ps();
+          }
+          transpose16(r);  // r[w]: the pair of dims (d0 + 2w, d0 + 2w + 1) of 16 keys, one bf16 pair per lane
+          for (int w = 0; w < 16; ++w) {
+            const __m512i pair = _mm512_castps_si512(r[w]);
+            _mm512_storeu_ps(kt + (d0 + 2 * w) * kTile + j0, _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16)));
+            _mm512_storeu_ps(kt + (d0 + 2 * w + 1) * kTile + j0, _mm512_castsi512_ps(_mm512_and_si512(pair, high)));
+          }
+        }
+      }
+      return;
+    }
+  }
   if (dim % 16 == 0) {  // 16 keys x 16 dims at a time, transposed in registers
     for (int64_t j0 = 0; j0 < tk; j0 += 16) {
       for (int64_t d0 = 0; d0 < dim; d0 += 16) {
@@ -137,35 +183,49 @@ inline void convert_keys(const T* const keys[], int64_t tk, int64_t dim, float* 
     for (int64_t d = 0; d < dim; ++d) kt[d * kTile + j] = load_float(keys[j] + d);
 }
 
-// Online-softmax statistics of one row for one tile: turns the scores s[0, tk) (masked ones are -inf)
-// into probabilities relative to the new running max, updates m and l, and returns the factor alpha
-// by which the row's accumulator must be rescaled.
-inline float softmax_row(float* __restrict s, int64_t tk, float& m, float& l) {
-  // The max in 16 lanes (a dependent chain of scalar maxes cost ~8% of a verification round), each lane
-  // skipping NaN as std::max does; the maximum of a set does not depend on the order it is taken in.
+// Online-softmax statistics of one row for one whole tile: turns the scores s[0, kTile) (masked ones are
+// -inf) into probabilities relative to the new running max, updates m and l, and returns the factor alpha
+// by which the row's accumulator must be rescaled. The tile's max skips NaN scores (as std::max does); the
+// maximum of a set does not depend on the order it is taken in.
+inline float softmax_row(float* __restrict s, float& m, float& l) {
+#if defined(__AVX512F__)
+  static_assert(kTile == 32, "two 16-lane vectors per row");
+  const __m512 neg_inf = _mm512_set1_ps(kNegInf);
+  __m512 s0 = _mm512_loadu_ps(s), s1 = _mm512_loadu_ps(s + 16);
+  // max(a, b) is a when a > b, else b: a NaN in a yields b.
+  const float tile_max = _mm512_reduce_max_ps(_mm512_max_ps(s1, _mm512_max_ps(s0, neg_inf)));
+#else
   constexpr int kMaxLanes = 16;
   float lanes[kMaxLanes];
   for (int i = 0; i < kMaxLanes; ++i) lanes[i] = kNegInf;
-  int64_t j0 = 0;
-  for (; j0 + kMaxLanes <= tk; j0 += kMaxLanes) {
+  for (int64_t j0 = 0; j0 < kTile; j0 += kMaxLanes) {
     for (int i = 0; i < kMaxLanes; ++i) lanes[i] = lanes[i] < s[j0 + i] ? s[j0 + i] : lanes[i];
   }
-  for (int64_t j = j0; j < tk; ++j) lanes[0] = lanes[0] < s[j] ? s[j] : lanes[0];
   float tile_max = kNegInf;
   for (int i = 0; i < kMaxLanes; ++i) tile_max = std::max(tile_max, lanes[i]);
+#endif
   if (tile_max == kNegInf) {  // nothing visible in this tile: contribute nothing
-    std::fill(s, s + tk, 0.0f);
+    std::fill(s, s + kTile, 0.0f);
     return 1.0f;
   }
   const float m_new = std::max(m, tile_max);
   const float alpha = m == kNegInf ? 0.0f : (m == m_new ? 1.0f : std::exp(m - m_new));
+#if defined(__AVX512F__)
+  const __m512 shift = _mm512_set1_ps(m_new);
+  s0 = exp_nonpositive16(_mm512_sub_ps(s0, shift));
+  s1 = exp_nonpositive16(_mm512_sub_ps(s1, shift));
+  _mm512_storeu_ps(s, s0);
+  _mm512_storeu_ps(s + 16, s1);
+  const float sum = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+#else
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < tk; ++j) {
+  for (int64_t j = 0; j < kTile; ++j) {
     const float e = exp_nonpositive(s[j] - m_new);
     s[j] = e;
     sum += e;
   }
+#endif
   l = l * alpha + sum;
   m = m_new;
   return alpha;
@@ -173,19 +233,31 @@ inline float softmax_row(float* __restrict s, int64_t tk, float& m, float& l) {
 
 // acc[i] = alpha[i] * acc[i] + sum_j p[i][j] v[j] for NR rows (p is [NR, kTile], v is [kTile, dim];
 // slots past the end of a short tile have p = 0 and v = 0). Vectorised across dim with the NR row
-// accumulators in registers over the whole tile: each value vector load serves NR rows. The key
-// loop has a constant trip count and is unrolled so that the compiler vectorises the dim loop.
+// accumulators in registers over the whole tile: each value vector load serves NR rows. Per element:
+// one product alpha * acc, then one fma per key in key order, whatever NR and the vector width.
 template <int NR>
 inline void tile_values(const float* __restrict p, const float* __restrict alpha, const float* __restrict v,
                         int64_t dim, float* __restrict acc) {
+  int64_t d0 = 0;
+#if defined(__AVX512F__)
+  for (; d0 + 16 <= dim; d0 += 16) {
+    __m512 a[NR];
+    for (int i = 0; i < NR; ++i) a[i] = _mm512_mul_ps(_mm512_set1_ps(alpha[i]), _mm512_loadu_ps(acc + i * dim + d0));
+    for (int64_t j = 0; j < kTile; ++j) {
+      const __m512 x = _mm512_loadu_ps(v + j * dim + d0);
+      for (int i = 0; i < NR; ++i) a[i] = _mm512_fmadd_ps(_mm512_set1_ps(p[i * kTile + j]), x, a[i]);
+    }
+    for (int i = 0; i < NR; ++i) _mm512_storeu_ps(acc + i * dim + d0, a[i]);
+  }
+#endif
 #pragma omp simd
-  for (int64_t d = 0; d < dim; ++d) {
+  for (int64_t d = d0; d < dim; ++d) {
     float a[NR];
     for (int i = 0; i < NR; ++i) a[i] = alpha[i] * acc[i * dim + d];
 #pragma GCC unroll 32
     for (int64_t j = 0; j < kTile; ++j) {
       const float x = v[j * dim + d];
-      for (int i = 0; i < NR; ++i) a[i] += p[i * kTile + j] * x;
+      for (int i = 0; i < NR; ++i) a[i] = std::fma(p[i * kTile + j], x, a[i]);
     }
     for (int i = 0; i < NR; ++i) acc[i * dim + d] = a[i];
   }

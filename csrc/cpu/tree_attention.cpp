@@ -6,18 +6,19 @@
 // in tiles of kTile slots: each tile is converted once into float scratch buffers (keys transposed,
 // so that scores run along the keys with no horizontal sums), every row takes its scores of the
 // tile, updates its online softmax (running max, running sum, rescaled accumulator), and the
-// accumulators take the tile's values eight rows at a time (a last group of four). A token block needs
-// keys [0, L_r + its last token], so causal prefill skips the tiles above the diagonal. Key ranges
-// longer than kChunk are split at fixed multiples of kChunk into chunks whose partial (max, sum, acc)
-// are merged afterwards (flash-decoding).
+// accumulators take the tile's values eight rows at a time (then four, then the last one to three).
+// A token block needs keys [0, L_r + its last token], so causal prefill skips the tiles above the
+// diagonal. Key ranges longer than kChunk are split at fixed multiples of kChunk into chunks whose
+// partial (max, sum, acc) are merged afterwards (flash-decoding).
 //
 // Batch invariance. A row's output depends only on its own query and the keys it sees, never on how
 // many other tokens or requests share the round: every row is computed by the same arithmetic (one
 // score function over whole tiles, slots past the range or hidden from the row masked to -inf, a
-// softmax over whole tiles, values in groups of eight or four) and chunk boundaries do not depend on the
-// work. So verifying a draft gives its first token bit for bit what plain decoding gives it, and
-// greedy speculative decoding stays token-identical to target-only decoding. A chunk a row cannot
-// see contributes exactly nothing to the merge (a single visible chunk merges to its own value).
+// softmax over whole tiles, values in groups of one to eight rows whose per-row sums are the same in
+// any group) and chunk boundaries do not depend on the work. So verifying a draft gives its first
+// token bit for bit what plain decoding gives it, and greedy speculative decoding stays
+// token-identical to target-only decoding. A chunk a row cannot see contributes exactly nothing to
+// the merge (a single visible chunk merges to its own value).
 //
 // Round slots L_r + j are visible to token i when j is i or an ancestor of i: a per-request bit
 // matrix built from parents (a chain needs none: j <= i); with bidirectional_rounds (a drafter's block,
@@ -45,10 +46,6 @@ constexpr int64_t kChunk = 128;        // key ranges are split at multiples of t
                                        // enough that one decoding token yields work for every thread
 static_assert(kChunk % kTile == 0, "chunks must hold whole tiles");
 
-// Rows padded to a multiple of 4: scores are taken four rows at a time, values eight (a last group of up
-// to four: four); per row the arithmetic is the same in either group.
-constexpr int64_t padded(int64_t rows) { return (rows + 3) / 4 * 4; }
-
 struct Item {
   int32_t request;
   int32_t kv_head;
@@ -65,13 +62,13 @@ struct MergeGroup {
 };
 
 struct Scratch {
-  std::vector<float> q;    // [rows padded, dim], scaled queries
-  std::vector<float> acc;  // [rows padded, dim]
+  std::vector<float> q;    // [rows, dim], scaled queries
+  std::vector<float> acc;  // [rows, dim]
   std::vector<float> m, l;  // [rows] running max and sum
-  std::vector<float> alpha;  // [rows padded] rescaling of the accumulators in one tile
+  std::vector<float> alpha;  // [rows] rescaling of the accumulators in one tile
   std::vector<float> kt;   // [dim, kTile] keys of the tile, transposed (slots past a short tile: stale but finite)
   std::vector<float> v;    // [kTile, dim] values of the tile (zero past the end of a short tile)
-  std::vector<float> s;    // [rows padded, kTile] scores, then probabilities
+  std::vector<float> s;    // [rows, kTile] scores, then probabilities
   std::vector<uint8_t> vis;  // [kTile] visibility of the tile's slots to one token
 };
 
@@ -107,7 +104,6 @@ void run_item(Context& ctx, const Item& it, Scratch& sc) {
   const int64_t committed = p.cache_seqlens[r];
   const int64_t tokens = it.token_end - it.token_begin;
   const int64_t rows = tokens * group;
-  const int64_t padded_rows = padded(rows);
   const T* q = static_cast<const T*>(p.q);
   const T* k_cache = static_cast<const T*>(p.k_cache);
   const T* v_cache = static_cast<const T*>(p.v_cache);
@@ -130,21 +126,23 @@ void run_item(Context& ctx, const Item& it, Scratch& sc) {
 #pragma omp simd
     for (int64_t e = 0; e < group * dim; ++e) dst[e] = load_float(src + e) * scale;
   }
-  std::fill(acc, acc + padded_rows * dim, 0.0f);
+  std::fill(acc, acc + rows * dim, 0.0f);
   std::fill(m, m + rows, kNegInf);
   std::fill(l, l + rows, 0.0f);
-  std::fill(alpha + rows, alpha + padded_rows, 1.0f);
 
   const bool chain = ctx.mask_offset[r] < 0;
   const uint64_t* mask = chain ? nullptr : ctx.mask.data() + ctx.mask_offset[r];
   const int64_t words = ctx.mask_words[r];
   const bool bidirectional = p.bidirectional_rounds;
 
+  // A contiguous cache holds a request's slots at a fixed stride: no per-slot offset arithmetic.
+  const bool contiguous = p.block_table == nullptr;
+  const int64_t slot_stride = p.num_kv_heads * dim;
   for (int64_t t0 = it.key_begin; t0 < it.key_end; t0 += kTile) {
     const int64_t tk = std::min<int64_t>(kTile, it.key_end - t0);
     const T* keys[kTile];
     for (int64_t j = 0; j < tk; ++j) {
-      const int64_t off = slot_offset(p, r, t0 + j, g);
+      const int64_t off = contiguous ? slot_offset(p, r, t0, g) + j * slot_stride : slot_offset(p, r, t0 + j, g);
       keys[j] = k_cache + off;
       convert_row(v_cache + off, vf + j * dim, dim);
     }
@@ -160,33 +158,53 @@ void run_item(Context& ctx, const Item& it, Scratch& sc) {
         DSPARK_PREFETCH(vb + b);
       }
     }
-    // Whole tiles for every row, whatever tk and the row count: see "Batch invariance" above.
-    // Four rows at a time, the last four padded (their scores are cleared below): one shape for every row.
-    for (int64_t rw = 0; rw < rows; rw += 4) tile_scores<4>(qf + rw * dim, kt, dim, s + rw * kTile);
+    // Whole tiles for every row, whatever tk and the row count: see "Batch invariance" above. Rows four at
+    // a time, then the last one to three: each row's scores are the same arithmetic in either group.
+    int64_t rw = 0;
+    for (; rw + 4 <= rows; rw += 4) tile_scores<4>(qf + rw * dim, kt, dim, s + rw * kTile);
+    switch (rows - rw) {
+      case 3: tile_scores<3>(qf + rw * dim, kt, dim, s + rw * kTile); break;
+      case 2: tile_scores<2>(qf + rw * dim, kt, dim, s + rw * kTile); break;
+      case 1: tile_scores<1>(qf + rw * dim, kt, dim, s + rw * kTile); break;
+      default: break;
+    }
     const bool has_round = t0 + tk > committed;
+    const bool masked = tk < kTile || has_round;  // a whole tile of committed slots is visible to every row
     for (int64_t t = 0; t < tokens; ++t) {
       const int64_t i = it.token_begin + t;
-      for (int64_t j = 0; j < kTile; ++j) {
-        const int64_t slot = t0 + j;
-        bool visible = j < tk;
-        if (visible && has_round && slot >= committed) {
-          const int64_t jj = slot - committed;
-          visible = bidirectional || (jj <= i && (chain || ((mask[i * words + (jj >> 6)] >> (jj & 63)) & 1u)));
+      if (masked) {
+        for (int64_t j = 0; j < kTile; ++j) {
+          const int64_t slot = t0 + j;
+          bool visible = j < tk;
+          if (visible && has_round && slot >= committed) {
+            const int64_t jj = slot - committed;
+            visible = bidirectional || (jj <= i && (chain || ((mask[i * words + (jj >> 6)] >> (jj & 63)) & 1u)));
+          }
+          vis[j] = visible;
         }
-        vis[j] = visible;
       }
       for (int64_t h = 0; h < group; ++h) {
-        const int64_t rw = t * group + h;
-        float* sr = s + rw * kTile;
-        for (int64_t j = 0; j < kTile; ++j)
-          if (!vis[j]) sr[j] = kNegInf;
-        alpha[rw] = softmax_row(sr, kTile, m[rw], l[rw]);
+        const int64_t row = t * group + h;
+        float* sr = s + row * kTile;
+        if (masked) {
+          for (int64_t j = 0; j < kTile; ++j)
+            if (!vis[j]) sr[j] = kNegInf;
+        }
+        alpha[row] = softmax_row(sr, m[row], l[row]);
       }
     }
-    for (int64_t rw = rows; rw < padded_rows; ++rw) std::fill(s + rw * kTile, s + (rw + 1) * kTile, 0.0f);
     int64_t row = 0;
-    for (; row + 8 <= padded_rows; row += 8) tile_values<8>(s + row * kTile, alpha + row, vf, dim, acc + row * dim);
-    if (row < padded_rows) tile_values<4>(s + row * kTile, alpha + row, vf, dim, acc + row * dim);
+    for (; row + 8 <= rows; row += 8) tile_values<8>(s + row * kTile, alpha + row, vf, dim, acc + row * dim);
+    if (row + 4 <= rows) {
+      tile_values<4>(s + row * kTile, alpha + row, vf, dim, acc + row * dim);
+      row += 4;
+    }
+    switch (rows - row) {
+      case 3: tile_values<3>(s + row * kTile, alpha + row, vf, dim, acc + row * dim); break;
+      case 2: tile_values<2>(s + row * kTile, alpha + row, vf, dim, acc + row * dim); break;
+      case 1: tile_values<1>(s + row * kTile, alpha + row, vf, dim, acc + row * dim); break;
+      default: break;
+    }
   }
 
   if (it.split < 0) {
@@ -326,16 +344,15 @@ void run(const TreeAttentionParams& p) {
   const int64_t num_merges = static_cast<int64_t>(merges.size());
 #pragma omp parallel if (threads > 1 && num_items > 1)
   {
-    const int64_t padded_rows = padded(max_rows);
     Scratch sc;
-    sc.q.assign(padded_rows * dim, 0.0f);
-    sc.acc.resize(padded_rows * dim);
+    sc.q.assign(max_rows * dim, 0.0f);
+    sc.acc.resize(max_rows * dim);
     sc.m.resize(max_rows);
     sc.l.resize(max_rows);
-    sc.alpha.resize(padded_rows);
+    sc.alpha.resize(max_rows);
     sc.kt.assign(dim * kTile, 0.0f);
     sc.v.resize(kTile * dim);
-    sc.s.resize(padded_rows * kTile);
+    sc.s.resize(max_rows * kTile);
     sc.vis.resize(kTile);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < num_items; ++i) run_item<T>(ctx, items[i], sc);
