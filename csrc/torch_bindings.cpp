@@ -195,33 +195,49 @@ dspark::cpu::BlockFormat block_format(int64_t format) {
   return static_cast<dspark::cpu::BlockFormat>(format);
 }
 
+// A quantized weight's layout from its shape: [out, blocks * bytes] as in the file, or packed [tiles, blocks,
+// R * bytes] (quantized_linear.h), which must hold `out` rows. Returns whether it is packed.
+bool quantized_layout(const at::Tensor& weight, dspark::cpu::BlockFormat f, int64_t out, int64_t in) {
+  const int64_t blocks = in / dspark::cpu::kBlockWeights, bytes = dspark::cpu::block_bytes(f);
+  TORCH_CHECK_VALUE(in % dspark::cpu::kBlockWeights == 0, "in_features must be a multiple of 32, got ", in);
+  if (weight.dim() == 3) {
+    const int64_t r = dspark::cpu::quantized_tile_rows();
+    TORCH_CHECK_VALUE(weight.size(0) == (out + r - 1) / r && weight.size(1) == blocks && weight.size(2) == r * bytes,
+                      "a packed weight of ", out, " rows must be [", (out + r - 1) / r, ", ", blocks, ", ", r * bytes,
+                      "] (tiles of ", r, " rows), got ", weight.sizes());
+    return true;
+  }
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == blocks * bytes, "weight rows must hold ", blocks,
+                    " blocks of ", bytes, " bytes, got ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(0) == out, "weight holds ", weight.size(0), " rows but out has ", out, " outputs");
+  return false;
+}
+
 void quantized_linear(const at::Tensor& x, const at::Tensor& weight, int64_t format,
                       const std::optional<at::Tensor>& bias, at::Tensor& out) {
   expect_float(x, "x");
   expect(weight, at::kByte, "weight");
   expect(out, x.scalar_type(), "out");
   const auto f = block_format(format);
-  TORCH_CHECK_VALUE(x.dim() == 2 && weight.dim() == 2 && out.dim() == 2, "x [rows, in], weight [out, blocks * bytes] "
-                    "and out [rows, out] expected");
-  const int64_t in = x.size(1), blocks = in / dspark::cpu::kBlockWeights;
-  TORCH_CHECK_VALUE(in % dspark::cpu::kBlockWeights == 0, "in_features must be a multiple of 32, got ", in);
-  TORCH_CHECK_VALUE(weight.size(1) == blocks * dspark::cpu::block_bytes(f), "weight rows must hold ", blocks,
-                    " blocks of ", dspark::cpu::block_bytes(f), " bytes, got ", weight.size(1), " bytes");
-  TORCH_CHECK_VALUE(out.size(0) == x.size(0) && out.size(1) == weight.size(0), "out must be [rows, out_features]");
+  TORCH_CHECK_VALUE(x.dim() == 2 && out.dim() == 2, "x [rows, in] and out [rows, out] expected");
+  const int64_t in = x.size(1);
+  TORCH_CHECK_VALUE(out.size(0) == x.size(0), "out must be [rows, out_features]");
+  const bool packed = quantized_layout(weight, f, out.size(1), in);
   dspark::cpu::QuantizedLinearParams p{};
   p.x_dtype = element_type(x, "x");
   if (bias.has_value()) {
     expect(*bias, x.scalar_type(), "bias");
-    TORCH_CHECK_VALUE(bias->numel() == weight.size(0), "bias must have out_features elements");
+    TORCH_CHECK_VALUE(bias->numel() == out.size(1), "bias must have out_features elements");
     p.bias = bias->data_ptr();
   }
   p.x = x.data_ptr();
   p.format = f;
   p.weight = weight.data_ptr<uint8_t>();
+  p.packed = packed;
   p.y = out.data_ptr();
   p.rows = x.size(0);
   p.in_features = in;
-  p.out_features = weight.size(0);
+  p.out_features = out.size(1);
   dspark::cpu::quantized_linear(p);
 }
 
@@ -229,18 +245,14 @@ void dequantize_blocks(const at::Tensor& weight, int64_t format, at::Tensor& out
   expect(weight, at::kByte, "weight");
   expect_float(out, "out");
   const auto f = block_format(format);
-  TORCH_CHECK_VALUE(weight.dim() == 2 && out.dim() == 2, "weight [out, blocks * bytes] and out [out, in] expected");
-  const int64_t in = out.size(1), blocks = in / dspark::cpu::kBlockWeights;
-  TORCH_CHECK_VALUE(in % dspark::cpu::kBlockWeights == 0, "in_features must be a multiple of 32, got ", in);
-  TORCH_CHECK_VALUE(weight.size(1) == blocks * dspark::cpu::block_bytes(f), "weight rows must hold ", blocks,
-                    " blocks of ", dspark::cpu::block_bytes(f), " bytes, got ", weight.size(1), " bytes");
-  TORCH_CHECK_VALUE(out.size(0) == weight.size(0), "out must have weight's ", weight.size(0), " rows, got ",
-                    out.size(0));
+  TORCH_CHECK_VALUE(out.dim() == 2, "out [out, in] expected");
+  const bool packed = quantized_layout(weight, f, out.size(0), out.size(1));
   dspark::cpu::DequantizeParams p{};
   p.weight = weight.data_ptr<uint8_t>();
   p.format = f;
-  p.out_features = weight.size(0);
-  p.in_features = in;
+  p.tile_rows = packed ? dspark::cpu::quantized_tile_rows() : 0;
+  p.out_features = out.size(0);
+  p.in_features = out.size(1);
   p.y_dtype = element_type(out, "out");
   p.y = out.data_ptr();
   dspark::cpu::dequantize_blocks(p);
@@ -261,13 +273,17 @@ const void* weight_ptr(const std::optional<at::Tensor>& t, at::ScalarType dtype,
   return t->data_ptr();
 }
 
-// A projection's weight: dense in the activation dtype (format 0) or GGML blocks as uint8 [out, in / 32 * bytes].
+// A projection's weight: dense in the activation dtype (format 0), GGML blocks as uint8 [out, in / 32 * bytes], or
+// with kPackedFormat or-ed into the format, packed (quantized_linear.h).
 const void* projection_ptr(const std::optional<at::Tensor>& t, int64_t format, at::ScalarType dtype, int64_t out,
                            int64_t in, const char* name) {
   if (format == 0) return weight_ptr(t, dtype, out * in, name, true);
-  const auto f = block_format(format);
+  const bool packed = (format & dspark::cpu::kPackedFormat) != 0;
+  const auto f = block_format(format & ~dspark::cpu::kPackedFormat);
   TORCH_CHECK_VALUE(in % dspark::cpu::kBlockWeights == 0, name, ": in_features must be a multiple of 32");
-  return weight_ptr(t, at::kByte, out * in / dspark::cpu::kBlockWeights * dspark::cpu::block_bytes(f), name, true);
+  const int64_t r = dspark::cpu::quantized_tile_rows();
+  const int64_t rows = packed ? (out + r - 1) / r * r : out;  // a packed weight's last tile is padded
+  return weight_ptr(t, at::kByte, rows * in / dspark::cpu::kBlockWeights * dspark::cpu::block_bytes(f), name, true);
 }
 
 void llama_decoder_layers(at::Tensor& hidden, const std::vector<std::optional<at::Tensor>>& weights,
@@ -447,6 +463,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("small_batch_linear", &small_batch_linear, release);
   m.def("quantized_linear", &quantized_linear, release);
   m.def("dequantize_blocks", &dequantize_blocks, release);
+  m.def("quantized_tile_rows", &dspark::cpu::quantized_tile_rows);
   m.def("llama_decoder_layers", &llama_decoder_layers, release);
 #ifdef DSPARK_WITH_CUDA
   dspark::register_cuda_kernels(m);  // *_cuda entry points for CUDA tensors

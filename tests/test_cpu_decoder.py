@@ -105,6 +105,44 @@ def test_fused_rows_are_batch_invariant(checkpoint):
     assert torch.equal(together[5], alone[0])  # request 1's single token is flat index 5
 
 
+def test_packed_blocks_give_the_file_layouts_results(tmp_path, monkeypatch):
+    """A model over GGUF blocks packs its matrices at load (LlamaModel, QuantizedWeight.pack): decoding rounds in the
+    fused layers, a prefill through the dense GEMMs (blocks decoded from the packed tiles), the embedding lookup and
+    the LM head give bit for bit what the file's layout gives (DSPARK_PACK_BLOCKS=0)."""
+    from builders import write_tiny_llama
+    from dspark.models.llama import LlamaModel
+    from dspark.models.quantized import QuantizedWeight, tile_rows
+
+    write_tiny_llama(tmp_path, 97, 64, 2, seed=4)
+    dense = load_model(str(tmp_path), torch.float32)
+    blocks = {name: QuantizedWeight.from_dense(t) if t.dim() == 2 else t for name, t in dense.weights.items()}
+    packed = LlamaModel(dense.config, blocks)
+    monkeypatch.setenv("DSPARK_PACK_BLOCKS", "0")
+    file = LlamaModel(dense.config, blocks)
+    matrices = [name for name, t in packed.weights.items() if isinstance(t, QuantizedWeight)]
+    assert matrices and all(packed.weights[n].packed == (tile_rows() is not None) for n in matrices)
+    assert not any(file.weights[n].packed for n in matrices)
+
+    def run(model):
+        c = model.config
+        cache = KVCache(c.num_layers, 2, 160, c.num_kv_heads, c.head_dim, model.dtype)
+        gen = torch.Generator().manual_seed(8)
+        prompts = [torch.randint(3, 97, (n,), generator=gen).tolist() for n in (100, 7)]
+        out = [model.logits(model.forward(cache, build_round(2, [(r, p, None) for r, p in enumerate(prompts)],
+                                                             [0, 0], prefill=True))[0])]
+        cache.seqlens.copy_(torch.tensor([100, 7], dtype=torch.int32))
+        rnd = build_round(2, [(0, [5, 6, 7], [-1, 0, 1]), (1, [9], None)], cache.seqlens.tolist())
+        out.append(model.logits(model.forward(cache, rnd)[0]))
+        return out
+
+    calls = []
+    fused = cpu_decoder.run
+    monkeypatch.setattr(cpu_decoder, "run", lambda *a: calls.append(1) or fused(*a))
+    for a, b in zip(run(packed), run(file)):
+        assert torch.equal(a, b)
+    assert len(calls) == 2  # the decoding rounds ran in the fused layers
+
+
 def test_short_prefills_over_gguf_blocks_take_the_fused_layers(tmp_path, monkeypatch):
     """Prefill rounds of up to QUANTIZED_PREFILL_TOKENS tokens over block-quantized matrices run in the fused
     layers, with the PyTorch layers' results (both take quantized_linear below DENSE_GEMM_ROWS rows); longer

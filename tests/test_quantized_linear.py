@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dspark.models.linear import linear
-from dspark.models.quantized import TYPE_IDS, QuantizedWeight, quantized_linear
+from dspark.models.quantized import TYPE_IDS, QuantizedWeight, quantized_linear, tile_rows
 from dspark.reference import quantized_linear as ref
 
 _C = pytest.importorskip("dspark._C")
@@ -239,6 +239,50 @@ def test_many_rows_without_invariance_take_a_dense_gemm(dtype):
     assert torch.equal(linear(few, weight, bias), kernel(few, data, "q4_1", bias))  # below the threshold: the kernel
 
 
+@pytest.mark.skipif(tile_rows() is None, reason="dspark._C is not built")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_packed_layout_gives_the_file_layouts_results(fmt):
+    """QuantizedWeight.pack(): the kernel's packed tiles (last one padded) hold the same matrix: the file's rows come
+    back from it byte for byte (all, or picked), and quantized_linear (every row count of the one-pass and the
+    chunked paths, with bias), dequantize and embedding lookups give the file layout's results bit for bit."""
+    r = tile_rows()
+    for out, in_features in ((1, 64), (r - 1, 96), (r, 160), (r + 1, 96), (5 * r + 3, 256)):
+        data = random_blocks(fmt, out, in_features, seed=out)
+        file, packed = QuantizedWeight(data, fmt, in_features), QuantizedWeight(data, fmt, in_features).pack()
+        assert packed.packed and packed.shape == file.shape and packed.pack() is packed
+        assert packed.data.shape == (-(-out // r), in_features // 32, r * ref.FORMATS[fmt])
+        assert torch.equal(packed.file_rows(), data)
+        picked = torch.tensor([out - 1, 0, out // 2, out - 1])
+        assert torch.equal(packed.file_rows(picked), data[picked]) and torch.equal(packed.rows(picked).data, data[picked])
+        gen = torch.Generator().manual_seed(out)
+        bias = torch.randn(out, generator=gen).bfloat16()
+        for rows in (1, 2, 3, 5, 8, 9, 13, 20):
+            x = torch.randn(rows, in_features, generator=gen).bfloat16()
+            assert torch.equal(quantized_linear(x, packed, bias), quantized_linear(x, file, bias)), (out, rows)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            assert torch.equal(packed.dequantize(dtype), file.dequantize(dtype))
+        tokens = torch.tensor([[0, out - 1], [out // 2, 0]])
+        assert torch.equal(packed.embedding(tokens, torch.float32), file.embedding(tokens, torch.float32))
+        both = QuantizedWeight.cat([packed, file])
+        assert not both.packed and torch.equal(both.data, torch.cat([data, data]))
+
+
+@pytest.mark.skipif(tile_rows() is None, reason="dspark._C is not built")
+def test_packed_shapes_are_checked():
+    from dspark import _C
+    r = tile_rows()
+    data = random_blocks("q4_1", 2 * r, 64, seed=5)
+    packed = QuantizedWeight(data, "q4_1", 64).pack()
+    with pytest.raises(ValueError, match="packed data of 7 rows"):
+        QuantizedWeight(packed.data, "q4_1", 64, 7)
+    with pytest.raises(ValueError, match="out_features"):
+        QuantizedWeight(packed.data, "q4_1", 64)
+    with pytest.raises(ValueError, match="a packed weight of 7 rows"):
+        _C.quantized_linear(torch.randn(1, 64), packed.data, TYPE_IDS["q4_1"], None, torch.empty(1, 7))
+    with pytest.raises(ValueError, match="a packed weight"):
+        _C.dequantize_blocks(packed.data, TYPE_IDS["q8_0"], torch.empty(2 * r, 64))
+
+
 def test_bad_arguments_name_themselves():
     data = random_blocks("q4_0", 4, 64, seed=2)
     with pytest.raises(ValueError, match="format"):
@@ -256,8 +300,10 @@ def test_bad_arguments_name_themselves():
         _C.quantized_linear(torch.randn(2, 64), data, 7, None, torch.empty(2, 4))
     with pytest.raises(ValueError, match="blocks"):
         _C.quantized_linear(torch.randn(2, 64), data, TYPE_IDS["q4_1"], None, torch.empty(2, 4))
-    with pytest.raises(ValueError, match="out must have"):
+    with pytest.raises(ValueError, match="weight holds 4 rows but out has 3"):
         _C.dequantize_blocks(data, TYPE_IDS["q4_0"], torch.empty(3, 64))
+    with pytest.raises(ValueError, match="weight holds 4 rows but out has 5"):
+        _C.quantized_linear(torch.randn(2, 64), data, TYPE_IDS["q4_0"], None, torch.empty(2, 5))
     with pytest.raises(ValueError, match="blocks"):
         _C.dequantize_blocks(data, TYPE_IDS["q8_0"], torch.empty(4, 64))
     with pytest.raises(ValueError, match="out must be float32"):

@@ -71,7 +71,8 @@ void linear(const T* x, const void* weight, int format, const void* bias, T* y, 
     QuantizedLinearParams q{};
     q.x_dtype = dtype;
     q.x = x;
-    q.format = static_cast<BlockFormat>(format);
+    q.format = static_cast<BlockFormat>(format & ~kPackedFormat);
+    q.packed = (format & kPackedFormat) != 0;
     q.weight = static_cast<const uint8_t*>(weight);
     q.bias = bias;
     q.y = y;

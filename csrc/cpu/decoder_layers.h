@@ -34,7 +34,8 @@ struct DecoderLayerWeights {
   void* k_cache;             // this layer's cache, layout as tree_attention's
   void* v_cache;
   // The four projections' formats: 0 = dense in the activation dtype, else a GGML block format whose
-  // weight is [out rows, in / 32 blocks] bytes (quantized_linear.h); biases stay dense.
+  // weight is [out rows, in / 32 blocks] bytes, or with kPackedFormat or-ed in, packed (quantized_linear.h);
+  // biases stay dense.
   int qkv_format = 0, o_format = 0, gate_up_format = 0, down_format = 0;
 };
 

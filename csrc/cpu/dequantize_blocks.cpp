@@ -4,6 +4,7 @@
 
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -171,15 +172,25 @@ template <BlockFormat F, typename Y>
 void run(const DequantizeParams& p) {
   const int64_t blocks = p.in_features / kBlockWeights, row_bytes = blocks * block_bytes(F);
   Y* y = static_cast<Y*>(p.y);
-#pragma omp parallel for schedule(static) if (p.out_features * p.in_features >= 65536)
-  for (int64_t o = 0; o < p.out_features; ++o) {
+#pragma omp parallel if (p.out_features * p.in_features >= 65536)
+  {
+    thread_local std::vector<uint8_t> unpacked;  // one row of a packed weight in the file's layout
+    if (p.tile_rows > 0) unpacked.resize(static_cast<size_t>(row_bytes));
+#pragma omp for schedule(static)
+    for (int64_t o = 0; o < p.out_features; ++o) {
+      const uint8_t* row = p.weight + o * row_bytes;
+      if (p.tile_rows > 0) {
+        unpack_row(p.weight, F, p.tile_rows, o, blocks, unpacked.data());
+        row = unpacked.data();
+      }
 #ifdef DSPARK_DQ_AVX2
-    if constexpr (!std::is_same_v<Y, Half>) {  // fp16 (rare on CPU) keeps the scalar conversion
-      decode_row_lanes<F>(p.weight + o * row_bytes, blocks, y + o * p.in_features);
-      continue;
-    }
+      if constexpr (!std::is_same_v<Y, Half>) {  // fp16 (rare on CPU) keeps the scalar conversion
+        decode_row_lanes<F>(row, blocks, y + o * p.in_features);
+        continue;
+      }
 #endif
-    decode_row<F>(p.weight + o * row_bytes, blocks, y + o * p.in_features);
+      decode_row<F>(row, blocks, y + o * p.in_features);
+    }
   }
 }
 
@@ -193,6 +204,19 @@ void dispatch(const DequantizeParams& p) {
 }
 
 }  // namespace
+
+void unpack_row(const uint8_t* packed, BlockFormat format, int64_t tile_rows, int64_t o, int64_t blocks, uint8_t* row) {
+  const int64_t R = tile_rows, bytes = block_bytes(format), j = o % R;
+  const int64_t scales = format == BlockFormat::kQ4_1 ? 2 : 1, header = 2 * scales;
+  const int64_t chunks = (bytes - header) / 4;
+  const uint8_t* tile = packed + (o / R) * blocks * R * bytes;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* src = tile + b * R * bytes;
+    uint8_t* dst = row + b * bytes;
+    for (int64_t s = 0; s < scales; ++s) std::memcpy(dst + 2 * s, src + 2 * R * s + 2 * j, 2);
+    for (int64_t k = 0; k < chunks; ++k) std::memcpy(dst + header + 4 * k, src + 2 * R * scales + 4 * R * k + 4 * j, 4);
+  }
+}
 
 void dequantize_blocks(const DequantizeParams& p) {
   if (p.out_features == 0) return;

@@ -14,8 +14,9 @@
 namespace dspark::cpu {
 
 struct DequantizeParams {
-  const uint8_t* weight;  // [out_features, in_features / 32 blocks], contiguous
+  const uint8_t* weight;  // [out_features, in_features / 32 blocks], contiguous; or packed (quantized_linear.h)
   BlockFormat format;
+  int64_t tile_rows = 0;  // packed: its rows per tile (quantized_tile_rows()); 0: the file's layout
   int64_t out_features;
   int64_t in_features;    // a multiple of 32
   DType y_dtype;
@@ -23,5 +24,8 @@ struct DequantizeParams {
 };
 
 void dequantize_blocks(const DequantizeParams& params);
+
+// Row o of a weight packed in tiles of `tile_rows` rows, in the file's layout (blocks * block_bytes bytes into `row`).
+void unpack_row(const uint8_t* packed, BlockFormat format, int64_t tile_rows, int64_t o, int64_t blocks, uint8_t* row);
 
 }  // namespace dspark::cpu

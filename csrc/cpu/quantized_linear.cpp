@@ -83,18 +83,65 @@ inline void prefetch_step(const uint8_t* p, int64_t bytes) {
 #endif
 }
 
+// A tile's blocks, as the file stores its rows (transposed block by block as they are used) or packed.
+template <BlockFormat F>
+struct FileRows {
+  const uint8_t* rows[kTileRows];
+  DSPARK_QL_INLINE void block(int64_t b, TileBlock& out) const { prepare_block<F>(rows, b, out); }
+};
+template <BlockFormat F>
+struct PackedTile {
+  const uint8_t* tile;
+  DSPARK_QL_INLINE void block(int64_t b, TileBlock& out) const {
+    load_block<F>(tile + b * kTileRows * block_bytes(F), out);
+  }
+};
+
 // Every row of x (at most kFusedRows) against one tile, each block prepared and used at once.
-template <BlockFormat F, int MR>
-void fused(const uint8_t* const tile_rows[kTileRows], const uint8_t* next_tile, int64_t blocks, const QuantizedX& qx,
-           int64_t in, Lanes* io) {
+template <BlockFormat F, int MR, typename Tile>
+void fused(const Tile& tile, const uint8_t* next_tile, int64_t blocks, const QuantizedX& qx, int64_t in, Lanes* io) {
   Accumulators<MR> a(io);
   for (int64_t b = 0; b < blocks; ++b) {
     prefetch_step(next_tile + b * kTileRows * block_bytes(F), kTileRows * block_bytes(F));
     TileBlock block;
-    prepare_block<F>(tile_rows, b, block);
+    tile.block(b, block);
     accumulate<F, MR>(block, b, qx, 0, in, a);
   }
   a.store(io);
+}
+
+// The rows of x against one tile into `lanes` (per x row: acc, mins).
+template <BlockFormat F, typename Tile>
+void tile_dots(const Tile& tile, const uint8_t* next_tile, int64_t blocks, const QuantizedX& qx, int64_t rows,
+               int64_t in, TileBlock* chunk, Lanes* lanes) {
+  std::fill(lanes, lanes + 2 * rows, Lanes{});
+  if (rows <= kFusedRows) {  // one pass: each block is used as soon as it is prepared
+    switch (rows) {
+      case 8: return fused<F, 8>(tile, next_tile, blocks, qx, in, lanes);
+      case 7: return fused<F, 7>(tile, next_tile, blocks, qx, in, lanes);
+      case 6: return fused<F, 6>(tile, next_tile, blocks, qx, in, lanes);
+      case 5: return fused<F, 5>(tile, next_tile, blocks, qx, in, lanes);
+      case 4: return fused<F, 4>(tile, next_tile, blocks, qx, in, lanes);
+      case 3: return fused<F, 3>(tile, next_tile, blocks, qx, in, lanes);
+      case 2: return fused<F, 2>(tile, next_tile, blocks, qx, in, lanes);
+      default: return fused<F, 1>(tile, next_tile, blocks, qx, in, lanes);
+    }
+  }
+  for (int64_t b0 = 0; b0 < blocks; b0 += kChunkBlocks) {
+    const int64_t count = std::min<int64_t>(kChunkBlocks, blocks - b0);
+    for (int64_t i = 0; i < count; ++i) {
+      prefetch_step(next_tile + (b0 + i) * kTileRows * block_bytes(F), kTileRows * block_bytes(F));
+      tile.block(b0 + i, chunk[i]);
+    }
+    for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerPass) {
+      switch (std::min<int64_t>(kRowsPerPass, rows - m0)) {
+        case 4: sweep<F, 4>(chunk, b0, count, qx, m0, in, &lanes[2 * m0]); break;
+        case 3: sweep<F, 3>(chunk, b0, count, qx, m0, in, &lanes[2 * m0]); break;
+        case 2: sweep<F, 2>(chunk, b0, count, qx, m0, in, &lanes[2 * m0]); break;
+        default: sweep<F, 1>(chunk, b0, count, qx, m0, in, &lanes[2 * m0]); break;
+      }
+    }
+  }
 }
 
 template <typename X, BlockFormat F>
@@ -104,7 +151,8 @@ void run(const QuantizedLinearParams& p, const QuantizedX& qx) {
   const int64_t tiles = (n_out + kTileRows - 1) / kTileRows;
   const X* bias = static_cast<const X*>(p.bias);
   X* y = static_cast<X*>(p.y);
-  // Rows past out_features (the last tile) read a block of zeros: d = m = 0, so their lanes are 0 and unused.
+  // Rows past out_features (the last tile) read a block of zeros: d = m = 0, so their lanes are 0 and unused
+  // (a packed weight holds such rows itself).
   // Kept per calling thread: decoding calls this ~200 times a token, and only grows it for wider rows.
   thread_local std::vector<uint8_t> zero_row;
   if (zero_row.size() < static_cast<size_t>(row_bytes + 32)) zero_row.assign(static_cast<size_t>(row_bytes + 32), 0);
@@ -119,39 +167,18 @@ void run(const QuantizedLinearParams& p, const QuantizedX& qx) {
     Lanes* const lanes = lanes_buffer.data();
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tiles; ++t) {
-      const uint8_t* tile_rows[kTileRows];
-      for (int j = 0; j < kTileRows; ++j) {
-        const int64_t o = t * kTileRows + j;
-        tile_rows[j] = o < n_out ? p.weight + o * row_bytes : zeros;
-      }
-      const uint8_t* next_tile = p.weight + (t + 1) * kTileRows * row_bytes;  // past the end: prefetched only
-      std::fill(lanes, lanes + 2 * rows, Lanes{});
-      if (rows <= kFusedRows) {  // one pass: each block is used as soon as it is prepared
-        switch (rows) {
-          case 8: fused<F, 8>(tile_rows, next_tile, blocks, qx, in, lanes); break;
-          case 7: fused<F, 7>(tile_rows, next_tile, blocks, qx, in, lanes); break;
-          case 6: fused<F, 6>(tile_rows, next_tile, blocks, qx, in, lanes); break;
-          case 5: fused<F, 5>(tile_rows, next_tile, blocks, qx, in, lanes); break;
-          case 4: fused<F, 4>(tile_rows, next_tile, blocks, qx, in, lanes); break;
-          case 3: fused<F, 3>(tile_rows, next_tile, blocks, qx, in, lanes); break;
-          case 2: fused<F, 2>(tile_rows, next_tile, blocks, qx, in, lanes); break;
-          default: fused<F, 1>(tile_rows, next_tile, blocks, qx, in, lanes); break;
+      // Both layouts hold a tile's rows in one run of bytes; the next one's is prefetched only (even past the end).
+      const uint8_t* next_tile = p.weight + (t + 1) * kTileRows * row_bytes;
+      if (p.packed) {
+        tile_dots<F>(PackedTile<F>{p.weight + t * kTileRows * row_bytes}, next_tile, blocks, qx, rows, in,
+                     chunk.data(), lanes);
+      } else {
+        FileRows<F> tile;
+        for (int j = 0; j < kTileRows; ++j) {
+          const int64_t o = t * kTileRows + j;
+          tile.rows[j] = o < n_out ? p.weight + o * row_bytes : zeros;
         }
-      }
-      for (int64_t b0 = 0; rows > kFusedRows && b0 < blocks; b0 += kChunkBlocks) {
-        const int64_t count = std::min<int64_t>(kChunkBlocks, blocks - b0);
-        for (int64_t i = 0; i < count; ++i) {
-          prefetch_step(next_tile + (b0 + i) * kTileRows * block_bytes(F), kTileRows * block_bytes(F));
-          prepare_block<F>(tile_rows, b0 + i, chunk[i]);
-        }
-        for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerPass) {
-          switch (std::min<int64_t>(kRowsPerPass, rows - m0)) {
-            case 4: sweep<F, 4>(chunk.data(), b0, count, qx, m0, in, &lanes[2 * m0]); break;
-            case 3: sweep<F, 3>(chunk.data(), b0, count, qx, m0, in, &lanes[2 * m0]); break;
-            case 2: sweep<F, 2>(chunk.data(), b0, count, qx, m0, in, &lanes[2 * m0]); break;
-            default: sweep<F, 1>(chunk.data(), b0, count, qx, m0, in, &lanes[2 * m0]); break;
-          }
-        }
+        tile_dots<F>(tile, next_tile, blocks, qx, rows, in, chunk.data(), lanes);
       }
       const int valid = static_cast<int>(std::min<int64_t>(kTileRows, n_out - t * kTileRows));
       for (int64_t m = 0; m < rows; ++m) {
@@ -178,6 +205,8 @@ void dispatch(const QuantizedLinearParams& p) {
 }
 
 }  // namespace
+
+int64_t quantized_tile_rows() { return kTileRows; }
 
 void quantized_linear(const QuantizedLinearParams& p) {
   if (p.rows == 0 || p.out_features == 0) return;

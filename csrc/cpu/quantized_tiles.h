@@ -234,6 +234,70 @@ DSPARK_QL_INLINE void prepare_block(const uint8_t* const rows[kTileRows], int64_
 }
 #endif  // DSPARK_QL_512
 
+// Block b of a tile stored packed (quantized_linear.h) into `out`: the layout prepare_block builds, loaded.
+template <BlockFormat F>
+DSPARK_QL_INLINE void load_block(const uint8_t* block, TileBlock& out) {
+  constexpr int64_t R = kTileRows;
+  constexpr int64_t header = F == BlockFormat::kQ4_1 ? 4 * R : 2 * R;
+#if defined(DSPARK_QL_512)
+  out.d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block)));
+  out.m = F == BlockFormat::kQ4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2 * R)))
+                                  : _mm512_setzero_ps();
+  if constexpr (F == BlockFormat::kQ8_0) {
+    const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
+    for (int k = 0; k < kChunks; ++k) out.codes[k] = _mm512_xor_si512(_mm512_loadu_si512(block + header + 64 * k), offset);
+  } else {
+    const __m512i low_nibbles = _mm512_set1_epi8(0x0f);
+    for (int k = 0; k < 4; ++k) {
+      const __m512i words = _mm512_loadu_si512(block + header + 64 * k);
+      out.codes[k] = _mm512_and_si512(words, low_nibbles);
+      out.codes[k + 4] = _mm512_and_si512(_mm512_srli_epi16(words, 4), low_nibbles);
+    }
+  }
+#elif defined(DSPARK_QL_AVX2)
+  out.d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block)));
+  out.m = F == BlockFormat::kQ4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2 * R)))
+                                  : _mm256_setzero_ps();
+  if constexpr (F == BlockFormat::kQ8_0) {
+    for (int k = 0; k < kChunks; ++k) {
+      const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + header + 32 * k));
+      if constexpr (kUnsignedQ8) {
+        out.codes[k] = _mm256_xor_si256(words, _mm256_set1_epi8(static_cast<char>(0x80)));
+      } else {
+        out.codes[k] = _mm256_abs_epi8(words);
+        out.signs[k] = words;
+      }
+    }
+  } else {
+    const __m256i low_nibbles = _mm256_set1_epi8(0x0f);
+    for (int k = 0; k < 4; ++k) {
+      const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + header + 32 * k));
+      out.codes[k] = _mm256_and_si256(words, low_nibbles);
+      out.codes[k + 4] = _mm256_and_si256(_mm256_srli_epi16(words, 4), low_nibbles);
+    }
+  }
+#else
+  for (int j = 0; j < kTileRows; ++j) {
+    out.d[j] = half_at(block + 2 * j);
+    out.m[j] = F == BlockFormat::kQ4_1 ? half_at(block + 2 * R + 2 * j) : 0.f;
+  }
+  for (int k = 0; k < kChunks; ++k) {
+    for (int j = 0; j < kTileRows; ++j) {
+      for (int i = 0; i < 4; ++i) {
+        if constexpr (F == BlockFormat::kQ8_0) {
+          const int8_t code = static_cast<int8_t>(block[header + 4 * R * k + 4 * j + i]);
+          out.codes[k][4 * j + i] = static_cast<uint8_t>(kUnsignedQ8 ? code + 128 : code < 0 ? -code : code);
+          out.signs[k][4 * j + i] = code;
+        } else {
+          const uint8_t byte = block[header + 4 * R * (k % 4) + 4 * j + i];
+          out.codes[k][4 * j + i] = k < 4 ? byte & 0x0f : byte >> 4;
+        }
+      }
+    }
+  }
+#endif
+}
+
 #if defined(DSPARK_QL_AVX2)
 // The vector operations of the lanes, at the tile's width: 16 lanes (zmm) with 512-bit VNNI, else 8 (ymm).
 #if defined(DSPARK_QL_512)

@@ -146,11 +146,11 @@ class DSparkDrafter(Drafter):
         self.vocab_ids = ids.to(self.device)
         self.head_rows = model.lm_head_weight[self.vocab_ids].contiguous()
         if native is not None:
-            self.quantized_head_rows = native.rows(ids.to(native.device))
+            self.quantized_head_rows = native.rows(ids.to(native.device)).pack()
         if model.config.head != "none":
             blocks = model.w2.blocks
             self.w2_rows = (model.w2.weight.detach()[self.vocab_ids].contiguous() if blocks is None
-                            else blocks.rows(ids.to(blocks.device)))
+                            else blocks.rows(ids.to(blocks.device)).pack())
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """U over the draft vocabulary (or all of it): with the target's own GGUF blocks for a few rows."""

@@ -17,7 +17,7 @@ import torch
 from dspark.cache import KVCache
 from dspark.drafters.dspark_layers import Linear
 from dspark.models import cpu_decoder
-from dspark.models.quantized import TYPE_IDS, QuantizedWeight
+from dspark.models.quantized import QuantizedWeight
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -30,7 +30,7 @@ def _fused(parts: list[Linear]) -> torch.Tensor | QuantizedWeight | None:
     if all(isinstance(w, QuantizedWeight) for w in weights):
         if len({(w.format, w.in_features) for w in weights}) != 1:
             return None
-        return QuantizedWeight.cat(weights)
+        return QuantizedWeight.cat(weights).pack()
     if any(isinstance(w, QuantizedWeight) for w in weights):
         return None
     return torch.cat([w.detach() for w in weights]).contiguous()
@@ -60,7 +60,7 @@ def _layer_weights(model) -> tuple[list, list[int]] | None:
     usable = usable and not any(e is None for e in entries[1::12] + entries[5::12] + entries[8::12] + entries[10::12])
     flat = [e.data if isinstance(e, QuantizedWeight) else None if e is None else e.detach().contiguous()
             for e in entries]
-    formats = [TYPE_IDS[e.format] if isinstance(e, QuantizedWeight) else 0 for e in entries]
+    formats = [e.kernel_format if isinstance(e, QuantizedWeight) else 0 for e in entries]
     result = (flat, formats) if usable else None
     model.__dict__["_fused_cpu_block"] = (key, result)
     return result

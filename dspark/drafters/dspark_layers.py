@@ -46,7 +46,7 @@ class Linear(nn.Linear):
         return self.blocks
 
     def quantize(self, fmt: str = "q8_0") -> None:
-        self.blocks = QuantizedWeight.from_dense(self.weight, fmt)
+        self.blocks = QuantizedWeight.from_dense(self.weight, fmt).pack()
 
 
 @dataclasses.dataclass

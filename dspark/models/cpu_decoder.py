@@ -17,7 +17,7 @@ import os
 import torch
 
 from dspark.models.linear import kernel_takes
-from dspark.models.quantized import TYPE_IDS, QuantizedWeight
+from dspark.models.quantized import QuantizedWeight
 
 try:
     _kernel = importlib.import_module("dspark._C").llama_decoder_layers
@@ -78,7 +78,7 @@ def _weights(model) -> tuple[list[torch.Tensor | None], list[int]] | None:
         for t in entries:
             quantized = isinstance(t, QuantizedWeight)
             flat.append(t.data if quantized else t)
-            formats.append(TYPE_IDS[t.format] if quantized else 0)
+            formats.append(t.kernel_format if quantized else 0)
         usable = all(t is None or (isinstance(t, QuantizedWeight) and t.device.type == "cpu")
                      or (isinstance(t, torch.Tensor) and t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu")
                      for t in entries)

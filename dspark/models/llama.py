@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,8 @@ class LlamaModel(TargetModel):
         if config.tie_word_embeddings or "lm_head.weight" not in weights:
             weights["lm_head.weight"] = weights["embed_tokens.weight"]
         self._fuse_projections()
+        if os.environ.get("DSPARK_PACK_BLOCKS", "1") != "0":
+            self._pack_blocks()
 
     def check_context(self, max_seq_len: int) -> None:
         """Refuse caches longer than the sliding window: tree_attention has no window, and positions
@@ -128,6 +131,15 @@ class LlamaModel(TargetModel):
                         w[f"{fused}.{kind}"] = self._stack([w.pop(n) for n in names])
                     elif any(n in w for n in names):
                         raise ValueError(f"layer {i}: {kind} present for some of {parts} only")
+
+    def _pack_blocks(self) -> None:
+        """GGUF block matrices into the CPU kernel's packed layout, once (QuantizedWeight.pack: the same bytes,
+        loaded as the kernel uses them instead of transposed from the file's layout on every call; the same
+        results). A tied embedding and LM head stay one object. DSPARK_PACK_BLOCKS=0 keeps the file's layout."""
+        packed: dict[int, QuantizedWeight] = {}
+        for name, t in self.weights.items():
+            if isinstance(t, QuantizedWeight):
+                self.weights[name] = packed.setdefault(id(t), t.pack())
 
     def _stack(self, parts: list) -> torch.Tensor | QuantizedWeight:
         """Rows stacked; parts of one block format stay blocks, a mix (GGUF files may quantize q/k and v,

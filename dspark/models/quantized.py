@@ -16,32 +16,62 @@ import torch
 from dspark.reference import quantized_linear as reference
 
 TYPE_IDS = {"q4_0": 2, "q4_1": 3, "q8_0": 8}  # GGML's type ids, the kernel's format argument
+PACKED_FORMAT = 0x100  # or-ed into a type id for the fused decoder layers: the weight is packed (kPackedFormat)
 
 try:
     _kernel = importlib.import_module("dspark._C").quantized_linear
     _dequantize_kernel = importlib.import_module("dspark._C").dequantize_blocks
+    _tile_rows = int(importlib.import_module("dspark._C").quantized_tile_rows())
 except (ImportError, AttributeError):  # the C++ extension is not built: the (slow) reference
-    _kernel = _dequantize_kernel = None
+    _kernel = _dequantize_kernel = _tile_rows = None
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class QuantizedWeight:
-    """A [out_features, in_features] matrix as GGUF blocks: `data` uint8 [out, in / 32 * bytes]."""
+def tile_rows() -> int | None:
+    """Rows per tile of the kernel's packed layout in this build (16 with 512-bit VNNI, else 8), or None
+    without the C++ extension (no packing then)."""
+    return _tile_rows
 
-    def __init__(self, data: torch.Tensor, fmt: str, in_features: int):
+
+class QuantizedWeight:
+    """A [out_features, in_features] matrix as GGUF blocks: `data` uint8, either as the file stores it,
+    [out, in / 32 * bytes], or packed for the CPU kernel (`pack()`: [tiles, in / 32, R * bytes], tiles of R =
+    tile_rows() rows, csrc/cpu/quantized_linear.h): the same bytes per weight, no per-call transposition."""
+
+    def __init__(self, data: torch.Tensor, fmt: str, in_features: int, out_features: int | None = None):
         if fmt not in TYPE_IDS:
             raise ValueError(f"format must be one of {sorted(TYPE_IDS)}, got {fmt!r}")
         if in_features % reference.BLOCK:
             raise ValueError(f"in_features must be a multiple of 32, got {in_features}")
-        row_bytes = in_features // reference.BLOCK * reference.FORMATS[fmt]
-        if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] != row_bytes:
+        bytes_ = reference.FORMATS[fmt]
+        row_bytes = in_features // reference.BLOCK * bytes_
+        if data.dtype == torch.uint8 and data.dim() == 3:
+            r = _tile_rows
+            if r is None or out_features is None or out_features < 0:
+                raise ValueError("packed data needs the C++ extension and out_features")
+            expected = (-(-out_features // r), in_features // reference.BLOCK, r * bytes_)
+            if tuple(data.shape) != expected:
+                raise ValueError(f"packed data of {out_features} rows must be uint8 {expected}, got {tuple(data.shape)}")
+        elif data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] != row_bytes:
             raise ValueError(f"data must be uint8 [out, {row_bytes}] for {fmt} with {in_features} inputs, got "
                              f"{data.dtype} {tuple(data.shape)}")
+        elif out_features is not None and out_features != data.shape[0]:
+            raise ValueError(f"out_features {out_features} differs from data's {data.shape[0]} rows")
         self.data, self.format, self.in_features = data.contiguous(), fmt, in_features
+        self.out_features = data.shape[0] if data.dim() == 2 else out_features
+
+    @property
+    def packed(self) -> bool:
+        return self.data.dim() == 3
+
+    @property
+    def kernel_format(self) -> int:
+        """The format id the fused C++ layers take for this weight (GGML's, with PACKED_FORMAT when packed)."""
+        return TYPE_IDS[self.format] | (PACKED_FORMAT if self.packed else 0)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.data.shape[0], self.in_features)
+        return (self.out_features, self.in_features)
 
     @property
     def device(self) -> torch.device:
@@ -52,7 +82,46 @@ class QuantizedWeight:
         return self.data.numel()
 
     def __repr__(self) -> str:
-        return f"QuantizedWeight({self.format}, shape={self.shape})"
+        return f"QuantizedWeight({self.format}, shape={self.shape}{', packed' if self.packed else ''})"
+
+    def _split(self) -> tuple[int, int]:
+        """(fp16 scales per block, 4-byte code chunks per block)."""
+        scales = 2 if self.format == "q4_1" else 1
+        return scales, (reference.FORMATS[self.format] - 2 * scales) // 4
+
+    def pack(self) -> "QuantizedWeight":
+        """This matrix in the kernel's packed layout (itself if packed already, or without the extension or
+        off the CPU, where nothing reads that layout)."""
+        r = _tile_rows
+        if self.packed or r is None or self.device.type != "cpu":
+            return self
+        out, blocks = self.out_features, self.in_features // reference.BLOCK
+        tiles = -(-out // r)
+        rows = torch.zeros(tiles * r, self.data.shape[1], dtype=torch.uint8)
+        rows[:out] = self.data
+        scales, chunks = self._split()
+        by_block = rows.view(tiles, r, blocks, -1)
+        header = by_block[..., : 2 * scales].reshape(tiles, r, blocks, scales, 2).permute(0, 2, 3, 1, 4)
+        codes = by_block[..., 2 * scales:].reshape(tiles, r, blocks, chunks, 4).permute(0, 2, 3, 1, 4)
+        data = torch.cat([header.reshape(tiles, blocks, -1), codes.reshape(tiles, blocks, -1)], dim=-1)
+        return QuantizedWeight(data, self.format, self.in_features, out)
+
+    def file_rows(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The selected rows (all by default) as the file stores them: uint8 [rows, in / 32 * bytes]."""
+        if not self.packed:
+            return self.data if index is None else self.data[index]
+        r, blocks = _tile_rows, self.in_features // reference.BLOCK
+        rows = torch.arange(self.out_features) if index is None else torch.as_tensor(index).reshape(-1)
+        scales, chunks = self._split()
+        tiles = self.data[rows // r]  # [n, blocks, R * bytes]
+        lane = (rows % r).view(-1, 1, 1, 1, 1)
+        header = tiles[..., : 2 * r * scales].reshape(len(rows), blocks, scales, r, 2)
+        codes = tiles[..., 2 * r * scales:].reshape(len(rows), blocks, chunks, r, 4)
+        header = header.gather(3, lane.expand(-1, blocks, scales, 1, 2)).squeeze(3)
+        codes = codes.gather(3, lane.expand(-1, blocks, chunks, 1, 4)).squeeze(3)
+        out = torch.cat([header.reshape(len(rows), blocks, -1), codes.reshape(len(rows), blocks, -1)], dim=-1)
+        out = out.reshape(len(rows), -1)
+        return out if index is None else out.view(*torch.as_tensor(index).shape, -1)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, fmt: str = "q8_0") -> "QuantizedWeight":
@@ -75,21 +144,21 @@ class QuantizedWeight:
         return cls(data.reshape(out, -1), fmt, in_features)
 
     def rows(self, index: torch.Tensor) -> "QuantizedWeight":
-        """The matrix of the selected rows (a permutation or a subset)."""
-        return QuantizedWeight(self.data[index], self.format, self.in_features)
+        """The matrix of the selected rows (a permutation or a subset), as the file stores them."""
+        return QuantizedWeight(self.file_rows(index), self.format, self.in_features)
 
     @staticmethod
     def cat(parts: list["QuantizedWeight"]) -> "QuantizedWeight":
         """Rows stacked (fused projections): same format and input width required."""
         if len({(p.format, p.in_features) for p in parts}) != 1:
             raise ValueError("only weights of one format and input width can be stacked")
-        return QuantizedWeight(torch.cat([p.data for p in parts]), parts[0].format, parts[0].in_features)
+        return QuantizedWeight(torch.cat([p.file_rows() for p in parts]), parts[0].format, parts[0].in_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense [out, in] matrix (dspark._C.dequantize_blocks on the CPU: the reference's values,
         rounded to `dtype`)."""
         if _dequantize_kernel is None or self.device.type != "cpu" or dtype not in _FLOATS:
-            return reference.dequantize(self.data, self.format, self.in_features).to(dtype)
+            return reference.dequantize(self.file_rows(), self.format, self.in_features).to(dtype)
         out = torch.empty(self.shape, dtype=dtype)
         _dequantize_kernel(self.data, TYPE_IDS[self.format], out)
         return out
@@ -97,7 +166,7 @@ class QuantizedWeight:
     def embedding(self, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `tokens` decoded: an embedding lookup (the C++ decoder on the CPU: the reference's ~20
         small ops cost ~90 us a batch-1 round)."""
-        picked = self.data[tokens.reshape(-1)]
+        picked = self.file_rows(tokens.reshape(-1))
         if _dequantize_kernel is None or self.device.type != "cpu" or dtype not in _FLOATS:
             return reference.dequantize(picked, self.format, self.in_features).to(dtype).view(*tokens.shape, -1)
         out = torch.empty(picked.shape[0], self.in_features, dtype=dtype)
@@ -116,7 +185,7 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tenso
     if bias is not None and (bias.dtype != x.dtype or bias.shape != (weight.shape[0],)):
         raise ValueError(f"bias must be [{weight.shape[0]}] of x's dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
     if _kernel is None:
-        return reference.quantized_linear(x, weight.data, weight.format, bias)
+        return reference.quantized_linear(x, weight.file_rows(), weight.format, bias)
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch.empty(flat.shape[0], weight.shape[0], dtype=x.dtype)
     _kernel(flat, weight.data, TYPE_IDS[weight.format], None if bias is None else bias.contiguous(), out)
