@@ -35,23 +35,28 @@ def random_blocks(fmt: str, out: int, in_features: int, seed: int) -> torch.Tens
 
 
 @pytest.mark.skipif(_kernel is None, reason="dspark._C is not built")
-@pytest.mark.parametrize("impl", ["quantized_linear", "small_batch_linear bf16"])
+@pytest.mark.parametrize("impl", ["quantized_linear", "quantized_linear packed", "small_batch_linear bf16"])
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_quantized_linear(benchmark, impl, rows, shape):
+    """impl "quantized_linear": blocks in the file's layout; "packed": in the kernel's tiles (QuantizedWeight.pack),
+    as a loaded model holds them."""
     out_features, in_features, fmt = SHAPES[shape]
-    if impl == "quantized_linear":
+    quantized = impl.startswith("quantized_linear")
+    if quantized:
         weights = [QuantizedWeight(random_blocks(fmt, out_features, in_features, 0), fmt, in_features)]
+        if impl.endswith("packed"):
+            weights = [weights[0].pack()]
         weight_bytes = weights[0].nbytes
     else:
         weights = [torch.randn(out_features, in_features).bfloat16()]
         weight_bytes = out_features * in_features * 2
     copies = max(1, -(-CACHE_BYTES // weight_bytes))
     while len(weights) < copies:
-        weights.append(QuantizedWeight(weights[0].data.clone(), fmt, in_features) if impl == "quantized_linear"
+        weights.append(QuantizedWeight(weights[0].data.clone(), fmt, in_features, out_features) if quantized
                        else weights[0].clone())
     x = torch.randn(rows, in_features).bfloat16()
-    fn = quantized_linear if impl == "quantized_linear" else small_batch_linear
+    fn = quantized_linear if quantized else small_batch_linear
     state = {"i": 0}
 
     def step():
@@ -59,7 +64,7 @@ def test_quantized_linear(benchmark, impl, rows, shape):
         return fn(x, weights[state["i"]])
 
     benchmark.extra_info.update(op="linear", impl=impl, rows=rows, shape=shape,
-                                format=fmt if impl == "quantized_linear" else "bf16", weight_bytes=weight_bytes)
+                                format=fmt if quantized else "bf16", weight_bytes=weight_bytes)
     benchmark.pedantic(step, rounds=max(20, 2 * copies), warmup_rounds=copies)
 
 
@@ -97,17 +102,20 @@ def table(path: str) -> None:
     print(f"pytest-benchmark medians, bench/bench_quantized_linear.py, {machine.get('brand_raw', '?')} "
           f"({machine.get('count', '?')} vCPUs), torch {torch.__version__}; weights cycled through 96 MiB.\n"
           f"Read bandwidth (sum over 512 MiB): {bandwidth / 1e9:.1f} GB/s.\n")
-    print("| shape | rows | quantized (ms) | GB/s | % of read | bf16 small_batch_linear (ms) | GB/s | speedup |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | rows | quantized (ms) | GB/s | % of read | packed (ms) | GB/s | packed speedup | "
+          "bf16 small_batch_linear (ms) | GB/s | packed / bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     cases = {}
     for b in data["benchmarks"]:
         info = b["extra_info"]
         if info["op"] == "linear":
             cases.setdefault((info["shape"], info["rows"]), {})[info["impl"]] = (b["stats"]["median"], info["weight_bytes"])
     for (shape, rows), impls in sorted(cases.items(), key=lambda kv: (list(SHAPES).index(kv[0][0]), kv[0][1])):
-        (tq, bq), (tb, bb) = impls["quantized_linear"], impls["small_batch_linear bf16"]
+        (tq, bq), (tp, bp) = impls["quantized_linear"], impls["quantized_linear packed"]
+        tb, bb = impls["small_batch_linear bf16"]
         print(f"| {shape} ({SHAPES[shape][2]}) | {rows} | {tq * 1e3:.3f} | {bq / tq / 1e9:.1f} | "
-              f"{100 * bq / tq / bandwidth:.0f}% | {tb * 1e3:.3f} | {bb / tb / 1e9:.1f} | {tb / tq:.2f}x |")
+              f"{100 * bq / tq / bandwidth:.0f}% | {tp * 1e3:.3f} | {bp / tp / 1e9:.1f} | {tq / tp:.2f}x | "
+              f"{tb * 1e3:.3f} | {bb / tb / 1e9:.1f} | {tb / tp:.2f}x |")
     prefill = {}
     for b in data["benchmarks"]:
         info = b["extra_info"]
