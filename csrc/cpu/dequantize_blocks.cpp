@@ -169,29 +169,75 @@ void decode_row_lanes(const uint8_t* row, int64_t blocks, Y* y) {
 #endif
 
 template <BlockFormat F, typename Y>
+void decode_row_any(const uint8_t* row, int64_t blocks, Y* y) {
+#ifdef DSPARK_DQ_AVX2
+  if constexpr (!std::is_same_v<Y, Half>) {  // fp16 (rare on CPU) keeps the scalar conversion
+    decode_row_lanes<F>(row, blocks, y);
+    return;
+  }
+#endif
+  decode_row<F>(row, blocks, y);
+}
+
+// The R rows of tile t of a packed weight, in the file's layout, into rows[R * row_bytes].
+template <BlockFormat F>
+void unpack_tile(const uint8_t* packed, int64_t R, int64_t t, int64_t blocks, uint8_t* rows) {
+  constexpr int64_t bytes = block_bytes(F), scales = F == BlockFormat::kQ4_1 ? 2 : 1, header = 2 * scales;
+  constexpr int64_t chunks = (bytes - header) / 4;
+  const int64_t row_bytes = blocks * bytes;
+  const uint8_t* tile = packed + t * blocks * R * bytes;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* src = tile + b * R * bytes;
+    for (int64_t j = 0; j < R; ++j) {
+      uint8_t* dst = rows + j * row_bytes + b * bytes;
+      for (int64_t s = 0; s < scales; ++s) std::memcpy(dst + 2 * s, src + 2 * R * s + 2 * j, 2);
+    }
+    const uint8_t* codes = src + 2 * R * scales;
+#ifdef DSPARK_DQ_512
+    if (R == 16) {  // 4 chunks of 16 dwords at a time: a 4 x 16 transpose into 16 rows of 16 bytes
+      for (int64_t k0 = 0; k0 < chunks; k0 += 4) {
+        __m512i c[4];
+        for (int i = 0; i < 4; ++i) c[i] = _mm512_loadu_si512(codes + 64 * (k0 + i));
+        const __m512i t0 = _mm512_unpacklo_epi32(c[0], c[1]), t1 = _mm512_unpackhi_epi32(c[0], c[1]);
+        const __m512i t2 = _mm512_unpacklo_epi32(c[2], c[3]), t3 = _mm512_unpackhi_epi32(c[2], c[3]);
+        const __m512i r[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
+                              _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
+        alignas(64) uint8_t lanes[4][64];
+        for (int i = 0; i < 4; ++i) _mm512_store_si512(lanes[i], r[i]);
+        for (int l = 0; l < 4; ++l)  // 128-bit lane l of r[i] holds row 4l + i's chunks k0..k0+3
+          for (int i = 0; i < 4; ++i)
+            std::memcpy(rows + (4 * l + i) * row_bytes + b * bytes + header + 4 * k0, lanes[i] + 16 * l, 16);
+      }
+      continue;
+    }
+#endif
+    for (int64_t k = 0; k < chunks; ++k)
+      for (int64_t j = 0; j < R; ++j)
+        std::memcpy(rows + j * row_bytes + b * bytes + header + 4 * k, codes + 4 * R * k + 4 * j, 4);
+  }
+}
+
+template <BlockFormat F, typename Y>
 void run(const DequantizeParams& p) {
   const int64_t blocks = p.in_features / kBlockWeights, row_bytes = blocks * block_bytes(F);
   Y* y = static_cast<Y*>(p.y);
+  if (p.tile_rows > 0) {  // packed: a tile's rows back in the file's layout (in L1), then decoded as usual
+    const int64_t R = p.tile_rows, tiles = (p.out_features + R - 1) / R;
 #pragma omp parallel if (p.out_features * p.in_features >= 65536)
-  {
-    thread_local std::vector<uint8_t> unpacked;  // one row of a packed weight in the file's layout
-    if (p.tile_rows > 0) unpacked.resize(static_cast<size_t>(row_bytes));
+    {
+      thread_local std::vector<uint8_t> rows;
+      rows.resize(static_cast<size_t>(R * row_bytes));
 #pragma omp for schedule(static)
-    for (int64_t o = 0; o < p.out_features; ++o) {
-      const uint8_t* row = p.weight + o * row_bytes;
-      if (p.tile_rows > 0) {
-        unpack_row(p.weight, F, p.tile_rows, o, blocks, unpacked.data());
-        row = unpacked.data();
+      for (int64_t t = 0; t < tiles; ++t) {
+        unpack_tile<F>(p.weight, R, t, blocks, rows.data());
+        for (int64_t j = 0; j < R && t * R + j < p.out_features; ++j)
+          decode_row_any<F>(rows.data() + j * row_bytes, blocks, y + (t * R + j) * p.in_features);
       }
-#ifdef DSPARK_DQ_AVX2
-      if constexpr (!std::is_same_v<Y, Half>) {  // fp16 (rare on CPU) keeps the scalar conversion
-        decode_row_lanes<F>(row, blocks, y + o * p.in_features);
-        continue;
-      }
-#endif
-      decode_row<F>(row, blocks, y + o * p.in_features);
     }
+    return;
   }
+#pragma omp parallel for schedule(static) if (p.out_features * p.in_features >= 65536)
+  for (int64_t o = 0; o < p.out_features; ++o) decode_row_any<F>(p.weight + o * row_bytes, blocks, y + o * p.in_features);
 }
 
 template <typename Y>
@@ -204,19 +250,6 @@ void dispatch(const DequantizeParams& p) {
 }
 
 }  // namespace
-
-void unpack_row(const uint8_t* packed, BlockFormat format, int64_t tile_rows, int64_t o, int64_t blocks, uint8_t* row) {
-  const int64_t R = tile_rows, bytes = block_bytes(format), j = o % R;
-  const int64_t scales = format == BlockFormat::kQ4_1 ? 2 : 1, header = 2 * scales;
-  const int64_t chunks = (bytes - header) / 4;
-  const uint8_t* tile = packed + (o / R) * blocks * R * bytes;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* src = tile + b * R * bytes;
-    uint8_t* dst = row + b * bytes;
-    for (int64_t s = 0; s < scales; ++s) std::memcpy(dst + 2 * s, src + 2 * R * s + 2 * j, 2);
-    for (int64_t k = 0; k < chunks; ++k) std::memcpy(dst + header + 4 * k, src + 2 * R * scales + 4 * R * k + 4 * j, 4);
-  }
-}
 
 void dequantize_blocks(const DequantizeParams& p) {
   if (p.out_features == 0) return;

@@ -25,7 +25,4 @@ struct DequantizeParams {
 
 void dequantize_blocks(const DequantizeParams& params);
 
-// Row o of a weight packed in tiles of `tile_rows` rows, in the file's layout (blocks * block_bytes bytes into `row`).
-void unpack_row(const uint8_t* packed, BlockFormat format, int64_t tile_rows, int64_t o, int64_t blocks, uint8_t* row);
-
 }  // namespace dspark::cpu
