@@ -24,7 +24,7 @@ void decode_row(const uint8_t* row, int64_t blocks, Y* y) {
     const uint8_t* block = row + b * bytes;
     const float d = half_at(block);
     const float m = F == BlockFormat::kQ4_1 ? half_at(block + 2) : 0.f;
-    const uint8_t* quants = block + (F == BlockFormat::kQ4_1 ? 4 : 2);
+    const uint8_t* quants = block + header_bytes<F>();
     Y* out = y + b * kBlockWeights;
     for (int i = 0; i < kBlockWeights; ++i) {
       float q;
@@ -156,7 +156,7 @@ void decode_row_lanes(const uint8_t* row, int64_t blocks, Y* y) {
     const uint8_t* block = row + b * bytes;
     const Vec d = splat(half_lane(block));
     Vec w[kVectors];
-    block_codes<F>(block + (F == BlockFormat::kQ4_1 ? 4 : 2), w);
+    block_codes<F>(block + header_bytes<F>(), w);
     if constexpr (F == BlockFormat::kQ4_1) {
       const Vec m = splat(half_lane(block + 2));
       for (int k = 0; k < kVectors; ++k) w[k] = fma(d, w[k], m);
@@ -182,7 +182,7 @@ void decode_row_any(const uint8_t* row, int64_t blocks, Y* y) {
 // The R rows of tile t of a packed weight, in the file's layout, into rows[R * row_bytes].
 template <BlockFormat F>
 void unpack_tile(const uint8_t* packed, int64_t R, int64_t t, int64_t blocks, uint8_t* rows) {
-  constexpr int64_t bytes = block_bytes(F), scales = F == BlockFormat::kQ4_1 ? 2 : 1, header = 2 * scales;
+  constexpr int64_t bytes = block_bytes(F), header = header_bytes<F>(), scales = header / 2;
   constexpr int64_t chunks = (bytes - header) / 4;
   const int64_t row_bytes = blocks * bytes;
   const uint8_t* tile = packed + t * blocks * R * bytes;

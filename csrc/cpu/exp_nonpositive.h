@@ -17,44 +17,46 @@ namespace dspark::cpu {
 // that the compiler vectorises the loops calling it: the integer part n comes out of the mantissa of
 // x * log2(e) + 1.5 * 2^23, and the result is masked with bit operations rather than a select that
 // the compiler would turn into a branch around the polynomial.
+namespace exp_steps {  // the constants of both versions below
+constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;  // ln 2 = high + low
+constexpr float kPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                            4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+constexpr float kUnderflow = -87.0f;  // below: 0
+}  // namespace exp_steps
+
 inline float exp_nonpositive(float x) {
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float shifted = x * 1.44269504088896341f + magic;
-  const float n = shifted - magic;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  using namespace exp_steps;
+  const float shifted = x * kLog2e + kMagic;
+  const float n = shifted - kMagic;
+  float r = x - n * kLn2High;
+  r = r - n * kLn2Low;
+  float p = kPoly[0];
+  for (int i = 1; i < 6; ++i) p = p * r + kPoly[i];
   const float y = p * r * r + r + 1.0f;
-  const uint32_t exponent = float_to_bits(shifted) - float_to_bits(magic) + 127u;  // n + 127
+  const uint32_t exponent = float_to_bits(shifted) - float_to_bits(kMagic) + 127u;  // n + 127
   const float result = y * bits_to_float(exponent << 23);
-  const uint32_t keep = 0u - static_cast<uint32_t>(x >= -87.0f);
+  const uint32_t keep = 0u - static_cast<uint32_t>(x >= kUnderflow);
   return bits_to_float(float_to_bits(result) & keep);
 }
 
 #if defined(__AVX512F__)
 // exp_nonpositive in 16 lanes: the same steps, each written as the fma or product it is contracted to.
 inline __m512 exp_nonpositive16(__m512 x) {
-  const __m512 magic = _mm512_set1_ps(12582912.0f);
-  const __m512 shifted = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic);
+  using namespace exp_steps;
+  const __m512 magic = _mm512_set1_ps(kMagic);
+  const __m512 shifted = _mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), magic);
   const __m512 n = _mm512_sub_ps(shifted, magic);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2High), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Low), r);
+  __m512 p = _mm512_set1_ps(kPoly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kPoly[i]));
   const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
   const __m512i exponent = _mm512_add_epi32(
       _mm512_sub_epi32(_mm512_castps_si512(shifted), _mm512_castps_si512(magic)), _mm512_set1_epi32(127));
   const __m512 result = _mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32(exponent, 23)));
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kUnderflow), _CMP_GE_OQ);
   return _mm512_maskz_mov_ps(keep, result);
 }
 #endif

@@ -60,6 +60,12 @@ constexpr int kPackedFormat = 0x100;  // or-ed into a format id (decoder layers)
 
 int64_t quantized_tile_rows();
 
+// Bytes of a block before its codes: the fp16 d, and Q4_1's fp16 m.
+template <BlockFormat F>
+constexpr int64_t header_bytes() {
+  return F == BlockFormat::kQ4_1 ? 4 : 2;
+}
+
 struct QuantizedLinearParams {
   DType x_dtype;          // x, y and bias
   const void* x;          // [rows, in_features], contiguous

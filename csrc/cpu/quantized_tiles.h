@@ -97,11 +97,6 @@ struct TileBlock {
 };
 #endif
 
-template <BlockFormat F>
-constexpr int64_t header_bytes() {
-  return F == BlockFormat::kQ4_1 ? 4 : 2;
-}
-
 // Lane j of out[k] = dword k of rows[j] + offset, k = 0..3: an 8 x 4 transpose of 32-bit words.
 #ifdef DSPARK_QL_AVX2
 inline void transpose_dwords(const uint8_t* const rows[kTileRows], int64_t offset, __m256i out[4]) {
@@ -238,7 +233,7 @@ DSPARK_QL_INLINE void prepare_block(const uint8_t* const rows[kTileRows], int64_
 template <BlockFormat F>
 DSPARK_QL_INLINE void load_block(const uint8_t* block, TileBlock& out) {
   constexpr int64_t R = kTileRows;
-  constexpr int64_t header = F == BlockFormat::kQ4_1 ? 4 * R : 2 * R;
+  constexpr int64_t header = header_bytes<F>() * R;
 #if defined(DSPARK_QL_512)
   out.d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block)));
   out.m = F == BlockFormat::kQ4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2 * R)))

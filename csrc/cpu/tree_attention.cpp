@@ -141,8 +141,9 @@ void run_item(Context& ctx, const Item& it, Scratch& sc) {
   for (int64_t t0 = it.key_begin; t0 < it.key_end; t0 += kTile) {
     const int64_t tk = std::min<int64_t>(kTile, it.key_end - t0);
     const T* keys[kTile];
+    const int64_t tile_offset = contiguous ? slot_offset(p, r, t0, g) : 0;
     for (int64_t j = 0; j < tk; ++j) {
-      const int64_t off = contiguous ? slot_offset(p, r, t0, g) + j * slot_stride : slot_offset(p, r, t0 + j, g);
+      const int64_t off = contiguous ? tile_offset + j * slot_stride : slot_offset(p, r, t0 + j, g);
       keys[j] = k_cache + off;
       convert_row(v_cache + off, vf + j * dim, dim);
     }
