@@ -304,15 +304,20 @@ class Engine:
         self._drafted = any(wanted)
         self._draft_sources = tuple(sorted({s for s, w in zip(sources, wanted) if w}))
         drafting = [r for r, w in zip(requests, wanted) if w]
-        drafted = iter(self.drafter.propose(drafting, self.max_draft_for(drafting)) if drafting else [])
+        if not drafting:
+            return [Proposal([]) for _ in requests]
+        limit = self.max_draft_for(drafting)
+        floor = self.policy.survival_floor(len(requests), min(limit, self.drafter.num_draft)) if limit else 0.0
+        drafted = iter(self.drafter.propose_pruned(drafting, limit, floor))
         return [next(drafted) if w else Proposal([]) for w in wanted]
 
     def max_draft_for(self, requests: list[Request]) -> int:
-        """Drafts never outgrow any request's cache row; each request's token budget is applied to
-        its own proposal afterwards (a round emits at most drafts + 1 tokens)."""
+        """Drafts never outgrow any request's cache row nor what the policy verifies; each request's token
+        budget is applied to its own proposal afterwards (a round emits at most drafts + 1 tokens)."""
         cache_room = min(self.max_seq_len - len(r.tokens) for r in requests)
         token_room = max(r.params.max_tokens - len(r.generated) for r in requests)
-        return max(0, min(cache_room, token_room - 1))
+        cap = self.policy.most_nodes()
+        return max(0, min(cache_room, token_room - 1, cache_room if cap is None else cap))
 
     def _draft_probs(self, requests, proposals, nodes) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(draft_probs over the round's nodes, their draft vocabulary or None): rows written only for

@@ -42,6 +42,17 @@ class VerificationPolicy(abc.ABC):
     def choose(self, requests: list, proposals: list[Proposal]) -> list[int]:
         """Per request, how many of its proposal's nodes (a prefix in node order) to verify."""
 
+    def most_nodes(self) -> int | None:
+        """The most draft nodes this policy verifies per request, or None for no cap of its own: the engine
+        asks drafters for no more (default: None)."""
+        return None
+
+    def survival_floor(self, batch: int, most_nodes: int) -> float:
+        """A survival below which choose() never verifies a node, in a round of `batch` requests whose
+        proposals hold at most `most_nodes` nodes each: drafters may stop drafting there
+        (Drafter.propose_pruned). Must not depend on this round's tokens. Default: 0.0 (none)."""
+        return 0.0
+
     def observe_round(self, batch: int, drafted: bool, tokens: int, seconds: float,
                       sources: tuple[str, ...] = ()) -> None:
         """After each decoding round: its batch size, whether anything was drafted (and by which
@@ -58,6 +69,9 @@ class FixedLength(VerificationPolicy):
 
     def choose(self, requests: list, proposals: list[Proposal]) -> list[int]:
         return [min(len(p), self.num_draft) for p in proposals]
+
+    def most_nodes(self) -> int | None:
+        return self.num_draft
 
 
 def survival(proposal: Proposal) -> list[float]:
@@ -112,6 +126,7 @@ class SPSPolicy(VerificationPolicy):
                  throughput_gate: "bool | ThroughputGate" = False):
         self.sps, self.max_draft = sps, max_draft
         self._one_token_pays: dict[int, bool] = {}  # batch -> whether a certain draft token pays (PrefixScheduler)
+        self._floors: dict[tuple[int, int], float] = {}  # (batch, most nodes) -> survival_floor (PrefixScheduler)
         self.gate = DraftGate(sps) if gate else None
         if isinstance(throughput_gate, ThroughputGate):
             self.throughput = throughput_gate
@@ -120,6 +135,9 @@ class SPSPolicy(VerificationPolicy):
 
     def may_draft(self, batch: int) -> bool:
         return self.throughput is None or not self.throughput.quiet(batch)
+
+    def most_nodes(self) -> int | None:
+        return self.max_draft
 
     def should_draft(self, requests: list, sources: list[str] | None = None) -> list[bool]:
         allowed = [True] * len(requests)
@@ -155,6 +173,18 @@ class PrefixScheduler(SPSPolicy):
         if pays is None:
             pays = self._one_token_pays[batch] = (batch + 1) * self.sps(batch + 1) > batch * self.sps(batch)
         return pays and super().may_draft(batch)
+
+    def survival_floor(self, batch: int, most_nodes: int) -> float:
+        """choose() admits a candidate of survival a when (tau + a) * SPS(t + 1) > tau * SPS(t), with t the
+        tokens admitted so far (batch <= t <= batch * (1 + most_nodes)) and tau >= batch: never when
+        a <= batch * min over those t of (SPS(t) / SPS(t + 1) - 1)."""
+        key = (batch, most_nodes)
+        floor = self._floors.get(key)
+        if floor is None:
+            gains = [self.sps(t) / self.sps(t + 1) - 1.0 for t in range(batch, batch * (1 + most_nodes) + 1)]
+            # shaved by a relative 1e-9: choose() compares rounded products, and a node it might admit stays
+            floor = self._floors[key] = max(0.0, batch * min(gains) * (1.0 - 1e-9))
+        return floor
 
     def choose(self, requests: list, proposals: list[Proposal]) -> list[int]:
         lengths = [0] * len(proposals)

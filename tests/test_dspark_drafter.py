@@ -127,8 +127,8 @@ def test_gated_scheduler_drafts_rarely_when_drafts_cannot_pay(tiny, plain, steps
     probe rounds (every 8th, then rarer). Either way nothing is verified and the output is the target's."""
     drafter = DSparkDrafter(bigram_oracle(tiny, plain))
     calls = []
-    propose = drafter.propose
-    drafter.propose = lambda requests, max_draft: calls.append(len(requests)) or propose(requests, max_draft)
+    propose = drafter.propose_pruned  # what the engine calls
+    drafter.propose_pruned = lambda requests, *limits: calls.append(len(requests)) or propose(requests, *limits)
     engine = Engine(tiny, drafter=drafter, policy=PrefixScheduler(SPSCurve([1, 2], list(steps_per_second))),
                     max_batch=batch, max_seq_len=128)
     requests = engine.generate(PROMPTS, GREEDY)
@@ -177,6 +177,41 @@ def propose_once(drafter, target, params, rows: int = 1):
     start(drafter, request, captured(target, DRAFT_PROMPT, drafter.model.config.target_layers))
     [proposal] = drafter.propose([request], 8)
     return request, proposal
+
+
+@pytest.mark.parametrize("head", ["markov", "rnn", "none"])
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_pruned_drafting_stops_where_every_survival_falls_below_the_floor(tiny, head, temperature):
+    """propose_pruned drafts the unpruned proposal's first nodes (same tokens, confidences and rows, the same
+    random stream after it), at least one, and stops at the first position whose survival is below the floor in
+    every row. A floor of zero prunes nothing."""
+    params = SamplingParams(temperature=temperature, seed=5)
+    model = make_model(tiny, "dspark", head, gamma=6, seed=4)
+    prompts = [DRAFT_PROMPT + [11], [20, 21, 22, 23, 24, 25, 26]]
+    requests = [Req(p, params, row=i) for i, p in enumerate(prompts)]
+
+    def drafts(floor):
+        drafter = DSparkDrafter(model)
+        bind(drafter, 2)
+        for r in requests:
+            start(drafter, r, captured(tiny, r.tokens[:-1], model.config.target_layers))
+        first = drafter.propose_pruned(requests, 6, floor)
+        return first, drafter.propose(requests, 6)  # the next round: the generators must be where they were
+
+    (full, after), seen = drafts(0.0), set()
+    survivals = torch.stack([torch.cumprod(p.confidences, 0) for p in full])
+    for floor in torch.linspace(0.0, 1.0, 41).tolist():
+        pruned, pruned_after = drafts(floor)
+        below = [k for k in range(1, 6) if bool((survivals[:, k] < floor).all())]
+        n = below[0] if below else 6
+        seen.add(n)
+        for p, q, r, s in zip(pruned, full, pruned_after, after):
+            assert p.tokens == q.tokens[:n]
+            torch.testing.assert_close(p.confidences, q.confidences[:n])
+            if temperature > 0:
+                torch.testing.assert_close(p.draft_probs[:n], q.draft_probs[:n])
+            assert r.tokens == s.tokens
+    assert len(seen) >= 3 and 6 in seen and 1 in seen
 
 
 def replayed_draws(rows: torch.Tensor, seed: int) -> list[int]:

@@ -91,6 +91,49 @@ def test_prefix_scheduler_admits_best_first_and_stops_at_the_first_loss():
     assert PrefixScheduler(flat, max_draft=1).choose([Req(0)], [chain([0.9, 0.9])]) == [1]
 
 
+CPU_SPS = SPSCurve([1, 2, 4, 8, 16], [314.0, 271.0, 220.0, 125.0, 62.0])  # SmolLM2 steps on the 2-vCPU Xeon
+
+
+@pytest.mark.parametrize("sps", [CPU_SPS, SPSCurve([1, 4, 8, 16, 32], [20.0, 19.0, 15.0, 9.0, 5.0])])
+def test_nodes_below_the_survival_floor_are_never_verified(sps):
+    """Random chains over batches of 1-6: dropping every node whose survival is below survival_floor (after the
+    first, as a drafter that stops there keeps) leaves the prefix scheduler's choice as it was; the floor is not
+    trivially zero, and the pruning often bites. Doubling the floor changes some choice (it is at most a factor
+    tau / batch from tight)."""
+    gen = torch.Generator().manual_seed(0)
+    pruned_any, raised_differs = 0, 0
+    for trial in range(3000):
+        batch, gamma = 1 + trial % 6, 1 + trial % 7
+        policy = PrefixScheduler(sps, gate=False)
+        floor = policy.survival_floor(batch, gamma)
+        assert floor > 0
+        confidences = torch.rand(batch, gamma, generator=gen) ** 0.5
+        full = [chain(c.tolist()) for c in confidences]
+        requests = [Req(i) for i in range(batch)]
+        chosen = policy.choose(requests, full)
+
+        def pruned(limit):
+            out = []
+            for p in full:
+                a = torch.cumprod(p.confidences, 0)
+                keep = next((k for k in range(1, gamma) if a[k] < limit), gamma)
+                out.append(p.truncated(keep))
+            return out
+        cut = pruned(floor)
+        pruned_any += sum(len(p) < gamma for p in cut)
+        assert policy.choose(requests, cut) == chosen
+        raised_differs += policy.choose(requests, pruned(floor * 2)) != chosen
+    assert pruned_any > 1000 and raised_differs > 0
+
+
+def test_policies_cap_and_floor_what_drafters_are_asked_for():
+    assert FixedLength(3).most_nodes() == 3 and FixedLength(3).survival_floor(1, 3) == 0.0
+    assert PrefixScheduler(CPU_SPS).most_nodes() is None and PrefixScheduler(CPU_SPS, max_draft=2).most_nodes() == 2
+    assert AsyncScheduler(CPU_SPS).survival_floor(1, 7) == 0.0  # its top-K may take nodes the prefix rule would not
+    flat = SPSCurve([1, 64], [10.0, 10.0])  # free verification: every node may pay
+    assert PrefixScheduler(flat).survival_floor(4, 7) == 0.0
+
+
 def test_ranking_ties_go_to_the_lower_position():
     assert [(k, r) for _, k, r in ranked_candidates([[1.0, 1.0], [1.0]])] == [(1, 0), (1, 1), (2, 0)]
 

@@ -77,6 +77,13 @@ class Drafter(abc.ABC):
     def propose(self, requests: list, max_draft: int) -> list[Proposal]:
         """Drafts for the given requests, at most max_draft nodes each."""
 
+    def propose_pruned(self, requests: list, max_draft: int, survival_floor: float) -> list[Proposal]:
+        """propose(), told that no node whose survival (the product of the confidences up to it) falls below
+        `survival_floor` will be verified (VerificationPolicy.survival_floor): a drafter that computes
+        confidences step by step may stop once every request's survival is below it, keeping at least one
+        node each (a policy may learn from the first node's confidence). Default: propose()."""
+        return self.propose(requests, max_draft)
+
     def accept(self, requests: list, paths: list[list[int]]) -> None:
         """The verified round: each request's accepted node path (starting with 0)."""
 

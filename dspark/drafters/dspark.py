@@ -254,8 +254,13 @@ class DSparkDrafter(Drafter):
             logit = logit + config.calibration_shift[min(k, len(config.calibration_shift) - 1)]
         return torch.sigmoid(logit.float())
 
-    @torch.inference_mode()
     def propose(self, requests, max_draft: int) -> list[Proposal]:
+        return self.propose_pruned(requests, max_draft, 0.0)
+
+    @torch.inference_mode()
+    def propose_pruned(self, requests, max_draft: int, survival_floor: float) -> list[Proposal]:
+        """DSpark kind on a CPU: the sequential head stops once every request's survival is below the
+        floor (a per-step host read, which is why only on the CPU)."""
         steps = min(self.num_draft, max_draft)
         if steps <= 0 or not requests:
             return [Proposal([]) for _ in requests]
@@ -266,18 +271,24 @@ class DSparkDrafter(Drafter):
             kv, valid, starts = self._context(requests)
             tokens, confs = self._draft_eagle(requests, sampler, steps, kv, valid, starts, anchors)
         else:
-            tokens, confs = self._draft_block(requests, sampler, steps, anchors)
+            prune = survival_floor > 0 and self.model.conf is not None and self.device.type == "cpu"
+            tokens, confs = self._draft_block(requests, sampler, steps, anchors, survival_floor if prune else None)
         token_rows = torch.stack(tokens, dim=1).tolist()  # the one host read of the drafted tokens
         confidences = torch.stack(confs, dim=1)
         # Rows over the draft vocabulary stay that narrow: rejection_sample reads them as q = 0 elsewhere.
         return [Proposal(token_rows[i], draft_probs=q, confidences=confidences[i], draft_vocab=self.vocab_ids)
                 for i, q in enumerate(sampler.draft_probs())]
 
-    def _draft_block(self, requests, sampler, steps, anchors):
-        """One backbone pass over the block, then the sequential head left to right."""
+    def _draft_block(self, requests, sampler, steps, anchors, floor: float | None = None):
+        """One backbone pass over the block, then the sequential head left to right; given a survival
+        floor (a confidence head's), the head computes each position's confidence as it goes and stops
+        before a position k > 1 at which every row's survival c_1 ... c_k is below the floor: c_k reads
+        h_k and x_{k-1}, never x_k, so what is dropped is exactly what the policy would not verify."""
         model = self.model
         h = self._block(requests, anchors, max(model.config.gamma, steps))
         base = self._logits(h[:, :steps])
+        if floor is not None:
+            return self._draft_pruned(sampler, steps, anchors, h, base, floor)
         tokens, prev, state, own_probs = [], anchors, None, []
         for k in range(steps):
             bias, _, state = model.head_step(h[:, k], prev, state, self.w2_rows, confidence=False)
@@ -292,6 +303,21 @@ class DSparkDrafter(Drafter):
         # The confidence head reads h_k and W1[x_{k-1}]: every position at once, once the tokens are known.
         logits = model.block_confidence_logits(h[:, :steps], torch.stack([anchors] + tokens[:-1], dim=1))
         return tokens, [self._confidence(logits[:, k], k, None, None) for k in range(steps)]
+
+    def _draft_pruned(self, sampler, steps, anchors, h, base, floor: float):
+        model = self.model
+        tokens, confs, prev, state, survival = [], [], anchors, None, None
+        for k in range(steps):
+            bias, logit, state = model.head_step(h[:, k], prev, state, self.w2_rows)
+            confidence = self._confidence(logit, k, None, None)
+            survival = confidence if survival is None else survival * confidence
+            if k > 0 and bool((survival < floor).all()):
+                break
+            logits = base[:, k] if bias is None else base[:, k] + bias
+            prev = sampler.choose(logits, k)
+            tokens.append(prev)
+            confs.append(confidence)
+        return tokens, confs
 
     def _block(self, requests, anchors, n: int) -> torch.Tensor:
         """h_1..h_n [B, n, d]: the fused C++ layers on a CPU (dspark_cpu), else DSparkModel.block."""

@@ -80,10 +80,13 @@ class HybridDrafter(Drafter):
         return (self.accepted / self.verified).float()
 
     def propose(self, requests, max_draft: int) -> list[Proposal]:
+        return self.propose_pruned(requests, max_draft, 0.0)
+
+    def propose_pruned(self, requests, max_draft: int, survival_floor: float) -> list[Proposal]:
         limit = min(self.num_draft, max_draft)
         starts = [self._match(r) if limit > 0 else None for r in requests]
         learned = [r for r, at in zip(requests, starts) if at is None]
-        drafted = iter(self.dspark.propose(learned, max_draft) if learned else [])
+        drafted = iter(self.dspark.propose_pruned(learned, max_draft, survival_floor) if learned else [])
         out = []
         for r, at in zip(requests, starts):
             if at is not None:
