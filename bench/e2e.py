@@ -5,6 +5,10 @@ and its prompt-lookup draft model) on the same GGUF with its own quantized weigh
 (`pip install llama-cpp-python`, a ~5 minute source build: bench environments only, not CI). Batch 1,
 chat template, the same prompt ids and token budget everywhere; times include the prefill.
 
+Methods take turns prompt by prompt (each keeps its engine, warm, across the prompts), so that a slow spell
+of a shared machine falls on all of them; --repeats runs the prompt set that many times over, and each
+method's ratio to our plain decoding is also given per repeat (its spread is the run's noise).
+
     python bench/e2e.py --per-domain 3 --max-tokens 128 --out bench/results/e2e-cpu
 
 writes <out>.json and <out>.png. Prompts come from ../shared/datasets (or --datasets).
@@ -72,29 +76,36 @@ def load_prompts(directory: pathlib.Path, per_domain: int, tokenizer) -> dict[st
     return prompts
 
 
-def run_ours(model, tokenizer, drafter, prompts, params, policy=None):
-    engine = Engine(model, tokenizer, drafter, policy=policy, max_batch=1,
-                    max_seq_len=max(map(len, prompts)) + params.max_tokens + 16)
-    warm_up(engine, prompts[0], params)  # as `dspark generate`: every method is timed warm
-    requests = [engine.generate([p], params)[0] for p in prompts]  # batch 1, one prompt after another
-    summary = engine.stats.summary(requests)
-    return summary, [r.generated for r in requests]
+class Ours:
+    """One of our methods: its engine, warm, kept across the prompts; one prompt per call (batch 1)."""
+
+    def __init__(self, model, tokenizer, drafter, prompts, params, policy=None):
+        self.engine = Engine(model, tokenizer, drafter, policy=policy, max_batch=1,
+                             max_seq_len=max(map(len, prompts)) + params.max_tokens + 16)
+        warm_up(self.engine, prompts[0], params)  # as `dspark generate`: every method is timed warm
+        self.params, self.requests = params, []
+
+    def __call__(self, prompt) -> tuple[list[int], float]:
+        start = time.perf_counter()
+        request = self.engine.generate([prompt], self.params)[0]
+        self.requests.append(request)
+        return request.generated, time.perf_counter() - start
+
+    def summary(self) -> dict:
+        return self.engine.stats.summary(self.requests)
 
 
-def run_transformers(hf, prompts, params, lookup: int | None):
+def run_transformers(hf, prompt, params, lookup: int | None) -> tuple[list[int], float]:
     kwargs = dict(max_new_tokens=params.max_tokens, do_sample=params.temperature > 0, pad_token_id=2)
     if params.temperature > 0:
         kwargs.update(temperature=params.temperature, top_k=0)
     if lookup:
         kwargs.update(prompt_lookup_num_tokens=lookup)
-    tokens, elapsed = 0, 0.0
     with torch.no_grad():
-        for prompt in prompts:
-            start = time.perf_counter()
-            out = hf.generate(torch.tensor([prompt]), **kwargs)
-            elapsed += time.perf_counter() - start
-            tokens += out.shape[1] - len(prompt)
-    return {"generated_tokens": tokens, "wall_s": elapsed, "tokens_per_s": tokens / elapsed}
+        start = time.perf_counter()
+        out = hf.generate(torch.tensor([prompt]), **kwargs)
+        elapsed = time.perf_counter() - start
+    return out[0, len(prompt):].tolist(), elapsed
 
 
 def load_llama_cpp(path: str, lookup: int | None):
@@ -113,24 +124,39 @@ def load_llama_cpp(path: str, lookup: int | None):
                            verbose=False, **extra)
 
 
-def run_llama_cpp(llm, prompts, params, eos: set[int]):
+def run_llama_cpp(llm, prompt, params, eos: set[int]) -> tuple[list[int], float]:
     """Same prompt ids, same token budget, stop at EOS; timed from the prompt to the last token."""
-    tokens, elapsed = 0, 0.0
-    for prompt in prompts:
-        llm.reset()
-        start = time.perf_counter()
-        count = 0
-        sampling = dict(temp=params.temperature, top_k=1 if params.temperature == 0 else 0, top_p=1.0, min_p=0.0,
-                        repeat_penalty=1.0)
-        for token in llm.generate(prompt, reset=True, **sampling):
-            if token in eos:
-                break
-            count += 1
-            if count >= params.max_tokens:
-                break
-        elapsed += time.perf_counter() - start
-        tokens += count
-    return {"generated_tokens": tokens, "wall_s": elapsed, "tokens_per_s": tokens / elapsed}
+    llm.reset()
+    start = time.perf_counter()
+    tokens = []
+    sampling = dict(temp=params.temperature, top_k=1 if params.temperature == 0 else 0, top_p=1.0, min_p=0.0,
+                    repeat_penalty=1.0)
+    for token in llm.generate(prompt, reset=True, **sampling):
+        if token in eos:
+            break
+        tokens.append(token)
+        if len(tokens) >= params.max_tokens:
+            break
+    return tokens, time.perf_counter() - start
+
+
+def interleaved(methods: dict, prompts: list, repeats: int) -> tuple[dict, dict]:
+    """Every method over every prompt, taking turns prompt by prompt, the prompt set `repeats` times: per method
+    (tokens, seconds) per repeat, and its outputs of the first repeat."""
+    per_repeat = {name: [] for name in methods}
+    outputs = {name: [] for name in methods}
+    for repeat in range(repeats):
+        totals = {name: [0, 0.0] for name in methods}
+        for prompt in prompts:
+            for name, run in methods.items():
+                tokens, seconds = run(prompt)
+                totals[name][0] += len(tokens)
+                totals[name][1] += seconds
+                if repeat == 0:
+                    outputs[name].append(tokens)
+        for name, (tokens, seconds) in totals.items():
+            per_repeat[name].append((tokens, seconds))
+    return per_repeat, outputs
 
 
 def main() -> None:
@@ -138,6 +164,7 @@ def main() -> None:
     ap.add_argument("--per-domain", type=int, default=3, help="prompts per domain (CPU: 3 keeps a run ~15 min)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--temperatures", default="0,1")
+    ap.add_argument("--repeats", type=int, default=1, help="times over each domain's prompts (ratios per repeat)")
     ap.add_argument("--datasets", default=str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "datasets"))
     ap.add_argument("--out", default="bench/results/e2e-cpu")
     ap.add_argument("--no-transformers", action="store_true")
@@ -169,31 +196,39 @@ def main() -> None:
                 llama_cpp_runs[name] = llm
     eos = set(model.config.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
     results = {"device": f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-               "dtype": str(dtype), "weights": "native" if native else str(dtype), "max_tokens": args.max_tokens, "per_domain": args.per_domain, "runs": []}
+               "dtype": str(dtype), "weights": "native" if native else str(dtype), "max_tokens": args.max_tokens,
+               "per_domain": args.per_domain, "repeats": args.repeats, "order": "methods take turns prompt by prompt",
+               "runs": []}
     for temperature in [float(t) for t in args.temperatures.split(",")]:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, seed=0)
         for domain, domain_prompts in prompts.items():
-            base, base_tokens = run_ours(model, tokenizer, None, domain_prompts, params)
-            rows = [("dspark plain", base, True)]
+            ours = {"dspark plain": Ours(model, tokenizer, None, domain_prompts, params)}
             if dense is not None:
-                summary, _ = run_ours(dense, tokenizer, None, domain_prompts, params)
-                rows.append(("dspark plain (bf16 weights)", summary, None))
+                ours["dspark plain (bf16 weights)"] = Ours(dense, tokenizer, None, domain_prompts, params)
             for name, (make, make_policy) in drafters(model, args.dspark, args.only).items():
-                policy = make_policy() if make_policy else None
-                summary, tokens = run_ours(model, tokenizer, make(), domain_prompts, params, policy)
-                rows.append((name, summary, tokens == base_tokens))
+                ours[name] = Ours(model, tokenizer, make(), domain_prompts, params, make_policy() if make_policy else None)
+            methods = dict(ours)
             if hf is not None:
-                rows.append(("transformers plain", run_transformers(hf, domain_prompts, params, None), None))
-                rows.append(("transformers prompt lookup 5", run_transformers(hf, domain_prompts, params, 5), None))
+                methods["transformers plain"] = lambda p: run_transformers(hf, p, params, None)
+                methods["transformers prompt lookup 5"] = lambda p: run_transformers(hf, p, params, 5)
             for name, llm in llama_cpp_runs.items():
-                rows.append((name, run_llama_cpp(llm, domain_prompts, params, eos), None))
-            for name, summary, identical in rows:
+                methods[name] = lambda p, llm=llm: run_llama_cpp(llm, p, params, eos)
+            per_repeat, outputs = interleaved(methods, domain_prompts, args.repeats)
+            rate = {name: sum(t for t, _ in runs) / sum(s for _, s in runs) for name, runs in per_repeat.items()}
+            base = "dspark plain"
+            for name, runs in per_repeat.items():
+                summary = ours[name].summary() if name in ours else {
+                    "generated_tokens": sum(t for t, _ in runs), "wall_s": sum(s for _, s in runs)}
+                summary["tokens_per_s"] = rate[name]  # timed per prompt, as every method
+                ratios = [(t / s) / (bt / bs) for (t, s), (bt, bs) in zip(runs, per_repeat[base])]
+                identical = outputs[name] == outputs[base] if name in ours and name != "dspark plain (bf16 weights)" else None
                 record = {"temperature": temperature, "domain": domain, "method": name,
-                          "speedup_vs_dspark_plain": summary["tokens_per_s"] / base["tokens_per_s"],
+                          "speedup_vs_dspark_plain": rate[name] / rate[base], "speedup_per_repeat": ratios,
                           "identical_to_plain": identical, **summary}
                 results["runs"].append(record)
-                print(f"T={temperature} {domain:5s} {name:38s} {summary['tokens_per_s']:7.1f} tok/s "
-                      f"x{record['speedup_vs_dspark_plain']:.2f} tau {summary.get('tau', float('nan')):.2f} "
+                spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+                print(f"T={temperature} {domain:5s} {name:38s} {rate[name]:7.1f} tok/s "
+                      f"x{record['speedup_vs_dspark_plain']:.2f}{spread} tau {summary.get('tau', float('nan')):.2f} "
                       f"{'' if identical is None else 'identical' if identical else 'differs'}", flush=True)
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out + ".json").write_text(json.dumps(results, indent=1))
