@@ -18,6 +18,7 @@ from dspark.batch import Round
 from dspark.cache import KVCache, SideCache
 from dspark.models import cpu_decoder, flash_prefill
 from dspark.models.config import ModelConfig, rope_type
+from dspark.models.huge_pages import onto_huge_pages
 from dspark.models.layers import apply_rope, rms_norm, rope_frequencies, rope_tables
 from dspark.models.linear import linear
 from dspark.models.quantized import QuantizedWeight
@@ -71,6 +72,7 @@ class LlamaModel(TargetModel):
         self._fuse_projections()
         if os.environ.get("DSPARK_PACK_BLOCKS", "1") != "0":
             self._pack_blocks()
+        self._onto_huge_pages()
 
     def check_context(self, max_seq_len: int) -> None:
         """Refuse caches longer than the sliding window: tree_attention has no window, and positions
@@ -140,6 +142,19 @@ class LlamaModel(TargetModel):
         for name, t in self.weights.items():
             if isinstance(t, QuantizedWeight):
                 self.weights[name] = packed.setdefault(id(t), t.pack())
+
+    def _onto_huge_pages(self) -> None:
+        """Every CPU weight copied onto 2 MiB pages (dspark.models.huge_pages), once: a model sharing another's
+        weights (truncated) keeps them where they are. A tied embedding and LM head stay one object."""
+        entries = list(self.weights.items())
+        tensors = [t.data if isinstance(t, QuantizedWeight) else t for _, t in entries]
+        moved: dict[int, torch.Tensor | QuantizedWeight] = {}
+        for (name, t), data in zip(entries, onto_huge_pages(tensors)):
+            if data is not (t.data if isinstance(t, QuantizedWeight) else t):
+                if id(t) not in moved:
+                    moved[id(t)] = data if isinstance(t, torch.Tensor) else \
+                        QuantizedWeight(data, t.format, t.in_features, t.out_features)
+                self.weights[name] = moved[id(t)]
 
     def _stack(self, parts: list) -> torch.Tensor | QuantizedWeight:
         """Rows stacked; parts of one block format stay blocks, a mix (GGUF files may quantize q/k and v,

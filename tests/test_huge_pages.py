@@ -1,0 +1,61 @@
+"""Weights copied onto huge pages at load (dspark.models.huge_pages): the same values in one 2 MiB-aligned mapping,
+tied matrices still one object, the same logits as a model left on pytorch's pages, nothing moved twice, and
+DSPARK_HUGE_PAGES=0 leaves every tensor where it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from builders import write_tiny_llama
+from dspark.batch import build_round
+from dspark.cache import KVCache
+from dspark.models import huge_pages, load_model
+from dspark.models.llama import LlamaModel
+from dspark.models.quantized import QuantizedWeight
+
+pytestmark = pytest.mark.skipif(not huge_pages.enabled(), reason="no MADV_HUGEPAGE on this platform")
+
+
+def test_copies_keep_values_and_lie_in_one_aligned_mapping():
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(3, 5, generator=gen), torch.randint(0, 255, (1000,), dtype=torch.uint8, generator=gen),
+               torch.randn(7, generator=gen).bfloat16(), torch.randn(4, 4, generator=gen).t()]  # the last: strided
+    moved = huge_pages.onto_huge_pages(tensors)
+    for before, after in zip(tensors[:3], moved[:3]):
+        assert after.dtype == before.dtype and after.shape == before.shape and torch.equal(after, before)
+        assert after.data_ptr() != before.data_ptr() and after.data_ptr() % 64 == 0 and huge_pages.in_arena(after)
+    assert moved[0].data_ptr() % huge_pages.HUGE_PAGE == 0  # the mapping starts on a huge page
+    assert moved[3] is tensors[3]  # not contiguous: left alone
+    assert huge_pages.onto_huge_pages(moved[:1])[0] is moved[0]  # nothing moves twice
+    moved[1].fill_(7)  # each copy has its own bytes
+    assert int(moved[2].float().abs().sum()) == int(tensors[2].float().abs().sum())
+
+
+def test_model_weights_move_once_with_ties_kept_and_logits_unchanged(tmp_path, monkeypatch):
+    write_tiny_llama(tmp_path, 97, 64, 2, seed=5)
+    monkeypatch.setenv("DSPARK_HUGE_PAGES", "0")  # the reference never goes through the copy
+    dense = load_model(str(tmp_path), torch.float32)
+    blocks = {name: QuantizedWeight.from_dense(t) if t.dim() == 2 else t for name, t in dense.weights.items()}
+    blocks["lm_head.weight"] = blocks["embed_tokens.weight"]  # tied
+    plain = LlamaModel(dense.config, blocks)
+    monkeypatch.delenv("DSPARK_HUGE_PAGES")
+    model = LlamaModel(dense.config, blocks)
+    data = {n: (t.data if isinstance(t, QuantizedWeight) else t) for n, t in model.weights.items()}
+    assert all(huge_pages.in_arena(t) for t in data.values())
+    assert not any(huge_pages.in_arena(t.data if isinstance(t, QuantizedWeight) else t) for t in plain.weights.values())
+    assert model.weights["lm_head.weight"] is model.weights["embed_tokens.weight"]  # tied: one object
+    shorter = model.truncated(1)  # shares the weights: nothing copied again
+    assert shorter.weights["layers.0.mlp.down_proj.weight"] is model.weights["layers.0.mlp.down_proj.weight"]
+
+    def logits(m):
+        c = m.config
+        cache = KVCache(c.num_layers, 1, 64, c.num_kv_heads, c.head_dim, m.dtype)
+        tokens = torch.randint(3, 97, (12,), generator=torch.Generator().manual_seed(2)).tolist()
+        out = [m.logits(m.forward(cache, build_round(1, [(0, tokens, None)], [0], prefill=True))[0])]
+        cache.seqlens.fill_(12)
+        out.append(m.logits(m.forward(cache, build_round(1, [(0, [4, 5, 6], [-1, 0, 0])], [12]))[0]))
+        return out
+
+    for a, b in zip(logits(model), logits(plain)):
+        assert torch.equal(a, b)
