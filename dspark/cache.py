@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from dspark import ops
+from dspark import huge_pages, ops
 
 
 class KVCache:
@@ -25,8 +25,8 @@ class KVCache:
             self.block_table = torch.full((rows, blocks_per_row), -1, dtype=torch.int32, device=device)
             self._free_blocks = list(range(num_blocks - 1, -1, -1))
             self._row_blocks: list[list[int]] = [[] for _ in range(rows)]
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = huge_pages.zeros(shape, dtype, device)
+        self.v = huge_pages.zeros(shape, dtype, device)
 
     @property
     def rows(self) -> int:
@@ -79,7 +79,7 @@ class SideCache:
 
     def __init__(self, rows: int, max_seq_len: int, width: int, dtype: torch.dtype, device: torch.device | str = "cpu",
                  seqlens: torch.Tensor | None = None):
-        self.data = torch.zeros(rows, max_seq_len, 1, width, dtype=dtype, device=device)
+        self.data = huge_pages.zeros((rows, max_seq_len, 1, width), dtype, device)
         self.shares_lengths = seqlens is not None
         if seqlens is not None and (seqlens.shape != (rows,) or seqlens.dtype != torch.int32
                                     or seqlens.device != self.data.device):

@@ -1,16 +1,19 @@
-"""Weights copied onto huge pages at load (dspark.models.huge_pages): the same values in one 2 MiB-aligned mapping,
+"""Weights copied onto huge pages at load (dspark.huge_pages): the same values in one 2 MiB-aligned mapping,
 tied matrices still one object, the same logits as a model left on pytorch's pages, nothing moved twice, and
 DSPARK_HUGE_PAGES=0 leaves every tensor where it was."""
 
 from __future__ import annotations
+
+import gc
 
 import pytest
 import torch
 
 from builders import write_tiny_llama
 from dspark.batch import build_round
-from dspark.cache import KVCache
-from dspark.models import huge_pages, load_model
+from dspark.cache import KVCache, SideCache
+from dspark import huge_pages
+from dspark.models import load_model
 from dspark.models.llama import LlamaModel
 from dspark.models.quantized import QuantizedWeight
 
@@ -59,3 +62,19 @@ def test_model_weights_move_once_with_ties_kept_and_logits_unchanged(tmp_path, m
 
     for a, b in zip(logits(model), logits(plain)):
         assert torch.equal(a, b)
+
+
+def test_caches_start_as_zeros_on_huge_pages_and_mappings_are_freed(monkeypatch):
+    cache = KVCache(2, 3, 40, 2, 8, torch.bfloat16)
+    side = SideCache(3, 40, 16, torch.float32, seqlens=cache.seqlens)
+    for t in (cache.k, cache.v, side.data):
+        assert huge_pages.in_arena(t) and t.is_contiguous() and not t.any()
+    assert cache.k.shape == (2, 3, 40, 2, 8) and cache.k.dtype == torch.bfloat16 and side.data.shape == (3, 40, 1, 16)
+    cache.k.fill_(1.0)
+    assert not cache.v.any()  # separate mappings
+    address = cache.k.data_ptr()
+    del cache, side
+    gc.collect()
+    assert not any(lo <= address < hi for lo, hi, alive in huge_pages._arenas if alive() is not None)
+    monkeypatch.setenv("DSPARK_HUGE_PAGES", "0")
+    assert not huge_pages.in_arena(KVCache(1, 1, 8, 1, 8, torch.float32).k)

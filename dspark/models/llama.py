@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from dspark import ops
 from dspark.batch import Round
 from dspark.cache import KVCache, SideCache
+from dspark.huge_pages import onto_huge_pages
 from dspark.models import cpu_decoder, flash_prefill
 from dspark.models.config import ModelConfig, rope_type
-from dspark.models.huge_pages import onto_huge_pages
 from dspark.models.layers import apply_rope, rms_norm, rope_frequencies, rope_tables
 from dspark.models.linear import linear
 from dspark.models.quantized import QuantizedWeight
