@@ -151,6 +151,11 @@ class DSparkDrafter(Drafter):
             blocks = model.w2.blocks
             self.w2_rows = (model.w2.weight.detach()[self.vocab_ids].contiguous() if blocks is None
                             else blocks.rows(ids.to(blocks.device)).pack())
+        # What every drafting round reads, on huge pages (dspark.huge_pages)
+        if native is not None:
+            self.quantized_head_rows, = QuantizedWeight.onto_huge_pages([self.quantized_head_rows])
+        if isinstance(self.w2_rows, QuantizedWeight):
+            self.w2_rows, = QuantizedWeight.onto_huge_pages([self.w2_rows])
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """U over the draft vocabulary (or all of it): with the target's own GGUF blocks for a few rows."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from dspark.cache import KVCache
+from dspark.huge_pages import onto_huge_pages
 from dspark.drafters.dspark_layers import Linear
 from dspark.models import cpu_decoder
 from dspark.models.quantized import QuantizedWeight
@@ -60,6 +61,11 @@ def _layer_weights(model) -> tuple[list, list[int]] | None:
     usable = usable and not any(e is None for e in entries[1::12] + entries[5::12] + entries[8::12] + entries[10::12])
     flat = [e.data if isinstance(e, QuantizedWeight) else None if e is None else e.detach().contiguous()
             for e in entries]
+    # The stacked blocks (copies made here) go on huge pages: every drafting round reads them. Dense entries stay
+    # views of the module's parameters, which training may change in place.
+    blocks = [i for i, e in enumerate(entries) if isinstance(e, QuantizedWeight)]
+    for i, moved in zip(blocks, onto_huge_pages([flat[i] for i in blocks])):
+        flat[i] = moved
     formats = [e.kernel_format if isinstance(e, QuantizedWeight) else 0 for e in entries]
     result = (flat, formats) if usable else None
     model.__dict__["_fused_cpu_block"] = (key, result)

@@ -79,9 +79,12 @@ class DSparkModel(RopeModule):
         stays the target's."""
         if self.norm.device.type != "cpu":
             raise ValueError(f"quantized drafter weights run on the CPU only; this drafter is on {self.norm.device}")
-        for module in self.modules():
-            if isinstance(module, Linear) and module.in_features % 32 == 0 and module.out_features >= 32:
-                module.quantize(fmt)
+        linears = [m for m in self.modules()
+                   if isinstance(m, Linear) and m.in_features % 32 == 0 and m.out_features >= 32]
+        for module in linears:
+            module.quantize(fmt)
+        for module, blocks in zip(linears, QuantizedWeight.onto_huge_pages([m.blocks for m in linears])):
+            module.blocks = blocks
         return self
 
     # -- shared, frozen target pieces ---------------------------------------------------------------

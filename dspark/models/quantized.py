@@ -13,6 +13,7 @@ import importlib
 
 import torch
 
+from dspark.huge_pages import onto_huge_pages
 from dspark.reference import quantized_linear as reference
 
 TYPE_IDS = {"q4_0": 2, "q4_1": 3, "q8_0": 8}  # GGML's type ids, the kernel's format argument
@@ -153,6 +154,14 @@ class QuantizedWeight:
         if len({(p.format, p.in_features) for p in parts}) != 1:
             raise ValueError("only weights of one format and input width can be stacked")
         return QuantizedWeight(torch.cat([p.file_rows() for p in parts]), parts[0].format, parts[0].in_features)
+
+    @staticmethod
+    def onto_huge_pages(weights: list["QuantizedWeight"]) -> list["QuantizedWeight"]:
+        """The weights with their blocks copied into one mapping on huge pages (dspark.huge_pages), the same
+        bytes; each one that did not move comes back as it is."""
+        moved = onto_huge_pages([w.data for w in weights])
+        return [w if data is w.data else QuantizedWeight(data, w.format, w.in_features, w.out_features)
+                for w, data in zip(weights, moved)]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense [out, in] matrix (dspark._C.dequantize_blocks on the CPU: the reference's values,
