@@ -326,21 +326,26 @@ def test_other_builds_match_the_extension_bit_for_bit(tmp_path, march):
                                str(root / "csrc/cpu/quantized_linear.cpp"), "-o", str(binary)],
                               capture_output=True, text=True)
     assert compile_.returncode == 0, compile_.stderr
+    build_tile_rows = int(subprocess.run([str(binary), "tile-rows"], capture_output=True, text=True, check=True).stdout)
+    assert build_tile_rows == (16 if march == "icelake-server" else 8)
     # Rows 1, 5, 9: each block used as it is prepared, or chunks of prepared blocks swept in passes of x rows
     # (which path depends on the build: up to 8 rows fused with AVX-512, 2 without); 13 and 37 outputs: a
-    # partial tile of W rows alone, and after whole tiles.
-    for fmt, rows, out in itertools.product(FORMATS, (1, 5, 9), (13, 37)):
+    # partial tile of W rows alone, and after whole tiles. The weights in the file's layout, and packed in that
+    # build's tiles (QuantizedWeight.packed_data) against the extension's own packing.
+    for fmt, rows, out, packed in itertools.product(FORMATS, (1, 5, 9), (13, 37), (False, True)):
         in_features = 96
         data = random_blocks(fmt, out, in_features, seed=11)
         x = random_x(rows, in_features, torch.float32, seed=12)
+        weight = QuantizedWeight(data, fmt, in_features)
         x.numpy().tofile(tmp_path / "x.f32")
-        data.numpy().tofile(tmp_path / "w.u8")
+        (weight.packed_data(build_tile_rows) if packed else data).numpy().tofile(tmp_path / "w.u8")
         run = subprocess.run([str(binary), str(TYPE_IDS[fmt]), str(rows), str(in_features), str(out),
-                              str(tmp_path / "x.f32"), str(tmp_path / "w.u8"), str(tmp_path / "y.f32")],
-                             capture_output=True, text=True)
+                              str(tmp_path / "x.f32"), str(tmp_path / "w.u8"), str(tmp_path / "y.f32")]
+                             + (["packed"] if packed else []), capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
-        portable = torch.from_numpy(np.fromfile(tmp_path / "y.f32", dtype=np.float32)).view(rows, out)
-        assert torch.equal(portable, kernel(x, data, fmt)), (fmt, rows, out)
+        other = torch.from_numpy(np.fromfile(tmp_path / "y.f32", dtype=np.float32)).view(rows, out)
+        ours = quantized_linear(x, weight.pack()) if packed else kernel(x, data, fmt)
+        assert torch.equal(other, ours), (fmt, rows, out, packed)
 
 
 def test_blocks_too_small_for_a_finite_scale_quantise_to_zeros():

@@ -93,10 +93,16 @@ class QuantizedWeight:
     def pack(self) -> "QuantizedWeight":
         """This matrix in the kernel's packed layout (itself if packed already, or without the extension or
         off the CPU, where nothing reads that layout)."""
-        r = _tile_rows
-        if self.packed or r is None or self.device.type != "cpu":
+        if self.packed or _tile_rows is None or self.device.type != "cpu":
             return self
-        out, blocks = self.out_features, self.in_features // reference.BLOCK
+        return QuantizedWeight(self.packed_data(_tile_rows), self.format, self.in_features, self.out_features)
+
+    def packed_data(self, tile_rows: int) -> torch.Tensor:
+        """This file-layout matrix's bytes in the packed layout of tiles of `tile_rows` rows (what pack() stores
+        with this build's tile_rows(); another build's for tests comparing builds): [tiles, in / 32, R * bytes]."""
+        if self.packed:
+            raise ValueError("packed_data takes a matrix in the file's layout")
+        r, out, blocks = tile_rows, self.out_features, self.in_features // reference.BLOCK
         tiles = -(-out // r)
         rows = torch.zeros(tiles * r, self.data.shape[1], dtype=torch.uint8)
         rows[:out] = self.data
@@ -104,8 +110,7 @@ class QuantizedWeight:
         by_block = rows.view(tiles, r, blocks, -1)
         header = by_block[..., : 2 * scales].reshape(tiles, r, blocks, scales, 2).permute(0, 2, 3, 1, 4)
         codes = by_block[..., 2 * scales:].reshape(tiles, r, blocks, chunks, 4).permute(0, 2, 3, 1, 4)
-        data = torch.cat([header.reshape(tiles, blocks, -1), codes.reshape(tiles, blocks, -1)], dim=-1)
-        return QuantizedWeight(data, self.format, self.in_features, out)
+        return torch.cat([header.reshape(tiles, blocks, -1), codes.reshape(tiles, blocks, -1)], dim=-1)
 
     def file_rows(self, index: torch.Tensor | None = None) -> torch.Tensor:
         """The selected rows (all by default) as the file stores them: uint8 [rows, in / 32 * bytes]."""
