@@ -40,13 +40,20 @@ def in_arena(t: torch.Tensor) -> bool:
     return any(lo <= start < hi for lo, hi, _ in _arenas)
 
 
-def _arena(nbytes: int) -> torch.Tensor:
-    """uint8 [nbytes rounded up to HUGE_PAGE], 2 MiB aligned, advised for huge pages, not yet touched."""
+def _arena(nbytes: int) -> torch.Tensor | None:
+    """uint8 [nbytes rounded up to HUGE_PAGE], 2 MiB aligned, advised for huge pages, not yet touched; None when
+    the system refuses the mapping or the advice (the caller keeps pytorch's pages: the same values)."""
     size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
-    buffer = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buffer = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:
+        return None
     whole = torch.frombuffer(buffer, dtype=torch.uint8)  # keeps the mapping alive as long as any view of it
     offset = (-whole.data_ptr()) % HUGE_PAGE
-    buffer.madvise(_MADV_HUGEPAGE, offset, size)  # before the first touch: the faults then take 2 MiB pages
+    try:
+        buffer.madvise(_MADV_HUGEPAGE, offset, size)  # before the first touch: the faults then take 2 MiB pages
+    except OSError:  # a kernel built without THP
+        return None
     arena = whole[offset: offset + size]
     _arenas.append((arena.data_ptr(), arena.data_ptr() + size, weakref.ref(buffer)))
     return arena
@@ -62,6 +69,8 @@ def onto_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return list(tensors)
     sizes = [-(-t.numel() * t.element_size() // _ALIGN) * _ALIGN if move else 0 for t, move in zip(tensors, movable)]
     arena, out, at = _arena(sum(sizes)), [], 0
+    if arena is None:
+        return list(tensors)
     for t, move, size in zip(tensors, movable, sizes):
         if not move:
             out.append(t)
@@ -79,6 +88,7 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
     if torch.device(device).type != "cpu" or not enabled():
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-    if nbytes == 0:
+    arena = _arena(nbytes) if nbytes else None
+    if arena is None:
         return torch.zeros(shape, dtype=dtype)
-    return _arena(nbytes)[:nbytes].view(dtype).view(shape)
+    return arena[:nbytes].view(dtype).view(shape)

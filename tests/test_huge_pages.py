@@ -78,3 +78,15 @@ def test_caches_start_as_zeros_on_huge_pages_and_mappings_are_freed(monkeypatch)
     assert not any(lo <= address < hi for lo, hi, alive in huge_pages._arenas if alive() is not None)
     monkeypatch.setenv("DSPARK_HUGE_PAGES", "0")
     assert not huge_pages.in_arena(KVCache(1, 1, 8, 1, 8, torch.float32).k)
+
+
+def test_a_refused_mapping_keeps_pytorchs_pages(monkeypatch):
+    """A system that refuses the mapping (memory limits, no THP in the kernel): the same tensors, nothing fails."""
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(huge_pages.mmap, "mmap", refuse)
+    t = torch.randn(5)
+    assert huge_pages.onto_huge_pages([t])[0] is t
+    z = huge_pages.zeros((3, 4), torch.float16)
+    assert z.shape == (3, 4) and z.dtype == torch.float16 and not z.any() and not huge_pages.in_arena(z)
