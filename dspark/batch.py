@@ -1,6 +1,6 @@
 """Flattening requests into one round (DESIGN.md conventions): tokens, qo_indptr over every cache row,
-parents, RoPE positions and the cache slots the round's K/V are written to; and the per-row sampling
-state that persists across rounds."""
+parents, RoPE positions and the cache slots the round's K/V are written to, the proposals' draft_probs rows;
+the per-row sampling state that persists across rounds; rejection_sample's outputs brought to the host."""
 
 from __future__ import annotations
 
@@ -101,3 +101,36 @@ class RowState:
         a round of greedy rows only skips the update (a row's offset is set again when it joins)."""
         if self.sampled:
             self.offset += (qo_indptr[1:] > qo_indptr[:-1]).to(torch.int64)
+
+
+def draft_probs_rows(requests, proposals, nodes: list[list[int]], vocab_size: int,
+                     device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(draft_probs over the round's nodes, their draft vocabulary or None): rows written only for proposals
+    that carry them (greedy requests' rows stay unwritten: rejection_sample never reads them); as narrow as the
+    drafters' shared draft vocabulary, widened to vocab_size when proposals differ. nodes: per request, its
+    anchor and drafted tokens."""
+    carrying = [p for p in proposals if p.draft_probs is not None]
+    if not carrying:
+        return None, None
+    subsets = {id(p.draft_vocab): p.draft_vocab for p in carrying}
+    draft_vocab = next(iter(subsets.values())) if len(subsets) == 1 else None
+    width = vocab_size if draft_vocab is None else draft_vocab.numel()
+    out = torch.empty(sum(len(n) for n in nodes), width, device=device)
+    at = 0
+    for r, p, n in zip(requests, proposals, nodes):
+        if p.draft_probs is not None:
+            rows = p.draft_probs.float()
+            if draft_vocab is None and p.draft_vocab is not None:
+                rows = rows.new_zeros(len(n), width).index_copy_(1, p.draft_vocab, rows)
+            out[at: at + len(n)] = rows
+        elif r.params.temperature > 0:
+            raise ValueError("a batch mixes stochastic and deterministic proposals for sampled requests")
+        at += len(n)
+    return out, draft_vocab
+
+
+def outputs_to_host(path_nodes: torch.Tensor, counts: torch.Tensor, emitted: torch.Tensor):
+    """rejection_sample's three outputs on the host in one device-to-host copy (one sync per round)."""
+    width = path_nodes.shape[1]
+    packed = torch.cat([path_nodes.long(), counts.long()[:, None], emitted], dim=1).cpu()
+    return packed[:, :width].int(), packed[:, width].int(), packed[:, width + 1:]

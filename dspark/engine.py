@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from dspark import ops
-from dspark.batch import RowState, build_round
+from dspark.batch import RowState, build_round, draft_probs_rows, outputs_to_host
 from dspark.cache import KVCache, SideCache
 from dspark.drafters.base import Drafter, Proposal
 from dspark.models.target import TargetModel
@@ -23,13 +23,6 @@ from dspark.round_graphs import RoundGraphs
 from dspark.sampling_params import SamplingParams
 from dspark.scheduler import FixedLength, VerificationPolicy
 from dspark.stats import RunStats
-
-
-def outputs_to_host(path_nodes: torch.Tensor, counts: torch.Tensor, emitted: torch.Tensor):
-    """rejection_sample's three outputs on the host in one device-to-host copy (one sync per round)."""
-    width = path_nodes.shape[1]
-    packed = torch.cat([path_nodes.long(), counts.long()[:, None], emitted], dim=1).cpu()
-    return packed[:, :width].int(), packed[:, width].int(), packed[:, width + 1:]
 
 
 class Engine:
@@ -243,9 +236,9 @@ class Engine:
                           self.cache.seqlens.tolist(), self.model.device)
         # Rows are in the round's order and idle rows have no tokens: every logits row is a running node, and
         # the round's own tokens and parents are the nodes' (chains get local parents in a tree round).
+        probs = draft_probs_rows(requests, proposals, nodes, self.model.config.vocab_size, self.model.device)
         path_nodes, counts, emitted = self._verify(self._round_logits(rnd), rnd.qo_indptr, rnd.tokens, rnd.parents,
-                                                   max(len(n) for n in nodes),
-                                                   *self._draft_probs(requests, proposals, nodes))
+                                                   max(len(n) for n in nodes), *probs)
         self._rollback(path_nodes, counts)
         verified = time.perf_counter()
         self.stats.draft_time += drafted - start
@@ -318,29 +311,6 @@ class Engine:
         token_room = max(r.params.max_tokens - len(r.generated) for r in requests)
         cap = self.policy.most_nodes()
         return max(0, min(cache_room, token_room - 1, cache_room if cap is None else cap))
-
-    def _draft_probs(self, requests, proposals, nodes) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(draft_probs over the round's nodes, their draft vocabulary or None): rows written only for
-        proposals that carry them (greedy requests' rows stay unwritten: rejection_sample never reads
-        them); as narrow as the drafters' shared draft vocabulary, widened to V when proposals differ."""
-        carrying = [p for p in proposals if p.draft_probs is not None]
-        if not carrying:
-            return None, None
-        subsets = {id(p.draft_vocab): p.draft_vocab for p in carrying}
-        draft_vocab = next(iter(subsets.values())) if len(subsets) == 1 else None
-        width = self.model.config.vocab_size if draft_vocab is None else draft_vocab.numel()
-        out = torch.empty(sum(len(n) for n in nodes), width, device=self.model.device)
-        at = 0
-        for r, p, n in zip(requests, proposals, nodes):
-            if p.draft_probs is not None:
-                rows = p.draft_probs.float()
-                if draft_vocab is None and p.draft_vocab is not None:
-                    rows = rows.new_zeros(len(n), width).index_copy_(1, p.draft_vocab, rows)
-                out[at: at + len(n)] = rows
-            elif r.params.temperature > 0:
-                raise ValueError("a batch mixes stochastic and deterministic proposals for sampled requests")
-            at += len(n)
-        return out, draft_vocab
 
     def _rollback(self, path_nodes: torch.Tensor, counts: torch.Tensor) -> None:
         """kv_rollback on the row-indexed outputs (idle rows accepted nothing and stay as they are)."""

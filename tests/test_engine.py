@@ -349,7 +349,7 @@ def test_engine_takes_any_target_model_and_refuses_other_objects(tiny):
 
 
 def test_round_outputs_come_to_the_host_in_one_copy_unchanged():
-    from dspark.engine import outputs_to_host
+    from dspark.batch import outputs_to_host
 
     gen = torch.Generator().manual_seed(0)
     path_nodes = torch.randint(-1, 8, (5, 4), generator=gen, dtype=torch.int32)
