@@ -258,6 +258,36 @@ void dequantize_blocks(const at::Tensor& weight, int64_t format, at::Tensor& out
   dspark::cpu::dequantize_blocks(p);
 }
 
+// Rows `rows` of a weight of out_features rows (either layout) decoded into out [rows, in]: embedding lookups.
+void dequantize_rows(const at::Tensor& weight, int64_t format, int64_t out_features, const at::Tensor& rows,
+                     at::Tensor& out) {
+  expect(weight, at::kByte, "weight");
+  expect(rows, at::kLong, "rows");
+  expect_float(out, "out");
+  const auto f = block_format(format);
+  TORCH_CHECK_VALUE(rows.dim() == 1, "rows must be 1-D, got ", rows.sizes());
+  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == rows.size(0), "out must be [", rows.size(0),
+                    ", in_features], got ", out.sizes());
+  TORCH_CHECK_VALUE(out_features >= 0, "out_features must be >= 0, got ", out_features);
+  const bool packed = quantized_layout(weight, f, out_features, out.size(1));
+  if (rows.numel() == 0) return;  // (an empty tensor's data pointer may be null: the kernel would take all rows)
+  const int64_t* ids = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows.numel(); ++i)
+    TORCH_CHECK_VALUE(ids[i] >= 0 && ids[i] < out_features, "rows must lie in [0, ", out_features, "), got ", ids[i],
+                      " at ", i);
+  dspark::cpu::DequantizeParams p{};
+  p.weight = weight.data_ptr<uint8_t>();
+  p.format = f;
+  p.tile_rows = packed ? dspark::cpu::quantized_tile_rows() : 0;
+  p.out_features = out_features;
+  p.in_features = out.size(1);
+  p.y_dtype = element_type(out, "out");
+  p.y = out.data_ptr();
+  p.rows = ids;
+  p.num_rows = rows.numel();
+  dspark::cpu::dequantize_blocks(p);
+}
+
 // Weights per layer, in this order (None where the checkpoint has none): input_norm, qkv, qkv_bias,
 // q_norm, k_norm, o_proj, o_bias, post_norm, gate_up, gate_up_bias, down, down_bias.
 constexpr int kWeightsPerLayer = 12;
@@ -463,6 +493,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("small_batch_linear", &small_batch_linear, release);
   m.def("quantized_linear", &quantized_linear, release);
   m.def("dequantize_blocks", &dequantize_blocks, release);
+  m.def("dequantize_rows", &dequantize_rows, release);
   m.def("quantized_tile_rows", &dspark::cpu::quantized_tile_rows);
   m.def("llama_decoder_layers", &llama_decoder_layers, release);
 #ifdef DSPARK_WITH_CUDA

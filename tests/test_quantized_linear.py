@@ -160,6 +160,40 @@ def test_dequantize_kernel_matches_the_reference(fmt, dtype):
     assert looked_up.shape == (2, 3, 160) and torch.equal(looked_up, ours[tokens])
 
 
+@pytest.mark.skipif(tile_rows() is None, reason="dspark._C is not built")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_embedding_rows_from_either_layout_match_the_reference(fmt):
+    """dequantize_rows (embedding lookups): any picked rows, repeated, the last of a partial tile, few (one thread)
+    or many (several), from the file's layout and from packed tiles: the reference's rows, rounded to the dtype;
+    ids outside the matrix, and shapes that do not fit, are refused by name."""
+    from dspark import _C
+
+    r = tile_rows()
+    out, in_features = 3 * r + 5, 160
+    data = random_blocks(fmt, out, in_features, seed=31)
+    dense = ref.dequantize(data, fmt, in_features)
+    gen = torch.Generator().manual_seed(32)
+    for ids in (torch.tensor([out - 1]), torch.tensor([0, out - 1, 7, 7, r]),
+                torch.randint(0, out, (600,), generator=gen)):
+        for weight in (QuantizedWeight(data, fmt, in_features), QuantizedWeight(data, fmt, in_features).pack()):
+            for dtype in X_DTYPES:
+                got = weight.embedding(ids, dtype)
+                assert got.dtype == dtype and torch.equal(got, dense[ids].to(dtype)), (weight.packed, dtype)
+    packed = QuantizedWeight(data, fmt, in_features).pack()
+    assert packed.embedding(torch.zeros(0, dtype=torch.long), torch.float32).shape == (0, in_features)
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, %d\), got %d" % (out, out)):
+        packed.embedding(torch.tensor([1, out]), torch.float32)
+    with pytest.raises(ValueError, match="got -1"):
+        packed.embedding(torch.tensor([-1]), torch.float32)
+    with pytest.raises(ValueError, match="rows must be Long"):
+        _C.dequantize_rows(packed.data, TYPE_IDS[fmt], out, torch.tensor([1], dtype=torch.int32),
+                           torch.empty(1, in_features))
+    with pytest.raises(ValueError, match="out must be"):
+        _C.dequantize_rows(packed.data, TYPE_IDS[fmt], out, torch.tensor([1]), torch.empty(2, in_features))
+    with pytest.raises(ValueError, match="a packed weight of"):
+        _C.dequantize_rows(packed.data, TYPE_IDS[fmt], out + r, torch.tensor([1]), torch.empty(1, in_features))
+
+
 def blocks_with_special_scales(fmt: str, out: int, in_features: int, seed: int) -> torch.Tensor:
     """random_blocks with ~30% of the scales (and Q4_1's mins) NaN (any payload), infinite, subnormal, signed
     zeros or fp16's largest."""

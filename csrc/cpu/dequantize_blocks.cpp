@@ -217,8 +217,47 @@ void unpack_tile(const uint8_t* packed, int64_t R, int64_t t, int64_t blocks, ui
   }
 }
 
+// Row o of a packed weight, in the file's layout, into row[row_bytes]: lane o % R of each of its tile's blocks.
+template <BlockFormat F>
+void unpack_row(const uint8_t* packed, int64_t R, int64_t o, int64_t blocks, uint8_t* row) {
+  constexpr int64_t bytes = block_bytes(F), header = header_bytes<F>(), scales = header / 2;
+  constexpr int64_t chunks = (bytes - header) / 4;
+  const int64_t j = o % R;
+  const uint8_t* tile = packed + (o / R) * blocks * R * bytes;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* src = tile + b * R * bytes;
+    uint8_t* dst = row + b * bytes;
+    for (int64_t s = 0; s < scales; ++s) std::memcpy(dst + 2 * s, src + 2 * R * s + 2 * j, 2);
+    const uint8_t* codes = src + 2 * R * scales;
+    for (int64_t k = 0; k < chunks; ++k) std::memcpy(dst + header + 4 * k, codes + 4 * R * k + 4 * j, 4);
+  }
+}
+
+// The picked rows (embedding lookups): each decoded alone, from either layout.
+template <BlockFormat F, typename Y>
+void run_rows(const DequantizeParams& p) {
+  const int64_t blocks = p.in_features / kBlockWeights, row_bytes = blocks * block_bytes(F);
+  Y* y = static_cast<Y*>(p.y);
+#pragma omp parallel if (p.num_rows * p.in_features >= 65536)
+  {
+    thread_local std::vector<uint8_t> row;
+    row.resize(static_cast<size_t>(row_bytes));
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < p.num_rows; ++i) {
+      const int64_t o = p.rows[i];
+      const uint8_t* src = p.weight + o * row_bytes;
+      if (p.tile_rows > 0) {
+        unpack_row<F>(p.weight, p.tile_rows, o, blocks, row.data());
+        src = row.data();
+      }
+      decode_row_any<F>(src, blocks, y + i * p.in_features);
+    }
+  }
+}
+
 template <BlockFormat F, typename Y>
 void run(const DequantizeParams& p) {
+  if (p.rows != nullptr) return run_rows<F, Y>(p);
   const int64_t blocks = p.in_features / kBlockWeights, row_bytes = blocks * block_bytes(F);
   Y* y = static_cast<Y*>(p.y);
   if (p.tile_rows > 0) {  // packed: a tile's rows back in the file's layout (in L1), then decoded as usual

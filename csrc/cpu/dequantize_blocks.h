@@ -20,7 +20,9 @@ struct DequantizeParams {
   int64_t out_features;
   int64_t in_features;    // a multiple of 32
   DType y_dtype;
-  void* y;                // [out_features, in_features], contiguous
+  void* y;                // [out_features, in_features], contiguous; with `rows`, [num_rows, in_features]
+  const int64_t* rows = nullptr;  // optional, non-null when num_rows > 0: only these rows (each in [0, out_features))
+  int64_t num_rows = 0;
 };
 
 void dequantize_blocks(const DequantizeParams& params);
