@@ -300,7 +300,10 @@ class Engine:
         if not drafting:
             return [Proposal([]) for _ in requests]
         limit = self.max_draft_for(drafting)
-        floor = self.policy.survival_floor(len(requests), min(limit, self.drafter.num_draft)) if limit else 0.0
+        # The floor holds for proposals of at most min(limit, num_draft) nodes: none for a drafter that states no
+        # num_draft (the base class's 0).
+        most = min(limit, self.drafter.num_draft)
+        floor = self.policy.survival_floor(len(requests), most) if most > 0 else 0.0
         drafted = iter(self.drafter.propose_pruned(drafting, limit, floor))
         return [next(drafted) if w else Proposal([]) for w in wanted]
 
