@@ -40,6 +40,18 @@ def in_arena(t: torch.Tensor) -> bool:
     return any(lo <= start < hi for lo, hi, _ in _arenas)
 
 
+def _available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (what can be allocated without swapping), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _arena(nbytes: int) -> torch.Tensor | None:
     """uint8 [nbytes rounded up to HUGE_PAGE], 2 MiB aligned, advised for huge pages, not yet touched; None when
     the system refuses the mapping or the advice (the caller keeps pytorch's pages: the same values)."""
@@ -68,6 +80,11 @@ def onto_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     if not enabled() or not any(movable):
         return list(tensors)
     sizes = [-(-t.numel() * t.element_size() // _ALIGN) * _ALIGN if move else 0 for t, move in zip(tensors, movable)]
+    available = _available_bytes()
+    if available is not None and sum(sizes) > available // 2:
+        # The copies exist beside the originals until the caller drops them: a model near the memory limit
+        # keeps pytorch's pages rather than risk running out.
+        return list(tensors)
     arena, out, at = _arena(sum(sizes)), [], 0
     if arena is None:
         return list(tensors)

@@ -80,6 +80,16 @@ def test_caches_start_as_zeros_on_huge_pages_and_mappings_are_freed(monkeypatch)
     assert not huge_pages.in_arena(KVCache(1, 1, 8, 1, 8, torch.float32).k)
 
 
+def test_weights_that_would_crowd_memory_stay_where_they_are(monkeypatch):
+    """Copies beyond half of the available memory are not made (the originals live on until the caller drops
+    them); below it they are."""
+    t = torch.randn(1000)
+    monkeypatch.setattr(huge_pages, "_available_bytes", lambda: 7000)
+    assert huge_pages.onto_huge_pages([t])[0] is t
+    monkeypatch.setattr(huge_pages, "_available_bytes", lambda: 9000)
+    assert huge_pages.in_arena(huge_pages.onto_huge_pages([t])[0])
+
+
 def test_a_refused_mapping_keeps_pytorchs_pages(monkeypatch):
     """A system that refuses the mapping (memory limits, no THP in the kernel): the same tensors, nothing fails."""
     def refuse(*args, **kwargs):
