@@ -179,6 +179,19 @@ void decode_row_any(const uint8_t* row, int64_t blocks, Y* y) {
   decode_row<F>(row, blocks, y);
 }
 
+// Lane j of a packed block of R lanes (quantized_linear.h) back into the file's block at dst: its fp16 scales
+// (lane_header), its 4-byte code chunks (lane_codes).
+template <BlockFormat F>
+inline void lane_header(const uint8_t* src, int64_t R, int64_t j, uint8_t* dst) {
+  for (int64_t s = 0; s < header_bytes<F>() / 2; ++s) std::memcpy(dst + 2 * s, src + 2 * R * s + 2 * j, 2);
+}
+template <BlockFormat F>
+inline void lane_codes(const uint8_t* src, int64_t R, int64_t j, uint8_t* dst) {
+  constexpr int64_t header = header_bytes<F>(), chunks = (block_bytes(F) - header) / 4;
+  const uint8_t* codes = src + R * header;
+  for (int64_t k = 0; k < chunks; ++k) std::memcpy(dst + header + 4 * k, codes + 4 * R * k + 4 * j, 4);
+}
+
 // The R rows of tile t of a packed weight, in the file's layout, into rows[R * row_bytes].
 template <BlockFormat F>
 void unpack_tile(const uint8_t* packed, int64_t R, int64_t t, int64_t blocks, uint8_t* rows) {
@@ -188,10 +201,7 @@ void unpack_tile(const uint8_t* packed, int64_t R, int64_t t, int64_t blocks, ui
   const uint8_t* tile = packed + t * blocks * R * bytes;
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* src = tile + b * R * bytes;
-    for (int64_t j = 0; j < R; ++j) {
-      uint8_t* dst = rows + j * row_bytes + b * bytes;
-      for (int64_t s = 0; s < scales; ++s) std::memcpy(dst + 2 * s, src + 2 * R * s + 2 * j, 2);
-    }
+    for (int64_t j = 0; j < R; ++j) lane_header<F>(src, R, j, rows + j * row_bytes + b * bytes);
     const uint8_t* codes = src + 2 * R * scales;
 #ifdef DSPARK_DQ_512
     if (R == 16) {  // 4 chunks of 16 dwords at a time: a 4 x 16 transpose into 16 rows of 16 bytes
@@ -211,25 +221,18 @@ void unpack_tile(const uint8_t* packed, int64_t R, int64_t t, int64_t blocks, ui
       continue;
     }
 #endif
-    for (int64_t k = 0; k < chunks; ++k)
-      for (int64_t j = 0; j < R; ++j)
-        std::memcpy(rows + j * row_bytes + b * bytes + header + 4 * k, codes + 4 * R * k + 4 * j, 4);
+    for (int64_t j = 0; j < R; ++j) lane_codes<F>(src, R, j, rows + j * row_bytes + b * bytes);
   }
 }
 
 // Row o of a packed weight, in the file's layout, into row[row_bytes]: lane o % R of each of its tile's blocks.
 template <BlockFormat F>
 void unpack_row(const uint8_t* packed, int64_t R, int64_t o, int64_t blocks, uint8_t* row) {
-  constexpr int64_t bytes = block_bytes(F), header = header_bytes<F>(), scales = header / 2;
-  constexpr int64_t chunks = (bytes - header) / 4;
-  const int64_t j = o % R;
+  constexpr int64_t bytes = block_bytes(F);
   const uint8_t* tile = packed + (o / R) * blocks * R * bytes;
   for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* src = tile + b * R * bytes;
-    uint8_t* dst = row + b * bytes;
-    for (int64_t s = 0; s < scales; ++s) std::memcpy(dst + 2 * s, src + 2 * R * s + 2 * j, 2);
-    const uint8_t* codes = src + 2 * R * scales;
-    for (int64_t k = 0; k < chunks; ++k) std::memcpy(dst + header + 4 * k, codes + 4 * R * k + 4 * j, 4);
+    lane_header<F>(tile + b * R * bytes, R, o % R, row + b * bytes);
+    lane_codes<F>(tile + b * R * bytes, R, o % R, row + b * bytes);
   }
 }
 
