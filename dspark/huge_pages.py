@@ -35,9 +35,8 @@ def enabled() -> bool:
 
 def in_arena(t: torch.Tensor) -> bool:
     """Whether the tensor's memory lies in a mapping made by onto_huge_pages."""
-    _arenas[:] = [a for a in _arenas if a[2]() is not None]  # a mapping is freed with its last view
     start = t.data_ptr()
-    return any(lo <= start < hi for lo, hi, _ in _arenas)
+    return any(lo <= start < hi and alive() is not None for lo, hi, alive in _arenas)
 
 
 def _available_bytes() -> int | None:
@@ -67,6 +66,7 @@ def _arena(nbytes: int) -> torch.Tensor | None:
     except OSError:  # a kernel built without THP
         return None
     arena = whole[offset: offset + size]
+    _arenas[:] = [a for a in _arenas if a[2]() is not None]  # a mapping is freed with its last view
     _arenas.append((arena.data_ptr(), arena.data_ptr() + size, weakref.ref(buffer)))
     return arena
 
