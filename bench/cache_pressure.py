@@ -3,13 +3,15 @@ batch 1, greedy, 128 new tokens) decoding humaneval prompts in engines that diff
 target forwards, each engine taking a prompt in turn (so a slow spell of this shared machine falls on every arm):
 
 - "plain + N MiB": plain decoding, then a read of a fixed N MiB buffer after every round (N = 0 is plain decoding);
+- "plain + 1 ms busy": plain decoding, then 1 ms of a Python loop that touches next to no memory after every round;
 - "n-gram gamma 1": prompt lookup at a fixed gamma of 1 (two-token verification rounds, next to no memory of its own);
 - "DSpark gamma 1": the shipped DSpark drafter (Q8_0 blocks, ~17 MiB of weights read every round) at gamma 1.
 
 The target's kernels are timed inside the engines (the fused decoder layers and the LM head, per call, by number of
 tokens), so the table separates what a verification round costs by itself (n-gram's two-token calls) from what the
-drafter's reads cost it on top (DSpark's two-token calls). On a CPU whose last-level cache holds most of the target's
-~96 MiB of weights per token, a drafter's footprint evicts them and slows the target's next forward.
+drafter's work costs it on top (DSpark's two-token calls). On a CPU whose last-level cache holds most of the target's
+~96 MiB of weights per token, both what runs between forwards reads and how long it runs (a shared cache loses our
+lines to other tenants' traffic while we are not reading them) slow the target's next forward.
 
     python bench/cache_pressure.py --out bench/results/cache-pressure-cpu
 """
@@ -69,11 +71,26 @@ class KernelClock:
         return round(self.seconds[key] / self.calls[key] * 1e3, 3) if self.calls[key] else None
 
 
+def after_each_step(step, work):
+    def stepped():
+        out = step()
+        work()
+        return out
+    return stepped
+
+
+def busy_wait(seconds: float) -> None:
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        pass
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=6, help="first prompts of humaneval.jsonl")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--mib", default="0,8,16,32,64", help="MiB read after every plain round, comma-separated")
+    ap.add_argument("--busy-ms", type=float, default=1.0, help="the pause arm's busy loop after every round (0: none)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     tokenizer = load_tokenizer(None)
@@ -90,19 +107,18 @@ def main() -> None:
         name = f"plain + {mib} MiB"
         arms[name] = Engine(model, tokenizer, None, max_batch=1, max_seq_len=1024)
         buffers[name] = torch.rand(mib << 18) if mib else None  # float32: mib MiB
+    if args.busy_ms > 0:
+        busy = f"plain + {args.busy_ms:g} ms busy"
+        arms[busy] = Engine(model, tokenizer, None, max_batch=1, max_seq_len=1024)
     arms["n-gram gamma 1"] = Engine(model, tokenizer, NgramDrafter(num_draft=1), policy=FixedLength(1), max_batch=1,
                                     max_seq_len=1024)
     arms["DSpark gamma 1"] = Engine(model, tokenizer, drafter, policy=FixedLength(1), max_batch=1, max_seq_len=1024)
     for name, engine in arms.items():
         warm_up(engine, prompts[0], params)
         if buffers.get(name) is not None:
-            step, buffer = engine.step, buffers[name]
-
-            def touching(step=step, buffer=buffer):
-                out = step()
-                buffer.sum()  # the other traffic: a read of the whole buffer
-                return out
-            engine.step = touching
+            engine.step = after_each_step(engine.step, buffers[name].sum)  # the other traffic: the whole buffer read
+        elif name.endswith("ms busy"):
+            engine.step = after_each_step(engine.step, lambda: busy_wait(args.busy_ms / 1e3))
     seconds, tokens, outputs = collections.defaultdict(float), collections.defaultdict(int), collections.defaultdict(list)
     for repeat in range(args.repeats):
         for prompt in prompts:
@@ -124,7 +140,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
         result = {"device": f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-                  "command": "python bench/cache_pressure.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()
+                  "command": "python bench/cache_pressure.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                                          if k != "out" and v is not None),
                   "prompts": args.prompts, "repeats": args.repeats, "rows": rows}
         pathlib.Path(args.out + ".json").write_text(json.dumps(result, indent=1))
