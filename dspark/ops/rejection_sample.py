@@ -240,6 +240,22 @@ def plan_rejection_sample(device: torch.device | str, backend: str | None = None
     return RejectionSamplePlan(choose_backend(backend, device), device)
 
 
+def _random_source(generator, seed, offset, uniforms, num_nodes: int, num_requests: int, device):
+    """The kernel's randomness from at most one of a generator (drawn into uniforms [T, 2] here), per-request
+    Philox seeds (with offsets, [R] each) or uniforms: (uniforms, seed, offset), the unused ones None."""
+    given = [name for name, x in (("generator", generator), ("seed", seed), ("uniforms", uniforms)) if x is not None]
+    if len(given) > 1:
+        v.fail(f"pass one source of randomness, got {' and '.join(given)}")
+    if offset is not None and seed is None:
+        v.fail("offset needs a seed: the Philox stream is (seed, offset)")
+    if generator is not None:
+        uniforms = torch.rand(num_nodes, 2, dtype=torch.float64, generator=generator, device=generator.device).to(device)
+    if seed is not None:
+        seed = _per_request("seed", seed, num_requests, torch.int64, 0, device)
+        offset = _per_request("offset", offset, num_requests, torch.int64, 0, device)
+    return uniforms, seed, offset
+
+
 def rejection_sample(
     target_logits: torch.Tensor,
     draft_tokens: torch.Tensor,
@@ -292,17 +308,8 @@ def rejection_sample(
     temperature = _per_request("temperature", temperature, num_requests, torch.float32, 1.0, device)
     top_k = _per_request("top_k", top_k, num_requests, torch.int32, 0, device)
     top_p = _per_request("top_p", top_p, num_requests, torch.float32, 1.0, device)
-    given = [name for name, x in (("generator", generator), ("seed", seed), ("uniforms", uniforms)) if x is not None]
-    if len(given) > 1:
-        v.fail(f"pass one source of randomness, got {' and '.join(given)}")
-    if offset is not None and seed is None:
-        v.fail("offset needs a seed: the Philox stream is (seed, offset)")
-    if generator is not None:
-        uniforms = torch.rand(target_logits.shape[0], 2, dtype=torch.float64, generator=generator,
-                              device=generator.device).to(device)
-    if seed is not None:
-        seed = _per_request("seed", seed, num_requests, torch.int64, 0, device)
-        offset = _per_request("offset", offset, num_requests, torch.int64, 0, device)
+    uniforms, seed, offset = _random_source(generator, seed, offset, uniforms, target_logits.shape[0], num_requests,
+                                            device)
     v.check_tensor("qo_indptr", qo_indptr, dtypes=(torch.int32,), ndim=1, device=device)
     if max_nodes is None:
         if qo_indptr.device.type == "meta" or isinstance(qo_indptr, FakeTensor):
