@@ -187,3 +187,70 @@ def test_short_prefills_over_gguf_blocks_take_the_fused_layers(tmp_path, monkeyp
     # Dense fp32 matrices: while linear() would give the rows to small_batch_linear anyway.
     from dspark.models.linear import FP32_MAX_ROWS
     assert cpu_decoder.takes_prefill(dense, FP32_MAX_ROWS) and not cpu_decoder.takes_prefill(dense, FP32_MAX_ROWS + 1)
+
+
+def _kernel_args(model, cache, rnd, plan):
+    """The raw kernel's arguments for a round, as cpu_decoder.run passes them (no capture), by name."""
+    c = model.config
+    weights, formats = cpu_decoder._weights(model)
+    return dict(hidden=model.embed(rnd.tokens).contiguous(), weights=weights, formats=formats, k=cache.k, v=cache.v,
+                positions=rnd.positions.contiguous(), inv_freq=model.inv_freq.contiguous(), write_rows=rnd.write_rows,
+                write_slots=rnd.write_slots, qo_indptr=plan.qo_indptr, seqlens=plan.cache_seqlens,
+                parents=plan.parents, block_table=plan.block_table, captured=None, slots=[-1] * c.num_layers,
+                heads=c.num_heads, inter=c.intermediate_size, eps=c.rms_norm_eps, scale=1.0 / c.head_dim ** 0.5,
+                final_norm=None, bidirectional=False)
+
+
+def _corrupt(name, args, cache):
+    """One bad argument of a valid round (and what its error names)."""
+    args = dict(args)
+    if name == "write_rows":
+        args["write_rows"] = args["write_rows"].clone()
+        args["write_rows"][-1] = cache.k.shape[1] + 5
+        return args, "write_rows/write_slots out of range"
+    if name == "write_slots":
+        args["write_slots"] = args["write_slots"].clone()
+        args["write_slots"][0] = -1
+        return args, "write_rows/write_slots out of range"
+    if name == "qo_indptr":
+        args["qo_indptr"] = args["qo_indptr"].clone()
+        args["qo_indptr"][-1] += 1
+        return args, "qo_indptr must run from 0"
+    if name == "cache_seqlens":
+        args["seqlens"] = args["seqlens"].clone()
+        args["seqlens"][1] = 64
+        return args, "cache_seqlens \\+ its token count"
+    if name == "block_table":
+        args["block_table"] = args["block_table"].clone()
+        args["block_table"].fill_(cache.k.shape[1])
+        return args, "outside the cache"
+    if name == "capture_slot":
+        args["slots"] = args["slots"][:-1]
+        return args, "capture_slot: one per layer"
+    if name == "norm format":
+        args["formats"] = [3] + list(args["formats"][1:])
+        return args, "only the qkv, o, gate_up and down projections"
+    if name == "hidden dtype":
+        args["hidden"] = args["hidden"].double()
+        return args, "hidden"
+    if name == "positions":
+        args["positions"] = args["positions"][:-1]
+        return args, "positions must be \\[rows\\]"
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("bad", ["write_rows", "write_slots", "qo_indptr", "cache_seqlens", "block_table",
+                                 "capture_slot", "norm format", "hidden dtype", "positions"])
+def test_kernel_refuses_a_bad_round_and_writes_nothing(checkpoint, bad):
+    """The raw kernel (what the engine's trusted path calls) checks what would put a write or a read outside the
+    caches, and refuses before writing anything: a ValueError naming the argument, K/V and hidden unchanged."""
+    model = load_model(checkpoint, torch.bfloat16)
+    cache, _, rnd = _round_pair(model, 4 if bad == "block_table" else None)
+    args = _kernel_args(model, cache, rnd, model.plan(cache, rnd))
+    cpu_decoder._kernel(*(a.clone() if isinstance(a, torch.Tensor) and name == "hidden" else a
+                          for name, a in args.items()))  # the valid round runs
+    args, message = _corrupt(bad, args, cache)
+    k, v, hidden = cache.k.clone(), cache.v.clone(), args["hidden"].clone()
+    with pytest.raises(ValueError, match=message):
+        cpu_decoder._kernel(*args.values())
+    assert torch.equal(cache.k, k) and torch.equal(cache.v, v) and torch.equal(args["hidden"], hidden)
