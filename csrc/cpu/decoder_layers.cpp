@@ -1,6 +1,7 @@
 #include "cpu/decoder_layers.h"
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "cpu/exp_nonpositive.h"
@@ -121,73 +122,108 @@ void rope_tables(const DecoderParams& p, std::vector<float>& cos_table, std::vec
   }
 }
 
+// A round's per-layer buffers, sized once for all layers.
+template <typename T>
+struct LayerScratch {
+  std::vector<T> x, qkv, q, normed, attn, proj, gate_up, act;
+  std::vector<float> cos_table, sin_table;
+  explicit LayerScratch(const DecoderParams& p) {
+    const int64_t rows = p.rows, dim = p.head_dim, heads = p.num_heads;
+    x.resize(rows * p.hidden_size);
+    qkv.resize(rows * (heads + 2 * p.num_kv_heads) * dim);
+    q.resize(rows * heads * dim);
+    normed.resize(dim);
+    attn.resize(rows * heads * dim);
+    proj.resize(rows * p.hidden_size);
+    gate_up.resize(rows * 2 * p.intermediate_size);
+    act.resize(rows * p.intermediate_size);
+    rope_tables(p, cos_table, sin_table);
+  }
+};
+
+// h += o_proj(attention(RoPE(qkv_proj(rms_norm(h))))), the round's K/V written to the layer's cache first.
+template <typename T>
+void attention_block(const DecoderParams& p, const DecoderLayerWeights& w, T* h, LayerScratch<T>& s) {
+  const int64_t rows = p.rows, hidden = p.hidden_size, dim = p.head_dim;
+  const int64_t heads = p.num_heads, kv_heads = p.num_kv_heads;
+  const int64_t qkv_width = (heads + 2 * kv_heads) * dim;
+  for (int64_t t = 0; t < rows; ++t) {
+    rms_norm_row(h + t * hidden, static_cast<const T*>(w.input_norm), s.x.data() + t * hidden, hidden, p.eps);
+  }
+  linear(s.x.data(), w.qkv, w.qkv_format, w.qkv_bias, s.qkv.data(), rows, hidden, qkv_width, p.dtype);
+  T* k_cache = static_cast<T*>(w.k_cache);
+  T* v_cache = static_cast<T*>(w.v_cache);
+  for (int64_t t = 0; t < rows; ++t) {
+    const float* cos = s.cos_table.data() + t * dim;
+    const float* sin = s.sin_table.data() + t * dim;
+    const T* row = s.qkv.data() + t * qkv_width;
+    const int64_t cache_at = slot_offset<T>(p, p.write_rows[t], p.write_slots[t]);
+    for (int64_t head = 0; head < heads + kv_heads; ++head) {
+      const T* src = row + head * dim;
+      const bool is_q = head < heads;
+      const void* norm = is_q ? w.q_norm : w.k_norm;
+      if (norm != nullptr) {
+        rms_norm_row(src, static_cast<const T*>(norm), s.normed.data(), dim, p.eps);
+        src = s.normed.data();
+      }
+      T* dst = is_q ? s.q.data() + (t * heads + head) * dim : k_cache + cache_at + (head - heads) * dim;
+      rope_head(src, cos, sin, dst, dim);
+    }
+    const T* v = row + (heads + kv_heads) * dim;
+    for (int64_t e = 0; e < kv_heads * dim; ++e) v_cache[cache_at + e] = v[e];
+  }
+  TreeAttentionParams a = p.attention;
+  a.q = s.q.data();
+  a.k_cache = k_cache;
+  a.v_cache = v_cache;
+  a.out = s.attn.data();
+  tree_attention(a);
+  linear(s.attn.data(), w.o_proj, w.o_format, w.o_bias, s.proj.data(), rows, heads * dim, hidden, p.dtype);
+  add_residual(h, s.proj.data(), rows * hidden);
+}
+
+// h += down(SiLU(gate) * up), gate and up from one projection of rms_norm(h).
+template <typename T>
+void mlp_block(const DecoderParams& p, const DecoderLayerWeights& w, T* h, LayerScratch<T>& s) {
+  const int64_t rows = p.rows, hidden = p.hidden_size, inter = p.intermediate_size;
+  for (int64_t t = 0; t < rows; ++t) {
+    rms_norm_row(h + t * hidden, static_cast<const T*>(w.post_norm), s.x.data() + t * hidden, hidden, p.eps);
+  }
+  linear(s.x.data(), w.gate_up, w.gate_up_format, w.gate_up_bias, s.gate_up.data(), rows, hidden, 2 * inter, p.dtype);
+  for (int64_t t = 0; t < rows; ++t) {
+    const T* g = s.gate_up.data() + t * 2 * inter;
+    silu_mul_row(g, g + inter, s.act.data() + t * inter, inter);
+  }
+  linear(s.act.data(), w.down, w.down_format, w.down_bias, s.proj.data(), rows, inter, hidden, p.dtype);
+  add_residual(h, s.proj.data(), rows * hidden);
+}
+
+// The residual stream after a captured layer, into its slot of each row's captured states.
+template <typename T>
+void capture(const DecoderParams& p, int32_t slot, const T* h) {
+  T* captured = static_cast<T*>(p.captured);
+  const int64_t hidden = p.hidden_size;
+  for (int64_t t = 0; t < p.rows; ++t) {
+    const int64_t at = p.capture_slots_per_row > 0 ? p.write_rows[t] * p.capture_slots_per_row + p.write_slots[t] : t;
+    std::memcpy(captured + (at * p.num_captured + slot) * hidden, h + t * hidden, hidden * sizeof(T));
+  }
+}
+
 template <typename T>
 void run(const DecoderParams& p) {
-  const int64_t rows = p.rows, hidden = p.hidden_size, dim = p.head_dim;
-  const int64_t heads = p.num_heads, kv_heads = p.num_kv_heads, inter = p.intermediate_size;
-  const int64_t qkv_width = (heads + 2 * kv_heads) * dim;
-  std::vector<T> x(rows * hidden), qkv(rows * qkv_width), q(rows * heads * dim), normed(dim),
-      attn(rows * heads * dim), proj(rows * hidden), gate_up(rows * 2 * inter), act(rows * inter);
-  std::vector<float> cos_table, sin_table;
-  rope_tables(p, cos_table, sin_table);
+  LayerScratch<T> scratch(p);
   T* h = static_cast<T*>(p.hidden);
   for (int64_t layer = 0; layer < p.num_layers; ++layer) {
-    const DecoderLayerWeights& w = p.layers[layer];
-    for (int64_t t = 0; t < rows; ++t) {
-      rms_norm_row(h + t * hidden, static_cast<const T*>(w.input_norm), x.data() + t * hidden, hidden, p.eps);
-    }
-    linear(x.data(), w.qkv, w.qkv_format, w.qkv_bias, qkv.data(), rows, hidden, qkv_width, p.dtype);
-    T* k_cache = static_cast<T*>(w.k_cache);
-    T* v_cache = static_cast<T*>(w.v_cache);
-    for (int64_t t = 0; t < rows; ++t) {
-      const float* cos = cos_table.data() + t * dim;
-      const float* sin = sin_table.data() + t * dim;
-      const T* row = qkv.data() + t * qkv_width;
-      const int64_t cache_at = slot_offset<T>(p, p.write_rows[t], p.write_slots[t]);
-      for (int64_t head = 0; head < heads + kv_heads; ++head) {
-        const T* src = row + head * dim;
-        const bool is_q = head < heads;
-        const void* norm = is_q ? w.q_norm : w.k_norm;
-        if (norm != nullptr) {
-          rms_norm_row(src, static_cast<const T*>(norm), normed.data(), dim, p.eps);
-          src = normed.data();
-        }
-        T* dst = is_q ? q.data() + (t * heads + head) * dim : k_cache + cache_at + (head - heads) * dim;
-        rope_head(src, cos, sin, dst, dim);
-      }
-      const T* v = row + (heads + kv_heads) * dim;
-      for (int64_t e = 0; e < kv_heads * dim; ++e) v_cache[cache_at + e] = v[e];
-    }
-    TreeAttentionParams a = p.attention;
-    a.q = q.data();
-    a.k_cache = k_cache;
-    a.v_cache = v_cache;
-    a.out = attn.data();
-    tree_attention(a);
-    linear(attn.data(), w.o_proj, w.o_format, w.o_bias, proj.data(), rows, heads * dim, hidden, p.dtype);
-    add_residual(h, proj.data(), rows * hidden);
-    for (int64_t t = 0; t < rows; ++t) {
-      rms_norm_row(h + t * hidden, static_cast<const T*>(w.post_norm), x.data() + t * hidden, hidden, p.eps);
-    }
-    linear(x.data(), w.gate_up, w.gate_up_format, w.gate_up_bias, gate_up.data(), rows, hidden, 2 * inter, p.dtype);
-    for (int64_t t = 0; t < rows; ++t) {
-      const T* g = gate_up.data() + t * 2 * inter;
-      silu_mul_row(g, g + inter, act.data() + t * inter, inter);
-    }
-    linear(act.data(), w.down, w.down_format, w.down_bias, proj.data(), rows, inter, hidden, p.dtype);
-    add_residual(h, proj.data(), rows * hidden);
+    attention_block(p, p.layers[layer], h, scratch);
+    mlp_block(p, p.layers[layer], h, scratch);
     const int32_t slot = p.capture_slot == nullptr ? -1 : p.capture_slot[layer];
-    if (slot >= 0 && p.captured != nullptr) {
-      T* captured = static_cast<T*>(p.captured);
-      for (int64_t t = 0; t < rows; ++t) {
-        const int64_t at =
-            p.capture_slots_per_row > 0 ? p.write_rows[t] * p.capture_slots_per_row + p.write_slots[t] : t;
-        std::memcpy(captured + (at * p.num_captured + slot) * hidden, h + t * hidden, hidden * sizeof(T));
-      }
-    }
+    if (slot >= 0 && p.captured != nullptr) capture(p, slot, h);
   }
   if (p.final_norm != nullptr) {  // rms_norm_row reads a row whole before writing it: in place is safe
-    for (int64_t t = 0; t < rows; ++t) rms_norm_row(h + t * hidden, static_cast<const T*>(p.final_norm), h + t * hidden, hidden, p.eps);
+    for (int64_t t = 0; t < p.rows; ++t) {
+      rms_norm_row(h + t * p.hidden_size, static_cast<const T*>(p.final_norm), h + t * p.hidden_size, p.hidden_size,
+                   p.eps);
+    }
   }
 }
 
