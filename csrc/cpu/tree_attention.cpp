@@ -94,138 +94,162 @@ inline int64_t slot_offset(const TreeAttentionParams& p, int64_t r, int64_t slot
   return (row * p.num_kv_heads + g) * p.head_dim;
 }
 
-// One work item: its rows' online softmax over the item's key range, then the output (or, for a
-// chunk of a split range, the partial (m, l, acc) that merge_group combines).
+// The item's queries, scaled, as fp32 rows (token, head in group): one token's group rows are contiguous.
 template <typename T>
-void run_item(Context& ctx, const Item& it, Scratch& sc) {
-  const TreeAttentionParams& p = *ctx.p;
-  const int64_t dim = p.head_dim, group = ctx.group, r = it.request, g = it.kv_head;
-  const int64_t start = p.qo_indptr[r];
-  const int64_t committed = p.cache_seqlens[r];
-  const int64_t tokens = it.token_end - it.token_begin;
-  const int64_t rows = tokens * group;
+void load_queries(const TreeAttentionParams& p, const Item& it, int64_t group, float* __restrict qf) {
   const T* q = static_cast<const T*>(p.q);
-  const T* k_cache = static_cast<const T*>(p.k_cache);
-  const T* v_cache = static_cast<const T*>(p.v_cache);
-  const float scale = p.sm_scale;
-  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(T));
-
-  float* __restrict qf = sc.q.data();
-  float* __restrict acc = sc.acc.data();
-  float* m = sc.m.data();
-  float* l = sc.l.data();
-  float* __restrict alpha = sc.alpha.data();
-  float* __restrict kt = sc.kt.data();
-  float* __restrict vf = sc.v.data();
-  float* __restrict s = sc.s.data();
-  uint8_t* vis = sc.vis.data();
-  // Rows are (token, head in group); one token's group rows are contiguous in q and out.
-  for (int64_t t = 0; t < tokens; ++t) {
-    const T* src = q + ((start + it.token_begin + t) * p.num_q_heads + g * group) * dim;
+  const int64_t dim = p.head_dim, start = p.qo_indptr[it.request];
+  for (int64_t t = 0; t < it.token_end - it.token_begin; ++t) {
+    const T* src = q + ((start + it.token_begin + t) * p.num_q_heads + it.kv_head * group) * dim;
     float* dst = qf + t * group * dim;
 #pragma omp simd
-    for (int64_t e = 0; e < group * dim; ++e) dst[e] = load_float(src + e) * scale;
+    for (int64_t e = 0; e < group * dim; ++e) dst[e] = load_float(src + e) * p.sm_scale;
   }
-  std::fill(acc, acc + rows * dim, 0.0f);
-  std::fill(m, m + rows, kNegInf);
-  std::fill(l, l + rows, 0.0f);
+}
 
-  const bool chain = ctx.mask_offset[r] < 0;
-  const uint64_t* mask = chain ? nullptr : ctx.mask.data() + ctx.mask_offset[r];
-  const int64_t words = ctx.mask_words[r];
-  const bool bidirectional = p.bidirectional_rounds;
-
+// Slots [t0, t0 + tk) of the item's request and KV head into the tile buffers (keys transposed into kt, values
+// into vf, zero past tk; K rows past tk stay finite and are masked), the next tile's rows prefetched.
+template <typename T>
+void load_tile(const TreeAttentionParams& p, const Item& it, int64_t t0, int64_t tk, float* __restrict kt,
+               float* __restrict vf) {
+  const T* k_cache = static_cast<const T*>(p.k_cache);
+  const T* v_cache = static_cast<const T*>(p.v_cache);
+  const int64_t dim = p.head_dim, r = it.request, g = it.kv_head;
   // A contiguous cache holds a request's slots at a fixed stride: no per-slot offset arithmetic.
   const bool contiguous = p.block_table == nullptr;
   const int64_t slot_stride = p.num_kv_heads * dim;
+  const T* keys[kTile];
+  const int64_t tile_offset = contiguous ? slot_offset(p, r, t0, g) : 0;
+  for (int64_t j = 0; j < tk; ++j) {
+    const int64_t off = contiguous ? tile_offset + j * slot_stride : slot_offset(p, r, t0 + j, g);
+    keys[j] = k_cache + off;
+    convert_row(v_cache + off, vf + j * dim, dim);
+  }
+  convert_keys(keys, tk, dim, kt);
+  if (tk < kTile) std::fill(vf + tk * dim, vf + kTile * dim, 0.0f);
+  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(T));
+  const int64_t next_end = std::min<int64_t>(it.key_end, t0 + 2 * kTile);
+  for (int64_t slot = t0 + kTile; slot < next_end; ++slot) {
+    const int64_t off = slot_offset(p, r, slot, g);
+    const char* kb = reinterpret_cast<const char*>(k_cache + off);
+    const char* vb = reinterpret_cast<const char*>(v_cache + off);
+    for (int64_t b = 0; b < row_bytes; b += 64) {
+      DSPARK_PREFETCH(kb + b);
+      DSPARK_PREFETCH(vb + b);
+    }
+  }
+}
+
+// Every row's scores of the tile. Whole tiles for every row, whatever tk and the row count: see "Batch
+// invariance" above. Rows four at a time, then the last one to three: each row's scores are the same arithmetic
+// in either group.
+inline void score_rows(const float* qf, const float* kt, int64_t rows, int64_t dim, float* s) {
+  int64_t rw = 0;
+  for (; rw + 4 <= rows; rw += 4) tile_scores<4>(qf + rw * dim, kt, dim, s + rw * kTile);
+  switch (rows - rw) {
+    case 3: tile_scores<3>(qf + rw * dim, kt, dim, s + rw * kTile); break;
+    case 2: tile_scores<2>(qf + rw * dim, kt, dim, s + rw * kTile); break;
+    case 1: tile_scores<1>(qf + rw * dim, kt, dim, s + rw * kTile); break;
+    default: break;
+  }
+}
+
+// The tile's slots each token may not see set to -inf in its rows' scores, then each row's online softmax step
+// (its running max and sum updated, alpha: its accumulator's rescaling).
+void mask_and_softmax(const Context& ctx, const Item& it, int64_t t0, int64_t tk, Scratch& sc) {
+  const TreeAttentionParams& p = *ctx.p;
+  const int64_t r = it.request, group = ctx.group, committed = p.cache_seqlens[r];
+  const bool chain = ctx.mask_offset[r] < 0;
+  const uint64_t* mask = chain ? nullptr : ctx.mask.data() + ctx.mask_offset[r];
+  const int64_t words = ctx.mask_words[r];
+  const bool has_round = t0 + tk > committed;
+  const bool masked = tk < kTile || has_round;  // a whole tile of committed slots is visible to every row
+  uint8_t* vis = sc.vis.data();
+  for (int64_t t = 0; t < it.token_end - it.token_begin; ++t) {
+    const int64_t i = it.token_begin + t;
+    if (masked) {
+      for (int64_t j = 0; j < kTile; ++j) {
+        const int64_t slot = t0 + j;
+        bool visible = j < tk;
+        if (visible && has_round && slot >= committed) {
+          const int64_t jj = slot - committed;
+          visible = p.bidirectional_rounds ||
+                    (jj <= i && (chain || ((mask[i * words + (jj >> 6)] >> (jj & 63)) & 1u)));
+        }
+        vis[j] = visible;
+      }
+    }
+    for (int64_t h = 0; h < group; ++h) {
+      const int64_t row = t * group + h;
+      float* sr = sc.s.data() + row * kTile;
+      if (masked) {
+        for (int64_t j = 0; j < kTile; ++j)
+          if (!vis[j]) sr[j] = kNegInf;
+      }
+      sc.alpha[row] = softmax_row(sr, sc.m[row], sc.l[row]);
+    }
+  }
+}
+
+// acc = alpha * acc + P V over the tile, eight rows at a time, then four, then the last one to three.
+inline void accumulate_values(const float* s, const float* alpha, const float* vf, int64_t rows, int64_t dim,
+                              float* acc) {
+  int64_t row = 0;
+  for (; row + 8 <= rows; row += 8) tile_values<8>(s + row * kTile, alpha + row, vf, dim, acc + row * dim);
+  if (row + 4 <= rows) {
+    tile_values<4>(s + row * kTile, alpha + row, vf, dim, acc + row * dim);
+    row += 4;
+  }
+  switch (rows - row) {
+    case 3: tile_values<3>(s + row * kTile, alpha + row, vf, dim, acc + row * dim); break;
+    case 2: tile_values<2>(s + row * kTile, alpha + row, vf, dim, acc + row * dim); break;
+    case 1: tile_values<1>(s + row * kTile, alpha + row, vf, dim, acc + row * dim); break;
+    default: break;
+  }
+}
+
+// The item's rows normalised into the output or, for a chunk of a split range, its partial (m, l, acc), laid out
+// m[rows], l[rows], acc[rows, dim], for merge_group.
+template <typename T>
+void finish_item(Context& ctx, const Item& it, const Scratch& sc) {
+  const TreeAttentionParams& p = *ctx.p;
+  const int64_t dim = p.head_dim, group = ctx.group, tokens = it.token_end - it.token_begin, rows = tokens * group;
+  if (it.split >= 0) {
+    float* part = ctx.partial.data() + it.partial_offset;
+    std::copy(sc.m.begin(), sc.m.begin() + rows, part);
+    std::copy(sc.l.begin(), sc.l.begin() + rows, part + rows);
+    std::copy(sc.acc.begin(), sc.acc.begin() + rows * dim, part + 2 * rows);
+    return;
+  }
+  T* out = static_cast<T*>(p.out);
+  const int64_t start = p.qo_indptr[it.request];
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t h = 0; h < group; ++h) {
+      const int64_t rw = t * group + h;
+      const float inv = 1.0f / sc.l[rw];
+      const float* a = sc.acc.data() + rw * dim;
+      T* dst = out + ((start + it.token_begin + t) * p.num_q_heads + it.kv_head * group + h) * dim;
+      for (int64_t d = 0; d < dim; ++d) dst[d] = from_float<T>(a[d] * inv);
+    }
+  }
+}
+
+// One work item: its rows' online softmax over the item's key range, tile by tile, then its output or partial.
+template <typename T>
+void run_item(Context& ctx, const Item& it, Scratch& sc) {
+  const int64_t dim = ctx.p->head_dim, rows = static_cast<int64_t>(it.token_end - it.token_begin) * ctx.group;
+  load_queries<T>(*ctx.p, it, ctx.group, sc.q.data());
+  std::fill(sc.acc.begin(), sc.acc.begin() + rows * dim, 0.0f);
+  std::fill(sc.m.begin(), sc.m.begin() + rows, kNegInf);
+  std::fill(sc.l.begin(), sc.l.begin() + rows, 0.0f);
   for (int64_t t0 = it.key_begin; t0 < it.key_end; t0 += kTile) {
     const int64_t tk = std::min<int64_t>(kTile, it.key_end - t0);
-    const T* keys[kTile];
-    const int64_t tile_offset = contiguous ? slot_offset(p, r, t0, g) : 0;
-    for (int64_t j = 0; j < tk; ++j) {
-      const int64_t off = contiguous ? tile_offset + j * slot_stride : slot_offset(p, r, t0 + j, g);
-      keys[j] = k_cache + off;
-      convert_row(v_cache + off, vf + j * dim, dim);
-    }
-    convert_keys(keys, tk, dim, kt);
-    if (tk < kTile) std::fill(vf + tk * dim, vf + kTile * dim, 0.0f);  // K rows past tk stay finite: masked below
-    const int64_t next_end = std::min<int64_t>(it.key_end, t0 + 2 * kTile);
-    for (int64_t slot = t0 + kTile; slot < next_end; ++slot) {
-      const int64_t off = slot_offset(p, r, slot, g);
-      const char* kb = reinterpret_cast<const char*>(k_cache + off);
-      const char* vb = reinterpret_cast<const char*>(v_cache + off);
-      for (int64_t b = 0; b < row_bytes; b += 64) {
-        DSPARK_PREFETCH(kb + b);
-        DSPARK_PREFETCH(vb + b);
-      }
-    }
-    // Whole tiles for every row, whatever tk and the row count: see "Batch invariance" above. Rows four at
-    // a time, then the last one to three: each row's scores are the same arithmetic in either group.
-    int64_t rw = 0;
-    for (; rw + 4 <= rows; rw += 4) tile_scores<4>(qf + rw * dim, kt, dim, s + rw * kTile);
-    switch (rows - rw) {
-      case 3: tile_scores<3>(qf + rw * dim, kt, dim, s + rw * kTile); break;
-      case 2: tile_scores<2>(qf + rw * dim, kt, dim, s + rw * kTile); break;
-      case 1: tile_scores<1>(qf + rw * dim, kt, dim, s + rw * kTile); break;
-      default: break;
-    }
-    const bool has_round = t0 + tk > committed;
-    const bool masked = tk < kTile || has_round;  // a whole tile of committed slots is visible to every row
-    for (int64_t t = 0; t < tokens; ++t) {
-      const int64_t i = it.token_begin + t;
-      if (masked) {
-        for (int64_t j = 0; j < kTile; ++j) {
-          const int64_t slot = t0 + j;
-          bool visible = j < tk;
-          if (visible && has_round && slot >= committed) {
-            const int64_t jj = slot - committed;
-            visible = bidirectional || (jj <= i && (chain || ((mask[i * words + (jj >> 6)] >> (jj & 63)) & 1u)));
-          }
-          vis[j] = visible;
-        }
-      }
-      for (int64_t h = 0; h < group; ++h) {
-        const int64_t row = t * group + h;
-        float* sr = s + row * kTile;
-        if (masked) {
-          for (int64_t j = 0; j < kTile; ++j)
-            if (!vis[j]) sr[j] = kNegInf;
-        }
-        alpha[row] = softmax_row(sr, m[row], l[row]);
-      }
-    }
-    int64_t row = 0;
-    for (; row + 8 <= rows; row += 8) tile_values<8>(s + row * kTile, alpha + row, vf, dim, acc + row * dim);
-    if (row + 4 <= rows) {
-      tile_values<4>(s + row * kTile, alpha + row, vf, dim, acc + row * dim);
-      row += 4;
-    }
-    switch (rows - row) {
-      case 3: tile_values<3>(s + row * kTile, alpha + row, vf, dim, acc + row * dim); break;
-      case 2: tile_values<2>(s + row * kTile, alpha + row, vf, dim, acc + row * dim); break;
-      case 1: tile_values<1>(s + row * kTile, alpha + row, vf, dim, acc + row * dim); break;
-      default: break;
-    }
+    load_tile<T>(*ctx.p, it, t0, tk, sc.kt.data(), sc.v.data());
+    score_rows(sc.q.data(), sc.kt.data(), rows, dim, sc.s.data());
+    mask_and_softmax(ctx, it, t0, tk, sc);
+    accumulate_values(sc.s.data(), sc.alpha.data(), sc.v.data(), rows, dim, sc.acc.data());
   }
-
-  if (it.split < 0) {
-    T* out = static_cast<T*>(p.out);
-    for (int64_t t = 0; t < tokens; ++t) {
-      for (int64_t h = 0; h < group; ++h) {
-        const int64_t rw = t * group + h;
-        const float inv = 1.0f / l[rw];
-        const float* a = acc + rw * dim;
-        T* dst = out + ((start + it.token_begin + t) * p.num_q_heads + g * group + h) * dim;
-        for (int64_t d = 0; d < dim; ++d) dst[d] = from_float<T>(a[d] * inv);
-      }
-    }
-  } else {
-    // Partial layout per split: m[rows], l[rows], acc[rows, dim].
-    float* part = ctx.partial.data() + it.partial_offset;
-    std::copy(m, m + rows, part);
-    std::copy(l, l + rows, part + rows);
-    std::copy(acc, acc + rows * dim, part + 2 * rows);
-  }
+  finish_item<T>(ctx, it, sc);
 }
 
 template <typename T>
@@ -261,89 +285,86 @@ void merge_group(const Context& ctx, const MergeGroup& mg, std::vector<float>& a
   }
 }
 
-template <typename T>
-void run(const TreeAttentionParams& p) {
-  Context ctx;
-  ctx.p = &p;
-  ctx.group = p.num_q_heads / p.num_kv_heads;
-  const int64_t dim = p.head_dim, group = ctx.group, R = p.num_requests;
-  ctx.block_tokens = std::max<int64_t>(1, kRowsPerBlock / group);
-
-  // Ancestor-or-self bit matrices of tree requests: row i = row parents[i] | bit i.
+// Ancestor-or-self bit matrices of tree requests: row i = row parents[i] | bit i (chains need none).
+void build_ancestor_masks(Context& ctx) {
+  const TreeAttentionParams& p = *ctx.p;
+  const int64_t R = p.num_requests;
   ctx.mask_offset.assign(R, -1);
   ctx.mask_words.assign(R, 0);
-  if (p.parents != nullptr) {
-    int64_t total = 0;
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t n = p.qo_indptr[r + 1] - p.qo_indptr[r];
-      if (n == 0) continue;
-      ctx.mask_words[r] = (n + 63) / 64;
-      ctx.mask_offset[r] = total;
-      total += n * ctx.mask_words[r];
-    }
-    ctx.mask.assign(total, 0);
-    for (int64_t r = 0; r < R; ++r) {
-      if (ctx.mask_offset[r] < 0) continue;
-      const int64_t n = p.qo_indptr[r + 1] - p.qo_indptr[r];
-      const int64_t words = ctx.mask_words[r];
-  const bool bidirectional = p.bidirectional_rounds;
-      const int32_t* par = p.parents + p.qo_indptr[r];
-      uint64_t* mk = ctx.mask.data() + ctx.mask_offset[r];
-      for (int64_t i = 0; i < n; ++i) {
-        uint64_t* row = mk + i * words;
-        if (i > 0 && par[i] >= 0) std::copy(mk + par[i] * words, mk + (par[i] + 1) * words, row);
-        row[i >> 6] |= uint64_t{1} << (i & 63);
-      }
+  if (p.parents == nullptr) return;
+  int64_t total = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t n = p.qo_indptr[r + 1] - p.qo_indptr[r];
+    if (n == 0) continue;
+    ctx.mask_words[r] = (n + 63) / 64;
+    ctx.mask_offset[r] = total;
+    total += n * ctx.mask_words[r];
+  }
+  ctx.mask.assign(total, 0);
+  for (int64_t r = 0; r < R; ++r) {
+    if (ctx.mask_offset[r] < 0) continue;
+    const int64_t n = p.qo_indptr[r + 1] - p.qo_indptr[r];
+    const int64_t words = ctx.mask_words[r];
+    const int32_t* par = p.parents + p.qo_indptr[r];
+    uint64_t* mk = ctx.mask.data() + ctx.mask_offset[r];
+    for (int64_t i = 0; i < n; ++i) {
+      uint64_t* row = mk + i * words;
+      if (i > 0 && par[i] >= 0) std::copy(mk + par[i] * words, mk + (par[i] + 1) * words, row);
+      row[i >> 6] |= uint64_t{1} << (i & 63);
     }
   }
+}
 
-  // Work items: (request, token block, kv head), each over keys [0, L + last token of the block].
-  struct Base {
-    int32_t request, token_begin, token_end, keys;
-  };
-  std::vector<Base> bases;
-  for (int64_t r = 0; r < R; ++r) {
+// Work items: (request, token block, KV head), each over keys [0, L + last token of the block], split into chunks
+// of kChunk keys (each a partial, merged by a MergeGroup) when longer. Sizes ctx.partial for the split ones.
+void plan_items(Context& ctx, std::vector<Item>& items, std::vector<MergeGroup>& merges) {
+  const TreeAttentionParams& p = *ctx.p;
+  const int64_t dim = p.head_dim;
+  int64_t partial_floats = 0;
+  for (int64_t r = 0; r < p.num_requests; ++r) {
     const int64_t n = p.qo_indptr[r + 1] - p.qo_indptr[r];
     const int64_t committed = p.cache_seqlens[r];
     for (int64_t b = 0; b < n; b += ctx.block_tokens) {
       const int64_t e = std::min(n, b + ctx.block_tokens);
       const int64_t keys = committed + (p.bidirectional_rounds ? n : e);
-      bases.push_back({static_cast<int32_t>(r), static_cast<int32_t>(b), static_cast<int32_t>(e),
-                       static_cast<int32_t>(keys)});
-    }
-  }
-  if (bases.empty()) return;
-
-  const int threads = omp_get_max_threads();
-  std::vector<Item> items;
-  std::vector<MergeGroup> merges;
-  int64_t partial_floats = 0;
-  for (const Base& b : bases) {
-    const int64_t rows = static_cast<int64_t>(b.token_end - b.token_begin) * group;
-    const int64_t chunk_len = kChunk;  // fixed, never from the round's total work: batch invariance
-    const int64_t splits = (b.keys + chunk_len - 1) / chunk_len;
-    for (int64_t g = 0; g < p.num_kv_heads; ++g) {
-      if (splits == 1) {
-        items.push_back({b.request, static_cast<int32_t>(g), b.token_begin, b.token_end, 0, b.keys, -1, 0});
-        continue;
+      const int64_t rows = (e - b) * ctx.group;
+      const int64_t splits = (keys + kChunk - 1) / kChunk;  // fixed chunks, never from the round's work: batch invariance
+      const auto request = static_cast<int32_t>(r), begin = static_cast<int32_t>(b), end = static_cast<int32_t>(e);
+      for (int64_t g = 0; g < p.num_kv_heads; ++g) {
+        const auto head = static_cast<int32_t>(g);
+        if (splits == 1) {
+          items.push_back({request, head, begin, end, 0, static_cast<int32_t>(keys), -1, 0});
+          continue;
+        }
+        const int64_t split_floats = rows * (dim + 2);
+        merges.push_back({request, head, begin, end, static_cast<int32_t>(splits), partial_floats});
+        for (int64_t c = 0; c < splits; ++c) {
+          const int64_t k0 = c * kChunk, k1 = std::min<int64_t>(keys, k0 + kChunk);
+          items.push_back({request, head, begin, end, static_cast<int32_t>(k0), static_cast<int32_t>(k1),
+                           static_cast<int32_t>(c), partial_floats + c * split_floats});
+        }
+        partial_floats += splits * split_floats;
       }
-      const int64_t split_floats = rows * (dim + 2);
-      merges.push_back({b.request, static_cast<int32_t>(g), b.token_begin, b.token_end,
-                        static_cast<int32_t>(splits), partial_floats});
-      for (int64_t c = 0; c < splits; ++c) {
-        const int64_t k0 = c * chunk_len, k1 = std::min<int64_t>(b.keys, k0 + chunk_len);
-        items.push_back({b.request, static_cast<int32_t>(g), b.token_begin, b.token_end, static_cast<int32_t>(k0),
-                         static_cast<int32_t>(k1), static_cast<int32_t>(c), partial_floats + c * split_floats});
-      }
-      partial_floats += splits * split_floats;
     }
   }
   ctx.partial.resize(partial_floats);
+}
 
-  const int64_t max_rows = ctx.block_tokens * group;
+template <typename T>
+void run(const TreeAttentionParams& p) {
+  Context ctx;
+  ctx.p = &p;
+  ctx.group = p.num_q_heads / p.num_kv_heads;
+  ctx.block_tokens = std::max<int64_t>(1, kRowsPerBlock / ctx.group);
+  build_ancestor_masks(ctx);
+  std::vector<Item> items;
+  std::vector<MergeGroup> merges;
+  plan_items(ctx, items, merges);
+  if (items.empty()) return;
+  const int64_t dim = p.head_dim, max_rows = ctx.block_tokens * ctx.group;
   const int64_t num_items = static_cast<int64_t>(items.size());
   const int64_t num_merges = static_cast<int64_t>(merges.size());
-#pragma omp parallel if (threads > 1 && num_items > 1)
+#pragma omp parallel if (omp_get_max_threads() > 1 && num_items > 1)
   {
     Scratch sc;
     sc.q.assign(max_rows * dim, 0.0f);
