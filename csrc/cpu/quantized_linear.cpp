@@ -7,6 +7,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/quantized_dots.h"
 #include "cpu/quantized_tiles.h"
 
 namespace dspark::cpu {
