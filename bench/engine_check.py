@@ -1,6 +1,8 @@
 """The engine on one device, end to end: greedy identity of speculative and plain decoding (SmolLM2 and a
 tiny random Qwen3, batch 1 and 16), a sampled smoke test (speculative vs plain sampling of the first two
-tokens, two-sample chi-square), and plain / `--drafter auto` tokens/s at batch 1, 8 and 32.
+tokens, two-sample chi-square), and tokens/s at batch 1, 8 and 32 of plain decoding and of `--drafter auto`'s
+drafter both as `dspark generate` runs it (prefix scheduler on the device's SPS curve, throughput gate) and with
+every draft verified (its speculative rounds' own speed).
 
     python bench/engine_check.py --device cuda --out bench/results/engine-check-<gpu>-<date>.json
     python bench/engine_check.py --device cpu --quick        # the same checks, small, on this machine
@@ -28,7 +30,9 @@ from dspark.drafters import DraftModelDrafter, NgramDrafter
 from dspark.engine import Engine
 from dspark.models import load_model, load_tokenizer
 from dspark.ops._backend import cuda_extension_built
+from dspark.profiling import load_or_measure_sps
 from dspark.sampling_params import SamplingParams
+from dspark.scheduler import PrefixScheduler
 
 DATASETS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -58,9 +62,9 @@ def first_divergence(out: list[list[int]], reference: list[list[int]]) -> list[i
             for x, y in zip(out, reference)]
 
 
-def decode(model, tokenizer, drafter, prompts, params, batch: int, graphs: bool = False):
+def decode(model, tokenizer, drafter, prompts, params, batch: int, graphs: bool = False, policy=None):
     longest = max(len(p) for p in prompts) + params.max_tokens + 16
-    engine = Engine(model, tokenizer, drafter, max_batch=batch, max_seq_len=longest, cuda_graphs=graphs)
+    engine = Engine(model, tokenizer, drafter, policy=policy, max_batch=batch, max_seq_len=longest, cuda_graphs=graphs)
     if graphs:  # captured before the clock starts
         engine.graphs.capture_up_to(batch * (1 + (drafter.num_draft if drafter is not None else 0)))
     start = time.perf_counter()
@@ -162,17 +166,29 @@ def main() -> int:
         print(report["sampled"][-1], flush=True)
     # Throughput on SmolLM2 with `--drafter auto`'s drafter, or, without it, on the tiny Qwen3 with n-gram lookup.
     target, texts, second = (smollm, prompts, "auto") if smollm is not None else (qwen3, qwen3_prompts, "ngram")
+    # "auto" as `dspark generate` / `dspark serve` run it: the prefix scheduler on this device's SPS curve with the
+    # throughput gate (a drafter without confidences verifies all its drafts); "verify all": the same drafter with
+    # every draft verified (FixedLength), the speculative rounds' own speed.
     for batch in (1, 8, 32):
         chosen = (texts * 32)[:batch]
         for graphs in modes:
-            for drafter_name in ("none", second):
-                drafter = None if drafter_name == "none" else (
-                    make_drafter("auto", smollm, None, dtype, args.device) if second == "auto" else NgramDrafter(4))
-                decode(target, tokenizer, drafter, chosen[:1], SamplingParams(max_tokens=4), 1, graphs)  # warm-up
-                _, speed, tau = decode(target, tokenizer, drafter, chosen, greedy, batch, graphs)
+            arms = [("none", "plain", lambda: None)]
+            for policy_name in ("verify all", "prefix scheduler + gate"):
+                arms.append((second, policy_name, lambda: make_drafter("auto", smollm, None, dtype, args.device)
+                             if second == "auto" else NgramDrafter(4)))
+            for drafter_name, policy_name, make in arms:
+                drafter = make()
+                policy = None
+                if policy_name == "prefix scheduler + gate":
+                    if not drafter.gives_confidences:
+                        continue
+                    policy = PrefixScheduler(load_or_measure_sps(target, batch * (1 + drafter.num_draft)),
+                                             throughput_gate=True)
+                decode(target, tokenizer, drafter, chosen[:1], SamplingParams(max_tokens=4), 1, graphs, policy)  # warm-up
+                _, speed, tau = decode(target, tokenizer, drafter, chosen, greedy, batch, graphs, policy)
                 report["throughput"].append({"model": "SmolLM2-135M" if smollm is not None else "tiny Qwen3",
-                                             "batch": batch, "drafter": drafter_name, "cuda_graphs": graphs,
-                                             "tokens_per_s": speed, "tau": tau})
+                                             "batch": batch, "drafter": drafter_name, "policy": policy_name,
+                                             "cuda_graphs": graphs, "tokens_per_s": speed, "tau": tau})
                 print(report["throughput"][-1], flush=True)
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(report, indent=1))
