@@ -36,9 +36,8 @@ from dspark.engine import Engine
 from dspark.models import load_model, load_tokenizer
 from dspark.sampling_params import SamplingParams
 from dspark.scheduler import FixedLength
+from huge_pages import SHIPPED, humaneval_prompts
 
-DATASETS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "datasets"
-SHIPPED = pathlib.Path(__file__).resolve().parents[1] / "dspark" / "drafters" / "pretrained" / "smollm2-135m-instruct"
 
 
 class KernelClock:
@@ -94,10 +93,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     tokenizer = load_tokenizer(None)
-    lines = (DATASETS / "humaneval.jsonl").read_text().splitlines()[: args.prompts]
-    prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": json.loads(line)["turns"][0]}],
-                                                       add_generation_prompt=True, tokenize=False)).input_ids
-               for line in lines]
+    prompts = humaneval_prompts(tokenizer, args.prompts)
     params = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
     model = load_model(None, torch.bfloat16, native=True)
     clock = KernelClock(model)

@@ -30,6 +30,14 @@ DATASETS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "datasets"
 SHIPPED = pathlib.Path(__file__).resolve().parents[1] / "dspark" / "drafters" / "pretrained" / "smollm2-135m-instruct"
 
 
+def humaneval_prompts(tokenizer, count: int) -> list[list[int]]:
+    """The first `count` humaneval turns, chat-formatted and tokenized as `dspark generate` does."""
+    lines = (DATASETS / "humaneval.jsonl").read_text().splitlines()[:count]
+    return [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": json.loads(line)["turns"][0]}],
+                                                    add_generation_prompt=True, tokenize=False)).input_ids
+            for line in lines]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=6, help="first prompts of humaneval.jsonl")
@@ -37,10 +45,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     tokenizer = load_tokenizer(None)
-    lines = (DATASETS / "humaneval.jsonl").read_text().splitlines()[: args.prompts]
-    prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": json.loads(line)["turns"][0]}],
-                                                       add_generation_prompt=True, tokenize=False)).input_ids
-               for line in lines]
+    prompts = humaneval_prompts(tokenizer, args.prompts)
     params = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
     engines, outputs = {}, collections.defaultdict(list)
     for pages, flag in (("4 KiB pages", "0"), ("huge pages", "1")):
