@@ -28,16 +28,17 @@ const void* weight_ptr(const std::optional<at::Tensor>& t, at::ScalarType dtype,
 }
 
 // A projection's weight: dense in the activation dtype (format 0), GGML blocks as uint8 [out, in / 32 * bytes], or
-// with kPackedFormat or-ed into the format, packed (quantized_linear.h).
+// with kPackedFormat or-ed into the format, packed (quantized_linear.h) and shaped so (torch_checks.h).
 const void* projection_ptr(const std::optional<at::Tensor>& t, int64_t format, at::ScalarType dtype, int64_t out,
                            int64_t in, const char* name) {
   if (format == 0) return weight_ptr(t, dtype, out * in, name, true);
+  TORCH_CHECK_VALUE(t.has_value() && t->defined(), name, " is required");
+  expect(*t, at::kByte, name);
   const bool packed = (format & dspark::cpu::kPackedFormat) != 0;
-  const auto f = block_format(format & ~dspark::cpu::kPackedFormat);
-  TORCH_CHECK_VALUE(in % dspark::cpu::kBlockWeights == 0, name, ": in_features must be a multiple of 32");
-  const int64_t r = dspark::cpu::quantized_tile_rows();
-  const int64_t rows = packed ? (out + r - 1) / r * r : out;  // a packed weight's last tile is padded
-  return weight_ptr(t, at::kByte, rows * in / dspark::cpu::kBlockWeights * dspark::cpu::block_bytes(f), name, true);
+  const bool shaped_packed = quantized_layout(*t, block_format(format & ~dspark::cpu::kPackedFormat), out, in, name);
+  TORCH_CHECK_VALUE(shaped_packed == packed, name, packed ? "'s format says packed but its shape is the file's layout"
+                                                         : "'s shape is packed but its format does not say so");
+  return t->data_ptr();
 }
 
 // The round's bookkeeping against the cache: every request's token count fits its cache (attention reads slots

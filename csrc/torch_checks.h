@@ -45,20 +45,21 @@ inline dspark::cpu::BlockFormat block_format(int64_t format) {
 }
 
 // A quantized weight's layout from its shape: [out, blocks * bytes] as in the file, or packed [tiles, blocks,
-// R * bytes] (quantized_linear.h), which must hold `out` rows. Returns whether it is packed.
-inline bool quantized_layout(const at::Tensor& weight, dspark::cpu::BlockFormat f, int64_t out, int64_t in) {
+// R * bytes] (quantized_linear.h), which must hold `out` rows. Returns whether it is packed. `name` names it in errors.
+inline bool quantized_layout(const at::Tensor& weight, dspark::cpu::BlockFormat f, int64_t out, int64_t in,
+                             const char* name = "weight") {
   const int64_t blocks = in / dspark::cpu::kBlockWeights, bytes = dspark::cpu::block_bytes(f);
-  TORCH_CHECK_VALUE(in % dspark::cpu::kBlockWeights == 0, "in_features must be a multiple of 32, got ", in);
+  TORCH_CHECK_VALUE(in % dspark::cpu::kBlockWeights == 0, name, ": in_features must be a multiple of 32, got ", in);
   if (weight.dim() == 3) {
     const int64_t r = dspark::cpu::quantized_tile_rows();
     TORCH_CHECK_VALUE(weight.size(0) == (out + r - 1) / r && weight.size(1) == blocks && weight.size(2) == r * bytes,
-                      "a packed weight of ", out, " rows must be [", (out + r - 1) / r, ", ", blocks, ", ", r * bytes,
-                      "] (tiles of ", r, " rows), got ", weight.sizes());
+                      "a packed ", name, " of ", out, " rows must be [", (out + r - 1) / r, ", ", blocks, ", ",
+                      r * bytes, "] (tiles of ", r, " rows), got ", weight.sizes());
     return true;
   }
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == blocks * bytes, "weight rows must hold ", blocks,
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == blocks * bytes, name, " rows must hold ", blocks,
                     " blocks of ", bytes, " bytes, got ", weight.sizes());
-  TORCH_CHECK_VALUE(weight.size(0) == out, "weight holds ", weight.size(0), " rows but out has ", out, " outputs");
+  TORCH_CHECK_VALUE(weight.size(0) == out, name, " holds ", weight.size(0), " rows but out has ", out, " outputs");
   return false;
 }
 

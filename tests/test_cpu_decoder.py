@@ -254,3 +254,39 @@ def test_kernel_refuses_a_bad_round_and_writes_nothing(checkpoint, bad):
     with pytest.raises(ValueError, match=message):
         cpu_decoder._kernel(*args.values())
     assert torch.equal(cache.k, k) and torch.equal(cache.v, v) and torch.equal(args["hidden"], hidden)
+
+
+@pytest.mark.parametrize("bad", ["packed flag dropped", "packed flag added", "rows missing"])
+def test_kernel_checks_each_projections_block_layout(tmp_path, bad):
+    """A block-quantized projection's shape must be the layout its format says (file rows, or packed tiles holding
+    every output row): otherwise a ValueError naming the projection, and nothing written."""
+    from builders import write_tiny_llama
+    from dspark.models.llama import LlamaModel
+    from dspark.models.quantized import PACKED_FORMAT, QuantizedWeight, tile_rows
+
+    if tile_rows() is None:
+        pytest.skip("dspark._C is not built")
+    write_tiny_llama(tmp_path, 160, 64, 2, seed=5)
+    dense = load_model(str(tmp_path), torch.bfloat16)
+    model = LlamaModel(dense.config, {name: QuantizedWeight.from_dense(t) if name.startswith("layers.") and t.dim() == 2
+                                      else t for name, t in dense.weights.items()})
+    cache, _, rnd = _round_pair(model, None)
+    args = _kernel_args(model, cache, rnd, model.plan(cache, rnd))
+    assert args["formats"][1] & PACKED_FORMAT  # qkv, packed at load
+    formats, weights = list(args["formats"]), list(args["weights"])
+    qkv = weights[1]
+    file_rows = next(w for w in model.weights.values() if isinstance(w, QuantizedWeight) and w.data is qkv).file_rows()
+    if bad == "packed flag dropped":
+        formats[1] &= ~PACKED_FORMAT
+        message = "qkv_proj's shape is packed"
+    elif bad == "packed flag added":
+        weights[1] = file_rows
+        message = "qkv_proj's format says packed"
+    else:
+        weights[1] = qkv[:-1].contiguous()
+        message = "a packed qkv_proj of"
+    args.update(formats=formats, weights=weights)
+    k, v, hidden = cache.k.clone(), cache.v.clone(), args["hidden"].clone()
+    with pytest.raises(ValueError, match=message):
+        cpu_decoder._kernel(*args.values())
+    assert torch.equal(cache.k, k) and torch.equal(cache.v, v) and torch.equal(args["hidden"], hidden)
