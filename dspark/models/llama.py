@@ -144,7 +144,7 @@ class LlamaModel(TargetModel):
                 self.weights[name] = packed.setdefault(id(t), t.pack())
 
     def _onto_huge_pages(self) -> None:
-        """Every CPU weight copied onto 2 MiB pages (dspark.models.huge_pages), once: a model sharing another's
+        """Every CPU weight copied onto 2 MiB pages (dspark.huge_pages), once: a model sharing another's
         weights (truncated) keeps them where they are. A tied embedding and LM head stay one object."""
         entries = list(self.weights.items())
         tensors = [t.data if isinstance(t, QuantizedWeight) else t for _, t in entries]
