@@ -94,6 +94,14 @@ class ThroughputGate:
     Estimates start as the median of their first rounds (a moving average from 1 / smoothing rounds on), and
     drafting is chosen over plain decoding only once plain decoding has `plain_samples` rounds measured in the
     bucket: a single cold plain round measured slow would otherwise hand a losing drafter a long run of rounds.
+    Likewise a drafting source is not backed off on fewer than `draft_samples` rounds: until it has them it is
+    tried every `explore_every` rounds. One drafting round says little (its yield is 1 token or several, by
+    chance, and the first one is cold: it pays the drafter's deferred work), and a wait stretched after it
+    (to hundreds of rounds at a small explore_cost) would starve the source of the rounds that could show it
+    pays. For the same reason drafting arms average over more rounds (`draft_smoothing`) than plain
+    decoding, whose rounds all emit one token: n-gram lookup on code emits 1 to 3 tokens a round at ~1.5x
+    a plain round's time, ~1.4x plain's rate on average, and a run of rejected drafts pulled a 4-round
+    average below plain often enough (each loss doubling the wait) to keep `--drafter auto` at plain speed.
 
     `expected(batch)`: the tokens/s plain decoding should reach at that batch size (SPSPolicy passes
     batch * SPS(batch)), a function of the batch size alone (read once per size). Rates are kept as
@@ -113,15 +121,21 @@ class ThroughputGate:
         return 1 << max(batch - 1, 0).bit_length()
 
     def __init__(self, explore_every: int = 16, smoothing: float = 0.25, max_wait: int = 1024,
-                 explore_cost: float = 0.005, margin: float = 0.02, expected=None, plain_samples: int = 3):
-        if not 0 < smoothing <= 1:
-            raise ValueError(f"smoothing must lie in (0, 1], got {smoothing}")
+                 explore_cost: float = 0.005, margin: float = 0.02, expected=None, plain_samples: int = 3,
+                 draft_samples: int = 4, draft_smoothing: float = 0.05):
+        for name, value in (("smoothing", smoothing), ("draft_smoothing", draft_smoothing)):
+            if not 0 < value <= 1:
+                raise ValueError(f"{name} must lie in (0, 1], got {value}")
         if not explore_cost > 0:
             raise ValueError(f"explore_cost must be > 0, got {explore_cost}")
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
         self.explore_every, self.smoothing, self.max_wait = explore_every, smoothing, max_wait
+        self.draft_smoothing = draft_smoothing
+        if draft_samples < 1:
+            raise ValueError(f"draft_samples must be >= 1, got {draft_samples}")
         self.explore_cost, self.margin, self.plain_samples = explore_cost, margin, plain_samples
+        self.draft_samples = draft_samples
         self.expected = expected if expected is not None else float
         self.rates: dict[tuple[int, str], float] = {}  # (bucket, source or PLAIN) -> (relative) throughput
         self.yields: dict[tuple[int, str], float] = {}  # the same keys -> tokens per request per round
@@ -168,8 +182,14 @@ class ThroughputGate:
             cost = (draft_yield / plain_yield) * (plain_rate / draft_rate - 1.0)
         return math.ceil(cost / self.explore_cost)
 
+    def _unsettled(self, key: tuple[int, str]) -> bool:
+        """Whether key's source has fewer than draft_samples rounds measured (in its bucket, else the nearest)."""
+        return (self._nearest(self.samples, *key) or 0) < self.draft_samples
+
     def _served(self, key: tuple[int, str]) -> tuple[int, int]:
         """(rounds of its bucket before key's next exploration, the wait stored for it)."""
+        if self._unsettled(key):
+            return self.explore_every, self.explore_every
         wait = self.wait.get(key) or self._nearest(self.wait, *key) or self.explore_every
         return min(max(wait, self._least_wait(*key)), self.max_wait), wait
 
@@ -258,11 +278,12 @@ class ThroughputGate:
                 seen.append(value)
                 table[key] = statistics.median(seen)
             else:
-                table[key] += self.smoothing * (value - table[key])
+                alpha = self.smoothing if key[1] == self.PLAIN else self.draft_smoothing
+                table[key] += alpha * (value - table[key])
 
     def _settle(self, key: tuple[int, str], before: bool | None) -> None:
         if self.exploring.pop(key, False):
             self.quiet_left.pop(key[0], None)
-            lost = self._best(*key) == before
+            lost = self._best(*key) == before and not self._unsettled(key)
             waited = self.waited.pop(key, self.wait.get(key, self.explore_every))
             self.wait[key] = min(2 * waited, self.max_wait) if lost else self.explore_every

@@ -246,14 +246,14 @@ def test_exploring_a_far_slower_arm_waits_long_enough_to_cost_little():
     explore_cost 5% trials come 60 rounds apart, and the measured overhead stays within 5%."""
     from dspark.draft_gates import ThroughputGate
 
-    gate = ThroughputGate(explore_every=4, max_wait=1000, explore_cost=0.05)
+    gate = ThroughputGate(explore_every=4, max_wait=1000, explore_cost=0.05, draft_samples=1)
     gate.observe(1, True, 1, 0.04)   # drafting: 25 tokens/s
     gate.observe(1, False, 1, 0.01)  # plain: 100 tokens/s
     decisions = [gate.should_draft(1) for _ in range(600)]
     drafted_at = [i for i, d in enumerate(decisions) if d]
     assert drafted_at[:3] == [59, 119, 179]  # unsettled trials (no observe): the wait stays at its floor
     assert sum(0.04 if d else 0.01 for d in decisions) <= 1.05 * 600 * 0.01 + 1e-9  # 10 trials x 30 ms extra
-    capped = ThroughputGate(explore_every=4, max_wait=16, explore_cost=0.05)
+    capped = ThroughputGate(explore_every=4, max_wait=16, explore_cost=0.05, draft_samples=1)
     capped.observe(1, True, 1, 0.04)
     capped.observe(1, False, 1, 0.01)
     assert [capped.should_draft(1) for _ in range(16)][-1]  # max_wait bounds the floor too
@@ -267,7 +267,7 @@ def test_a_trial_is_priced_by_the_tokens_its_round_emits():
     speed, i.e. costs three plain rounds, so with explore_cost 5% trials come 60 rounds apart (not 20)."""
     from dspark.draft_gates import ThroughputGate
 
-    gate = ThroughputGate(explore_every=4, max_wait=1000, explore_cost=0.05)
+    gate = ThroughputGate(explore_every=4, max_wait=1000, explore_cost=0.05, draft_samples=1)
     gate.observe(1, True, 3, 0.06)   # 3 tokens in 60 ms: 50 tokens/s
     gate.observe(1, False, 1, 0.01)  # 1 token in 10 ms: 100 tokens/s
     drafted_at = [i for i in range(200) if gate.should_draft(1)]
@@ -279,7 +279,7 @@ def test_a_vetoed_trial_is_not_counted_as_a_loss():
     draft: the plain round that follows measured nothing about drafting, so the wait stays as it was."""
     from dspark.draft_gates import ThroughputGate
 
-    gate = ThroughputGate(explore_every=4, explore_cost=1.0)
+    gate = ThroughputGate(explore_every=4, explore_cost=1.0, draft_samples=1)
     gate.observe(1, True, 1, 0.02)   # drafting: 50 tokens/s
     gate.observe(1, False, 1, 0.01)  # plain: 100 tokens/s
     assert [gate.should_draft(1) for _ in range(4)] == [False, False, False, True]
@@ -293,7 +293,7 @@ def test_a_vetoed_trial_is_not_counted_as_a_loss():
 def test_throughput_gate_backs_off_while_the_explored_arm_keeps_losing():
     from dspark.draft_gates import ThroughputGate
 
-    gate = ThroughputGate(explore_every=4, max_wait=16, explore_cost=1.0)
+    gate = ThroughputGate(explore_every=4, max_wait=16, explore_cost=1.0, draft_samples=1)
     gate.observe(1, True, 1, 0.02)   # drafting: 50 tokens/s
     gate.observe(1, False, 1, 0.01)  # plain: 100 tokens/s
     drafted_at = []
@@ -306,6 +306,62 @@ def test_throughput_gate_backs_off_while_the_explored_arm_keeps_losing():
     assert gaps[:3] == [8, 16, 16]  # 4, then doubled waits, capped at max_wait
     assert drafted_at[0] == 3
     gate.observe(1, True, 10, 0.01)  # drafting suddenly pays: after the next exploration the wait resets
+
+
+def test_a_drafting_source_is_not_backed_off_on_its_first_rounds():
+    """The first drafting round is cold (it pays the drafter's deferred work) and any one round's yield is
+    chance: a source measured slow once is tried every explore_every rounds until it has draft_samples
+    rounds, and wins if those show it pays. Backed off after its one cold round (draft_samples=1), the
+    same source waits hundreds of rounds for its next trial."""
+    from dspark.draft_gates import ThroughputGate
+
+    def run(gate, rounds=200):
+        for _ in range(3):
+            gate.observe(1, False, 1, 0.01)  # plain: 100 tokens/s
+        drafted = []
+        for i in range(rounds):
+            draft = gate.should_draft(1, "ngram")
+            if draft:
+                drafted.append(i)
+            gate.observe(1, draft, 2 if draft else 1, 0.012 if draft else 0.01, ("ngram",) if draft else ())
+        return drafted
+
+    gate = ThroughputGate(explore_every=4, explore_cost=0.005, max_wait=1024)
+    gate.observe(1, True, 1, 0.04, ("ngram",))  # the cold first drafting round: 25 tokens/s
+    drafted = run(gate)
+    assert drafted[:2] == [3, 7]  # trials every explore_every rounds while unsettled...
+    assert len(drafted) > 150  # ... and once settled (167 tokens/s against 100), drafting throughout
+    assert gate.rates[(1, "ngram")] > gate.rates[(1, ThroughputGate.PLAIN)]
+    hasty = ThroughputGate(explore_every=4, explore_cost=0.005, max_wait=1024, draft_samples=1)
+    hasty.observe(1, True, 1, 0.04, ("ngram",))
+    assert len(run(hasty)) <= 1
+    with pytest.raises(ValueError, match="draft_samples"):
+        ThroughputGate(draft_samples=0)
+
+
+def test_a_paying_source_survives_a_run_of_rejected_drafts():
+    """Drafting rounds take 1.5 plain rounds and emit 3 tokens five times, then 1 token five times (a
+    stretch where the drafts are wrong): 1.33x plain decoding's rate on average. Averaged over ~20 rounds
+    (draft_smoothing 0.05) the source keeps drafting through the bad stretches; averaged over 4 (0.25, as
+    plain decoding's), each stretch drops it below plain and the doubling waits keep it off."""
+    from dspark.draft_gates import ThroughputGate
+
+    def drafted_rounds(gate, rounds=600):
+        for _ in range(3):
+            gate.observe(1, False, 1, 0.01)  # plain: 100 tokens/s
+        yields, drafted = ([3] * 5 + [1] * 5) * rounds, 0
+        for _ in range(rounds):
+            if gate.should_draft(1, "ngram"):
+                gate.observe(1, True, yields[drafted], 0.015, ("ngram",))
+                drafted += 1
+            else:
+                gate.observe(1, False, 1, 0.01)
+        return drafted
+
+    assert drafted_rounds(ThroughputGate()) > 500
+    assert drafted_rounds(ThroughputGate(draft_smoothing=0.25)) < 400
+    with pytest.raises(ValueError, match="draft_smoothing"):
+        ThroughputGate(draft_smoothing=1.5)
 
 
 def test_a_throughput_gate_can_outlive_its_policy():
