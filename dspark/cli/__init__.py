@@ -18,6 +18,8 @@ def parser() -> argparse.ArgumentParser:
     add_training_arguments(sub.add_parser("train-drafter", help="train a DSpark / DFlash-style / EAGLE-style drafter"))
     drafter_tools.add_draft_vocab_arguments(
         sub.add_parser("draft-vocab", help="write a drafter's draft vocabulary: its data's frequent tokens"))
+    drafter_tools.add_corpus_arguments(
+        sub.add_parser("corpus", help="write a drafter's corpus (the target's own replies) for corpus lookup"))
     drafter_tools.add_export_arguments(
         sub.add_parser("export-drafter", help="copy a trained drafter for shipping (weights in bf16), or write it in DeepSpec's format"))
     calibrate.add_arguments(sub.add_parser("calibrate", help="fit a drafter's confidence temperatures (STS)"))
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         from dspark.train.trainer import main as train_main
 
         return train_main(args)
-    commands = {"generate": generate.run, "draft-vocab": drafter_tools.run_draft_vocab,
+    commands = {"generate": generate.run, "draft-vocab": drafter_tools.run_draft_vocab, "corpus": drafter_tools.run_corpus,
                 "export-drafter": drafter_tools.run_export, "calibrate": calibrate.run, "profile": profile.run,
                 "serve": serve.run}
     return commands[args.command](args)

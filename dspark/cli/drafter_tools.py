@@ -1,4 +1,5 @@
-"""`dspark draft-vocab` and `dspark export-drafter`: preparing a trained drafter for use and shipping."""
+"""`dspark draft-vocab`, `dspark corpus` and `dspark export-drafter`: preparing a trained drafter for use and
+shipping."""
 
 from __future__ import annotations
 
@@ -15,6 +16,13 @@ def add_draft_vocab_arguments(vocab: argparse.ArgumentParser) -> None:
     vocab.add_argument("--data", required=True, help="the training jsonl")
     vocab.add_argument("--size", type=int, default=16384)
     vocab.add_argument("--model", default=None, help="target (for its vocabulary and EOS ids)")
+
+
+def add_corpus_arguments(corpus: argparse.ArgumentParser) -> None:
+    corpus.add_argument("--drafter", required=True, help="drafter folder (gets corpus.safetensors)")
+    corpus.add_argument("--data", required=True, action="append",
+                        help="a jsonl of the target's own replies (response_ids), e.g. the drafter's self-generated "
+                             "training data; never the evaluation prompts' replies (repeatable)")
 
 
 def add_export_arguments(export: argparse.ArgumentParser) -> None:
@@ -41,6 +49,26 @@ def run_draft_vocab(args) -> int:
     ids, covered = frequent_tokens(sequences, args.size, tuple(config.eos_token_ids))
     save_draft_vocab(args.drafter, ids, covered, args.data)
     print(f"{len(ids)} draft tokens cover {covered:.2%} of the data's response tokens")
+    return 0
+
+
+def run_corpus(args) -> int:
+    import json
+    import os
+
+    from dspark.drafters.corpus import CORPUS_FILE, CorpusIndex, write_corpus
+
+    sequences = []
+    for path in args.data:
+        with open(path) as f:
+            sequences += [json.loads(line)["response_ids"] for line in f if line.strip()]
+    if not sequences:
+        raise ValueError(f"--data holds no replies: {args.data}")
+    path = os.path.join(args.drafter, CORPUS_FILE)
+    write_corpus(path, sequences)
+    index = CorpusIndex.build(sequences)
+    print(f"{path}: {len(sequences)} replies, {sum(map(len, sequences))} tokens; "
+          f"{len(index)} n-grams seen at least twice")
     return 0
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dspark.drafters.corpus import CORPUS_FILE
 from dspark.drafters.dspark_layers import DraftLayer, DSparkConfig, Linear, RopeModule, rms_norm
 from dspark.models.dtypes import compute_dtype
 from dspark.models.linear import linear
@@ -287,7 +288,7 @@ def load_drafter_model(path: str, target=None, device=None, dtype: torch.dtype =
     return model
 
 
-DRAFTER_FILES = ("config.json", "draft_vocab.json", "reliability.png")
+DRAFTER_FILES = ("config.json", "draft_vocab.json", "reliability.png", CORPUS_FILE)
 
 
 def export_drafter(source: str, destination: str, dtype: torch.dtype = torch.bfloat16) -> dict:

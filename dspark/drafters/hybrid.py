@@ -1,9 +1,12 @@
-"""N-gram lookup where the context repeats itself, the DSpark drafter everywhere else.
+"""N-gram lookup where the context repeats itself, then corpus lookup, the DSpark drafter everywhere else.
 
 Prompt lookup is nearly free and, when the context has a long enough match (code that reuses names,
 math that restates numbers), often right for several tokens; a learned drafter pays a block forward
 per round and shines where nothing repeats. Per request and round this drafter proposes the n-gram
-continuation when the last `min_match` or more tokens occurred before, else the DSpark block.
+continuation when the last `min_match` or more tokens occurred before; else, given a CorpusIndex (the
+target's own replies elsewhere: dspark.drafters.corpus), its continuation when the first token's
+confidence is at least `corpus_min_confidence`; else the DSpark block. Each is a source of its own for
+the policies ("ngram", "corpus", "dspark"), priced apart by the throughput gate.
 
 Lossless: which drafter speaks is a function of the committed context only, and each proposal
 reports the distribution its tokens came from. An n-gram draft is deterministic, so for a sampled
@@ -15,15 +18,19 @@ caches stay aligned.
 Confidences: the schedulers need c_k for every draft token. For n-gram tokens they are the running
 conditional acceptance rates per position of earlier n-gram drafts (what was verified and how much of
 it was accepted, counted from the engine's `request.verified`), never the current tokens, so they keep
-the scheduler's decisions independent of the tokens it admits.
+the scheduler's decisions independent of the tokens it admits. A corpus token's confidence is the fraction
+of its n-gram's occurrences in the corpus that it followed: a function of the tokens before it.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from dspark.cache import SideCache
 from dspark.drafters.base import Drafter, Proposal
+from dspark.drafters.corpus import CORPUS_FILE, CorpusIndex
 from dspark.drafters.dspark import DSparkDrafter
 from dspark.drafters.ngram import NgramDrafter, NgramIndex
 
@@ -31,14 +38,19 @@ from dspark.drafters.ngram import NgramDrafter, NgramIndex
 class HybridDrafter(Drafter):
     gives_confidences = True
 
-    def __init__(self, dspark: DSparkDrafter, min_match: int = 2, max_match: int = 4, prior: tuple[float, float] = (1.0, 2.0)):
+    def __init__(self, dspark: DSparkDrafter, min_match: int = 2, max_match: int = 4, prior: tuple[float, float] = (1.0, 2.0),
+                 corpus: CorpusIndex | None = None, corpus_min_confidence: float = 0.3):
         """min_match / max_match: the shortest and longest context suffix looked up; prior: pseudo-counts
-        (accepted, verified) per position before any n-gram draft was verified."""
+        (accepted, verified) per position before any n-gram draft was verified; corpus: an index of the
+        target's own text, consulted where the context has no match; corpus_min_confidence: the least
+        confidence of a corpus token drafted (the continuation stops before the first one below it)."""
         if min_match < 1 or max_match < min_match:
             raise ValueError(f"need 1 <= min_match <= max_match, got {min_match}, {max_match}")
         if not 0 < prior[0] <= prior[1]:
             raise ValueError(f"prior must be (accepted, verified) with 0 < accepted <= verified, got {prior}")
-        self.dspark = dspark
+        if not 0.0 <= corpus_min_confidence <= 1.0:
+            raise ValueError(f"corpus_min_confidence must lie in [0, 1], got {corpus_min_confidence}")
+        self.dspark, self.corpus, self.corpus_min_confidence = dspark, corpus, corpus_min_confidence
         self.num_draft = dspark.num_draft
         self.capture_layers = dspark.capture_layers
         self.ngram = NgramDrafter(self.num_draft, max_ngram=max_match, min_ngram=min_match)
@@ -46,13 +58,20 @@ class HybridDrafter(Drafter):
         self.verified = torch.full((self.num_draft,), float(prior[1]), dtype=torch.float64)
         self.source: dict[int, str] = {}  # request id -> who drafted its last proposal
         self.indexes: dict[int, NgramIndex] = {}  # request id -> its context's n-gram tables
-        self.rounds = {"ngram": 0, "dspark": 0}
+        self.rounds = {"ngram": 0, "corpus": 0, "dspark": 0}
 
     @classmethod
     def from_pretrained(cls, path: str, target, num_draft: int | None = None, dtype: torch.dtype = torch.float32,
-                        weights: str | None = None, **kwargs) -> "HybridDrafter":
-        """weights: as DSparkDrafter.from_pretrained's."""
-        return cls(DSparkDrafter.from_pretrained(path, target, num_draft, dtype=dtype, weights=weights), **kwargs)
+                        weights: str | None = None, corpus: bool = True, **kwargs) -> "HybridDrafter":
+        """weights: as DSparkDrafter.from_pretrained's; corpus: index the folder's corpus.safetensors, when it
+        has one (cached under dspark's cache directory)."""
+        drafter = DSparkDrafter.from_pretrained(path, target, num_draft, dtype=dtype, weights=weights)
+        corpus_file = os.path.join(path, CORPUS_FILE)
+        if corpus and os.path.exists(corpus_file):
+            from dspark.profiling import cache_dir
+
+            kwargs.setdefault("corpus", CorpusIndex.from_corpus_file(corpus_file, os.path.join(cache_dir(), "corpus")))
+        return cls(drafter, **kwargs)
 
     def bind(self, rows: int, max_seq_len: int, vocab_size: int, captured: SideCache | None = None) -> None:
         self.vocab_size = vocab_size
@@ -68,7 +87,16 @@ class HybridDrafter(Drafter):
         self.dspark.finish(request)
 
     def source_for(self, request) -> str:
-        return "dspark" if self._match(request) is None else "ngram"
+        if self._match(request) is not None:
+            return "ngram"
+        return "dspark" if self._corpus_start(request) is None else "corpus"
+
+    def _corpus_start(self, request) -> tuple[int, float] | None:
+        """The corpus's next token for the request's context, when its confidence is high enough to draft."""
+        if self.corpus is None:
+            return None
+        found = self.corpus.next_token(request.tokens[-self.corpus.max_order:])
+        return found if found is not None and found[1] >= self.corpus_min_confidence else None
 
     def _match(self, request) -> int | None:
         index = self.indexes.get(request.id)
@@ -84,27 +112,31 @@ class HybridDrafter(Drafter):
 
     def propose_pruned(self, requests, max_draft: int, survival_floor: float) -> list[Proposal]:
         limit = min(self.num_draft, max_draft)
-        starts = [self._match(r) if limit > 0 else None for r in requests]
-        learned = [r for r, at in zip(requests, starts) if at is None]
+        sources = [self.source_for(r) if limit > 0 else "dspark" for r in requests]
+        learned = [r for r, source in zip(requests, sources) if source == "dspark"]
         drafted = iter(self.dspark.propose_pruned(learned, max_draft, survival_floor) if learned else [])
         out = []
-        for r, at in zip(requests, starts):
-            if at is not None:
-                self.source[r.id] = "ngram"
-                out.append(self._ngram_proposal(r, r.tokens[at: at + limit]))
+        for r, source in zip(requests, sources):
+            if source == "ngram":
+                at = self._match(r)
+                tokens = r.tokens[at: at + limit]
+                out.append(self._fixed_proposal(r, tokens, self.ngram_confidences()[: len(tokens)]))
+            elif source == "corpus":
+                tokens, confidences = self.corpus.continuation(r.tokens, limit, self.corpus_min_confidence)
+                out.append(self._fixed_proposal(r, tokens, torch.tensor(confidences, dtype=torch.float32)))
             else:
-                self.source[r.id] = "dspark"
                 out.append(next(drafted))
-            self.rounds[self.source[r.id]] += 1
+            self.source[r.id] = source
+            self.rounds[source] += 1
         return out
 
-    def _ngram_proposal(self, request, tokens: list[int]) -> Proposal:
+    def _fixed_proposal(self, request, tokens: list[int], confidences: torch.Tensor) -> Proposal:
+        """A deterministic draft (n-gram or corpus lookup)."""
         draft_probs = None
         if request.params.temperature > 0:  # point masses; the last node has no children: a zero row
             draft_probs = torch.zeros(len(tokens) + 1, self.vocab_size, device=self.dspark.device)
-            draft_probs[torch.arange(len(tokens)), torch.tensor(tokens)] = 1.0
-        return Proposal(list(tokens), draft_probs=draft_probs,
-                        confidences=self.ngram_confidences()[: len(tokens)].to(self.dspark.device))
+            draft_probs[torch.arange(len(tokens)), torch.tensor(tokens, dtype=torch.long)] = 1.0
+        return Proposal(list(tokens), draft_probs=draft_probs, confidences=confidences.to(self.dspark.device))
 
     def accept(self, requests, paths) -> None:
         if self.source:  # else nothing was drafted: nothing to count
