@@ -91,14 +91,16 @@ class ThroughputGate:
     deferred from rounds it did not draft in: a drafter that must catch up before it drafts again is
     priced with that.
 
-    Estimates start as the median of their first rounds (a moving average from 1 / smoothing rounds on), and
+    Plain decoding's estimates start as the median of its first rounds (a moving average from 1 / smoothing rounds on), and
     drafting is chosen over plain decoding only once plain decoding has `plain_samples` rounds measured in the
     bucket: a single cold plain round measured slow would otherwise hand a losing drafter a long run of rounds.
-    Likewise a drafting source is not backed off on fewer than `draft_samples` rounds: until it has them it is
-    tried every `explore_every` rounds. One drafting round says little (its yield is 1 token or several, by
-    chance, and the first one is cold: it pays the drafter's deferred work), and a wait stretched after it
-    (to hundreds of rounds at a small explore_cost) would starve the source of the rounds that could show it
-    pays. For the same reason drafting arms average over more rounds (`draft_smoothing`) than plain
+    Likewise a drafting source is not backed off on fewer than `draft_samples` rounds: until it has them its
+    wait does not double, and its trials may take draft_samples times explore_cost of the time (every
+    `explore_every` rounds for a source measured near plain decoding's rate, far more rarely for one measured
+    far below it, such as a learned drafter whose trial at 16 requests commits every context first). One
+    drafting round says little (its yield is 1 token or several, by chance, and the first one is cold), and a
+    wait stretched after it (to hundreds of rounds at a small explore_cost) would starve the source of the
+    rounds that could show it pays. For the same reason drafting arms average over more rounds (`draft_smoothing`) than plain
     decoding, whose rounds all emit one token: n-gram lookup on code emits 1 to 3 tokens a round at ~1.5x
     a plain round's time, ~1.4x plain's rate on average, and a run of rejected drafts pulled a 4-round
     average below plain often enough (each loss doubling the wait) to keep `--drafter auto` at plain speed.
@@ -140,7 +142,8 @@ class ThroughputGate:
         self.rates: dict[tuple[int, str], float] = {}  # (bucket, source or PLAIN) -> (relative) throughput
         self.yields: dict[tuple[int, str], float] = {}  # the same keys -> tokens per request per round
         self.samples: dict[tuple[int, str], int] = {}  # the same keys -> rounds measured
-        self._first: dict[tuple[int, str], tuple[list, list]] = {}  # the same keys -> their first rounds' values
+        self._first: dict[tuple[int, str], tuple[list, list]] = {}  # plain keys -> their first rounds' values
+        self._sums: dict[tuple[int, str], list[float]] = {}  # drafting keys -> decaying sums (_update_drafting)
         self._median_rounds = max(1, round(1 / smoothing))
         self.since_other: dict[tuple[int, str], int] = {}
         self.wait: dict[tuple[int, str], int] = {}  # rounds between explorations
@@ -168,8 +171,8 @@ class ThroughputGate:
             return None
         return draft_rate > plain_rate * (1.0 + self.margin)
 
-    def _least_wait(self, bucket: int, source: str) -> int:
-        """Rounds between explorations that keep their cost within explore_cost. A round of the slower arm
+    def _least_wait(self, bucket: int, source: str, budget: float) -> int:
+        """Rounds between explorations that keep their cost within `budget` of the time. A round of the slower arm
         emits y_slow tokens per request where the faster arm's rounds emit y_fast; its cost is the time
         those tokens take at the slower rate less their time at the faster one, which is
         (y_slow / y_fast) * (faster rate / slower rate - 1) rounds of the faster arm."""
@@ -180,7 +183,7 @@ class ThroughputGate:
             cost = (plain_yield / draft_yield) * (draft_rate / plain_rate - 1.0)
         else:
             cost = (draft_yield / plain_yield) * (plain_rate / draft_rate - 1.0)
-        return math.ceil(cost / self.explore_cost)
+        return math.ceil(cost / budget)
 
     def _unsettled(self, key: tuple[int, str]) -> bool:
         """Whether key's source has fewer than draft_samples rounds measured (in its bucket, else the nearest)."""
@@ -188,10 +191,11 @@ class ThroughputGate:
 
     def _served(self, key: tuple[int, str]) -> tuple[int, int]:
         """(rounds of its bucket before key's next exploration, the wait stored for it)."""
-        if self._unsettled(key):
-            return self.explore_every, self.explore_every
+        if self._unsettled(key):  # no doubling yet; trials within draft_samples times the usual budget
+            least = self._least_wait(*key, self.explore_cost * self.draft_samples)
+            return min(max(self.explore_every, least), self.max_wait), self.explore_every
         wait = self.wait.get(key) or self._nearest(self.wait, *key) or self.explore_every
-        return min(max(wait, self._least_wait(*key)), self.max_wait), wait
+        return min(max(wait, self._least_wait(*key, self.explore_cost)), self.max_wait), wait
 
     def quiet(self, batch: int) -> bool:
         """Whether no source known so far would draft in a round of this batch size: each prefers plain
@@ -263,14 +267,13 @@ class ThroughputGate:
         for source in sources or (DEFAULT_SOURCE,):
             key = (bucket, source)
             before = self._best(bucket, source)
-            self._update(key, rate, per_request)
+            self._update_drafting(key, tokens / expected, seconds, per_request)
             self._settle(key, before)
 
     def _update(self, key: tuple[int, str], rate: float, per_request: float) -> None:
-        # The median of the first rounds, then a moving average from there: a moving average from the first
-        # round would keep that round (often a cold one: the first plain round after a prefill, the first
-        # drafting round committing a whole prompt) at weight (1 - smoothing)^n, mispricing the arm for many
-        # rounds.
+        """Plain decoding's estimates: the median of the first rounds, then a moving average from there. A moving
+        average from the first round would keep that round (often a cold one: the first plain round after a
+        prefill) at weight (1 - smoothing)^n, mispricing the arm for many rounds."""
         n = self.samples[key] = self.samples.get(key, 0) + 1
         first = self._first.setdefault(key, ([], []))
         for table, value, seen in ((self.rates, rate, first[0]), (self.yields, per_request, first[1])):
@@ -278,8 +281,21 @@ class ThroughputGate:
                 seen.append(value)
                 table[key] = statistics.median(seen)
             else:
-                alpha = self.smoothing if key[1] == self.PLAIN else self.draft_smoothing
-                table[key] += alpha * (value - table[key])
+                table[key] += self.smoothing * (value - table[key])
+
+    def _update_drafting(self, key: tuple[int, str], tokens: float, seconds: float, per_request: float) -> None:
+        """A drafting source's estimates: its tokens over its time, both summed over its rounds with weights
+        decaying by (1 - draft_smoothing) a round (an exact ratio of sums over its first rounds). A drafting
+        round emits 1 token or several by chance, so a median or an average of per-round rates swings with a few
+        lucky or unlucky rounds (a median of four rounds said 'wins' for a source 3% slower than plain decoding
+        more often than not); a ratio of sums weighs each round by its time, as throughput does."""
+        n = self.samples[key] = self.samples.get(key, 0) + 1
+        keep = 1.0 - self.draft_smoothing if n > 1 else 0.0
+        sums = self._sums.setdefault(key, [0.0, 0.0, 0.0, 0.0])  # tokens, seconds, per-request tokens, rounds
+        for i, value in enumerate((tokens, seconds, per_request, 1.0)):
+            sums[i] = keep * sums[i] + value
+        self.rates[key] = sums[0] / sums[1]
+        self.yields[key] = sums[2] / sums[3]
 
     def _settle(self, key: tuple[int, str], before: bool | None) -> None:
         if self.exploring.pop(key, False):
