@@ -100,7 +100,9 @@ class ThroughputGate:
     on code emits 1 to 3 tokens a round at ~1.5x a plain round's time, ~1.4x plain's rate on average, yet a run
     of rejected drafts pulled a 4-round average below plain often enough, each loss doubling the wait, to keep
     `--drafter auto` at plain speed; a median of four lucky rounds kept sources a few % slower than plain
-    drafting at 2-4 requests). For the same reason a drafting source is not backed off on fewer than
+    drafting at 2-4 requests). A source's first `warm_rounds` drafting rounds are not measured at all (it is
+    tried again at once): it pays one-time costs (n-gram lookup's first round ran at half plain decoding's rate, and alone in a
+    ratio of sums over a few rounds it could keep the source off). For the same reason a drafting source is not backed off on fewer than
     `draft_samples` rounds: until it has them its wait does not double (its trials still within explore_cost
     of the time, so a learned drafter whose trial at 16 requests commits every context first is tried rarely
     from its first round on). The default margin (5%) covers what the gate cannot see: plain rounds beside
@@ -126,7 +128,7 @@ class ThroughputGate:
 
     def __init__(self, explore_every: int = 16, smoothing: float = 0.25, max_wait: int = 1024,
                  explore_cost: float = 0.005, margin: float = 0.05, expected=None, plain_samples: int = 3,
-                 draft_samples: int = 4, draft_smoothing: float = 0.05):
+                 draft_samples: int = 4, draft_smoothing: float = 0.05, warm_rounds: int = 1):
         for name, value in (("smoothing", smoothing), ("draft_smoothing", draft_smoothing)):
             if not 0 < value <= 1:
                 raise ValueError(f"{name} must lie in (0, 1], got {value}")
@@ -138,14 +140,17 @@ class ThroughputGate:
         self.draft_smoothing = draft_smoothing
         if draft_samples < 1:
             raise ValueError(f"draft_samples must be >= 1, got {draft_samples}")
+        if warm_rounds < 0:
+            raise ValueError(f"warm_rounds must be >= 0, got {warm_rounds}")
         self.explore_cost, self.margin, self.plain_samples = explore_cost, margin, plain_samples
-        self.draft_samples = draft_samples
+        self.draft_samples, self.warm_rounds = draft_samples, warm_rounds
         self.expected = expected if expected is not None else float
         self.rates: dict[tuple[int, str], float] = {}  # (bucket, source or PLAIN) -> (relative) throughput
         self.yields: dict[tuple[int, str], float] = {}  # the same keys -> tokens per request per round
         self.samples: dict[tuple[int, str], int] = {}  # the same keys -> rounds measured
         self._first: dict[tuple[int, str], tuple[list, list]] = {}  # plain keys -> their first rounds' values
         self._sums: dict[tuple[int, str], list[float]] = {}  # drafting keys -> decaying sums (_update_drafting)
+        self.warmed: dict[str, int] = {}  # source -> its drafting rounds left unmeasured (up to warm_rounds)
         self._median_rounds = max(1, round(1 / smoothing))
         self.since_other: dict[tuple[int, str], int] = {}
         self.wait: dict[tuple[int, str], int] = {}  # rounds between explorations
@@ -267,6 +272,9 @@ class ThroughputGate:
             return
         self.quiet_left.pop(bucket, None)  # a source's rate moved: judge the next quiet stretch afresh
         for source in sources or (DEFAULT_SOURCE,):
+            if self.warmed.get(source, 0) < self.warm_rounds:  # one-time costs: not measured, tried again
+                self.warmed[source] = self.warmed.get(source, 0) + 1
+                continue
             key = (bucket, source)
             before = self._best(bucket, source)
             self._update_drafting(key, tokens / expected, seconds, per_request)

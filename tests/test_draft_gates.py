@@ -63,7 +63,7 @@ def test_draft_gate_spreads_probes_over_rounds():
 def test_throughput_gate_takes_the_faster_arm_and_explores():
     from dspark.draft_gates import ThroughputGate
 
-    gate = ThroughputGate(explore_every=4, explore_cost=1.0, plain_samples=1)
+    gate = ThroughputGate(warm_rounds=0, explore_every=4, explore_cost=1.0, plain_samples=1)
     assert gate.should_draft(1)  # nothing measured: draft first
     gate.observe(1, True, 3, 0.06)  # 50 tokens/s while drafting
     assert not gate.should_draft(1)  # plain not measured yet
@@ -88,7 +88,7 @@ def test_throughput_gate_prices_each_drafting_source_apart():
     own: the paying one keeps drafting while the other falls back to plain rounds, explored rarely."""
     from dspark.draft_gates import ThroughputGate
 
-    gate = ThroughputGate(explore_every=4, explore_cost=10.0, plain_samples=1)
+    gate = ThroughputGate(warm_rounds=0, explore_every=4, explore_cost=10.0, plain_samples=1)
     assert gate.should_draft(1, "ngram") and gate.should_draft(1, "dspark")  # nothing measured: try each
     gate.observe(1, True, 3, 0.01, ("ngram",))   # 300 tokens/s
     gate.observe(1, True, 2, 0.04, ("dspark",))  # 50 tokens/s
@@ -97,7 +97,9 @@ def test_throughput_gate_prices_each_drafting_source_apart():
     assert [gate.should_draft(1, "dspark") for _ in range(4)] == [False, False, False, True]
     assert gate.rates[(1, "ngram")] == pytest.approx(300.0) and gate.rates[(1, "dspark")] == pytest.approx(50.0)
     assert [ThroughputGate.bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 64)] == [1, 2, 4, 4, 8, 8, 16, 64]
-    policy = PrefixScheduler(SPSCurve([1, 8], [100.0, 100.0]), gate=False, throughput_gate=True)
+    sps = SPSCurve([1, 8], [100.0, 100.0])
+    measured_at_once = ThroughputGate(warm_rounds=0, expected=lambda b: b * sps(b))  # no unmeasured first rounds
+    policy = PrefixScheduler(sps, gate=False, throughput_gate=measured_at_once)
     policy.observe_round(2, True, 6, 0.01, ("ngram",))
     policy.observe_round(2, True, 4, 0.04, ("dspark",))
     for _ in range(3):
@@ -108,7 +110,10 @@ def test_throughput_gate_prices_each_drafting_source_apart():
 def test_a_source_the_throughput_gate_blocks_keeps_its_draft_gate_state():
     """The draft gate still sees the whole batch: a request blocked by the throughput gate keeps its a_1
     and is priced at the batch's size, not dropped as if it had left."""
-    policy = PrefixScheduler(SPSCurve([1, 8], [100.0, 100.0]), throughput_gate=True)
+    from dspark.draft_gates import ThroughputGate
+
+    sps = SPSCurve([1, 8], [100.0, 100.0])
+    policy = PrefixScheduler(sps, throughput_gate=ThroughputGate(warm_rounds=0, expected=lambda b: b * sps(b)))
     policy.gate.observe([Req(0), Req(1)], [[0.9], [0.9]])
     policy.observe_round(2, True, 6, 0.01, ("ngram",))
     policy.observe_round(2, True, 4, 0.04, ("dspark",))
@@ -163,7 +168,7 @@ def test_engine_stops_paying_for_a_drafter_that_does_not_pay(tmp_path):
 def test_quiet_rounds_count_towards_every_known_sources_exploration():
     from dspark.draft_gates import ThroughputGate
 
-    gate = ThroughputGate(explore_every=4, explore_cost=10.0)
+    gate = ThroughputGate(warm_rounds=0, explore_every=4, explore_cost=10.0)
     assert not gate.quiet(1)  # nothing known: ask
     gate.observe(1, True, 3, 0.01, ("ngram",))   # 300 tokens/s
     gate.observe(1, True, 2, 0.04, ("dspark",))  # 50 tokens/s
@@ -192,17 +197,17 @@ def test_drafting_must_beat_plain_by_the_margin():
     from dspark.draft_gates import ThroughputGate
 
     for margin, drafts in ((0.02, False), (0.0, True)):
-        gate = ThroughputGate(margin=margin, explore_cost=1.0, plain_samples=1)
+        gate = ThroughputGate(warm_rounds=0, margin=margin, explore_cost=1.0, plain_samples=1)
         gate.observe(1, True, 101, 1.0)  # 1% faster than plain
         gate.observe(1, False, 100, 1.0)
         assert gate.should_draft(1) == drafts
     for tokens, drafts in ((104, False), (106, True)):  # 4% faster: within the default margin; 6%: past it
-        gate = ThroughputGate(explore_cost=1.0, plain_samples=1)
+        gate = ThroughputGate(warm_rounds=0, explore_cost=1.0, plain_samples=1)
         gate.observe(1, True, tokens, 1.0)
         gate.observe(1, False, 100, 1.0)
         assert gate.should_draft(1) == drafts
     with pytest.raises(ValueError, match="margin"):
-        ThroughputGate(margin=-0.1)
+        ThroughputGate(warm_rounds=0, margin=-0.1)
 
 
 def test_throughput_gate_compares_rounds_against_what_plain_decoding_reaches_at_their_size():
@@ -210,17 +215,17 @@ def test_throughput_gate_compares_rounds_against_what_plain_decoding_reaches_at_
     because it is larger: measured against `expected` (tokens/s of plain decoding at that size) it loses."""
     from dspark.draft_gates import ThroughputGate
 
-    gate = ThroughputGate(expected=lambda batch: 100.0 * batch)
+    gate = ThroughputGate(warm_rounds=0, expected=lambda batch: 100.0 * batch)
     gate.observe(5, False, 5, 0.01)     # 500 tokens/s, as expected at 5
     gate.observe(8, True, 8, 0.0125)    # 640 tokens/s, 80% of what plain reaches at 8
     assert gate.rates[(8, ThroughputGate.PLAIN)] == pytest.approx(1.0)
     assert gate.rates[(8, DEFAULT_SOURCE)] == pytest.approx(0.8)
     assert not gate.should_draft(8)
-    per_request = ThroughputGate()  # the default: tokens/s per request
+    per_request = ThroughputGate(warm_rounds=0)  # the default: tokens/s per request
     per_request.observe(5, False, 5, 0.01)
     per_request.observe(8, True, 8, 0.0125)
     assert not per_request.should_draft(8)
-    raw = ThroughputGate(expected=lambda batch: 1.0, plain_samples=1)
+    raw = ThroughputGate(warm_rounds=0, expected=lambda batch: 1.0, plain_samples=1)
     raw.observe(5, False, 5, 0.01)
     raw.observe(8, True, 8, 0.0125)
     assert raw.should_draft(8)  # the bias the normalisation removes
@@ -231,7 +236,7 @@ def test_a_new_bucket_inherits_a_losing_sources_backoff():
     the new bucket starts plain, and waits as long as the old one before its first trial."""
     from dspark.draft_gates import ThroughputGate
 
-    gate = ThroughputGate(explore_every=4, max_wait=64, explore_cost=100.0, expected=lambda batch: 100.0 * batch)
+    gate = ThroughputGate(warm_rounds=0, explore_every=4, max_wait=64, explore_cost=100.0, expected=lambda batch: 100.0 * batch)
     gate.observe(64, True, 64, 1.0)   # drafting: 1% of plain decoding's rate
     gate.observe(64, False, 64, 0.01)
     for _ in range(200):
@@ -247,19 +252,19 @@ def test_exploring_a_far_slower_arm_waits_long_enough_to_cost_little():
     explore_cost 5% trials come 60 rounds apart, and the measured overhead stays within 5%."""
     from dspark.draft_gates import ThroughputGate
 
-    gate = ThroughputGate(explore_every=4, max_wait=1000, explore_cost=0.05, draft_samples=1)
+    gate = ThroughputGate(warm_rounds=0, explore_every=4, max_wait=1000, explore_cost=0.05, draft_samples=1)
     gate.observe(1, True, 1, 0.04)   # drafting: 25 tokens/s
     gate.observe(1, False, 1, 0.01)  # plain: 100 tokens/s
     decisions = [gate.should_draft(1) for _ in range(600)]
     drafted_at = [i for i, d in enumerate(decisions) if d]
     assert drafted_at[:3] == [59, 119, 179]  # unsettled trials (no observe): the wait stays at its floor
     assert sum(0.04 if d else 0.01 for d in decisions) <= 1.05 * 600 * 0.01 + 1e-9  # 10 trials x 30 ms extra
-    capped = ThroughputGate(explore_every=4, max_wait=16, explore_cost=0.05, draft_samples=1)
+    capped = ThroughputGate(warm_rounds=0, explore_every=4, max_wait=16, explore_cost=0.05, draft_samples=1)
     capped.observe(1, True, 1, 0.04)
     capped.observe(1, False, 1, 0.01)
     assert [capped.should_draft(1) for _ in range(16)][-1]  # max_wait bounds the floor too
     with pytest.raises(ValueError, match="explore_cost"):
-        ThroughputGate(explore_cost=0.0)
+        ThroughputGate(warm_rounds=0, explore_cost=0.0)
 
 
 def test_a_trial_is_priced_by_the_tokens_its_round_emits():
@@ -268,7 +273,7 @@ def test_a_trial_is_priced_by_the_tokens_its_round_emits():
     speed, i.e. costs three plain rounds, so with explore_cost 5% trials come 60 rounds apart (not 20)."""
     from dspark.draft_gates import ThroughputGate
 
-    gate = ThroughputGate(explore_every=4, max_wait=1000, explore_cost=0.05, draft_samples=1)
+    gate = ThroughputGate(warm_rounds=0, explore_every=4, max_wait=1000, explore_cost=0.05, draft_samples=1)
     gate.observe(1, True, 3, 0.06)   # 3 tokens in 60 ms: 50 tokens/s
     gate.observe(1, False, 1, 0.01)  # 1 token in 10 ms: 100 tokens/s
     drafted_at = [i for i in range(200) if gate.should_draft(1)]
@@ -280,7 +285,7 @@ def test_a_vetoed_trial_is_not_counted_as_a_loss():
     draft: the plain round that follows measured nothing about drafting, so the wait stays as it was."""
     from dspark.draft_gates import ThroughputGate
 
-    gate = ThroughputGate(explore_every=4, explore_cost=1.0, draft_samples=1)
+    gate = ThroughputGate(warm_rounds=0, explore_every=4, explore_cost=1.0, draft_samples=1)
     gate.observe(1, True, 1, 0.02)   # drafting: 50 tokens/s
     gate.observe(1, False, 1, 0.01)  # plain: 100 tokens/s
     assert [gate.should_draft(1) for _ in range(4)] == [False, False, False, True]
@@ -294,7 +299,7 @@ def test_a_vetoed_trial_is_not_counted_as_a_loss():
 def test_throughput_gate_backs_off_while_the_explored_arm_keeps_losing():
     from dspark.draft_gates import ThroughputGate
 
-    gate = ThroughputGate(explore_every=4, max_wait=16, explore_cost=1.0, draft_samples=1)
+    gate = ThroughputGate(warm_rounds=0, explore_every=4, max_wait=16, explore_cost=1.0, draft_samples=1)
     gate.observe(1, True, 1, 0.02)   # drafting: 50 tokens/s
     gate.observe(1, False, 1, 0.01)  # plain: 100 tokens/s
     drafted_at = []
@@ -329,7 +334,7 @@ def test_a_drafting_source_is_not_backed_off_on_its_first_rounds():
         return drafted
 
     def gate(**kwargs):
-        return ThroughputGate(explore_every=4, explore_cost=0.005, max_wait=1024, **kwargs)
+        return ThroughputGate(warm_rounds=0, explore_every=4, explore_cost=0.005, max_wait=1024, **kwargs)
 
     # 80 tokens/s first: a trial costs a quarter of a plain round, which 0.5% of the time allows every 50.
     paying = gate()
@@ -345,7 +350,26 @@ def test_a_drafting_source_is_not_backed_off_on_its_first_rounds():
     assert slow[:3] == [599, 810, 891] and len(slow) > 100
     assert run(gate(draft_samples=1), 0.04, rounds=1200) == [599]
     with pytest.raises(ValueError, match="draft_samples"):
-        ThroughputGate(draft_samples=0)
+        ThroughputGate(warm_rounds=0, draft_samples=0)
+
+
+def test_a_sources_first_drafting_round_is_not_measured():
+    """It pays one-time costs: left out, the source is tried again at once and judged on later rounds."""
+    from dspark.draft_gates import ThroughputGate
+
+    gate = ThroughputGate()
+    for _ in range(3):
+        gate.observe(1, False, 1, 0.01)  # plain: 100 tokens/s
+    assert gate.should_draft(1, "ngram")
+    gate.observe(1, True, 1, 0.05, ("ngram",))  # cold: 20 tokens/s
+    assert (1, "ngram") not in gate.rates and gate.should_draft(1, "ngram")
+    gate.observe(1, True, 3, 0.015, ("ngram",))  # 200 tokens/s
+    assert gate.rates[(1, "ngram")] == pytest.approx(200.0 / gate.expected(1)) and gate.should_draft(1, "ngram")
+    measured = ThroughputGate(warm_rounds=0)
+    for _ in range(3):
+        measured.observe(1, False, 1, 0.01)
+    measured.observe(1, True, 1, 0.05, ("ngram",))
+    assert measured.rates[(1, "ngram")] == pytest.approx(20.0) and not measured.should_draft(1, "ngram")
 
 
 def test_a_paying_source_survives_a_run_of_rejected_drafts():
@@ -367,10 +391,10 @@ def test_a_paying_source_survives_a_run_of_rejected_drafts():
                 gate.observe(1, False, 1, 0.01)
         return drafted
 
-    assert drafted_rounds(ThroughputGate()) > 500
-    assert drafted_rounds(ThroughputGate(draft_smoothing=0.25)) < 400
+    assert drafted_rounds(ThroughputGate(warm_rounds=0)) > 500
+    assert drafted_rounds(ThroughputGate(warm_rounds=0, draft_smoothing=0.25)) < 400
     with pytest.raises(ValueError, match="draft_smoothing"):
-        ThroughputGate(draft_smoothing=1.5)
+        ThroughputGate(warm_rounds=0, draft_smoothing=1.5)
 
 
 def test_a_throughput_gate_can_outlive_its_policy():
@@ -379,7 +403,7 @@ def test_a_throughput_gate_can_outlive_its_policy():
     from dspark.draft_gates import ThroughputGate
 
     sps = SPSCurve([1, 8], [100.0, 100.0])
-    shared = ThroughputGate(expected=lambda b: b * sps(b))
+    shared = ThroughputGate(warm_rounds=0, expected=lambda b: b * sps(b))
     first = PrefixScheduler(sps, gate=False, throughput_gate=shared)
     assert first.should_draft([Req(0)]) == [True]  # nothing measured: a trial
     first.observe_round(1, True, 1, 0.05)
@@ -410,20 +434,20 @@ def test_estimates_start_as_medians_and_drafting_waits_for_a_settled_plain_rate(
             gate.observe(1, draft, 1, 1 / 90 if draft else 1 / 100)
         return decisions
 
-    gate = ThroughputGate()
+    gate = ThroughputGate(warm_rounds=0)
     decisions = run(gate)
     assert decisions[:2] == [False, False]  # plain first: one round of it is not an estimate
     assert sum(decisions) <= 10  # drafting loses within a few rounds and is only explored after that
     assert gate.rates[(1, ThroughputGate.PLAIN)] == pytest.approx(100.0)  # the cold round is gone from it
-    assert sum(run(ThroughputGate(plain_samples=1))) == 60  # trusting the one cold round: drafting throughout
+    assert sum(run(ThroughputGate(warm_rounds=0, plain_samples=1))) == 60  # trusting the one cold round: drafting throughout
     with pytest.raises(ValueError, match="smoothing"):
-        ThroughputGate(smoothing=0.0)
+        ThroughputGate(warm_rounds=0, smoothing=0.0)
 
 
 def test_the_first_rounds_median_then_a_moving_average():
     from dspark.draft_gates import ThroughputGate
 
-    gate = ThroughputGate(smoothing=0.25, plain_samples=1)
+    gate = ThroughputGate(warm_rounds=0, smoothing=0.25, plain_samples=1)
     for seconds, median in ((0.02, 50.0), (0.01, 75.0), (0.01, 100.0), (0.005, 100.0)):
         gate.observe(1, False, 1, seconds)
         assert gate.rates[(1, ThroughputGate.PLAIN)] == pytest.approx(median)
