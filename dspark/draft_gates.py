@@ -72,42 +72,41 @@ class DraftGate:
 
 
 class ThroughputGate:
-    """Whether a round drafts at all, from measured throughput: the SPS curve prices verification but
-    not the drafter, whose cost can exceed what its accepted tokens save (a weak drafter on a fast
-    target). Keeps, per batch size (bucketed) and drafting source (a drafter that combines several, such
-    as n-gram lookup and a learned drafter, reports which one would speak: their costs and yields
-    differ), a moving average of the throughput of the rounds it drafted and of plain rounds, and takes
-    the faster. Drafting must be faster by `margin`: a drafting round that verifies nothing costs a
-    little more than a plain one, and round-to-round noise would otherwise hand it the tie.
+    """Whether a round drafts at all, from measured throughput: the SPS curve prices verification but not the drafter,
+    whose cost can exceed what its accepted tokens save (a weak drafter on a fast target). Keeps, per batch size
+    (bucketed) and drafting source (a drafter that combines several, such as n-gram lookup and a learned drafter,
+    reports which one would speak: their costs and yields differ), the throughput of the rounds it drafted (a
+    decaying ratio of sums) and of plain rounds (a moving average), and takes the faster. Drafting must be faster by
+    `margin`: a drafting round that verifies nothing costs a little more than a plain one, and round-to-round noise
+    would otherwise hand it the tie.
 
-    It tries the other arm after `explore_every` rounds so that both estimates stay fresh; each time the
-    tried arm loses again the wait doubles (up to `max_wait`), so a drafter that never pays costs less
-    and less. Up to `max_wait`, the wait is never shorter than what keeps exploring within
-    `explore_cost` of the time: a trial round costs its tokens' time at its arm's rate less their time
-    at the other's, counted in the other arm's rounds (a drafting round measured at a third of plain
-    decoding's rate, emitting as many tokens, costs two plain rounds: with 0.5%, it is tried again after
-    400 rounds at the soonest). On the 2-vCPU CPU, where neither of `--drafter auto`'s sources pays from 2
-    requests on, trials at 2% cost the load bench 1-2% of its decoding throughput at 2-8 requests. A round's time includes the drafter's work
-    deferred from rounds it did not draft in: a drafter that must catch up before it drafts again is
-    priced with that.
+    It tries the other arm after `explore_every` rounds so that both estimates stay fresh; each time the tried arm
+    loses again the wait doubles (up to `max_wait`), so a drafter that never pays costs less and less. Up to
+    `max_wait`, the wait is never shorter than what keeps exploring within `explore_cost` of the time: a trial round
+    costs its tokens' time at its arm's rate less their time at the other's, counted in the other arm's rounds (a
+    drafting round measured at a third of plain decoding's rate, emitting as many tokens, costs two plain rounds:
+    with 0.5%, it is tried again after 400 rounds at the soonest). On the 2-vCPU CPU, where neither of `auto`'s sources
+    pays from 2 requests on, trials at 2% cost the load bench 1-2% of its decoding throughput at 2-8
+    requests. A round's time includes the drafter's work deferred from rounds it did not draft in: a drafter that
+    must catch up before it drafts again is priced with that.
 
-    Plain decoding's estimates start as the median of its first rounds (a moving average from 1 / smoothing
-    rounds on), and drafting is chosen over plain decoding only once plain decoding has `plain_samples` rounds
-    measured in the bucket: a single cold plain round measured slow would otherwise hand a losing drafter a long
-    run of rounds. A drafting source's rate is its tokens over its time, both summed over its rounds with
-    weights decaying by (1 - draft_smoothing) a round: a drafting round emits one token or several by chance,
-    and a median or moving average of per-round rates swings with a few lucky or unlucky rounds (n-gram lookup
-    on code emits 1 to 3 tokens a round at ~1.5x a plain round's time, ~1.4x plain's rate on average, yet a run
-    of rejected drafts pulled a 4-round average below plain often enough, each loss doubling the wait, to keep
-    `--drafter auto` at plain speed; a median of four lucky rounds kept sources a few % slower than plain
-    drafting at 2-4 requests). A source's first `warm_rounds` drafting rounds are not measured at all (it is
-    tried again at once): it pays one-time costs (n-gram lookup's first round ran at half plain decoding's rate, and alone in a
-    ratio of sums over a few rounds it could keep the source off). For the same reason a drafting source is not backed off on fewer than
-    `draft_samples` rounds: until it has them its wait does not double (its trials still within explore_cost
-    of the time, so a learned drafter whose trial at 16 requests commits every context first is tried rarely
-    from its first round on). The default margin (5%) covers what the gate cannot see: plain rounds beside
-    drafting ones run a little slower than in an engine that never drafts (on chat prompts, where n-gram and
-    corpus drafts pay only ~1.0x, a 2% margin let them draft and left `auto` at 0.97-0.98x of plain decoding).
+    Plain decoding's estimates start as the median of its first rounds (a moving average from 1 / smoothing rounds
+    on), and drafting is chosen over plain decoding only once plain decoding has `plain_samples` rounds measured in
+    the bucket: a single cold plain round measured slow would otherwise hand a losing drafter a long run of rounds.
+    A drafting source's rate is its tokens over its time, both summed over its rounds with weights decaying by (1 -
+    draft_smoothing) a round: a drafting round emits one token or several by chance, and a median or moving average
+    of per-round rates swings with a few lucky or unlucky rounds (n-gram lookup on code emits 1 to 3 tokens a round
+    at ~1.5x a plain round's time, ~1.4x plain's rate on average, yet a run of rejected drafts pulled a 4-round
+    average below plain often enough, each loss doubling the wait, to keep `--drafter auto` at plain speed; a median
+    of four lucky rounds kept sources a few % slower than plain drafting at 2-4 requests). A source's first
+    `warm_rounds` drafting rounds are not measured at all (it is tried again at once): it pays one-time costs
+    (n-gram lookup's first round ran at half plain decoding's rate, and alone in a ratio of sums over a few rounds
+    it could keep the source off). Since any one round's yield is chance, a drafting source is not backed off on
+    fewer than `draft_samples` rounds: until it has them its wait does not double (its trials still within
+    explore_cost of the time, so a learned drafter whose trial at 16 requests commits every context first is tried
+    rarely from its first round on). The default margin (5%) covers what the gate cannot see: plain rounds beside
+    drafting ones run a little slower than in an engine that never drafts (on chat prompts, where n-gram and corpus
+    drafts pay only ~1.0x, a 2% margin let them draft and left `auto` at 0.97-0.98x of plain decoding).
 
     `expected(batch)`: the tokens/s plain decoding should reach at that batch size (SPSPolicy passes
     batch * SPS(batch)), a function of the batch size alone (read once per size). Rates are kept as
@@ -178,8 +177,8 @@ class ThroughputGate:
             return None
         return draft_rate > plain_rate * (1.0 + self.margin)
 
-    def _least_wait(self, bucket: int, source: str, budget: float) -> int:
-        """Rounds between explorations that keep their cost within `budget` of the time. A round of the slower arm
+    def _least_wait(self, bucket: int, source: str) -> int:
+        """Rounds between explorations that keep their cost within explore_cost of the time. A round of the slower arm
         emits y_slow tokens per request where the faster arm's rounds emit y_fast; its cost is the time
         those tokens take at the slower rate less their time at the faster one, which is
         (y_slow / y_fast) * (faster rate / slower rate - 1) rounds of the faster arm."""
@@ -190,7 +189,7 @@ class ThroughputGate:
             cost = (plain_yield / draft_yield) * (draft_rate / plain_rate - 1.0)
         else:
             cost = (draft_yield / plain_yield) * (plain_rate / draft_rate - 1.0)
-        return math.ceil(cost / budget)
+        return math.ceil(cost / self.explore_cost)
 
     def _unsettled(self, key: tuple[int, str]) -> bool:
         """Whether key's source has fewer than draft_samples rounds measured (in its bucket, else the nearest)."""
@@ -199,10 +198,10 @@ class ThroughputGate:
     def _served(self, key: tuple[int, str]) -> tuple[int, int]:
         """(rounds of its bucket before key's next exploration, the wait stored for it)."""
         if self._unsettled(key):  # no doubling yet
-            return min(max(self.explore_every, self._least_wait(*key, self.explore_cost)), self.max_wait), \
-                self.explore_every
-        wait = self.wait.get(key) or self._nearest(self.wait, *key) or self.explore_every
-        return min(max(wait, self._least_wait(*key, self.explore_cost)), self.max_wait), wait
+            wait = self.explore_every
+        else:
+            wait = self.wait.get(key) or self._nearest(self.wait, *key) or self.explore_every
+        return min(max(wait, self._least_wait(*key)), self.max_wait), wait
 
     def quiet(self, batch: int) -> bool:
         """Whether no source known so far would draft in a round of this batch size: each prefers plain
@@ -219,6 +218,8 @@ class ThroughputGate:
             keys = [(bucket, arm) for arm in dict.fromkeys(arm for _, arm in self.rates) if arm != self.PLAIN]
             if not keys or any(self._best(*key) is not False for key in keys):
                 return False
+            if any(self._nearest(self.rates, bucket, source) is None for source in self.warmed):
+                return False  # a source whose unmeasured first round ran is owed a measured one
             left = min(self._served(key)[0] - self.since_other.get(key, 0) - 1 for key in keys)
             if left <= 0:
                 return False
@@ -295,12 +296,12 @@ class ThroughputGate:
 
     def _update_drafting(self, key: tuple[int, str], tokens: float, seconds: float, per_request: float) -> None:
         """A drafting source's estimates: its tokens over its time, both summed over its rounds with weights
-        decaying by (1 - draft_smoothing) a round (an exact ratio of sums over its first rounds). A drafting
+        decaying by (1 - draft_smoothing) a round from its second round on. A drafting
         round emits 1 token or several by chance, so a median or an average of per-round rates swings with a few
         lucky or unlucky rounds (a median of four rounds said 'wins' for a source 3% slower than plain decoding
         more often than not); a ratio of sums weighs each round by its time, as throughput does."""
-        n = self.samples[key] = self.samples.get(key, 0) + 1
-        keep = 1.0 - self.draft_smoothing if n > 1 else 0.0
+        self.samples[key] = self.samples.get(key, 0) + 1
+        keep = 1.0 - self.draft_smoothing
         sums = self._sums.setdefault(key, [0.0, 0.0, 0.0, 0.0])  # tokens, seconds, per-request tokens, rounds
         for i, value in enumerate((tokens, seconds, per_request, 1.0)):
             sums[i] = keep * sums[i] + value

@@ -27,35 +27,38 @@ def reference_next(sequences, context, min_order, max_order, min_count):
     return None
 
 
-def random_corpus(rng: random.Random, vocab: int, sequences: int):
-    # Small vocabularies repeat n-grams; a sticky walk makes some followers dominate.
+def random_corpus(rng: random.Random, vocab: int, sequences: int, first_id: int = 0):
+    """Small vocabularies repeat n-grams; a sticky walk makes some followers dominate. Ids from first_id on."""
     out = []
     for _ in range(sequences):
         s = [rng.randrange(vocab)]
         for _ in range(rng.randrange(0, 40)):
             s.append(s[-1] + 1 if rng.random() < 0.5 else rng.randrange(vocab))
-        out.append([t % vocab for t in s])
+        out.append([first_id + t % vocab for t in s])
     return out
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("vocab,first_id", [(5, 0), (11, 0), (7, 70000)])  # ids past 16 bits too
 @pytest.mark.parametrize("orders,min_count", [((1, 3), 1), ((2, 5), 2), ((3, 8), 3)])
-def test_lookups_match_a_brute_force_count(seed, orders, min_count):
+def test_lookups_match_a_brute_force_count(seed, vocab, first_id, orders, min_count):
     rng = random.Random(seed)
-    vocab = rng.choice([5, 11, 70000])  # ids past 16 bits too
-    sequences = random_corpus(rng, vocab, 30)
+    sequences = random_corpus(rng, vocab, 30, first_id)
     index = CorpusIndex.build(sequences, *orders, min_count=min_count)
     hits = 0
     for _ in range(300):
         source = rng.choice(sequences)
         context = source[: rng.randrange(0, len(source) + 1)] if rng.random() < 0.8 else \
-            [rng.randrange(vocab) for _ in range(rng.randrange(0, 10))]
+            [first_id + rng.randrange(vocab) for _ in range(rng.randrange(0, 10))]
         want = reference_next(sequences, context, *orders, min_count)
         got = index.next_token(context)
         assert (got is None) == (want is None), context
+        assert index.next_token(np.asarray(context, dtype=np.int64)) == got  # numpy ids hash alike
         if want is not None:
             hits += 1
             assert got[0] == want[0] and got[1] == pytest.approx(want[1], abs=1e-12)
+            # a continuation's first token is the lookup's, whatever the context's length
+            assert index.continuation(context, 1) == ([got[0]], [got[1]])
     assert hits > 30  # the comparison saw many lookups that found something
 
 
@@ -71,18 +74,23 @@ def test_continuation_extends_its_own_context_and_stops_at_low_confidence():
     assert index.continuation([], 5) == ([], [])
 
 
-def test_n_grams_never_span_two_sequences():
+def test_n_grams_never_span_two_sequences_and_an_empty_index_finds_nothing():
     index = CorpusIndex.build([[1, 2], [3, 4]], 2, 2, min_count=1)
     assert index.next_token([1, 2]) is None and len(index) == 0
     assert CorpusIndex.build([], 1, 3).next_token([1, 2, 3]) is None
+    nothing_twice = CorpusIndex.build([[1, 2, 3, 4]])  # every n-gram once: below min_count 2
+    assert len(nothing_twice) == 0 and nothing_twice.continuation([1, 2, 3], 4) == ([], [])
 
 
 def test_files_and_the_cache_give_the_same_index(tmp_path):
     rng = random.Random(7)
-    sequences = random_corpus(rng, 70000, 40)
+    sequences = random_corpus(rng, 9, 40, first_id=65530)  # ids on both sides of 2^16
     path = str(tmp_path / "corpus.safetensors")
     write_corpus(path, sequences)
     assert [s.tolist() for s in read_corpus(path)] == sequences
+    small = str(tmp_path / "small.safetensors")
+    write_corpus(small, [[65535, 0, 7]])  # fits 16 bits: stored as uint16, read back exactly
+    assert [s.tolist() for s in read_corpus(small)] == [[65535, 0, 7]]
     cache = str(tmp_path / "cache")
     built = CorpusIndex.from_corpus_file(path, cache, min_order=1, max_order=4)
     assert len(os.listdir(cache)) == 1
@@ -91,8 +99,11 @@ def test_files_and_the_cache_give_the_same_index(tmp_path):
     assert len(os.listdir(cache)) == 2 and len(other) != len(built)
     for name in ("keys", "next_tokens", "confidences"):
         np.testing.assert_array_equal(getattr(built, name), getattr(cached, name))
-    for s in sequences[:10]:
+    found = 0
+    for s in sequences:
         assert cached.next_token(s) == built.next_token(s) == CorpusIndex.build(sequences, 1, 4).next_token(s)
+        found += built.next_token(s) is not None
+    assert found > 10
 
 
 def test_bad_input_is_refused(tmp_path):
@@ -104,6 +115,9 @@ def test_bad_input_is_refused(tmp_path):
         CorpusIndex.build([[1, 2, 3]], 1, 3, min_count=0)
     with pytest.raises(ValueError, match="token ids"):
         CorpusIndex.build([[1, -2, 3]], 1, 3)
+    for bad in ([[1, -1]], [[1, 1 << 31]]):
+        with pytest.raises(ValueError, match="token ids"):
+            write_corpus(str(tmp_path / "bad-ids.safetensors"), bad)
     keys = np.array([3, 2], dtype=np.uint64)
     with pytest.raises(ValueError, match="increasing"):
         CorpusIndex(keys, np.array([1, 1]), np.array([1, 1]), np.array([1, 1]), 1, 2)
@@ -116,3 +130,28 @@ def test_bad_input_is_refused(tmp_path):
     save_file({"tokens": torch.arange(5), "offsets": torch.tensor([0, 3, 9])}, path)
     with pytest.raises(ValueError, match="offsets"):
         read_corpus(path)
+
+
+def test_the_corpus_command_writes_a_drafters_corpus_and_names_a_bad_line(tmp_path):
+    import json
+
+    from dspark.cli import main
+    from dspark.drafters.corpus import CORPUS_FILE
+
+    data = tmp_path / "replies.jsonl"
+    replies = [[5, 6, 7, 5, 6, 8], [5, 6, 7, 9], [1, 2, 3]]
+    data.write_text("".join(json.dumps({"response_ids": r}) + "\n" for r in replies) + "\n")
+    drafter = tmp_path / "drafter"
+    drafter.mkdir()
+    assert main(["corpus", "--drafter", str(drafter), "--data", str(data)]) == 0
+    assert [s.tolist() for s in read_corpus(str(drafter / CORPUS_FILE))] == replies
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"response_ids": [1, 2]}) + "\n" + json.dumps({"prompt_ids": [1]}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        main(["corpus", "--drafter", str(drafter), "--data", str(bad)])
+    negative = tmp_path / "negative.jsonl"
+    negative.write_text(json.dumps({"response_ids": [1, -2, 3]}) + "\n")
+    with pytest.raises(ValueError, match="token ids"):
+        main(["corpus", "--drafter", str(drafter), "--data", str(negative)])
+    assert [s.tolist() for s in read_corpus(str(drafter / CORPUS_FILE))] == replies  # the old file kept
+    assert sorted(p.name for p in drafter.iterdir()) == [CORPUS_FILE]  # no temporary file left

@@ -372,6 +372,24 @@ def test_a_sources_first_drafting_round_is_not_measured():
     assert measured.rates[(1, "ngram")] == pytest.approx(20.0) and not measured.should_draft(1, "ngram")
 
 
+def test_a_source_owed_its_first_measured_round_breaks_a_quiet_stretch():
+    """After its unmeasured first round a source is tried again at its next chance: rounds are not quiet (the
+    engine asks which source speaks) until it has a measured round, however long other sources' waits are."""
+    from dspark.draft_gates import ThroughputGate
+
+    gate = ThroughputGate(explore_every=4, max_wait=1024)
+    for _ in range(3):
+        gate.observe(2, False, 2, 0.01)  # plain: 200 tokens/s
+    gate.observe(2, True, 2, 0.1, ("dspark",))  # warm round of the learned drafter: not measured
+    gate.observe(2, True, 2, 0.1, ("dspark",))  # 20 tokens/s: far slower, a long wait
+    gate.observe(2, True, 2, 0.05, ("corpus",))  # warm round of corpus lookup: not measured
+    assert (2, "corpus") not in gate.rates
+    assert not any(gate.quiet(2) for _ in range(50))
+    assert gate.should_draft(2, "corpus")
+    gate.observe(2, True, 3, 0.01, ("corpus",))
+    assert (2, "corpus") in gate.rates
+
+
 def test_a_paying_source_survives_a_run_of_rejected_drafts():
     """Drafting rounds take 1.5 plain rounds and emit 3 tokens five times, then 1 token five times (a
     stretch where the drafts are wrong): 1.33x plain decoding's rate on average. Averaged over ~20 rounds

@@ -70,22 +70,24 @@ def test_sampled_output_follows_the_target_distribution_with_corpus_drafts(tmp_p
     assert p >= 1e-3
 
 
-def uniform_rows(drafter):
-    """Mutation: report every n-gram and corpus draft as drawn from the uniform law."""
-    make = drafter._fixed_proposal
+def uniform_rows(source: str):
+    """Mutation: report the drafts of one source ("ngram" or "corpus") as drawn from the uniform law."""
+    def mutate(drafter):
+        make = drafter._fixed_proposal
 
-    def wrong(request, tokens, confidences):
-        proposal = make(request, tokens, confidences)
-        if proposal.draft_probs is not None:
-            proposal.draft_probs[:-1] = 1.0 / drafter.vocab_size
-        return proposal
-    drafter._fixed_proposal = wrong
+        def wrong(request, tokens, confidences):
+            proposal = make(request, tokens, confidences)
+            if proposal.draft_probs is not None and drafter.source_for(request) == source:
+                proposal.draft_probs[:-1] = 1.0 / drafter.vocab_size
+            return proposal
+        drafter._fixed_proposal = wrong
+    return mutate
 
 
-@pytest.mark.parametrize("corpus", [False, True])
-def test_sampled_law_test_catches_non_point_mass_rows(tmp_path, corpus):
+@pytest.mark.parametrize("source", ["ngram", "corpus"])
+def test_sampled_law_test_catches_non_point_mass_rows(tmp_path, source):
     """Rejection sampling then accepts the drafts too often, and the same test must see it."""
-    p, _ = sampled_law_p_value(tmp_path, uniform_rows, corpus)
+    p, _ = sampled_law_p_value(tmp_path, uniform_rows(source), corpus=source == "corpus")
     assert p < 1e-6
 
 
@@ -168,3 +170,6 @@ def test_bad_arguments_are_refused(tiny):
         HybridDrafter(dspark, prior=(3.0, 2.0))
     with pytest.raises(ValueError, match="corpus_min_confidence"):
         HybridDrafter(dspark, corpus_min_confidence=1.5)
+    foreign = HybridDrafter(dspark, corpus=CorpusIndex.build([[VOCAB + 5, 1, VOCAB + 5, 1]], 1, 1, min_count=1))
+    with pytest.raises(ValueError, match="vocabulary"):
+        foreign.bind(1, 64, VOCAB)

@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         from dspark.train.trainer import main as train_main
 
         return train_main(args)
-    commands = {"generate": generate.run, "draft-vocab": drafter_tools.run_draft_vocab, "corpus": drafter_tools.run_corpus,
-                "export-drafter": drafter_tools.run_export, "calibrate": calibrate.run, "profile": profile.run,
-                "serve": serve.run}
+    commands = {"generate": generate.run, "draft-vocab": drafter_tools.run_draft_vocab,
+                "corpus": drafter_tools.run_corpus, "export-drafter": drafter_tools.run_export,
+                "calibrate": calibrate.run, "profile": profile.run, "serve": serve.run}
     return commands[args.command](args)
 
 

@@ -61,12 +61,21 @@ def run_corpus(args) -> int:
     sequences = []
     for path in args.data:
         with open(path) as f:
-            sequences += [json.loads(line)["response_ids"] for line in f if line.strip()]
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    sequences.append([int(t) for t in json.loads(line)["response_ids"]])
+                except (ValueError, KeyError, TypeError) as error:
+                    raise ValueError(f"{path}:{number}: expected a JSON object with response_ids (token ids): "
+                                     f"{error!r}") from error
     if not sequences:
         raise ValueError(f"--data holds no replies: {args.data}")
+    index = CorpusIndex.build(sequences)  # first: bad ids fail before anything is written
     path = os.path.join(args.drafter, CORPUS_FILE)
-    write_corpus(path, sequences)
-    index = CorpusIndex.build(sequences)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    write_corpus(tmp, sequences)
+    os.replace(tmp, path)
     print(f"{path}: {len(sequences)} replies, {sum(map(len, sequences))} tokens; "
           f"{len(index)} n-grams seen at least twice")
     return 0

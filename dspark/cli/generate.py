@@ -34,7 +34,7 @@ def make_drafter(spec: str, target, num_draft: int | None, dtype, device, model_
     """num_draft None: the drafter's own default (a DSpark drafter's gamma, else 4)."""
     if spec == "none":
         return None
-    if spec == "auto":  # the shipped DSpark drafter (with n-gram lookup) for the default target, else n-gram
+    if spec == "auto":  # the shipped DSpark drafter (with n-gram and corpus lookup) for the default target, else n-gram
         folder = shipped_drafter(model_arg)
         spec = f"hybrid:{folder}" if folder else "ngram"
     if spec.startswith("dspark:"):  # a folder written by `dspark train-drafter`, or a DeepSpec DSpark/DFlash one
@@ -42,7 +42,7 @@ def make_drafter(spec: str, target, num_draft: int | None, dtype, device, model_
                                              weights=drafter_weights_for(target))
     if spec.startswith("eagle3:"):  # an EAGLE-3 drafter in DeepSpec's format
         return Eagle3Drafter.from_pretrained(spec.split(":", 1)[1], target, num_draft, dtype=dtype)
-    if spec.startswith("hybrid:"):  # n-gram lookup when the context repeats, that DSpark drafter otherwise
+    if spec.startswith("hybrid:"):  # n-gram lookup, the folder's corpus (if any), that DSpark drafter otherwise
         return HybridDrafter.from_pretrained(spec.split(":", 1)[1], target, num_draft, dtype=dtype,
                                              weights=drafter_weights_for(target))
     num_draft = num_draft or 4
@@ -92,9 +92,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("prompt")
     ap.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--drafter", default="auto",
-                     help="auto (the shipped DSpark drafter with n-gram lookup, hybrid:SHIPPED, for the default "
-                          "model; else ngram), none, ngram, self:LAYERS, model:PATH, dspark:DIR (ours or a DeepSpec "
-                          "DSpark/DFlash folder), eagle3:DIR (a DeepSpec EAGLE-3 folder), hybrid:DIR")
+                     help="auto (the shipped DSpark drafter with n-gram and corpus lookup, hybrid:SHIPPED, for "
+                          "the default model; else ngram), none, ngram, self:LAYERS, model:PATH, dspark:DIR (ours or "
+                          "a DeepSpec DSpark/DFlash folder), eagle3:DIR (a DeepSpec EAGLE-3 folder), hybrid:DIR")
     ap.add_argument("--num-draft", type=int, default=None,
                      help="draft tokens per round, gamma (default: the DSpark drafter's block, 4 for the others); "
                           "a DSpark drafter's prefix scheduler verifies a prefix of them")

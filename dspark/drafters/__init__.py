@@ -1,6 +1,7 @@
 """Proposers: independent draft model or self-draft (DraftModelDrafter), n-gram prompt lookup, and the
 target-conditioned DSpark drafter (DSparkDrafter; also its DFlash-style and EAGLE-style baselines), and
-HybridDrafter (n-gram lookup where the context repeats, a DSpark drafter elsewhere). DSparkDrafter also
+HybridDrafter (n-gram lookup where the context repeats, then corpus lookup in the target's own replies
+(dspark.drafters.corpus), a DSpark drafter elsewhere). DSparkDrafter also
 reads the authors' DeepSpec DSpark/DFlash folders; Eagle3Drafter runs their EAGLE-3 ones."""
 
 from dspark.drafters.base import Drafter, Proposal

@@ -23,6 +23,7 @@ import torch
 
 CORPUS_FILE = "corpus.safetensors"  # in a drafter's folder: the token sequences of its CorpusIndex
 _MULTIPLIER = 1_000_003
+_INDEX_FORMAT = 1  # part of the cache key: bump when the hash, the tie rule or the saved arrays change
 _MASK = (1 << 64) - 1
 
 
@@ -34,11 +35,16 @@ def _hash_column(order: int, columns: list[np.ndarray]) -> np.ndarray:
     return key
 
 
-def _hash(tokens: list[int]) -> int:
+def _hash(tokens) -> int:
     key = len(tokens)
     for token in tokens:
-        key = (key * _MULTIPLIER + token + 1) & _MASK
+        key = (key * _MULTIPLIER + int(token) + 1) & _MASK  # int(): numpy ids would overflow a C long
     return key
+
+
+def _check_orders(min_order: int, max_order: int) -> None:
+    if not 1 <= min_order <= max_order:
+        raise ValueError(f"need 1 <= min_order <= max_order, got {min_order}, {max_order}")
 
 
 class CorpusIndex:
@@ -46,13 +52,13 @@ class CorpusIndex:
 
     def __init__(self, keys: np.ndarray, next_tokens: np.ndarray, counts: np.ndarray, totals: np.ndarray,
                  min_order: int, max_order: int):
-        if not 1 <= min_order <= max_order:
-            raise ValueError(f"need 1 <= min_order <= max_order, got {min_order}, {max_order}")
+        _check_orders(min_order, max_order)
         if not len(keys) == len(next_tokens) == len(counts) == len(totals):
             raise ValueError("keys, next_tokens, counts and totals must have one entry per n-gram")
+        keys = np.asarray(keys, dtype=np.uint64)
         if len(keys) > 1 and not bool(np.all(keys[1:] > keys[:-1])):
             raise ValueError("keys must be strictly increasing")
-        self.keys, self.next_tokens = keys.astype(np.uint64), next_tokens.astype(np.int64)
+        self.keys, self.next_tokens = keys, np.asarray(next_tokens, dtype=np.int64)
         self.confidences = counts.astype(np.float64) / totals.astype(np.float64)
         self.min_order, self.max_order = min_order, max_order
 
@@ -61,8 +67,7 @@ class CorpusIndex:
         """From token sequences (lists or arrays of ids); n-grams never span two sequences."""
         if min_count < 1:
             raise ValueError(f"min_count must be >= 1, got {min_count}")
-        if not 1 <= min_order <= max_order:
-            raise ValueError(f"need 1 <= min_order <= max_order, got {min_order}, {max_order}")
+        _check_orders(min_order, max_order)
         arrays = [np.asarray(s, dtype=np.int64) for s in sequences]
         if any(a.size and a.min() < 0 for a in arrays):
             raise ValueError("sequences must hold token ids >= 0")
@@ -75,13 +80,12 @@ class CorpusIndex:
                     follows.append(a[order:])
             if keys:
                 parts.append(_most_frequent(np.concatenate(keys), np.concatenate(follows), min_count))
-        if not parts:
-            empty = np.zeros(0, dtype=np.int64)
-            return cls(empty.astype(np.uint64), empty, empty, empty + 1, min_order, max_order)
-        keys, tokens, counts, totals = (np.concatenate(column) for column in zip(*parts))
+        keys, tokens, counts, totals = (np.concatenate(column) for column in zip(*parts)) if parts else \
+            (np.zeros(0, dtype=np.uint64), *(np.zeros(0, dtype=np.int64) for _ in range(3)))
         order = np.argsort(keys, kind="stable")
         keys, tokens, counts, totals = keys[order], tokens[order], counts[order], totals[order]
-        unique = np.r_[True, keys[1:] != keys[:-1]]  # a hash shared by two orders: keep the first
+        unique = np.ones(len(keys), dtype=bool)  # a hash shared by two orders: keep the first
+        unique[1:] = keys[1:] != keys[:-1]
         return cls(keys[unique], tokens[unique], counts[unique], totals[unique], min_order, max_order)
 
     def __len__(self) -> int:
@@ -101,11 +105,12 @@ class CorpusIndex:
         i = at[hits[0]]
         return int(self.next_tokens[i]), float(self.confidences[i])
 
-    def continuation(self, context: list[int], limit: int, min_confidence: float = 0.0) -> tuple[list[int], list[float]]:
+    def continuation(self, context: list[int], limit: int,
+                     min_confidence: float = 0.0) -> tuple[list[int], list[float]]:
         """Up to `limit` tokens continuing the context, each the index's next token after the context extended
         by the ones before it, stopping at the first whose confidence is below min_confidence."""
         tokens, confidences = [], []
-        window = list(context[len(context) - self.max_order:])
+        window = [int(t) for t in context[-self.max_order:]]
         while len(tokens) < limit:
             found = self.next_token(window)
             if found is None or found[1] < min_confidence:
@@ -117,6 +122,7 @@ class CorpusIndex:
 
     # -- files ----------------------------------------------------------------------------------------
     def save(self, path: str) -> None:
+        """To `path` (an .npz file; numpy appends the suffix when it is missing)."""
         np.savez(path, keys=self.keys, next_tokens=self.next_tokens, confidences=self.confidences,
                  orders=np.array([self.min_order, self.max_order]))
 
@@ -133,17 +139,23 @@ class CorpusIndex:
         """The index of a corpus file (safetensors: `tokens` [N] and `offsets` [S + 1], sequence s being
         tokens[offsets[s]:offsets[s + 1]]), built once and cached under cache_dir by the file's content and
         the build arguments."""
+        digest = hashlib.sha256()
         with open(path, "rb") as f:
-            digest = hashlib.sha256(f.read() + repr(sorted(build_kwargs.items())).encode()).hexdigest()[:16]
-        cached = os.path.join(cache_dir, f"{digest}.npz") if cache_dir else None
+            digest.update(hashlib.sha256(f.read()).digest())
+        digest.update(repr((_INDEX_FORMAT, sorted(build_kwargs.items()))).encode())
+        cached = os.path.join(cache_dir, f"{digest.hexdigest()[:16]}.npz") if cache_dir else None
         if cached and os.path.exists(cached):
             return cls.load(cached)
         index = cls.build(read_corpus(path), **build_kwargs)
         if cached:
-            os.makedirs(cache_dir, exist_ok=True)
             tmp = f"{cached[:-4]}.{os.getpid()}.tmp.npz"
-            index.save(tmp)
-            os.replace(tmp, cached)
+            try:
+                os.makedirs(cache_dir, exist_ok=True)
+                index.save(tmp)
+                os.replace(tmp, cached)
+            except OSError:  # an unwritable cache costs the next load a rebuild, nothing else
+                if os.path.exists(tmp):
+                    os.remove(tmp)
         return index
 
 
@@ -170,6 +182,8 @@ def write_corpus(path: str, sequences) -> None:
 
     arrays = [np.asarray(s, dtype=np.int64) for s in sequences]
     flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+    if flat.size and not (0 <= flat.min() and flat.max() < 1 << 31):
+        raise ValueError(f"token ids must lie in [0, 2^31), got {flat.min()} .. {flat.max()}")
     offsets = np.cumsum([0] + [len(a) for a in arrays]).astype(np.int64)
     dtype = torch.uint16 if flat.size == 0 or flat.max() < 1 << 16 else torch.int32
     save_file({"tokens": torch.from_numpy(flat).to(dtype), "offsets": torch.from_numpy(offsets)}, path)

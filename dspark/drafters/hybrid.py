@@ -38,7 +38,8 @@ from dspark.drafters.ngram import NgramDrafter, NgramIndex
 class HybridDrafter(Drafter):
     gives_confidences = True
 
-    def __init__(self, dspark: DSparkDrafter, min_match: int = 2, max_match: int = 4, prior: tuple[float, float] = (1.0, 2.0),
+    def __init__(self, dspark: DSparkDrafter, min_match: int = 2, max_match: int = 4,
+                 prior: tuple[float, float] = (1.0, 2.0),
                  corpus: CorpusIndex | None = None, corpus_min_confidence: float = 0.3):
         """min_match / max_match: the shortest and longest context suffix looked up; prior: pseudo-counts
         (accepted, verified) per position before any n-gram draft was verified; corpus: an index of the
@@ -58,38 +59,57 @@ class HybridDrafter(Drafter):
         self.verified = torch.full((self.num_draft,), float(prior[1]), dtype=torch.float64)
         self.source: dict[int, str] = {}  # request id -> who drafted its last proposal
         self.indexes: dict[int, NgramIndex] = {}  # request id -> its context's n-gram tables
+        self.looked_up: dict[int, tuple[int, str, int | None]] = {}  # request id -> (context length, _lookup)
         self.rounds = {"ngram": 0, "corpus": 0, "dspark": 0}
 
     @classmethod
     def from_pretrained(cls, path: str, target, num_draft: int | None = None, dtype: torch.dtype = torch.float32,
-                        weights: str | None = None, corpus: bool = True, **kwargs) -> "HybridDrafter":
-        """weights: as DSparkDrafter.from_pretrained's; corpus: index the folder's corpus.safetensors, when it
-        has one (cached under dspark's cache directory)."""
+                        weights: str | None = None, corpus: "bool | CorpusIndex" = True,
+                        **kwargs) -> "HybridDrafter":
+        """weights: as DSparkDrafter.from_pretrained's; corpus: an index, or True for the folder's
+        corpus.safetensors when it has one (indexed once, cached under dspark's cache directory), or False."""
         drafter = DSparkDrafter.from_pretrained(path, target, num_draft, dtype=dtype, weights=weights)
-        corpus_file = os.path.join(path, CORPUS_FILE)
-        if corpus and os.path.exists(corpus_file):
-            from dspark.profiling import cache_dir
+        if corpus is True:
+            corpus_file = os.path.join(path, CORPUS_FILE)
+            corpus = None
+            if os.path.exists(corpus_file):
+                from dspark.profiling import cache_dir
 
-            kwargs.setdefault("corpus", CorpusIndex.from_corpus_file(corpus_file, os.path.join(cache_dir(), "corpus")))
-        return cls(drafter, **kwargs)
+                corpus = CorpusIndex.from_corpus_file(corpus_file, os.path.join(cache_dir(), "corpus"))
+        return cls(drafter, corpus=corpus or None, **kwargs)
 
     def bind(self, rows: int, max_seq_len: int, vocab_size: int, captured: SideCache | None = None) -> None:
+        if self.corpus is not None and len(self.corpus) and int(self.corpus.next_tokens.max()) >= vocab_size:
+            raise ValueError(f"the corpus holds token ids up to {int(self.corpus.next_tokens.max())}, past the "
+                             f"target's vocabulary of {vocab_size}: it was written for another tokenizer")
         self.vocab_size = vocab_size
         self.dspark.bind(rows, max_seq_len, vocab_size, captured)
 
     def start(self, request) -> None:
         self.indexes.pop(request.id, None)  # ids restart with every engine sharing this drafter
+        self.looked_up.pop(request.id, None)
         self.dspark.start(request)
 
     def finish(self, request) -> None:
         self.source.pop(request.id, None)
         self.indexes.pop(request.id, None)
+        self.looked_up.pop(request.id, None)
         self.dspark.finish(request)
 
     def source_for(self, request) -> str:
-        if self._match(request) is not None:
-            return "ngram"
-        return "dspark" if self._corpus_start(request) is None else "corpus"
+        return self._lookup(request)[0]
+
+    def _lookup(self, request) -> tuple[str, int | None]:
+        """(the source that speaks for the request's committed context, where its n-gram continuation starts),
+        kept until the context grows: the engine asks before proposing, and propose asks again."""
+        length = len(request.tokens)
+        kept = self.looked_up.get(request.id)
+        if kept is not None and kept[0] == length:
+            return kept[1], kept[2]
+        at = self._match(request)
+        source = "ngram" if at is not None else "dspark" if self._corpus_start(request) is None else "corpus"
+        self.looked_up[request.id] = (length, source, at)
+        return source, at
 
     def _corpus_start(self, request) -> tuple[int, float] | None:
         """The corpus's next token for the request's context, when its confidence is high enough to draft."""
@@ -112,13 +132,12 @@ class HybridDrafter(Drafter):
 
     def propose_pruned(self, requests, max_draft: int, survival_floor: float) -> list[Proposal]:
         limit = min(self.num_draft, max_draft)
-        sources = [self.source_for(r) if limit > 0 else "dspark" for r in requests]
-        learned = [r for r, source in zip(requests, sources) if source == "dspark"]
+        found = [self._lookup(r) if limit > 0 else ("dspark", None) for r in requests]
+        learned = [r for r, (source, _) in zip(requests, found) if source == "dspark"]
         drafted = iter(self.dspark.propose_pruned(learned, max_draft, survival_floor) if learned else [])
         out = []
-        for r, source in zip(requests, sources):
+        for r, (source, at) in zip(requests, found):
             if source == "ngram":
-                at = self._match(r)
                 tokens = r.tokens[at: at + limit]
                 out.append(self._fixed_proposal(r, tokens, self.ngram_confidences()[: len(tokens)]))
             elif source == "corpus":
