@@ -279,7 +279,8 @@ class ThroughputGate:
             key = (bucket, source)
             before = self._best(bucket, source)
             self._update_drafting(key, tokens / expected, seconds, per_request)
-            self._settle(key, before)
+            plain = self._nearest(self.rates, bucket, self.PLAIN)
+            self._settle(key, before, trial_paid=plain is not None and rate > plain * (1.0 + self.margin))
 
     def _update(self, key: tuple[int, str], rate: float, per_request: float) -> None:
         """Plain decoding's estimates: the median of the first rounds, then a moving average from there. A moving
@@ -308,9 +309,13 @@ class ThroughputGate:
         self.rates[key] = sums[0] / sums[1]
         self.yields[key] = sums[2] / sums[3]
 
-    def _settle(self, key: tuple[int, str], before: bool | None) -> None:
+    def _settle(self, key: tuple[int, str], before: bool | None, trial_paid: bool = False) -> None:
+        """After a trial of the arm that was losing: the wait doubles if the estimate still prefers the other arm
+        and the trial round itself did not pay either. One drafting round moves a ratio of sums over ~20 rounds
+        little, so a source that lost its estimate by chance would otherwise wait ever longer for the trials that
+        could restore it; a trial round that paid keeps its next trial explore_every rounds away."""
         if self.exploring.pop(key, False):
             self.quiet_left.pop(key[0], None)
-            lost = self._best(*key) == before and not self._unsettled(key)
+            lost = self._best(*key) == before and not self._unsettled(key) and not trial_paid
             waited = self.waited.pop(key, self.wait.get(key, self.explore_every))
             self.wait[key] = min(2 * waited, self.max_wait) if lost else self.explore_every

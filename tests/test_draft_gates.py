@@ -345,12 +345,37 @@ def test_a_drafting_source_is_not_backed_off_on_its_first_rounds():
     gaps = [b - a for a, b in zip(losing, losing[1:])]
     assert gaps[:4] == [50, 50, 100, 200]  # no doubling before its fourth round, doubling after
     # 25 tokens/s first: a trial costs 3 plain rounds, one in 600; the trials' 167 tokens/s raise the ratio of
-    # sums until drafting wins. Backed off after that one round (draft_samples=1), it waits ~1,200 rounds more.
+    # sums until drafting wins.
     slow = run(gate(), 0.04, rounds=1200)
     assert slow[:3] == [599, 810, 891] and len(slow) > 100
-    assert run(gate(draft_samples=1), 0.04, rounds=1200) == [599]
     with pytest.raises(ValueError, match="draft_samples"):
         ThroughputGate(warm_rounds=0, draft_samples=0)
+
+
+def test_a_trial_round_that_pays_keeps_the_next_trial_near():
+    """A settled source whose estimate lost by chance (ten rounds at 90 tokens/s against plain's 100): its trials
+    come explore_every rounds apart while each trial round pays (150 tokens/s), until the ratio of sums wins back;
+    trials that do not pay double the wait as before."""
+    from dspark.draft_gates import ThroughputGate
+
+    def trials(seconds_per_token):
+        gate = ThroughputGate(explore_every=4, explore_cost=1.0, max_wait=1024, warm_rounds=0)
+        for _ in range(3):
+            gate.observe(1, False, 1, 0.01)  # plain: 100 tokens/s
+        for _ in range(10):
+            gate.observe(1, True, 1, 1 / 90, ("ngram",))
+        drafted = []
+        for i in range(120):
+            draft = gate.should_draft(1, "ngram")
+            if draft:
+                drafted.append(i)
+            gate.observe(1, draft, 1, seconds_per_token if draft else 0.01, ("ngram",) if draft else ())
+        return drafted
+
+    paying = trials(1 / 150)
+    assert [b - a for a, b in zip(paying, paying[1:])][:4] == [4, 4, 4, 1] and len(paying) > 60  # wins back
+    losing = trials(1 / 90)
+    assert [b - a for a, b in zip(losing, losing[1:])][:3] == [8, 16, 32]
 
 
 def test_a_sources_first_drafting_round_is_not_measured():
