@@ -76,7 +76,7 @@ class HybridDrafter(Drafter):
                 from dspark.profiling import cache_dir
 
                 corpus = CorpusIndex.from_corpus_file(corpus_file, os.path.join(cache_dir(), "corpus"))
-        return cls(drafter, corpus=corpus or None, **kwargs)
+        return cls(drafter, corpus=None if corpus is False else corpus, **kwargs)
 
     def bind(self, rows: int, max_seq_len: int, vocab_size: int, captured: SideCache | None = None) -> None:
         if self.corpus is not None and len(self.corpus) and int(self.corpus.next_tokens.max()) >= vocab_size:
@@ -107,16 +107,14 @@ class HybridDrafter(Drafter):
         if kept is not None and kept[0] == length:
             return kept[1], kept[2]
         at = self._match(request)
-        source = "ngram" if at is not None else "dspark" if self._corpus_start(request) is None else "corpus"
+        source = "ngram" if at is not None else "corpus" if self._corpus_speaks(request) else "dspark"
         self.looked_up[request.id] = (length, source, at)
         return source, at
 
-    def _corpus_start(self, request) -> tuple[int, float] | None:
-        """The corpus's next token for the request's context, when its confidence is high enough to draft."""
-        if self.corpus is None:
-            return None
-        found = self.corpus.next_token(request.tokens[-self.corpus.max_order:])
-        return found if found is not None and found[1] >= self.corpus_min_confidence else None
+    def _corpus_speaks(self, request) -> bool:
+        """Whether the corpus drafts at least one token for the request's context (the proposal's own rule)."""
+        return self.corpus is not None and bool(
+            self.corpus.continuation(request.tokens, 1, self.corpus_min_confidence)[0])
 
     def _match(self, request) -> int | None:
         index = self.indexes.get(request.id)
