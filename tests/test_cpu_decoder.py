@@ -113,6 +113,7 @@ def test_packed_blocks_give_the_file_layouts_results(tmp_path, monkeypatch):
     from dspark.models.llama import LlamaModel
     from dspark.models.quantized import QuantizedWeight, tile_rows
 
+    monkeypatch.setattr(cpu_decoder, "QUANTIZED_PREFILL_TOKENS", 64)  # the 107-token prefill takes the dense GEMMs
     write_tiny_llama(tmp_path, 97, 64, 2, seed=4)
     dense = load_model(str(tmp_path), torch.float32)
     blocks = {name: QuantizedWeight.from_dense(t) if t.dim() == 2 else t for name, t in dense.weights.items()}
@@ -151,6 +152,7 @@ def test_short_prefills_over_gguf_blocks_take_the_fused_layers(tmp_path, monkeyp
     from dspark.models.llama import LlamaModel
     from dspark.models.quantized import QuantizedWeight
 
+    monkeypatch.setattr(cpu_decoder, "QUANTIZED_PREFILL_TOKENS", 40)  # the CPU's own limit is 64 or 512
     write_tiny_llama(tmp_path, 97, 64, 2, seed=3)
     dense = load_model(str(tmp_path), torch.float32)
     model = LlamaModel(dense.config, {name: QuantizedWeight.from_dense(t) if name.startswith("layers.") and t.dim() == 2
@@ -290,3 +292,14 @@ def test_kernel_checks_each_projections_block_layout(tmp_path, bad):
     with pytest.raises(ValueError, match=message):
         cpu_decoder._kernel(*args.values())
     assert torch.equal(cache.k, k) and torch.equal(cache.v, v) and torch.equal(args["hidden"], hidden)
+
+
+def test_the_fused_prefill_limit_follows_the_cpus_bf16_support(tmp_path):
+    """Longer prefills leave the fused layers for dense GEMMs only where the CPU multiplies bf16 natively."""
+    info = tmp_path / "cpuinfo"
+    for flags, native in [("fpu avx2 fma f16c avx512f avx512bw avx512_vnni", False), ("avx2 avx512_bf16 avx512f", True),
+                          ("avx2 amx_bf16 amx_tile", True), ("avx2 xavx512_bf16x", False)]:
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+        assert cpu_decoder._native_bf16(str(info)) is native, flags
+    assert cpu_decoder._native_bf16(str(tmp_path / "missing")) is False
+    assert cpu_decoder.QUANTIZED_PREFILL_TOKENS == (64 if cpu_decoder._native_bf16() else 512)

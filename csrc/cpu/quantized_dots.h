@@ -67,6 +67,20 @@ DSPARK_QL_INLINE void accumulate(const TileBlock& t, int64_t b, const QuantizedX
     const int64_t xb = (first_row + m) * stride + b;
     const int8_t* xq = qx.q.data() + (first_row + m) * in + b * kBlockWeights;
     VecI low = zero_i32(), high = zero_i32();
+#if !defined(DSPARK_QL_VNNI)
+    if constexpr (F != BlockFormat::kQ8_0) {
+      // Without VNNI a dot step is maddubs, madd and add. A nibble code (<= 15) times an x code (|.| <= 127), paired,
+      // is at most 3810 in magnitude, so the block's 8 chunks sum exactly in int16 (<= 30480) and widen once: the
+      // same integers for a third of the multiplies (AMD EPYC, AVX2: a fused 300-token SmolLM2 prefill 0.80 s against 0.89-0.91).
+      __m256i sums[2];
+      for (int h = 0; h < 2; ++h) {
+        sums[h] = _mm256_maddubs_epi16(t.codes[4 * h], x_chunk(xq, 4 * h));
+        for (int k = 1; k < 4; ++k)
+          sums[h] = _mm256_add_epi16(sums[h], _mm256_maddubs_epi16(t.codes[4 * h + k], x_chunk(xq, 4 * h + k)));
+      }
+      low = _mm256_madd_epi16(_mm256_add_epi16(sums[0], sums[1]), _mm256_set1_epi16(1));
+    } else
+#endif
     for (int k = 0; k < 4; ++k) {
       VecI s0 = x_chunk(xq, k), s1 = x_chunk(xq, k + 4);
 #ifndef DSPARK_QL_512

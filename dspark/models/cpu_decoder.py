@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 
 import torch
 
@@ -36,12 +37,24 @@ def enabled() -> bool:
     return _kernel is not None and os.environ.get("DSPARK_FUSED_CPU", "1") != "0"
 
 
-# Prefill rounds of up to this many tokens over GGUF blocks run in the fused layers too: the kernel costs about
-# what decoding the blocks for a dense GEMM does at these row counts, and the PyTorch layers' ops cost more.
-# Measured on the 2-vCPU Xeon, SmolLM2 native, one fresh prompt of 8 / 31 / 64 / 96 / 128 tokens: 11.5 / 25.9 /
-# 49.3 / 55.1 / 63.3 ms in the PyTorch layers, 6.4 / 19.7 / 39.7 / 55.3 / 75.5 fused; four prompts of 16
-# tokens 48.6 and 37.4 ms.
-QUANTIZED_PREFILL_TOKENS = 64
+def _native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16, read from /proc/cpuinfo's flags):
+    there oneDNN's dense GEMMs outrun the few-row kernels on longer prefills. False where the flags are unreadable."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+# Prefill rounds of up to this many tokens over GGUF blocks run in the fused layers too. Where the CPU multiplies
+# bf16 natively the dense GEMMs win past ~64 tokens: on the 2-vCPU Xeon (AMX), SmolLM2 native, one fresh prompt
+# of 8 / 31 / 64 / 96 / 128 tokens took 11.5 / 25.9 / 49.3 / 55.1 / 63.3 ms in the PyTorch layers, 6.4 / 19.7 /
+# 39.7 / 55.3 / 75.5 fused. Elsewhere the fused int8 dots win up to the default step of 512 tokens: on the
+# 2-vCPU AMD EPYC (AVX2), bf16, 100 / 160 / 300 / 512 tokens took 376 / 596 / 1056 / 1581 ms in the PyTorch
+# layers, 211 / 383 / 800 / 1562 fused (fp32: 100 / 300 tokens 448 / 886 against 237 / 815).
+QUANTIZED_PREFILL_TOKENS = 64 if _native_bf16() else 512
 
 
 def takes_prefill(model, tokens: int) -> bool:
