@@ -294,12 +294,13 @@ def test_kernel_checks_each_projections_block_layout(tmp_path, bad):
     assert torch.equal(cache.k, k) and torch.equal(cache.v, v) and torch.equal(args["hidden"], hidden)
 
 
-def test_the_fused_prefill_limit_follows_the_cpus_bf16_support(tmp_path):
-    """Longer prefills leave the fused layers for dense GEMMs only where the CPU multiplies bf16 natively."""
+def test_the_fused_prefill_limit_follows_the_cpus_flags(tmp_path):
+    """Longer prefills stay in the fused layers only on AVX2 CPUs that do not multiply bf16 natively."""
     info = tmp_path / "cpuinfo"
-    for flags, native in [("fpu avx2 fma f16c avx512f avx512bw avx512_vnni", False), ("avx2 avx512_bf16 avx512f", True),
-                          ("avx2 amx_bf16 amx_tile", True), ("avx2 xavx512_bf16x", False)]:
+    for flags, limit in [("fpu avx2 fma f16c avx512f avx512bw avx512_vnni", 512), ("avx2 avx512_bf16 avx512f", 64),
+                         ("avx2 amx_bf16 amx_tile", 64), ("avx2 xavx512_bf16x", 512), ("fp asimd bf16", 64),
+                         ("sse4_2 avx xavx2", 64)]:
         info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
-        assert cpu_decoder._native_bf16(str(info)) is native, flags
-    assert cpu_decoder._native_bf16(str(tmp_path / "missing")) is False
-    assert cpu_decoder.QUANTIZED_PREFILL_TOKENS == (64 if cpu_decoder._native_bf16() else 512)
+        assert cpu_decoder.quantized_prefill_limit(str(info)) == limit, flags
+    assert cpu_decoder.quantized_prefill_limit(str(tmp_path / "missing")) == 64
+    assert cpu_decoder.QUANTIZED_PREFILL_TOKENS == cpu_decoder.quantized_prefill_limit()

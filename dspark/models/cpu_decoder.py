@@ -37,24 +37,26 @@ def enabled() -> bool:
     return _kernel is not None and os.environ.get("DSPARK_FUSED_CPU", "1") != "0"
 
 
-def _native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16, read from /proc/cpuinfo's flags):
-    there oneDNN's dense GEMMs outrun the few-row kernels on longer prefills. False where the flags are unreadable."""
+def quantized_prefill_limit(cpuinfo: str = "/proc/cpuinfo") -> int:
+    """How many prefill tokens over GGUF blocks the fused layers take, from this CPU's flags (/proc/cpuinfo). Where
+    the CPU multiplies bf16 natively (avx512_bf16, amx_bf16) oneDNN's dense GEMMs win past ~64 tokens: on the 2-vCPU
+    Xeon (AMX), SmolLM2 native, one fresh prompt of 8 / 31 / 64 / 96 / 128 tokens took 11.5 / 25.9 / 49.3 / 55.1 /
+    63.3 ms in the PyTorch layers, 6.4 / 19.7 / 39.7 / 55.3 / 75.5 fused. On an AVX2 CPU without them the int8 dots
+    (built for it with the default -march=native) win up to the default step of 512 tokens: on the 2-vCPU AMD EPYC,
+    bf16, 100 / 160 / 300 / 512 tokens took 376 / 596 / 1056 / 1581 ms in the PyTorch layers, 211 / 383 / 800 / 1562
+    fused (fp32: 100 / 300 tokens 448 / 886 against 237 / 815). Elsewhere (other ISAs, unreadable flags: unmeasured)
+    64, the limit measured first."""
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             flags = f.read()
     except OSError:
-        return False
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+        return 64
+    if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) or not re.search(r"\bavx2\b", flags):
+        return 64
+    return 512
 
 
-# Prefill rounds of up to this many tokens over GGUF blocks run in the fused layers too. Where the CPU multiplies
-# bf16 natively the dense GEMMs win past ~64 tokens: on the 2-vCPU Xeon (AMX), SmolLM2 native, one fresh prompt
-# of 8 / 31 / 64 / 96 / 128 tokens took 11.5 / 25.9 / 49.3 / 55.1 / 63.3 ms in the PyTorch layers, 6.4 / 19.7 /
-# 39.7 / 55.3 / 75.5 fused. Elsewhere the fused int8 dots win up to the default step of 512 tokens: on the
-# 2-vCPU AMD EPYC (AVX2), bf16, 100 / 160 / 300 / 512 tokens took 376 / 596 / 1056 / 1581 ms in the PyTorch
-# layers, 211 / 383 / 800 / 1562 fused (fp32: 100 / 300 tokens 448 / 886 against 237 / 815).
-QUANTIZED_PREFILL_TOKENS = 64 if _native_bf16() else 512
+QUANTIZED_PREFILL_TOKENS = quantized_prefill_limit()
 
 
 def takes_prefill(model, tokens: int) -> bool:
