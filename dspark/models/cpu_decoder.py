@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 
 import torch
 
-from dspark.models.linear import kernel_takes
+from dspark.models.linear import cpu_flags, fast_bf16_gemm, kernel_takes
 from dspark.models.quantized import QuantizedWeight
 
 try:
@@ -37,8 +36,8 @@ def enabled() -> bool:
     return _kernel is not None and os.environ.get("DSPARK_FUSED_CPU", "1") != "0"
 
 
-def quantized_prefill_limit(cpuinfo: str = "/proc/cpuinfo") -> int:
-    """How many prefill tokens over GGUF blocks the fused layers take, from this CPU's flags (/proc/cpuinfo). Where
+def quantized_prefill_limit(flags: frozenset[str] | None = None) -> int:
+    """How many prefill tokens over GGUF blocks the fused layers take, from this CPU's flags (or these). Where
     the CPU multiplies bf16 natively (avx512_bf16, amx_bf16) oneDNN's dense GEMMs win past ~64 tokens: on the 2-vCPU
     Xeon (AMX), SmolLM2 native, one fresh prompt of 8 / 31 / 64 / 96 / 128 tokens took 11.5 / 25.9 / 49.3 / 55.1 /
     63.3 ms in the PyTorch layers, 6.4 / 19.7 / 39.7 / 55.3 / 75.5 fused. On an AVX2 CPU without them the int8 dots
@@ -46,14 +45,8 @@ def quantized_prefill_limit(cpuinfo: str = "/proc/cpuinfo") -> int:
     bf16, 100 / 160 / 300 / 512 tokens took 376 / 596 / 1056 / 1581 ms in the PyTorch layers, 211 / 383 / 800 / 1562
     fused (fp32: 100 / 300 tokens 448 / 886 against 237 / 815). Elsewhere (other ISAs, unreadable flags: unmeasured)
     64, the limit measured first."""
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            flags = f.read()
-    except OSError:
-        return 64
-    if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) or not re.search(r"\bavx2\b", flags):
-        return 64
-    return 512
+    flags = cpu_flags() if flags is None else flags
+    return 512 if "avx2" in flags and not fast_bf16_gemm(flags) else 64
 
 
 QUANTIZED_PREFILL_TOKENS = quantized_prefill_limit()

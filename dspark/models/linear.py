@@ -48,13 +48,19 @@ except (ImportError, AttributeError):  # the C++ extension is not built: F.linea
 
 
 @functools.cache
-def fast_bf16_gemm() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX), which oneDNN then uses."""
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as /proc/cpuinfo lists them (none where it cannot be read), read once."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
     except OSError:
-        return False
+        return frozenset()
+
+
+def fast_bf16_gemm(flags: frozenset[str] | None = None) -> bool:
+    """Whether this CPU (or one with these flags) multiplies bf16 matrices natively (AVX512-BF16 or AMX), which
+    oneDNN then uses."""
+    flags = cpu_flags() if flags is None else flags
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
