@@ -38,7 +38,7 @@ def build_cuda() -> bool:
     return wanted != "0" and possible
 
 
-sources = ["csrc/torch_bindings.cpp", "csrc/decoder_bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+sources = ["csrc/torch_bindings.cpp", "csrc/op_bindings.cpp", "csrc/decoder_bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
 common = dict(name="dspark._C", include_dirs=[os.path.abspath("csrc")], extra_link_args=["-fopenmp"])
 if build_cuda():
     extension = CUDAExtension(

@@ -1,16 +1,13 @@
 // Torch side of the fused CPU decoder layers (csrc/cpu/decoder_layers.h): the flat per-layer weight list and the
-// round's tensors checked and turned into the kernel's parameter struct. Registered on dspark._C by
-// csrc/torch_bindings.cpp (register_decoder_layers), as the CUDA entry points are.
-#include <torch/extension.h>
-
+// round's tensors checked and turned into the kernel's parameter struct. Exposed as dspark._C.llama_decoder_layers
+// by csrc/torch_bindings.cpp.
 #include "cpu/decoder_layers.h"
 #include "cpu/quantized_linear.h"
+#include "torch_bindings.h"
 #include "torch_checks.h"
 
-namespace dspark {
+namespace dspark::bindings {
 namespace {
-
-using namespace dspark::bindings;
 
 // Weights per layer, in this order (None where the checkpoint has none): input_norm, qkv, qkv_bias,
 // q_norm, k_norm, o_proj, o_bias, post_norm, gate_up, gate_up_bias, down, down_bias.
@@ -157,6 +154,8 @@ void set_capture(dspark::cpu::DecoderParams& p, const std::optional<at::Tensor>&
   p.num_captured = num_captured;
 }
 
+}  // namespace
+
 void llama_decoder_layers(at::Tensor& hidden, const std::vector<std::optional<at::Tensor>>& weights,
                           const std::vector<int64_t>& weight_formats,
                           const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& positions,
@@ -230,10 +229,4 @@ void llama_decoder_layers(at::Tensor& hidden, const std::vector<std::optional<at
   dspark::cpu::llama_decoder_layers(p);
 }
 
-}  // namespace
-
-void register_decoder_layers(pybind11::module_& m) {
-  m.def("llama_decoder_layers", &llama_decoder_layers, pybind11::call_guard<pybind11::gil_scoped_release>());
-}
-
-}  // namespace dspark
+}  // namespace dspark::bindings

@@ -1,8 +1,8 @@
-// The checks every torch binding of the CPU kernels makes before handing raw pointers on (csrc/torch_bindings.cpp,
+// The checks every torch binding of the CPU kernels makes before handing raw pointers on (csrc/op_bindings.cpp,
 // csrc/decoder_bindings.cpp): device, dtype and contiguity, the GGML block format, a quantized weight's layout.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 #include "cpu/quantized_linear.h"
 
