@@ -42,8 +42,13 @@ def _patch_triton_language_once() -> None:
     if patch_lang is None or scope is None or not tl.core.is_builtin(tl.program_id):
         return  # another Triton than the one this was written against (3.x): leave it alone
 
+    langs_of = {}  # a function's language modules, found once (a scan of its globals)
+
     def patch_lang_once(fn):
-        langs = [value for value in fn.__globals__.values() if inspect.ismodule(value) and value in (tl, tl.core)]
+        langs = langs_of.get(fn)
+        if langs is None:
+            langs = langs_of[fn] = [value for value in fn.__globals__.values()
+                                    if inspect.ismodule(value) and value in (tl, tl.core)]
         if langs and not any(tl.core.is_builtin(lang.program_id) for lang in langs):
             return scope()  # every language module this function sees is patched already
         return patch_lang(fn)

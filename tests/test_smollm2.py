@@ -28,14 +28,20 @@ def smollm2():
     return model, tokenizer, [tokenizer(p).input_ids for p in prompts]
 
 
-def test_plain_greedy_matches_transformers_on_the_gguf(smollm2):
+@pytest.fixture(scope="module")
+def transformers_model():
+    """transformers' own reading of the GGUF, dequantised to fp32 (~20 s to load: once per module)."""
     pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF weights")
     import transformers
 
-    model, tokenizer, prompts = smollm2
     path = default_model_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                           dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                             dtype=torch.float32).eval()
+
+
+def test_plain_greedy_matches_transformers_on_the_gguf(smollm2, transformers_model):
+    model, tokenizer, prompts = smollm2
+    hf = transformers_model
     [ours] = Engine(model, tokenizer, max_seq_len=256).generate(prompts[:1], SamplingParams(max_tokens=24))
     with torch.no_grad():
         theirs = hf.generate(torch.tensor([prompts[0]]), max_new_tokens=24, do_sample=False)[0, len(prompts[0]):]
@@ -101,20 +107,14 @@ def prompt_logits(model, ids):
     return model.logits(hidden).float()
 
 
-def test_native_weights_stay_close_to_transformers_dequantised_model(smollm2):
+def test_native_weights_stay_close_to_transformers_dequantised_model(smollm2, transformers_model):
     """The GGUF's Q4_1 / Q8_0 blocks read in place, activations quantised per block (as llama.cpp does)
     against transformers' fp32 dequantised model, on a chat prompt's 41 positions. Stated tolerance:
     mean |logit difference| <= 0.4 (the logits span about +-40) and the same top token at >= 95% of
     positions (measured: 0.30 and 97.6% in fp32 and bf16; llama.cpp itself: 0.20 and 100%)."""
-    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF weights")
-    import transformers
-
     _, _, prompts = smollm2
-    path = default_model_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                           dtype=torch.float32).eval()
     with torch.no_grad():
-        reference = hf(torch.tensor([prompts[0]])).logits[0]
+        reference = transformers_model(torch.tensor([prompts[0]])).logits[0]
     model = load_model(None, torch.float32, native=True)
     assert model.quantized
     ours = prompt_logits(model, prompts[0])

