@@ -31,8 +31,8 @@ def _patch_triton_language_once() -> None:
     re-patches it on every call of a @triton.jit helper inside the kernel (inspect.getmembers over the
     module, ~2 ms a call, ~40% of an interpreted test), although the launch's patch is still in force.
     Skip the re-patch only when every language module the helper sees (triton.language, and its core
-    for Triton's own helpers such as tl.zeros) is patched already. Should the skip ever be wrong, the helper would call unpatched
-    builtins, which raise: a failure, never a silently different result."""
+    for Triton's own helpers such as tl.zeros) is patched already. Should the skip ever be wrong, the
+    helper would call unpatched builtins, which raise: a failure, never a silently different result."""
     try:
         import triton.language as tl
         from triton.runtime import interpreter
