@@ -1,6 +1,6 @@
 // dspark._C: the torch entry points of the kernels (csrc/torch_bindings.h; the CUDA ones in
-// csrc/cuda/torch_cuda_bindings.cpp, compiled into CUDA builds only) exposed to Python. The one translation unit that
-// includes pybind11; with op_bindings.cpp, decoder_bindings.cpp and torch_checks.h, the one place that touches
+// csrc/cuda/torch_cuda_bindings.cpp, compiled into CUDA builds only) exposed to Python. Of the CPU sources, the one
+// that includes pybind11; with op_bindings.cpp, decoder_bindings.cpp and torch_checks.h, the one place that touches
 // torch's C++ API.
 #include <torch/csrc/utils/pybind.h>
 

@@ -1,6 +1,6 @@
 // The torch entry points of the CPU kernels, one per op (csrc/op_bindings.cpp) and the fused decoder layers
-// (csrc/decoder_bindings.cpp). Only csrc/torch_bindings.cpp includes pybind11 (through torch/extension.h, the costly
-// header) to expose them as dspark._C; the rest see ATen's tensor alone, which keeps the build short.
+// (csrc/decoder_bindings.cpp). Only csrc/torch_bindings.cpp includes pybind11 (through torch/csrc/utils/pybind.h) to
+// expose them as dspark._C; the others see ATen's tensor alone: torch/extension.h in each took ~40 s of the build.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -4,6 +4,8 @@ exactly; malformed files are refused with the path named."""
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 import torch
@@ -115,3 +117,59 @@ def test_a_file_cut_anywhere_is_a_value_error(tmp_path):
         bad.write_bytes(good[:cut])
         with pytest.raises(ValueError):
             read_gguf(str(bad))
+
+
+# Hand-built files, for what the gguf package's writer will not write.
+def _string(text: bytes) -> bytes:
+    return struct.pack("<Q", len(text)) + text
+
+
+def _value(key: bytes, kind: int, payload: bytes) -> bytes:
+    return _string(key) + struct.pack("<I", kind) + payload
+
+
+def _nested_array(depth: int) -> bytes:
+    """An array of one array of ... of two u32 (type 9 = array, 4 = u32)."""
+    if depth == 0:
+        return struct.pack("<IQ", 4, 2) + struct.pack("<II", 7, 8)
+    return struct.pack("<IQ", 9, 1) + _nested_array(depth - 1)
+
+
+def _file(values: list[bytes], tensors: list[tuple[bytes, tuple, int]], alignment: int = 32) -> bytes:
+    """GGUF v3 with f32 (type 0) or other tensors of `tensors` (name, dims, type), each of 64 zero bytes."""
+    infos = b"".join(_string(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
+                     + struct.pack("<IQ", kind, 64 * i) for i, (name, dims, kind) in enumerate(tensors))
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(values)) + b"".join(values) + infos
+    return head + bytes(-len(head) % alignment) + bytes(64 * len(tensors))
+
+
+def _read(tmp_path, data: bytes):
+    path = tmp_path / "hand.gguf"
+    path.write_bytes(data)
+    return read_gguf(str(path))
+
+
+def test_hand_built_files_read_right(tmp_path):
+    values = [_value(b"a.nested", 9, _nested_array(3)), _value(b"a.after", 4, struct.pack("<I", 5)),
+              _value(b"general.alignment", 4, struct.pack("<I", 64))]
+    metadata, tensors = _read(tmp_path, _file(values, [(b"w", (4, 4), 0), (b"v", (16,), 0)], alignment=64))
+    assert metadata == {"a.nested": None, "a.after": 5, "general.alignment": 64}
+    assert [(t.name, t.shape, t.data.size) for t in tensors] == [("w", (4, 4), 64), ("v", (16,), 64)]
+
+
+@pytest.mark.parametrize("case, values, tensors, match", [
+    ("alignment 0", [_value(b"general.alignment", 4, struct.pack("<I", 0))], [], "power of two"),
+    ("alignment 48", [_value(b"general.alignment", 4, struct.pack("<I", 48))], [], "power of two"),
+    ("negative alignment", [_value(b"general.alignment", 5, struct.pack("<i", -32))], [], "power of two"),
+    ("float alignment", [_value(b"general.alignment", 6, struct.pack("<f", 0.5))], [], "power of two"),
+    ("deep nesting", [_value(b"a.deep", 9, _nested_array(40))], [], "nested deeper"),
+    ("bad utf-8 key", [_value(b"a.\xff", 4, struct.pack("<I", 1))], [], "not UTF-8"),
+    ("twice the same tensor", [], [(b"w", (16,), 0), (b"w", (16,), 0)], "appears twice"),
+    ("five dimensions", [], [(b"w", (1, 1, 1, 2, 8), 0)], "5 dimensions"),
+    ("no dimension", [], [(b"w", (), 0)], "0 dimensions"),
+    ("a row of half a block", [], [(b"w", (16, 2), 8)], "does not fit"),  # Q8_0 blocks are 32 wide
+    ("a shape past 2**64 elements", [], [(b"w", (2**62 + 1, 4), 0)], "does not fit"),
+])
+def test_malformed_hand_built_files_are_refused(tmp_path, case, values, tensors, match):
+    with pytest.raises(ValueError, match=match):
+        _read(tmp_path, _file(values, tensors))

@@ -10,6 +10,7 @@ llama.cpp release writes those), versions 2 and 3.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import struct
 
@@ -19,9 +20,11 @@ _MAGIC = b"GGUF"
 _STRING, _ARRAY = 8, 9
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _DEFAULT_ALIGNMENT = 32
+_MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+_MAX_NESTING = 8  # arrays of arrays: more is a corrupt file, not a model
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class GGUFTensor:
     """One tensor of the file: `shape` in GGUF's order (the fastest dimension first, as ggml's ne[]),
     `type_id` GGML's type, `data` its bytes (a read-only view of the file)."""
@@ -58,11 +61,16 @@ class _Cursor:
         length = self.unpack("<Q")
         if self.at + length > len(self.view):
             raise ValueError(f"{self.path}: truncated GGUF string at byte {self.at}")
-        text = bytes(self.view[self.at:self.at + length]).decode("utf-8", errors="replace")
+        try:
+            text = bytes(self.view[self.at:self.at + length]).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{self.path}: a GGUF string at byte {self.at} is not UTF-8") from exc
         self.at += length
         return text
 
-    def skip_array(self) -> None:
+    def skip_array(self, depth: int = 0) -> None:
+        if depth > _MAX_NESTING:
+            raise ValueError(f"{self.path}: GGUF arrays nested deeper than {_MAX_NESTING} at byte {self.at}")
         kind, count = self.unpack("<I"), self.unpack("<Q")
         if kind == _STRING:
             for _ in range(count):  # each string is its length then its bytes
@@ -73,7 +81,9 @@ class _Cursor:
             self.at += count * struct.calcsize(_SCALARS[kind])
         elif kind == _ARRAY:
             for _ in range(count):
-                self.skip_array()
+                self.skip_array(depth + 1)
+                if self.at > len(self.view):
+                    break  # reported below
         else:
             raise ValueError(f"{self.path}: unknown GGUF array element type {kind}")
         if self.at > len(self.view):
@@ -109,23 +119,34 @@ def read_gguf(path: str) -> tuple[dict[str, object], list[GGUFTensor]]:
     for _ in range(num_values):
         key = cursor.string()
         metadata[key] = cursor.value(cursor.unpack("<I"))
-    infos = []
+    infos = {}
     for _ in range(num_tensors):
         name = cursor.string()
-        dims = tuple(cursor.unpack("<Q") for _ in range(cursor.unpack("<I")))
-        infos.append((name, dims, cursor.unpack("<I"), cursor.unpack("<Q")))
-    alignment = int(metadata.get("general.alignment") or _DEFAULT_ALIGNMENT)
+        num_dims = cursor.unpack("<I")
+        if not 1 <= num_dims <= _MAX_DIMS:
+            raise ValueError(f"{path}: tensor {name!r} has {num_dims} dimensions (1 to {_MAX_DIMS} are possible)")
+        dims = tuple(cursor.unpack("<Q") for _ in range(num_dims))
+        if name in infos:
+            raise ValueError(f"{path}: tensor {name!r} appears twice")
+        infos[name] = (dims, cursor.unpack("<I"), cursor.unpack("<Q"))
+    alignment = _alignment(metadata, path)
     start = -(-cursor.at // alignment) * alignment
     tensors = []
-    for name, dims, type_id, offset in infos:
+    for name, (dims, type_id, offset) in infos.items():
         try:
             block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
         except (ValueError, KeyError) as exc:
             raise ValueError(f"{path}: tensor {name!r} has unknown GGML type {type_id}") from exc
-        elements = int(np.prod(dims, dtype=np.int64))
-        nbytes = elements // block * block_bytes
+        nbytes = math.prod(dims) // block * block_bytes  # Python ints: no overflow on a corrupt shape
         begin = start + offset
-        if elements % block or begin + nbytes > buffer.size:
+        if dims[0] % block or begin + nbytes > buffer.size:
             raise ValueError(f"{path}: tensor {name!r} {dims} of type {type_id} does not fit the file")
         tensors.append(GGUFTensor(name, dims, type_id, buffer[begin:begin + nbytes]))
     return metadata, tensors
+
+
+def _alignment(metadata: dict, path: str) -> int:
+    value = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value & (value - 1):
+        raise ValueError(f"{path}: general.alignment must be a positive power of two, got {value!r}")
+    return value

@@ -197,8 +197,24 @@ def load_tokenizer(path: str | None):
     if (cached / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(str(cached))
     tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    try:
-        tokenizer.save_pretrained(str(cached))
-    except OSError:  # a read-only home only costs the next start a few seconds
-        pass
+    _save_whole(tokenizer, cached)
     return tokenizer
+
+
+def _save_whole(tokenizer, cached: pathlib.Path) -> None:
+    """Save into a fresh folder beside `cached`, then rename it into place: a process that starts meanwhile
+    (another worker, a second server) never reads a half-written tokenizer. A read-only home, or another
+    process that got there first, only costs this save."""
+    import shutil
+    import tempfile
+
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = tempfile.mkdtemp(prefix=f".{cached.name}.", dir=cached.parent)
+    except OSError:
+        return
+    try:
+        tokenizer.save_pretrained(partial)
+        os.rename(partial, cached)
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
