@@ -137,6 +137,7 @@ def profile_key(model, max_tokens: int, context: int, per_request: int) -> str:
 
 
 def cache_dir() -> str:
+    """Where DSpark keeps what it measures or builds once (SPS profiles, corpus indexes, tokenizers)."""
     return os.environ.get("DSPARK_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "dspark")
 
 

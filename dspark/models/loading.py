@@ -185,14 +185,16 @@ def load_tokenizer(path: str | None):
     """The model's own tokenizer and chat template via transformers (from the GGUF or the directory).
 
     Building a tokenizer from GGUF metadata takes seconds, so the result is saved once under
-    $DSPARK_CACHE (default ~/.cache/dspark) and loaded from there afterwards."""
+    $DSPARK_CACHE_DIR (default ~/.cache/dspark, beside the SPS profiles) and loaded from there afterwards."""
     from transformers import AutoTokenizer
+
+    from dspark.profiling import cache_dir
 
     path = path or default_model_path()
     if os.path.isdir(path):
         return AutoTokenizer.from_pretrained(path)
     stat = os.stat(path)
-    cache_root = pathlib.Path(os.environ.get("DSPARK_CACHE", pathlib.Path.home() / ".cache" / "dspark"))
+    cache_root = pathlib.Path(cache_dir())
     cached = cache_root / "tokenizers" / f"{pathlib.Path(path).stem}-{stat.st_size}-{int(stat.st_mtime)}"
     if (cached / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(str(cached))
