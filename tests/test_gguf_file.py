@@ -167,6 +167,7 @@ def test_hand_built_files_read_right(tmp_path):
     ("twice the same tensor", [], [(b"w", (16,), 0), (b"w", (16,), 0)], "appears twice"),
     ("five dimensions", [], [(b"w", (1, 1, 1, 2, 8), 0)], "5 dimensions"),
     ("no dimension", [], [(b"w", (), 0)], "0 dimensions"),
+    ("an empty dimension", [], [(b"w", (16, 0), 0)], "empty dimension"),
     ("a row of half a block", [], [(b"w", (16, 2), 8)], "does not fit"),  # Q8_0 blocks are 32 wide
     ("a shape past 2**64 elements", [], [(b"w", (2**62 + 1, 4), 0)], "does not fit"),
 ])

@@ -42,7 +42,7 @@ class GGUFTensor:
 
     def rows(self) -> np.ndarray:
         """The bytes as [rows, bytes per row] (a row: the first dimension's elements)."""
-        return self.data.reshape(-1, self.data.size // max(1, int(np.prod(self.shape[1:], dtype=np.int64))))
+        return self.data.reshape(math.prod(self.shape[1:]), -1)
 
 
 class _Cursor:
@@ -126,6 +126,8 @@ def read_gguf(path: str) -> tuple[dict[str, object], list[GGUFTensor]]:
         if not 1 <= num_dims <= _MAX_DIMS:
             raise ValueError(f"{path}: tensor {name!r} has {num_dims} dimensions (1 to {_MAX_DIMS} are possible)")
         dims = tuple(cursor.unpack("<Q") for _ in range(num_dims))
+        if min(dims) < 1:
+            raise ValueError(f"{path}: tensor {name!r} has an empty dimension {dims}")
         if name in infos:
             raise ValueError(f"{path}: tensor {name!r} appears twice")
         infos[name] = (dims, cursor.unpack("<I"), cursor.unpack("<Q"))
