@@ -1,11 +1,23 @@
 """Builders of random rounds for the tests: trees, ragged batches, contiguous and paged caches; tiny
-random Llama checkpoints."""
+random Llama checkpoints; a scoped torch thread count."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
+
+
+@contextlib.contextmanager
+def threads(count: int):
+    """torch's (and the C++ kernels') OpenMP thread count set to `count` inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def random_parents(n: int, gen: torch.Generator, chain: bool) -> list[int]:

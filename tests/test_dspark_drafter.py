@@ -20,7 +20,7 @@ from dspark.models import load_model
 from dspark.sampling_params import SamplingParams
 from dspark.scheduler import AsyncScheduler, ConfidenceThreshold, FixedLength, PrefixScheduler
 from dspark.profiling import SPSCurve
-from builders import write_tiny_llama
+from builders import threads, write_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,10 +50,8 @@ def make_model(target, kind, head, gamma=4, rank=16, seed=1) -> DSparkModel:
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny matrices: on a shared 2-core machine, intra-op threads only contend (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

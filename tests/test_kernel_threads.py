@@ -5,12 +5,10 @@ partitions, per-thread scratch) run with several threads and would show a race o
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
-from builders import random_cache, random_round
+from builders import random_cache, random_round, threads
 from dspark import ops
 from dspark.models import cpu_decoder, load_model
 from dspark.models.linear import small_batch_linear
@@ -23,16 +21,6 @@ from test_rejection_sample import _random_batch
 
 pytestmark = pytest.mark.skipif(tile_rows() is None, reason="dspark._C is not built")
 THREADS = (1, 2, 3)
-
-
-@contextlib.contextmanager
-def threads(count: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def assert_same_bits_at_every_count(run) -> None:

@@ -16,6 +16,7 @@ from dspark.drafters import DraftModelDrafter, NgramDrafter
 from dspark.engine import Engine
 from dspark.models import load_model
 from dspark.sampling_params import SamplingParams
+from builders import threads
 
 transformers = pytest.importorskip("transformers")
 
@@ -47,10 +48,8 @@ FAMILIES = {
 def one_thread():
     """These matrices are tiny: fanning them out over threads costs more than it saves, and on a busy
     machine OpenMP's spin-waiting makes every op ~10x slower still."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with threads(1):
+        yield
 
 
 def perturb(hf) -> None:

@@ -41,10 +41,9 @@ def transformers_model():
 
 def test_plain_greedy_matches_transformers_on_the_gguf(smollm2, transformers_model):
     model, tokenizer, prompts = smollm2
-    hf = transformers_model
     [ours] = Engine(model, tokenizer, max_seq_len=256).generate(prompts[:1], SamplingParams(max_tokens=24))
     with torch.no_grad():
-        theirs = hf.generate(torch.tensor([prompts[0]]), max_new_tokens=24, do_sample=False)[0, len(prompts[0]):]
+        theirs = transformers_model.generate(torch.tensor([prompts[0]]), max_new_tokens=24, do_sample=False)[0, len(prompts[0]):]
     assert ours.generated == theirs.tolist()[: len(ours.generated)]
     assert len(ours.generated) == 24
 

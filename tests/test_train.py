@@ -17,7 +17,7 @@ from dspark.train.data import Sequence, anchor_positions, load_sequences
 from dspark.train.loss import block_loss
 from dspark.train.teacher import teacher_pass
 from dspark.train.trainer import add_arguments, build, sequence_loss
-from builders import write_tiny_llama
+from builders import threads, write_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 61
@@ -25,10 +25,8 @@ VOCAB = 61
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices on a shared machine: threads only contend
-    yield
-    torch.set_num_threads(threads)
+    with threads(1):  # tiny matrices on a shared machine: threads only contend
+        yield
 
 
 @pytest.fixture(scope="module")

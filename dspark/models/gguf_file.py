@@ -47,15 +47,16 @@ class GGUFTensor:
 
 class _Cursor:
     def __init__(self, buffer: np.ndarray, path: str):
-        self.buffer, self.view, self.at, self.path = buffer, memoryview(buffer), 0, path
+        self.view, self.at, self.path = memoryview(buffer), 0, path
 
     def unpack(self, fmt: str):
+        """One value of struct format `fmt`."""
         try:
-            value = struct.unpack_from(fmt, self.view, self.at)
+            (value,) = struct.unpack_from(fmt, self.view, self.at)
         except struct.error as exc:
             raise ValueError(f"{self.path}: truncated GGUF header at byte {self.at}") from exc
         self.at += struct.calcsize(fmt)
-        return value[0] if len(value) == 1 else value
+        return value
 
     def string(self) -> str:
         length = self.unpack("<Q")
