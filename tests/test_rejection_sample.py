@@ -78,7 +78,7 @@ def test_greedy_ties_pick_the_lowest_id(backend):
 @pytest.mark.parametrize("vocab", [1, 15, 16, 17, 333, 4099])
 def test_greedy_bonus_is_torch_argmax(backend, dtype, vocab):
     """A lone anchor per request emits torch.argmax of its row (the first maximum). Rows: random, ties
-    spread over the row, the maximum in the tail past the last full vector. The C++ kernel, which a
+    spread over the row, signed zeros, the maximum in the tail past the last full vector. The C++ kernel, which a
     trusted caller may hand +inf, NaN and rows of -inf, also follows torch there (the first NaN wins)."""
     gen = torch.Generator().manual_seed(vocab)
     rows = [torch.randn(vocab, generator=gen) for _ in range(3)]
@@ -86,6 +86,10 @@ def test_greedy_bonus_is_torch_argmax(backend, dtype, vocab):
     tail = torch.randn(vocab, generator=gen)
     tail[-1] = 9.0
     rows.append(tail)
+    zeros = -torch.rand(vocab, generator=gen) - 1.0  # the maximum is 0, held by -0.0 and +0.0: the first wins
+    zeros[vocab // 2] = 0.0
+    zeros[vocab // 3] = -0.0
+    rows.append(zeros)
     trusted = backend == "cpu"
     if trusted:
         inf, nan_body, nan_tail, nan_first = (torch.randn(vocab, generator=gen) for _ in range(4))

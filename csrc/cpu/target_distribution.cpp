@@ -21,64 +21,33 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Target distribution.
 
-// torch.argmax semantics: the first maximum; a NaN counts as the maximum (the first NaN wins).
-template <typename T>
-int64_t argmax_row_scalar(const T* x, int64_t from, int64_t vocab, int64_t best, float best_value) {
-  for (int64_t i = from; i < vocab; ++i) {
-    const float v = load_float(x, i);
-    if (v != v) return i;
-    if (v > best_value) {
-      best_value = v;
-      best = i;
-    }
-  }
-  return best;
-}
-
-// The same in 16 float lanes: each lane keeps its first maximum (strictly greater replaces), then the
-// lowest id among the lanes holding the row's maximum. A NaN anywhere in the vector body sends the
-// row to the scalar loop, which returns the first one.
+// torch.argmax semantics: the first maximum; a NaN counts as the maximum (the first NaN wins). Two passes, each in
+// vector lanes: the row's maximum and whether it holds a NaN, then the first id holding the NaN or the maximum,
+// found a span at a time (a lane-wise test per span, the scan inside the first span that holds it). -0 and +0 are
+// equal here as under torch's comparisons, so the first of them wins either way.
 template <typename T>
 int64_t argmax_row(const T* x, int64_t vocab) {
-  constexpr int kWidth = 16;
-  typedef float VecF __attribute__((vector_size(kWidth * sizeof(float))));
-  typedef int32_t VecI __attribute__((vector_size(kWidth * sizeof(int32_t))));
-  const float first_value = load_float(x, 0);
-  if (first_value != first_value) return 0;  // the scalar loop below starts at id 1
-  const int64_t body = vocab - vocab % kWidth;
-  if (body == 0 || vocab > INT32_MAX) return argmax_row_scalar(x, 1, vocab, 0, first_value);
-  auto load = [x](int64_t i) {
-    float lanes[kWidth];
-    for (int j = 0; j < kWidth; ++j) lanes[j] = load_float(x, i + j);
-    VecF v;
-    std::memcpy(&v, lanes, sizeof(v));
-    return v;
-  };
-  VecI ids;
-  for (int j = 0; j < kWidth; ++j) ids[j] = j;
-  VecF best = load(0);
-  VecI best_id = ids;
-  VecI nan = best != best;
-  for (int64_t i = kWidth; i < body; i += kWidth) {
-    ids += kWidth;
-    const VecF v = load(i);
+  float top = -std::numeric_limits<float>::infinity();
+  int nan = 0;
+#pragma omp simd reduction(max : top) reduction(| : nan)
+  for (int64_t i = 0; i < vocab; ++i) {
+    const float v = load_float(x, i);
+    top = v > top ? v : top;
     nan |= v != v;
-    const VecI better = v > best;
-    best = (VecF)((better & (VecI)v) | (~better & (VecI)best));
-    best_id = (better & ids) | (~better & best_id);
   }
-  bool any_nan = false;
-  float top = best[0];
-  for (int j = 0; j < kWidth; ++j) {
-    any_nan |= nan[j] != 0;
-    top = best[j] > top ? best[j] : top;
+  const auto hit = [&](float v) { return nan ? v != v : v == top; };
+  constexpr int64_t kSpan = 64;
+  for (int64_t from = 0; from < vocab; from += kSpan) {
+    const int64_t to = std::min(vocab, from + kSpan);
+    int any = 0;
+#pragma omp simd reduction(| : any)
+    for (int64_t i = from; i < to; ++i) any |= hit(load_float(x, i)) ? 1 : 0;
+    if (!any) continue;
+    for (int64_t i = from; i < to; ++i) {
+      if (hit(load_float(x, i))) return i;
+    }
   }
-  if (any_nan) return argmax_row_scalar(x, 1, vocab, 0, first_value);
-  int64_t first = vocab;
-  for (int j = 0; j < kWidth; ++j) {
-    if (best[j] == top && best_id[j] < first) first = best_id[j];
-  }
-  return argmax_row_scalar(x, body, vocab, first, top);  // the tail (and its NaNs) in order
+  return 0;  // every value is -inf: id 0 holds the maximum (reached only if -inf == top failed, which it cannot)
 }
 
 }  // namespace
