@@ -60,13 +60,14 @@ inline float from_float<float>(float x) {
   return x;
 }
 
-// Round to nearest even, as torch's .to(torch.bfloat16) does.
+// Round to nearest even, as torch's .to(torch.bfloat16) does; a NaN stays a (quiet) NaN. Written as a select, not a
+// branch, so that the loops calling it vectorise.
 template <>
 inline BFloat16 from_float<BFloat16>(float x) {
-  uint32_t bits = float_to_bits(x);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return BFloat16{static_cast<uint16_t>((bits >> 16) | 0x40u)};
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return BFloat16{static_cast<uint16_t>(bits >> 16)};
+  const uint32_t bits = float_to_bits(x);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (bits >> 16) | 0x40u;
+  return BFloat16{static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded)};
 }
 
 // Round to nearest even, overflow to infinity, gradual underflow, as torch's .to(torch.float16).
