@@ -8,8 +8,11 @@
 #include <limits>
 #include <type_traits>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
 #include <immintrin.h>
+#endif
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define DSPARK_ATTENTION_AVX2 1
 #endif
 
 #include "common.h"
@@ -74,6 +77,26 @@ inline void tile_scores(const float* __restrict q, const float* __restrict kt, i
     _mm512_storeu_ps(s + i * kTile, a0[i]);
     _mm512_storeu_ps(s + i * kTile + 16, a1[i]);
   }
+#elif defined(DSPARK_ATTENTION_AVX2)
+  // Half a tile (16 keys) at a time, so that NR x 2 accumulators, the keys and the broadcast fit 16 registers.
+  static_assert(kTile == 32, "two halves of two 8-lane vectors per row");
+  for (int half = 0; half < 2; ++half) {
+    __m256 a0[NR], a1[NR];
+    for (int i = 0; i < NR; ++i) a0[i] = a1[i] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < dim; ++d) {
+      const float* k = kt + d * kTile + 16 * half;
+      const __m256 k0 = _mm256_loadu_ps(k), k1 = _mm256_loadu_ps(k + 8);
+      for (int i = 0; i < NR; ++i) {
+        const __m256 x = _mm256_set1_ps(q[i * dim + d]);
+        a0[i] = _mm256_fmadd_ps(x, k0, a0[i]);
+        a1[i] = _mm256_fmadd_ps(x, k1, a1[i]);
+      }
+    }
+    for (int i = 0; i < NR; ++i) {
+      _mm256_storeu_ps(s + i * kTile + 16 * half, a0[i]);
+      _mm256_storeu_ps(s + i * kTile + 16 * half + 8, a1[i]);
+    }
+  }
 #else
   float a[NR][kTile];
   for (int i = 0; i < NR; ++i)
@@ -132,6 +155,30 @@ inline void transpose16(__m512 r[16]) {
 }
 #endif
 
+#if defined(DSPARK_ATTENTION_AVX2)
+// r[i][j] <- r[j][i] for an 8 x 8 block of floats: interleave words, then pairs, then 128-bit lanes.
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#endif
+
 template <typename T>
 inline void convert_row(const T* __restrict src, float* __restrict dst, int64_t n) {
   int64_t d = 0;
@@ -174,6 +221,37 @@ inline void convert_keys(const T* const keys[], int64_t tk, int64_t dim, float* 
         for (int i = 0; i < 16; ++i) r[i] = j0 + i < tk ? load16(keys[j0 + i] + d0) : _mm512_setzero_ps();
         transpose16(r);
         for (int i = 0; i < 16; ++i) _mm512_storeu_ps(kt + (d0 + i) * kTile + j0, r[i]);
+      }
+    }
+    return;
+  }
+#elif defined(DSPARK_ATTENTION_AVX2)
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    if (dim % 16 == 0) {  // 8 keys x 8 pairs of dims at a time, as the AVX-512 path above
+      const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+      for (int64_t j0 = 0; j0 < tk; j0 += 8) {
+        for (int64_t d0 = 0; d0 < dim; d0 += 16) {
+          __m256 r[8];
+          for (int i = 0; i < 8; ++i) {
+            r[i] = j0 + i < tk ? _mm256_loadu_ps(reinterpret_cast<const float*>(keys[j0 + i] + d0)) : _mm256_setzero_ps();
+          }
+          transpose8(r);  // r[w]: the pair of dims (d0 + 2w, d0 + 2w + 1) of 8 keys, one bf16 pair per lane
+          for (int w = 0; w < 8; ++w) {
+            const __m256i pair = _mm256_castps_si256(r[w]);
+            _mm256_storeu_ps(kt + (d0 + 2 * w) * kTile + j0, _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16)));
+            _mm256_storeu_ps(kt + (d0 + 2 * w + 1) * kTile + j0, _mm256_castsi256_ps(_mm256_and_si256(pair, high)));
+          }
+        }
+      }
+      return;
+    }
+  } else if (dim % 8 == 0) {  // 8 keys x 8 dims at a time, transposed in registers
+    for (int64_t j0 = 0; j0 < tk; j0 += 8) {
+      for (int64_t d0 = 0; d0 < dim; d0 += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) r[i] = j0 + i < tk ? load8(keys[j0 + i] + d0) : _mm256_setzero_ps();
+        transpose8(r);
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(kt + (d0 + i) * kTile + j0, r[i]);
       }
     }
     return;
